@@ -1,0 +1,197 @@
+"""HardNegConfig: one dataclass holding every knob of the engine, validated on construction.
+
+Each invalid value raises :class:`ConfigError` naming the field, the value it got and the
+allowed range, so a typo in a training script fails at start-up instead of hours later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+Metric = Literal["cosine", "l2"]
+IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
+WorkerBackend = Literal["thread", "process"]
+MixMode = Literal["append", "substitute"]
+Schedule = Literal["constant", "linear", "cosine", "step", "adaptive", "ada"]
+
+
+class ConfigError(ValueError):
+    """A HardNegConfig field holds a value outside its allowed range."""
+
+
+@dataclass
+class HardNegConfig:
+    """Every setting of a :class:`hardneg.HardNeg` engine.
+
+    Groups: embedding bank (``metric`` .. ``use_gpu_index``), confusion mining (``knn_k`` ..
+    ``sources_per_pair``), generation (``generator`` .. ``max_restarts``), synthetic buffer and
+    mixing (``buffer_size`` .. ``separate_synthetic_loss``) and the noise-ratio curriculum
+    (``curriculum`` .. ``ada_grid``).
+    """
+
+    num_classes: int
+    # --- embedding bank -------------------------------------------------------------------
+    embedding_dim: Optional[int] = None  # inferred from the first observed batch when None
+    metric: Metric = "cosine"
+    index: IndexKind = "auto"
+    ivf_threshold: int = 200_000  # "auto" switches from exact flat to IVF past this many vectors
+    nprobe: int = 16
+    use_gpu_index: bool = True  # only used when a FAISS GPU build and a GPU are present
+    # --- confusion mining -----------------------------------------------------------------
+    knn_k: int = 10
+    refresh_every: int = 50  # steps between confusion refreshes (and generation requests)
+    confusion_ema: float = 0.5  # weight of the newest refresh in the exponential moving average
+    logit_weight: float = 0.5  # share of softmax confusion vs kNN disagreement in the score
+    top_pairs: int = 5
+    sources_per_pair: int = 16
+    min_pair_score: float = 0.0  # pairs scoring at or below this are never targeted
+    # --- generation -----------------------------------------------------------------------
+    generator: Optional[str] = None  # "class-conditional", "stable-diffusion" or None (mining only)
+    generator_path: Optional[str] = None  # weights folder / hub id for the generator
+    worker_backend: WorkerBackend = "thread"
+    worker_threads: int = 1  # torch threads the worker may use (keeps a CPU box responsive)
+    worker_device: str = "cpu"
+    queue_size: int = 8  # pending generation requests; oldest dropped when full
+    images_per_refresh: int = 32  # generated images requested per refresh, split over pairs
+    generation_batch: int = 16  # images per generation request
+    max_restarts: int = 3
+    # --- synthetic buffer and mixing ------------------------------------------------------
+    buffer_size: int = 2048
+    synthetic_fraction: float = 0.25
+    mix_mode: MixMode = "append"
+    synthetic_weight: float = 1.0
+    freshness_half_life: int = 200  # steps after which a sample's sampling weight halves
+    max_uses: int = 8  # a synthetic sample used this often is evicted first
+    separate_synthetic_loss: bool = False
+    # --- curriculum over the noise ratio r ------------------------------------------------
+    curriculum: Schedule = "adaptive"
+    r_start: float = 0.8
+    r_end: float = 0.5
+    r_min: float = 0.3
+    r_max: float = 0.95
+    total_steps: int = 1000  # horizon of the time-based schedules
+    step_milestones: tuple[float, ...] = (0.5,)  # fractions of total_steps for the "step" schedule
+    adaptive_high: float = 0.8  # pair accuracy on fresh negatives above this: lower r (harder)
+    adaptive_low: float = 0.4  # below this: raise r (easier)
+    adaptive_step: float = 0.05
+    adaptive_min_samples: int = 8  # feedback samples needed before a pair's r moves
+    ada_grid: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    # --- misc -----------------------------------------------------------------------------
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for the first field outside its allowed range."""
+        _int_at_least(self, "num_classes", 2)
+        if self.embedding_dim is not None:
+            _int_at_least(self, "embedding_dim", 1)
+        _choice(self, "metric", ("cosine", "l2"))
+        _choice(self, "index", ("auto", "flat", "ivf", "hnsw"))
+        _int_at_least(self, "ivf_threshold", 1)
+        _int_at_least(self, "nprobe", 1)
+        _int_at_least(self, "knn_k", 1)
+        _int_at_least(self, "refresh_every", 1)
+        _in_range(self, "confusion_ema", 0.0, 1.0, low_open=True)
+        _in_range(self, "logit_weight", 0.0, 1.0)
+        _int_at_least(self, "top_pairs", 1)
+        _int_at_least(self, "sources_per_pair", 1)
+        _in_range(self, "min_pair_score", 0.0, 1.0)
+        if self.generator is not None and not isinstance(self.generator, str):
+            raise ConfigError(f"generator must be a backend name or None, got {self.generator!r}")
+        _choice(self, "worker_backend", ("thread", "process"))
+        _int_at_least(self, "worker_threads", 1)
+        _int_at_least(self, "queue_size", 1)
+        _int_at_least(self, "images_per_refresh", 1)
+        _int_at_least(self, "generation_batch", 1)
+        _int_at_least(self, "max_restarts", 0)
+        _int_at_least(self, "buffer_size", 1)
+        _in_range(self, "synthetic_fraction", 0.0, 1.0, high_open=True)
+        _choice(self, "mix_mode", ("append", "substitute"))
+        _in_range(self, "synthetic_weight", 0.0, float("inf"))
+        _int_at_least(self, "freshness_half_life", 1)
+        _int_at_least(self, "max_uses", 1)
+        _choice(self, "curriculum", ("constant", "linear", "cosine", "step", "adaptive", "ada"))
+        for name in ("r_start", "r_end", "r_min", "r_max"):
+            _in_range(self, name, 0.0, 1.0, low_open=True)
+        if self.r_min > self.r_max:
+            raise ConfigError(f"r_min ({self.r_min}) must not exceed r_max ({self.r_max})")
+        _int_at_least(self, "total_steps", 1)
+        self.step_milestones = tuple(float(m) for m in self.step_milestones)
+        for m in self.step_milestones:
+            if not 0.0 < m < 1.0:
+                raise ConfigError(f"step_milestones entries must lie in (0, 1), got {m}")
+        _in_range(self, "adaptive_high", 0.0, 1.0)
+        _in_range(self, "adaptive_low", 0.0, 1.0)
+        if self.adaptive_low >= self.adaptive_high:
+            raise ConfigError(
+                f"adaptive_low ({self.adaptive_low}) must be below adaptive_high ({self.adaptive_high})"
+            )
+        _in_range(self, "adaptive_step", 0.0, 1.0, low_open=True)
+        _int_at_least(self, "adaptive_min_samples", 1)
+        self.ada_grid = tuple(float(r) for r in self.ada_grid)
+        if len(self.ada_grid) < 2 or any(not 0.0 < r <= 1.0 for r in self.ada_grid):
+            raise ConfigError(f"ada_grid needs >= 2 ratios in (0, 1], got {self.ada_grid}")
+        if list(self.ada_grid) != sorted(self.ada_grid):
+            raise ConfigError(f"ada_grid must be increasing, got {self.ada_grid}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict of every field (round-trips through :meth:`from_dict`)."""
+        d = dataclasses.asdict(self)
+        d["step_milestones"] = list(self.step_milestones)
+        d["ada_grid"] = list(self.ada_grid)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HardNegConfig":
+        """Build a config from :meth:`to_dict` output; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown HardNegConfig field(s): {unknown}; known: {sorted(names)}")
+        d = dict(d)
+        for key in ("step_milestones", "ada_grid"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "HardNegConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+# --- validation helpers -------------------------------------------------------------------
+def _int_at_least(cfg: HardNegConfig, name: str, low: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _in_range(
+    cfg: HardNegConfig,
+    name: str,
+    low: float,
+    high: float,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high or value != value:
+        lb = "(" if low_open else "["
+        hb = ")" if high_open else "]"
+        raise ConfigError(f"{name} must lie in {lb}{low}, {high}{hb}, got {value!r}")
+
+
+def _choice(cfg: HardNegConfig, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
