@@ -1,0 +1,1 @@
+"""Trainer adapters; each imports its trainer lazily."""
