@@ -1,0 +1,486 @@
+"""EmbeddingBank: one embedding per training sample, keyed by the dataset's sample id.
+
+Why it is built this way:
+
+* **O(batch) upserts.** Vectors live in a dense slot array owned by the bank; a sample id maps to
+  a slot, and re-observing a sample overwrites its slot in place. FAISS's ``remove_ids`` compacts
+  storage (O(N) per call), which would put O(bank) work on every training step.
+* **Exact search by default** with FAISS's brute-force kernel (``faiss.knn``) over that slot
+  array (or ``faiss.knn_gpu`` when a FAISS GPU build and a GPU are present).
+* **IVF past a size threshold** (``index="auto"``): an ``IndexIVFFlat`` with ~4*sqrt(N) lists,
+  trained once when the bank first crosses ``ivf_threshold``; FAISS ids are the slots and an
+  array direct map lets ``update_vectors`` replace a sample in O(batch).
+* **HNSW** for comparison only: it cannot replace vectors, so a replaced vector marks the graph
+  stale and searches fall back to exact until :meth:`EmbeddingBank.rebuild`.
+* **Concurrent reads, one writer**: a readers-writer lock; a search never sees half an upsert.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal, Optional
+
+import faiss
+import numpy as np
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+Metric = Literal["cosine", "l2"]
+IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
+
+
+class BankError(ValueError):
+    """Bad input to the embedding bank (shape, dtype, non-finite values, labels, lengths)."""
+
+
+class ReadWriteLock:
+    """Many concurrent readers or one writer; writers are not starved by a stream of readers."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _to_numpy_f32(x: Tensor | np.ndarray, name: str) -> np.ndarray:
+    if isinstance(x, Tensor):
+        if not x.is_floating_point():
+            raise BankError(f"{name} must be a float tensor, got dtype {x.dtype}")
+        return x.detach().to("cpu", torch.float32).contiguous().numpy()
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f":
+        raise BankError(f"{name} must be floating point, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _to_numpy_i64(x: Tensor | np.ndarray | list, name: str) -> np.ndarray:
+    arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    if arr.dtype.kind not in "iu":
+        raise BankError(f"{name} must be integers, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
+
+
+class EmbeddingBank:
+    """FAISS-backed store of one embedding, label and step per sample id.
+
+    Args:
+        dim: embedding dimension.
+        num_classes: labels must lie in ``[0, num_classes)``.
+        metric: ``"cosine"`` (L2-normalised inner product) or ``"l2"``.
+        index: ``"flat"`` (exact), ``"ivf"``, ``"hnsw"`` or ``"auto"`` (flat, then IVF past
+            ``ivf_threshold`` vectors).
+        ivf_threshold: bank size at which ``"auto"`` switches to IVF (and the minimum number of
+            vectors an ``"ivf"`` bank needs before its index is trained; below it search is exact).
+        nprobe: IVF lists visited per query (recall vs speed).
+        use_gpu: search on the GPU when a FAISS GPU build and a GPU are present.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        metric: Metric = "cosine",
+        index: IndexKind = "auto",
+        ivf_threshold: int = 200_000,
+        nprobe: int = 16,
+        use_gpu: bool = True,
+    ) -> None:
+        if dim < 1 or num_classes < 1:
+            raise BankError(f"dim and num_classes must be >= 1, got {dim}, {num_classes}")
+        if metric not in ("cosine", "l2"):
+            raise BankError(f"metric must be 'cosine' or 'l2', got {metric!r}")
+        if index not in ("auto", "flat", "ivf", "hnsw"):
+            raise BankError(f"index must be 'auto', 'flat', 'ivf' or 'hnsw', got {index!r}")
+        self.dim = int(dim)
+        self.num_classes = int(num_classes)
+        self.metric: Metric = metric
+        self.index_kind: IndexKind = index
+        self.ivf_threshold = int(ivf_threshold)
+        self._nprobe = int(nprobe)
+        self._faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+        self._lock = ReadWriteLock()
+        self._size = 0
+        self._vectors = np.zeros((0, self.dim), dtype=np.float32)
+        self._labels = np.zeros(0, dtype=np.int64)
+        self._steps = np.zeros(0, dtype=np.int64)
+        self._ids = np.zeros(0, dtype=np.int64)
+        self._slot_of: dict[int, int] = {}
+        self._ann: Optional[faiss.Index] = None  # IVF or HNSW index over slots, when in use
+        self._ann_kind: Optional[str] = None
+        self._hnsw_stale = False
+        self._gpu_res = self._make_gpu_resources() if use_gpu else None
+
+    # ------------------------------------------------------------------ properties
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def nprobe(self) -> int:
+        """IVF lists searched per query; higher is slower and closer to exact."""
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        if value < 1:
+            raise BankError(f"nprobe must be >= 1, got {value}")
+        self._nprobe = int(value)
+        if self._ann_kind == "ivf":
+            self._ann.nprobe = self._nprobe
+
+    @property
+    def active_index(self) -> str:
+        """Which search structure answers queries now: ``"flat"``, ``"ivf"`` or ``"hnsw"``."""
+        return self._ann_kind or "flat"
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._gpu_res is not None
+
+    # ------------------------------------------------------------------ writing
+    def upsert(
+        self,
+        ids: Tensor | np.ndarray | list,
+        embeddings: Tensor | np.ndarray,
+        labels: Tensor | np.ndarray | list,
+        step: int = 0,
+    ) -> None:
+        """Insert or replace the vectors of ``ids`` (O(batch)); a re-observed id keeps one slot."""
+        ids_np, vec, lab = self._validate(ids, embeddings, labels)
+        # The last occurrence of a repeated id within one batch wins.
+        if len(np.unique(ids_np)) != len(ids_np):
+            _, last = np.unique(ids_np[::-1], return_index=True)
+            keep = np.sort(len(ids_np) - 1 - last)
+            ids_np, vec, lab = ids_np[keep], vec[keep], lab[keep]
+        with self._lock.write():
+            slots = np.empty(len(ids_np), dtype=np.int64)
+            new_mask = np.zeros(len(ids_np), dtype=bool)
+            for j, i in enumerate(ids_np.tolist()):
+                s = self._slot_of.get(i)
+                if s is None:
+                    s = self._size + int(new_mask.sum())
+                    new_mask[j] = True
+                slots[j] = s
+            n_new = int(new_mask.sum())
+            self._ensure_capacity(self._size + n_new)
+            new_slots = slots[new_mask]
+            for i, s in zip(ids_np[new_mask].tolist(), new_slots.tolist()):
+                self._slot_of[i] = s
+            self._vectors[slots] = vec
+            self._labels[slots] = lab
+            self._steps[slots] = int(step)
+            self._ids[slots] = ids_np
+            old_size = self._size
+            self._size += n_new
+            self._update_ann(slots[~new_mask], vec[~new_mask], old_size, n_new)
+
+    def remove(self, ids: Tensor | np.ndarray | list) -> int:
+        """Forget samples (O(N): compacts storage and rebuilds any ANN index). Returns how many."""
+        ids_np = _to_numpy_i64(ids, "ids")
+        with self._lock.write():
+            drop = [self._slot_of[i] for i in ids_np.tolist() if i in self._slot_of]
+            if not drop:
+                return 0
+            mask = np.ones(self._size, dtype=bool)
+            mask[drop] = False
+            keep = np.flatnonzero(mask)
+            self._vectors = self._vectors[keep].copy()
+            self._labels = self._labels[keep].copy()
+            self._steps = self._steps[keep].copy()
+            self._ids = self._ids[keep].copy()
+            self._size = len(keep)
+            self._slot_of = {int(i): s for s, i in enumerate(self._ids.tolist())}
+            self._ann, self._ann_kind = None, None
+            self._maybe_build_ann()
+            return len(set(drop))
+
+    def rebuild(self) -> None:
+        """Re-train and re-fill the ANN index from the current vectors (e.g. after drift)."""
+        with self._lock.write():
+            self._ann, self._ann_kind = None, None
+            self._maybe_build_ann(force=self.index_kind in ("ivf", "hnsw"))
+
+    def clear(self) -> None:
+        """Drop every vector."""
+        with self._lock.write():
+            self._size = 0
+            self._slot_of.clear()
+            self._ann, self._ann_kind = None, None
+
+    # ------------------------------------------------------------------ reading
+    def search(self, queries: Tensor | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest stored samples of each query.
+
+        Returns ``(scores, ids)``, both ``(Q, k)``: scores are cosine similarities (cosine) or
+        squared L2 distances (l2); ids are sample ids, ``-1`` where fewer than ``k`` exist.
+        """
+        q = self._validate_queries(queries)
+        with self._lock.read():
+            scores, slots = self._search_slots(q, k)
+            ids = np.where(slots >= 0, self._ids[np.clip(slots, 0, None)], -1)
+        return scores, ids
+
+    def search_with_labels(
+        self, queries: Tensor | np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like :meth:`search`, also returning the neighbours' labels (``-1`` for missing)."""
+        q = self._validate_queries(queries)
+        with self._lock.read():
+            scores, slots = self._search_slots(q, k)
+            valid = slots >= 0
+            safe = np.clip(slots, 0, None)
+            ids = np.where(valid, self._ids[safe], -1)
+            labels = np.where(valid, self._labels[safe], -1)
+        return scores, ids, labels
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of (ids, vectors, labels, steps) taken under the read lock."""
+        with self._lock.read():
+            n = self._size
+            return (self._ids[:n].copy(), self._vectors[:n].copy(), self._labels[:n].copy(), self._steps[:n].copy())
+
+    def get(self, ids: Tensor | np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, labels) of known ids; unknown ids raise :class:`KeyError`."""
+        ids_np = _to_numpy_i64(ids, "ids")
+        with self._lock.read():
+            missing = [i for i in ids_np.tolist() if i not in self._slot_of]
+            if missing:
+                raise KeyError(f"sample ids not in the bank: {missing[:10]}")
+            slots = np.array([self._slot_of[i] for i in ids_np.tolist()], dtype=np.int64)
+            return self._vectors[slots].copy(), self._labels[slots].copy()
+
+    def __contains__(self, sample_id: int) -> bool:
+        return int(sample_id) in self._slot_of
+
+    def class_means(self) -> np.ndarray:
+        """(num_classes, dim) mean stored vector per class (zeros for an empty class)."""
+        with self._lock.read():
+            n = self._size
+            sums = np.zeros((self.num_classes, self.dim), dtype=np.float64)
+            np.add.at(sums, self._labels[:n], self._vectors[:n])
+            counts = np.bincount(self._labels[:n], minlength=self.num_classes)
+        return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+    def class_counts(self) -> np.ndarray:
+        with self._lock.read():
+            return np.bincount(self._labels[: self._size], minlength=self.num_classes)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild the bank exactly (the ANN index is rebuilt on load)."""
+        ids, vecs, labels, steps = self.snapshot()
+        return {
+            "dim": self.dim,
+            "num_classes": self.num_classes,
+            "metric": self.metric,
+            "index": self.index_kind,
+            "ivf_threshold": self.ivf_threshold,
+            "nprobe": self._nprobe,
+            "ids": torch.from_numpy(ids),
+            "vectors": torch.from_numpy(vecs),
+            "labels": torch.from_numpy(labels),
+            "steps": torch.from_numpy(steps),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace this bank's contents with ``state`` (from :meth:`state_dict`)."""
+        if int(state["dim"]) != self.dim or int(state["num_classes"]) != self.num_classes:
+            raise BankError(
+                f"bank state has dim={state['dim']}, num_classes={state['num_classes']}; "
+                f"this bank has dim={self.dim}, num_classes={self.num_classes}"
+            )
+        self.metric = state["metric"]
+        self._faiss_metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
+        self.index_kind = state["index"]
+        self.ivf_threshold = int(state["ivf_threshold"])
+        self._nprobe = int(state["nprobe"])
+        ids = np.asarray(state["ids"], dtype=np.int64)
+        with self._lock.write():
+            n = len(ids)
+            self._vectors = np.ascontiguousarray(np.asarray(state["vectors"], dtype=np.float32))
+            self._labels = np.asarray(state["labels"], dtype=np.int64).copy()
+            self._steps = np.asarray(state["steps"], dtype=np.int64).copy()
+            self._ids = ids.copy()
+            self._size = n
+            self._slot_of = {int(i): s for s, i in enumerate(ids.tolist())}
+            self._ann, self._ann_kind = None, None
+            self._maybe_build_ann()
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], use_gpu: bool = True) -> "EmbeddingBank":
+        bank = cls(int(state["dim"]), int(state["num_classes"]), state["metric"], state["index"],
+                   int(state["ivf_threshold"]), int(state["nprobe"]), use_gpu=use_gpu)
+        bank.load_state_dict(state)
+        return bank
+
+    # ------------------------------------------------------------------ internals
+    def _validate(self, ids: Any, embeddings: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        vec = _to_numpy_f32(embeddings, "embeddings")
+        if vec.ndim != 2 or vec.shape[1] != self.dim:
+            raise BankError(f"embeddings must have shape (N, {self.dim}), got {tuple(vec.shape)}")
+        ids_np = _to_numpy_i64(ids, "ids")
+        lab = _to_numpy_i64(labels, "labels")
+        if not (len(ids_np) == len(lab) == len(vec)):
+            raise BankError(
+                f"ids, embeddings and labels must have the same length, got {len(ids_np)}, {len(vec)}, {len(lab)}"
+            )
+        if not np.isfinite(vec).all():
+            bad = np.flatnonzero(~np.isfinite(vec).all(1))
+            raise BankError(f"embeddings contain NaN/inf for sample ids {ids_np[bad][:10].tolist()}")
+        if len(lab) and (lab.min() < 0 or lab.max() >= self.num_classes):
+            raise BankError(f"labels must lie in [0, {self.num_classes}), got min {lab.min()} max {lab.max()}")
+        if len(ids_np) and ids_np.min() < 0:
+            raise BankError("sample ids must be >= 0")
+        return ids_np, self._normalise(vec), lab
+
+    def _validate_queries(self, queries: Any) -> np.ndarray:
+        q = _to_numpy_f32(queries, "queries")
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise BankError(f"queries must have shape (Q, {self.dim}), got {tuple(q.shape)}")
+        if not np.isfinite(q).all():
+            raise BankError("queries contain NaN or infinite values")
+        return self._normalise(q)
+
+    def _normalise(self, vec: np.ndarray) -> np.ndarray:
+        if self.metric != "cosine":
+            return vec
+        norms = np.linalg.norm(vec, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise BankError("an embedding has zero norm; cosine similarity is undefined for it")
+        return vec / norms
+
+    def _ensure_capacity(self, n: int) -> None:
+        cap = len(self._vectors)
+        if n <= cap:
+            return
+        new_cap = max(n, 2 * cap, 1024)
+        vectors = np.zeros((new_cap, self.dim), dtype=np.float32)
+        vectors[: self._size] = self._vectors[: self._size]
+        self._vectors = vectors
+        for name in ("_labels", "_steps", "_ids"):
+            old = getattr(self, name)
+            arr = np.zeros(new_cap, dtype=np.int64)
+            arr[: self._size] = old[: self._size]
+            setattr(self, name, arr)
+
+    def _update_ann(self, changed_slots: np.ndarray, changed_vec: np.ndarray, old_size: int, n_new: int) -> None:
+        if self._ann is None:
+            self._maybe_build_ann()
+            return
+        if self._ann_kind == "ivf":
+            if len(changed_slots):
+                self._ann.update_vectors(changed_slots, changed_vec)
+            if n_new:
+                self._ann.add(self._vectors[old_size : old_size + n_new])
+        else:  # hnsw: append new vectors; replaced ones make the graph stale
+            if n_new:
+                self._ann.add(self._vectors[old_size : old_size + n_new])
+            if len(changed_slots):
+                self._hnsw_stale = True
+
+    def _maybe_build_ann(self, force: bool = False) -> None:
+        n = self._size
+        want = self.index_kind
+        if want == "auto":
+            want = "ivf" if n >= self.ivf_threshold else "flat"
+        if want == "flat" or n == 0:
+            return
+        if want == "ivf" and (n >= self.ivf_threshold or force) and n >= 2:
+            self._build_ivf()
+        elif want == "hnsw":
+            self._build_hnsw()
+
+    def _build_ivf(self) -> None:
+        n = self._size
+        nlist = int(max(1, min(4 * math.sqrt(n), n // 39 if n >= 39 else 1)))
+        quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "cosine" else faiss.IndexFlatL2(self.dim)
+        ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, self._faiss_metric)
+        train = self._vectors[:n]
+        max_train = 64 * nlist
+        if n > max_train:
+            pick = np.random.default_rng(0).choice(n, size=max_train, replace=False)
+            train = train[np.sort(pick)]
+        ivf.train(np.ascontiguousarray(train))
+        ivf.make_direct_map(True)
+        ivf.add(self._vectors[:n])
+        ivf.nprobe = self._nprobe
+        self._ann, self._ann_kind = ivf, "ivf"
+        self._ivf_quantizer = quantizer  # keep alive alongside the index
+        logger.info("embedding bank switched to IVF: %d vectors, %d lists, nprobe %d", n, nlist, self._nprobe)
+
+    def _build_hnsw(self) -> None:
+        h = faiss.IndexHNSWFlat(self.dim, 32, self._faiss_metric)
+        h.hnsw.efSearch = max(64, self._nprobe * 4)
+        h.add(self._vectors[: self._size])
+        self._ann, self._ann_kind, self._hnsw_stale = h, "hnsw", False
+
+    def _search_slots(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k < 1:
+            raise BankError(f"k must be >= 1, got {k}")
+        n = self._size
+        if n == 0 or len(q) == 0:
+            return np.full((len(q), k), np.nan, np.float32), np.full((len(q), k), -1, np.int64)
+        if self._ann_kind == "hnsw" and self._hnsw_stale:
+            # Readers may not write; stale graphs answer exactly until the next rebuild().
+            return self._exact(q, k)
+        if self._ann is not None:
+            scores, slots = self._ann.search(q, k)
+            return scores, slots
+        return self._exact(q, k)
+
+    def _exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n = self._size
+        kk = min(k, n)
+        xb = self._vectors[:n]
+        if self._gpu_res is not None:
+            scores, slots = faiss.knn_gpu(self._gpu_res, q, xb, kk, metric=self._faiss_metric)
+        else:
+            scores, slots = faiss.knn(q, xb, kk, metric=self._faiss_metric)
+        if kk < k:
+            pad = k - kk
+            scores = np.concatenate([scores, np.full((len(q), pad), np.nan, np.float32)], 1)
+            slots = np.concatenate([slots, np.full((len(q), pad), -1, np.int64)], 1)
+        return scores, slots
+
+    @staticmethod
+    def _make_gpu_resources() -> Any:
+        try:
+            if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+                return faiss.StandardGpuResources()
+        except Exception as exc:  # pragma: no cover - GPU builds only
+            logger.warning("FAISS GPU resources unavailable (%s); searching on the CPU", exc)
+        return None

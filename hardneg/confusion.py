@@ -1,0 +1,288 @@
+"""ConfusionGraph: which class pairs the model confuses right now, and the best GeNIe sources.
+
+Score of a directed pair A -> B ("A is pulled towards B"), recomputed every refresh:
+
+* **kNN disagreement** over the whole bank: for each A sample, the similarity-weighted share of
+  its k nearest neighbours labelled B; averaged over A's samples.
+* **softmax confusion** from the classifier's own logits observed since the last refresh: the
+  mean probability mass an A sample puts on B.
+
+The two are blended (``logit_weight``) and smoothed with an exponential moving average over
+refreshes. Sources of a pair are the A samples closest to B's centroid in the bank: the real
+images that sit right at that boundary, the ones GeNIe should push across it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hardneg.bank import EmbeddingBank
+
+
+@dataclass
+class PairScore:
+    """A directed confused pair with its EMA score and its best GeNIe source sample ids."""
+
+    a: int
+    b: int
+    score: float
+    source_ids: list[int] = field(default_factory=list)
+
+    @property
+    def pair(self) -> tuple[int, int]:
+        return (self.a, self.b)
+
+
+@dataclass
+class ClassDifficulty:
+    """Per-class summary: how much it leaks to other classes and how clean its neighbourhood is."""
+
+    cls: int
+    confusion: float  # sum over B of score(cls -> B)
+    knn_accuracy: float  # share of neighbour weight with the same label (last refresh)
+    count: int  # samples of this class in the bank
+
+
+class ConfusionGraph:
+    """Directed class-confusion scores mined from an :class:`EmbeddingBank` and observed logits.
+
+    Args:
+        num_classes: number of classes K.
+        knn_k: neighbours per sample for the disagreement score.
+        ema: weight of the newest refresh in the moving average (1 = no smoothing).
+        logit_weight: share of softmax confusion in the blend (0 = kNN only).
+        sources_per_pair: source ids returned per pair.
+        max_queries: cap on the bank samples used as kNN queries per refresh (stratified by class),
+            so refresh cost stays bounded on very large banks.
+        seed: seeds the query subsample.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        knn_k: int = 10,
+        ema: float = 0.5,
+        logit_weight: float = 0.5,
+        sources_per_pair: int = 16,
+        max_queries: int = 20_000,
+        seed: int = 0,
+    ) -> None:
+        self.num_classes = int(num_classes)
+        self.knn_k = int(knn_k)
+        self.ema = float(ema)
+        self.logit_weight = float(logit_weight)
+        self.sources_per_pair = int(sources_per_pair)
+        self.max_queries = int(max_queries)
+        self._rng = np.random.default_rng(seed)
+        k = self.num_classes
+        self._scores = np.zeros((k, k), dtype=np.float64)
+        self._knn_accuracy = np.ones(k, dtype=np.float64)
+        self._counts = np.zeros(k, dtype=np.int64)
+        self._prob_sum = np.zeros((k, k), dtype=np.float64)
+        self._prob_count = np.zeros(k, dtype=np.int64)
+        self._sources: dict[tuple[int, int], list[int]] = {}
+        self.refreshes = 0
+        self.last_step = -1
+        self.history: list[dict[str, Any]] = []  # one entry per refresh: step, top pairs, mean confusion
+
+    # ------------------------------------------------------------------ inputs
+    def accumulate_logits(self, labels: Tensor, logits: Tensor) -> None:
+        """Add the softmax mass each sample puts on the other classes (used at the next refresh)."""
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits must have shape (N, {self.num_classes}), got {tuple(logits.shape)}")
+        if logits.shape[0] != labels.shape[0]:
+            raise ValueError(f"logits ({logits.shape[0]}) and labels ({labels.shape[0]}) differ in length")
+        if not torch.isfinite(logits).all():
+            raise ValueError("logits contain NaN or infinite values; the model has diverged")
+        probs = torch.softmax(logits.detach().float(), dim=1).cpu().numpy().astype(np.float64)
+        lab = labels.detach().cpu().numpy().astype(np.int64)
+        np.add.at(self._prob_sum, lab, probs)
+        self._prob_count += np.bincount(lab, minlength=self.num_classes)
+
+    # ------------------------------------------------------------------ refresh
+    def refresh(self, bank: EmbeddingBank, step: int = 0) -> np.ndarray:
+        """Recompute pair scores from the bank (and logits seen since the last refresh).
+
+        Returns the new EMA score matrix (K, K), zero diagonal.
+        """
+        ids, vectors, labels, _ = bank.snapshot()
+        k = self.num_classes
+        knn = np.zeros((k, k), dtype=np.float64)
+        counts = np.bincount(labels, minlength=k)
+        if len(ids) > 1:
+            q = self._query_subset(labels)
+            knn, knn_acc = self._knn_disagreement(bank, ids[q], vectors[q], labels[q])
+            self._knn_accuracy = knn_acc
+        soft = None
+        have = self._prob_count > 0
+        if have.any():
+            soft = np.zeros((k, k), dtype=np.float64)
+            soft[have] = self._prob_sum[have] / self._prob_count[have, None]
+            np.fill_diagonal(soft, 0.0)
+        if soft is None:
+            combined = knn
+        else:
+            # Classes without logits this window fall back to kNN alone.
+            w = np.where(have[:, None], self.logit_weight, 0.0)
+            combined = (1 - w) * knn + w * soft
+        np.fill_diagonal(combined, 0.0)
+        if self.refreshes == 0:
+            self._scores = combined
+        else:
+            self._scores = (1 - self.ema) * self._scores + self.ema * combined
+        self._counts = counts
+        self._prob_sum[:] = 0.0
+        self._prob_count[:] = 0
+        self._sources = self._find_sources(ids, vectors, labels, bank.metric)
+        self.refreshes += 1
+        self.last_step = int(step)
+        top = self.top_pairs(5)
+        self.history.append(
+            {
+                "step": int(step),
+                "mean_confusion": float(self._scores.sum() / max(k * (k - 1), 1)),
+                "top_pairs": [[p.a, p.b, p.score] for p in top],
+            }
+        )
+        return self._scores.copy()
+
+    def _query_subset(self, labels: np.ndarray) -> np.ndarray:
+        n = len(labels)
+        if n <= self.max_queries:
+            return np.arange(n)
+        per_class = max(1, self.max_queries // self.num_classes)
+        picks = []
+        for c in range(self.num_classes):
+            idx = np.flatnonzero(labels == c)
+            if len(idx) > per_class:
+                idx = self._rng.choice(idx, size=per_class, replace=False)
+            picks.append(idx)
+        return np.sort(np.concatenate(picks))
+
+    def _knn_disagreement(
+        self, bank: EmbeddingBank, q_ids: np.ndarray, q_vec: np.ndarray, q_lab: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        k = self.num_classes
+        scores, nn_ids, nn_lab = bank.search_with_labels(q_vec, self.knn_k + 1)
+        not_self = (nn_ids != q_ids[:, None]) & (nn_ids >= 0)
+        # Keep the first knn_k neighbours that are not the query itself.
+        order = np.cumsum(not_self, axis=1)
+        use = not_self & (order <= self.knn_k)
+        if bank.metric == "cosine":
+            weights = np.clip(scores, 0.0, None)
+        else:
+            weights = 1.0 / (1.0 + np.nan_to_num(scores, nan=np.inf))
+        weights = np.where(use, np.nan_to_num(weights), 0.0)
+        per_sample = np.zeros((len(q_ids), k), dtype=np.float64)
+        rows = np.repeat(np.arange(len(q_ids)), nn_lab.shape[1])
+        lab_flat = np.where(use, nn_lab, 0).ravel()
+        np.add.at(per_sample, (rows, lab_flat), weights.ravel())
+        totals = per_sample.sum(1, keepdims=True)
+        per_sample = np.divide(per_sample, totals, out=np.zeros_like(per_sample), where=totals > 0)
+        sums = np.zeros((k, k), dtype=np.float64)
+        np.add.at(sums, q_lab, per_sample)
+        n_per_class = np.bincount(q_lab, minlength=k)
+        mean = sums / np.maximum(n_per_class, 1)[:, None]
+        knn_acc = np.where(n_per_class > 0, np.diag(mean), 1.0)
+        np.fill_diagonal(mean, 0.0)
+        return mean, knn_acc
+
+    def _find_sources(
+        self, ids: np.ndarray, vectors: np.ndarray, labels: np.ndarray, metric: str
+    ) -> dict[tuple[int, int], list[int]]:
+        sources: dict[tuple[int, int], list[int]] = {}
+        if len(ids) == 0:
+            return sources
+        k = self.num_classes
+        means = np.zeros((k, vectors.shape[1]), dtype=np.float64)
+        np.add.at(means, labels, vectors)
+        counts = np.bincount(labels, minlength=k)
+        means /= np.maximum(counts, 1)[:, None]
+        for a, b in self._candidate_pairs():
+            if counts[a] == 0 or counts[b] == 0:
+                continue
+            idx = np.flatnonzero(labels == a)
+            if metric == "cosine":
+                closeness = vectors[idx] @ means[b]
+            else:
+                closeness = -((vectors[idx] - means[b]) ** 2).sum(1)
+            n = min(self.sources_per_pair, len(idx))
+            best = np.argpartition(-closeness, n - 1)[:n]
+            best = best[np.argsort(-closeness[best], kind="stable")]
+            sources[(a, b)] = ids[idx[best]].tolist()
+        return sources
+
+    def _candidate_pairs(self, limit: int = 64) -> list[tuple[int, int]]:
+        s = self._scores
+        flat = np.argsort(-s, axis=None, kind="stable")[: min(limit, s.size)]
+        return [(int(i // self.num_classes), int(i % self.num_classes)) for i in flat if s.flat[i] > 0]
+
+    # ------------------------------------------------------------------ outputs
+    def top_pairs(self, n: int = 5, min_score: float = 0.0) -> list[PairScore]:
+        """The ``n`` highest-scoring directed pairs (score > ``min_score``) with their sources."""
+        out = []
+        for a, b in self._candidate_pairs(limit=max(n, 1) * 4):
+            score = float(self._scores[a, b])
+            if score <= min_score:
+                continue
+            out.append(PairScore(a, b, score, list(self._sources.get((a, b), []))))
+            if len(out) == n:
+                break
+        return out
+
+    def matrix(self) -> np.ndarray:
+        """The EMA score matrix (K, K): row A, column B = how much A is pulled towards B."""
+        return self._scores.copy()
+
+    def class_difficulty(self) -> list[ClassDifficulty]:
+        """Per-class confusion mass, kNN accuracy and bank count (for long-tail targeting)."""
+        return [
+            ClassDifficulty(c, float(self._scores[c].sum()), float(self._knn_accuracy[c]), int(self._counts[c]))
+            for c in range(self.num_classes)
+        ]
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "num_classes": self.num_classes,
+            "scores": torch.from_numpy(self._scores.copy()),
+            "knn_accuracy": torch.from_numpy(self._knn_accuracy.copy()),
+            "counts": torch.from_numpy(self._counts.copy()),
+            "prob_sum": torch.from_numpy(self._prob_sum.copy()),
+            "prob_count": torch.from_numpy(self._prob_count.copy()),
+            "sources": {f"{a},{b}": list(v) for (a, b), v in self._sources.items()},
+            "refreshes": self.refreshes,
+            "last_step": self.last_step,
+            "history": [dict(h) for h in self.history],
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["num_classes"]) != self.num_classes:
+            raise ValueError(f"state has {state['num_classes']} classes, this graph has {self.num_classes}")
+        self._scores = np.asarray(state["scores"], dtype=np.float64).copy()
+        self._knn_accuracy = np.asarray(state["knn_accuracy"], dtype=np.float64).copy()
+        self._counts = np.asarray(state["counts"], dtype=np.int64).copy()
+        self._prob_sum = np.asarray(state["prob_sum"], dtype=np.float64).copy()
+        self._prob_count = np.asarray(state["prob_count"], dtype=np.int64).copy()
+        self._sources = {tuple(int(x) for x in key.split(",")): list(v) for key, v in state["sources"].items()}
+        self.refreshes = int(state["refreshes"])
+        self.last_step = int(state["last_step"])
+        self.history = [dict(h) for h in state["history"]]
+        self._rng.bit_generator.state = state["rng"]
+
+
+def pair_weights(pairs: list[PairScore]) -> dict[tuple[int, int], float]:
+    """{(a, b): score} for buffer sampling that favours the currently confused pairs."""
+    return {p.pair: p.score for p in pairs}
+
+
+def describe_pairs(pairs: list[PairScore], class_names: Optional[list[str]] = None) -> str:
+    """One line like ``3->8 0.214, 9->4 0.120`` for logs and the demo's epoch print."""
+    name = (lambda c: class_names[c]) if class_names else str
+    return ", ".join(f"{name(p.a)}->{name(p.b)} {p.score:.3f}" for p in pairs) or "(none yet)"

@@ -1,0 +1,147 @@
+"""EmbeddingBank: stable ids, exact kNN, IVF switch-over, concurrency, bad input."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from hardneg.bank import BankError, EmbeddingBank
+
+
+def _random(n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g)
+
+
+def test_reobserving_an_id_replaces_its_vector_instead_of_duplicating():
+    bank = EmbeddingBank(dim=8, num_classes=3)
+    bank.upsert([10, 11, 12], _random(3, 8), [0, 1, 2], step=1)
+    new = _random(1, 8, seed=5)
+    bank.upsert([11], new, [2], step=7)
+    assert len(bank) == 3
+    vec, lab = bank.get([11])
+    np.testing.assert_allclose(vec[0], (new / new.norm()).numpy()[0], rtol=1e-5)
+    assert lab.tolist() == [2]
+    ids, _, _, steps = bank.snapshot()
+    assert sorted(ids.tolist()) == [10, 11, 12]
+    assert steps[ids.tolist().index(11)] == 7
+    # the same id twice within one batch: the last occurrence wins
+    bank.upsert([12, 12], _random(2, 8, seed=9), [0, 1])
+    assert len(bank) == 3 and bank.get([12])[1].tolist() == [1]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_knn_matches_brute_force_torch(metric):
+    x = _random(500, 16)
+    bank = EmbeddingBank(dim=16, num_classes=2, metric=metric)
+    bank.upsert(torch.arange(1000, 1500), x, torch.zeros(500, dtype=torch.long))
+    q = _random(20, 16, seed=3)
+    scores, ids = bank.search(q, k=5)
+    if metric == "cosine":
+        xn, qn = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(q, dim=1)
+        ref_scores, ref = (qn @ xn.T).topk(5, dim=1)
+    else:
+        d = torch.cdist(q, x) ** 2
+        ref_scores, ref = (-d).topk(5, dim=1)
+        ref_scores = -ref_scores
+    assert (ids == (ref + 1000).numpy()).all()
+    np.testing.assert_allclose(scores, ref_scores.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _clustered(n, d, clusters=40, seed=0):
+    """Random class-like clusters: what a classifier's embedding bank looks like."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g) * 3
+    assign = torch.randint(0, clusters, (n,), generator=g)
+    return centres[assign] + torch.randn(n, d, generator=g)
+
+
+def test_auto_switches_to_ivf_and_keeps_recall():
+    d, n = 32, 6000
+    x = _clustered(n, d)
+    exact = EmbeddingBank(dim=d, num_classes=2, index="flat")
+    auto = EmbeddingBank(dim=d, num_classes=2, index="auto", ivf_threshold=4000, nprobe=16)
+    labels = torch.zeros(n, dtype=torch.long)
+    for start in range(0, n, 1000):  # crosses the threshold part-way through
+        sl = slice(start, start + 1000)
+        exact.upsert(torch.arange(n)[sl], x[sl], labels[sl])
+        auto.upsert(torch.arange(n)[sl], x[sl], labels[sl])
+    assert auto.active_index == "ivf" and exact.active_index == "flat"
+    # replacing vectors after the switch goes through update_vectors, not a rebuild
+    repl = _clustered(100, d, seed=7)
+    exact.upsert(torch.arange(100), repl, labels[:100])
+    auto.upsert(torch.arange(100), repl, labels[:100])
+    q = _clustered(200, d, seed=0)
+    _, ref = exact.search(q, 10)
+    _, got = auto.search(q, 10)
+    recall = np.mean([len(set(r) & set(g)) / 10 for r, g in zip(ref, got)])
+    assert recall >= 0.95, recall
+    auto.nprobe = 1
+    _, worse = auto.search(q, 10)
+    assert np.mean([len(set(r) & set(g)) / 10 for r, g in zip(ref, worse)]) < recall
+
+
+def test_concurrent_reader_never_sees_a_torn_batch():
+    """A writer replaces all vectors with a constant batch; readers must see one batch or the other."""
+    d, n = 8, 256
+    bank = EmbeddingBank(dim=d, num_classes=2, metric="l2")
+    ids = torch.arange(n)
+    bank.upsert(ids, torch.zeros(n, d), torch.zeros(n, dtype=torch.long))
+    errors, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                _, vecs, labels, steps = bank.snapshot()
+                if len(set(steps.tolist())) != 1 or len(set(vecs[:, 0].tolist())) != 1:
+                    errors.append("torn snapshot")
+                bank.search(torch.zeros(4, d), 3)
+            except Exception as exc:  # pragma: no cover - a failure path
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for step in range(1, 200):
+        bank.upsert(ids, torch.full((n, d), float(step)), torch.zeros(n, dtype=torch.long), step=step)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+@pytest.mark.parametrize(
+    "ids, emb, labels, match",
+    [
+        ([0, 1], torch.zeros(2, 5), [0, 1], "shape"),
+        ([0, 1], torch.tensor([[1.0, float("nan"), 0, 0], [1, 0, 0, 0]]), [0, 1], "NaN"),
+        ([0, 1], torch.ones(2, 4), [0, 3], "labels must lie"),
+        ([0, 1], torch.ones(2, 4), [0, -1], "labels must lie"),
+        ([0, 1, 2], torch.ones(2, 4), [0, 1], "same length"),
+        ([0, 1], torch.ones(2, 4, dtype=torch.int64), [0, 1], "float"),
+        ([0, 1], torch.ones(2, 4), [0.0, 1.0], "integers"),
+        ([0, 1], torch.zeros(2, 4), [0, 1], "zero norm"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(ids, emb, labels, match):
+    bank = EmbeddingBank(dim=4, num_classes=3)
+    with pytest.raises(BankError, match=match):
+        bank.upsert(ids, emb, labels)
+
+
+def test_state_dict_round_trip_and_hnsw_fallback():
+    x = _random(300, 8)
+    bank = EmbeddingBank(dim=8, num_classes=3, index="hnsw")
+    bank.upsert(torch.arange(300), x, torch.arange(300) % 3, step=4)
+    q = _random(5, 8, seed=2)
+    s1, i1 = bank.search(q, 4)
+    clone = EmbeddingBank.from_state_dict(bank.state_dict())
+    s2, i2 = clone.search(q, 4)
+    assert (i1 == i2).all() and clone.active_index == "hnsw"
+    # replacing a vector makes the graph stale: searches stay exact until rebuild()
+    bank.upsert([0], -x[:1], [0])
+    _, ids = bank.search(-x[:1], 1)
+    assert ids[0, 0] == 0
+    bank.rebuild()
+    assert bank.search(-x[:1], 1)[1][0, 0] == 0

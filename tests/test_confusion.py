@@ -1,0 +1,64 @@
+"""ConfusionGraph: finds the overlapping pair and its boundary samples."""
+
+import numpy as np
+import torch
+
+from hardneg.bank import EmbeddingBank
+from hardneg.confusion import ConfusionGraph
+
+
+def _overlapping_classes(seed=0, per_class=60, d=16):
+    """10 well separated clusters, except 3 and 8 whose first 15 samples sit in the other's cluster region."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.eye(d)[:10] * 6.0
+    x, y = [], []
+    for c in range(10):
+        x.append(centres[c] + 0.5 * torch.randn(per_class, d, generator=g))
+        y += [c] * per_class
+    x = torch.cat(x)
+    y = torch.tensor(y)
+    i3 = (y == 3).nonzero().flatten()[:15]
+    i8 = (y == 8).nonzero().flatten()[:15]
+    mid = (centres[3] + centres[8]) / 2
+    x[i3] = mid + 0.5 * torch.randn(15, d, generator=g) + 0.3 * (centres[8] - centres[3]) / 6
+    x[i8] = mid + 0.5 * torch.randn(15, d, generator=g) - 0.3 * (centres[8] - centres[3]) / 6
+    return x, y, set(i3.tolist()), set(i8.tolist())
+
+
+def test_top_pair_is_3_8_and_sources_are_the_overlapping_samples():
+    x, y, overlap3, overlap8 = _overlapping_classes()
+    bank = EmbeddingBank(dim=x.shape[1], num_classes=10)
+    bank.upsert(torch.arange(len(y)), x, y)
+    graph = ConfusionGraph(10, knn_k=8, sources_per_pair=10)
+    graph.refresh(bank, step=1)
+    top = graph.top_pairs(2)
+    assert {p.pair for p in top} == {(3, 8), (8, 3)}
+    src = {p.pair: set(p.source_ids) for p in top}
+    assert src[(3, 8)] <= overlap3
+    assert src[(8, 3)] <= overlap8
+    m = graph.matrix()
+    assert m[3, 8] > 0.05 and np.delete(m[0], 0).max() < 0.02
+    diff = graph.class_difficulty()
+    assert diff[3].confusion > diff[0].confusion and diff[3].knn_accuracy < diff[0].knn_accuracy
+
+
+def test_softmax_confusion_and_ema_blend():
+    x, y, _, _ = _overlapping_classes()
+    bank = EmbeddingBank(dim=x.shape[1], num_classes=10)
+    bank.upsert(torch.arange(len(y)), x, y)
+    graph = ConfusionGraph(10, knn_k=8, ema=0.5, logit_weight=1.0)
+    logits = torch.full((len(y), 10), -10.0)
+    logits[torch.arange(len(y)), y] = 0.0
+    logits[y == 4, 9] = 0.0  # the classifier splits 4 evenly with 9
+    graph.accumulate_logits(y, logits)
+    first = graph.refresh(bank, step=1)
+    assert graph.top_pairs(1)[0].pair == (4, 9)
+    assert abs(first[4, 9] - 0.5) < 1e-3
+    # no logits in the next window: kNN alone, blended half-half with the previous refresh
+    second = graph.refresh(bank, step=2)
+    assert abs(second[4, 9] - 0.25) < 0.01
+    state = graph.state_dict()
+    other = ConfusionGraph(10)
+    other.load_state_dict(state)
+    assert np.array_equal(other.matrix(), graph.matrix())
+    assert [p.pair for p in other.top_pairs(3)] == [p.pair for p in graph.top_pairs(3)]
