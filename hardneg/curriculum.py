@@ -1,0 +1,359 @@
+"""Curricula over the GeNIe noise ratio r: which r to generate with, per class pair and step.
+
+r is the difficulty knob of a GeNIe hard negative: high r (towards 1) is nearly a plain
+text-to-image sample of the target class (easy), low r keeps most of the source image (hard; too
+low and the label is wrong). A curriculum starts easy and moves towards hard:
+
+* time schedules (``constant``, ``linear``, ``cosine``, ``step``) go from ``r_start`` to ``r_end``
+  over ``total_steps``, the same for every pair;
+* ``adaptive`` moves each pair's r from the model's accuracy on that pair's fresh negatives:
+  easy for the model (accuracy above ``adaptive_high``) -> lower r, too hard (below
+  ``adaptive_low``) -> higher r, clamped to ``[r_min, r_max]``;
+* ``ada`` (GeNIe-Ada) lets the engine pick r per source from a grid of generations and records
+  the choices here (:meth:`AdaCurriculum.record_choice`).
+
+Every curriculum keeps a ``history`` of the r it handed out per pair (:meth:`Curriculum.record`)
+for plots (:func:`plot_ratio_history`) and a ``state_dict`` so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence, Union
+
+if TYPE_CHECKING:
+    from hardneg.config import HardNegConfig
+
+Pair = tuple[int, int]
+History = dict[Pair, list[tuple[int, float]]]
+
+
+def _pair(pair: Sequence[int]) -> Pair:
+    if len(pair) != 2:
+        raise ValueError(f"a pair is (source class, target class), got {pair!r}")
+    return int(pair[0]), int(pair[1])
+
+
+class Curriculum:
+    """Base class: ``ratio(pair, step)`` plus history, feedback and persistence.
+
+    Subclasses implement :meth:`_ratio` (and, when they learn, :meth:`feedback` and the
+    ``_extra_state`` pair). ``uses_ada`` tells the engine to generate a grid of r per source and
+    report its GeNIe-Ada choice back.
+    """
+
+    kind: ClassVar[str] = "base"
+    uses_ada: ClassVar[bool] = False
+
+    def __init__(self, r_start: float = 0.8, r_end: float = 0.5, total_steps: int = 1000) -> None:
+        for name, r in (("r_start", r_start), ("r_end", r_end)):
+            if not 0.0 < float(r) <= 1.0:
+                raise ValueError(f"{name} must lie in (0, 1], got {r!r}")
+        if int(total_steps) < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
+        self.r_start = float(r_start)
+        self.r_end = float(r_end)
+        self.total_steps = int(total_steps)
+        self._history: History = {}
+
+    # ------------------------------------------------------------------ public API
+    def ratio(self, pair: Sequence[int], step: int) -> float:
+        """The noise ratio r to generate with for ``pair`` at training ``step`` (no side effects)."""
+        return float(self._ratio(_pair(pair), int(step)))
+
+    def feedback(self, pair: Sequence[int], correct: int, total: int, step: int) -> None:
+        """The model classified ``correct`` of ``total`` fresh negatives of ``pair`` right.
+
+        Time schedules ignore it; :class:`AdaptiveCurriculum` moves r with it.
+        """
+        _check_counts(correct, total)
+
+    def record(self, pair: Sequence[int], step: int, r: float) -> None:
+        """Log that r was used for ``pair`` at ``step`` (one entry per step: a repeat replaces it)."""
+        entries = self._history.setdefault(_pair(pair), [])
+        entry = (int(step), float(r))
+        if entries and entries[-1][0] == entry[0]:
+            entries[-1] = entry
+        else:
+            entries.append(entry)
+
+    @property
+    def history(self) -> History:
+        """Per pair, the ``(step, r)`` entries logged so far (a copy)."""
+        return {pair: list(entries) for pair, entries in self._history.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Settings, history and learnt per-pair state as plain Python values."""
+        return {
+            "kind": self.kind,
+            "history": [[a, b, [[s, r] for s, r in entries]] for (a, b), entries in self._history.items()],
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output of the same kind of curriculum."""
+        if state.get("kind") != self.kind:
+            raise ValueError(f"curriculum state is for {state.get('kind')!r}, this curriculum is {self.kind!r}")
+        self._history = {
+            (int(a), int(b)): [(int(s), float(r)) for s, r in entries] for a, b, entries in state["history"]
+        }
+        self._load_extra_state(state)
+
+    # ------------------------------------------------------------------ for subclasses
+    def _ratio(self, pair: Pair, step: int) -> float:
+        raise NotImplementedError
+
+    def _progress(self, step: int) -> float:
+        """Fraction of ``total_steps`` done, clamped to [0, 1]."""
+        return min(max(step / self.total_steps, 0.0), 1.0)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(r_start={self.r_start}, r_end={self.r_end}, total_steps={self.total_steps})"
+
+
+def _check_counts(correct: int, total: int) -> None:
+    if int(total) < 0 or not 0 <= int(correct) <= int(total):
+        raise ValueError(f"feedback needs 0 <= correct <= total, got correct={correct}, total={total}")
+
+
+# ============================================================================ time schedules
+class ConstantCurriculum(Curriculum):
+    """r = ``r_start`` always (the paper's fixed setting is 0.8)."""
+
+    kind = "constant"
+
+    def _ratio(self, pair: Pair, step: int) -> float:
+        return self.r_start
+
+
+class LinearCurriculum(Curriculum):
+    """r moves linearly from ``r_start`` at step 0 to ``r_end`` at ``total_steps``, then stays."""
+
+    kind = "linear"
+
+    def _ratio(self, pair: Pair, step: int) -> float:
+        return self.r_start + (self.r_end - self.r_start) * self._progress(step)
+
+
+class CosineCurriculum(Curriculum):
+    """r follows half a cosine from ``r_start`` to ``r_end``: slow at both ends."""
+
+    kind = "cosine"
+
+    def _ratio(self, pair: Pair, step: int) -> float:
+        f = self._progress(step)
+        return self.r_end + (self.r_start - self.r_end) * 0.5 * (1.0 + math.cos(math.pi * f))
+
+
+class StepCurriculum(Curriculum):
+    """r jumps at ``milestones`` (fractions of ``total_steps``) in equal steps from r_start to r_end."""
+
+    kind = "step"
+
+    def __init__(
+        self, r_start: float = 0.8, r_end: float = 0.5, total_steps: int = 1000, milestones: Sequence[float] = (0.5,)
+    ) -> None:
+        super().__init__(r_start, r_end, total_steps)
+        self.milestones = tuple(sorted(float(m) for m in milestones))
+        if not self.milestones or any(not 0.0 < m < 1.0 for m in self.milestones):
+            raise ValueError(f"milestones must be fractions in (0, 1), got {milestones!r}")
+
+    def _ratio(self, pair: Pair, step: int) -> float:
+        f = self._progress(step)
+        passed = sum(1 for m in self.milestones if f >= m)
+        return self.r_start + (self.r_end - self.r_start) * passed / len(self.milestones)
+
+
+# ============================================================================ feedback-driven
+class AdaptiveCurriculum(Curriculum):
+    """Per pair r driven by the model's accuracy on that pair's synthetic negatives.
+
+    Feedback is accumulated per pair; once ``min_samples`` have been seen the accuracy decides:
+    above ``high`` the negatives are too easy and r drops by ``step_size`` (closer to the source,
+    harder), below ``low`` they are too hard and r rises; then the window starts afresh. r stays
+    in ``[r_min, r_max]`` and starts at ``r_start`` (clamped).
+    """
+
+    kind = "adaptive"
+
+    def __init__(
+        self,
+        r_start: float = 0.8,
+        r_min: float = 0.3,
+        r_max: float = 0.95,
+        high: float = 0.8,
+        low: float = 0.4,
+        step_size: float = 0.05,
+        min_samples: int = 8,
+        total_steps: int = 1000,
+    ) -> None:
+        super().__init__(r_start, r_start, total_steps)
+        if not 0.0 < r_min <= r_max <= 1.0:
+            raise ValueError(f"need 0 < r_min <= r_max <= 1, got r_min={r_min}, r_max={r_max}")
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
+        if not step_size > 0 or int(min_samples) < 1:
+            raise ValueError(f"need step_size > 0 and min_samples >= 1, got {step_size}, {min_samples}")
+        self.r_min, self.r_max = float(r_min), float(r_max)
+        self.high, self.low = float(high), float(low)
+        self.step_size = float(step_size)
+        self.min_samples = int(min_samples)
+        self._r: dict[Pair, float] = {}
+        self._counts: dict[Pair, list[int]] = {}  # pair -> [correct, total] in the current window
+
+    def _clamp(self, r: float) -> float:
+        return min(max(r, self.r_min), self.r_max)
+
+    def _ratio(self, pair: Pair, step: int) -> float:
+        return self._r.get(pair, self._clamp(self.r_start))
+
+    def feedback(self, pair: Sequence[int], correct: int, total: int, step: int) -> None:
+        """Add a window of feedback for ``pair``; may move its r (and logs the move in history)."""
+        _check_counts(correct, total)
+        p = _pair(pair)
+        counts = self._counts.setdefault(p, [0, 0])
+        counts[0] += int(correct)
+        counts[1] += int(total)
+        if counts[1] < self.min_samples:
+            return
+        accuracy = counts[0] / counts[1]
+        self._counts[p] = [0, 0]
+        r = self._ratio(p, step)
+        if accuracy > self.high:
+            new = self._clamp(r - self.step_size)
+        elif accuracy < self.low:
+            new = self._clamp(r + self.step_size)
+        else:
+            return
+        new = round(new, 10)  # no float drift after many small steps
+        if new != r:
+            self._r[p] = new
+            self.record(p, step, new)
+
+    def window(self, pair: Sequence[int]) -> tuple[int, int]:
+        """``(correct, total)`` feedback collected for ``pair`` since its last decision."""
+        c = self._counts.get(_pair(pair), [0, 0])
+        return c[0], c[1]
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "r": [[a, b, r] for (a, b), r in self._r.items()],
+            "counts": [[a, b, c, t] for (a, b), (c, t) in self._counts.items()],
+        }
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._r = {(int(a), int(b)): float(r) for a, b, r in state["r"]}
+        self._counts = {(int(a), int(b)): [int(c), int(t)] for a, b, c, t in state["counts"]}
+
+
+class AdaCurriculum(Curriculum):
+    """GeNIe-Ada: r is chosen per source by the engine from generations over ``grid``.
+
+    :meth:`ratio` returns the pair's latest choice (``r_start`` before any); the engine reports
+    each choice with :meth:`record_choice`.
+    """
+
+    kind = "ada"
+    uses_ada = True
+
+    def __init__(
+        self, grid: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9), r_start: float = 0.8, total_steps: int = 1000
+    ) -> None:
+        super().__init__(r_start, r_start, total_steps)
+        self.grid = tuple(float(r) for r in grid)
+        if len(self.grid) < 2 or any(not 0.0 < r <= 1.0 for r in self.grid):
+            raise ValueError(f"grid needs >= 2 ratios in (0, 1], got {grid!r}")
+        self._last: dict[Pair, float] = {}
+
+    def _ratio(self, pair: Pair, step: int) -> float:
+        return self._last.get(pair, self.r_start)
+
+    def record_choice(self, pair: Sequence[int], r: float, step: int) -> None:
+        """The r GeNIe-Ada picked for one source of ``pair`` at ``step``."""
+        p = _pair(pair)
+        self._last[p] = float(r)
+        self.record(p, step, float(r))
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"last": [[a, b, r] for (a, b), r in self._last.items()]}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._last = {(int(a), int(b)): float(r) for a, b, r in state["last"]}
+
+
+# ============================================================================ factory and plot
+def make_curriculum(config: "HardNegConfig") -> Curriculum:
+    """The curriculum ``config.curriculum`` names, built from the config's r settings."""
+    kind = config.curriculum
+    if kind == "constant":
+        return ConstantCurriculum(config.r_start, config.r_start, config.total_steps)
+    if kind == "linear":
+        return LinearCurriculum(config.r_start, config.r_end, config.total_steps)
+    if kind == "cosine":
+        return CosineCurriculum(config.r_start, config.r_end, config.total_steps)
+    if kind == "step":
+        return StepCurriculum(config.r_start, config.r_end, config.total_steps, config.step_milestones)
+    if kind == "adaptive":
+        return AdaptiveCurriculum(
+            config.r_start, config.r_min, config.r_max, config.adaptive_high, config.adaptive_low,
+            config.adaptive_step, config.adaptive_min_samples, config.total_steps,
+        )
+    if kind == "ada":
+        return AdaCurriculum(config.ada_grid, config.r_start, config.total_steps)
+    raise ValueError(f"unknown curriculum {kind!r}")
+
+
+def plot_ratio_history(
+    history: Union[Curriculum, Mapping[Pair, Sequence[tuple[int, float]]]],
+    path: Union[str, os.PathLike[str]],
+    title: str = "noise ratio r per class pair",
+    class_names: Optional[Sequence[str]] = None,
+) -> str:
+    """Write a PNG of r over training steps, one line per pair; returns the path.
+
+    Uses matplotlib's Agg canvas directly, so it works headless and never changes the pyplot
+    backend of the caller.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    hist = history.history if isinstance(history, Curriculum) else history
+
+    def name(c: int) -> str:
+        return class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    drawn = 0
+    for (a, b), entries in sorted(hist.items()):
+        if not entries:
+            continue
+        steps = [s for s, _ in entries]
+        rs = [r for _, r in entries]
+        ax.plot(steps, rs, drawstyle="steps-post", marker="." if len(entries) < 50 else None,
+                label=f"{name(a)} -> {name(b)}")
+        drawn += 1
+    if drawn == 0:
+        ax.text(0.5, 0.5, "no ratios recorded yet", ha="center", va="center", transform=ax.transAxes)
+    elif drawn <= 12:
+        ax.legend(fontsize="small", loc="best")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("noise ratio r")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    out = os.fspath(path)
+    parent = os.path.dirname(out)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out

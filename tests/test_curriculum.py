@@ -1,0 +1,194 @@
+"""Noise-ratio curricula: schedule end points, adaptive moves, GeNIe-Ada choices, persistence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hardneg.config import HardNegConfig
+from hardneg.curriculum import (
+    AdaCurriculum,
+    AdaptiveCurriculum,
+    ConstantCurriculum,
+    CosineCurriculum,
+    Curriculum,
+    LinearCurriculum,
+    StepCurriculum,
+    make_curriculum,
+    plot_ratio_history,
+)
+
+
+def cfg(**kw) -> HardNegConfig:
+    return HardNegConfig(num_classes=10, **kw)
+
+
+@pytest.mark.parametrize(
+    "kind, cls",
+    [
+        ("constant", ConstantCurriculum),
+        ("linear", LinearCurriculum),
+        ("cosine", CosineCurriculum),
+        ("step", StepCurriculum),
+        ("adaptive", AdaptiveCurriculum),
+        ("ada", AdaCurriculum),
+    ],
+)
+def test_make_curriculum_builds_the_configured_kind(kind: str, cls: type) -> None:
+    c = make_curriculum(cfg(curriculum=kind))
+    assert type(c) is cls
+    assert c.uses_ada == (kind == "ada")
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "step"])
+def test_time_schedules_go_from_r_start_to_r_end(kind: str) -> None:
+    c = make_curriculum(cfg(curriculum=kind, r_start=0.9, r_end=0.4, total_steps=200))
+    assert c.ratio((3, 8), 0) == pytest.approx(0.9)
+    assert c.ratio((3, 8), 200) == pytest.approx(0.4)
+    assert c.ratio((3, 8), 10_000) == pytest.approx(0.4)  # stays at the end after the horizon
+    rs = [c.ratio((1, 2), s) for s in range(0, 201, 10)]
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(rs, rs[1:]))  # easy -> hard
+    assert c.ratio((3, 8), 77) == c.ratio((5, 6), 77)  # same for every pair
+
+
+def test_schedule_shapes_in_the_middle() -> None:
+    lin = LinearCurriculum(0.8, 0.4, total_steps=100)
+    cos = CosineCurriculum(0.8, 0.4, total_steps=100)
+    assert lin.ratio((0, 1), 25) == pytest.approx(0.7)
+    assert cos.ratio((0, 1), 50) == pytest.approx(0.6)
+    assert cos.ratio((0, 1), 25) == pytest.approx(0.4 + 0.4 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert cos.ratio((0, 1), 25) > lin.ratio((0, 1), 25)  # cosine is slow at the start
+
+
+def test_step_schedule_jumps_at_milestones() -> None:
+    c = StepCurriculum(0.8, 0.5, total_steps=100, milestones=(0.25, 0.75))
+    assert c.ratio((0, 1), 24) == pytest.approx(0.8)
+    assert c.ratio((0, 1), 25) == pytest.approx(0.65)
+    assert c.ratio((0, 1), 74) == pytest.approx(0.65)
+    assert c.ratio((0, 1), 75) == pytest.approx(0.5)
+
+
+def test_constant_ignores_feedback_and_time() -> None:
+    c = make_curriculum(cfg(curriculum="constant", r_start=0.8))
+    for step in range(0, 2000, 100):
+        c.feedback((3, 8), 10, 10, step)
+        assert c.ratio((3, 8), step) == pytest.approx(0.8)
+
+
+def test_adaptive_moves_easy_pairs_down_and_hard_pairs_up_within_bounds() -> None:
+    config = cfg(curriculum="adaptive", r_start=0.7, r_min=0.3, r_max=0.95, adaptive_step=0.05,
+                 adaptive_min_samples=8, adaptive_high=0.8, adaptive_low=0.4)
+    c = make_curriculum(config)
+    easy, hard = (3, 8), (4, 9)
+
+    def fake_model_correct(pair: tuple[int, int], n: int) -> int:
+        return n if pair == easy else 0  # always right on (3, 8), always wrong on (4, 9)
+
+    seen = {easy: [], hard: []}
+    for step in range(60):
+        for pair in (easy, hard):
+            c.feedback(pair, fake_model_correct(pair, 4), 4, step)
+            r = c.ratio(pair, step)
+            assert config.r_min <= r <= config.r_max
+            seen[pair].append(r)
+    assert seen[easy][0] == pytest.approx(0.7) and seen[hard][0] == pytest.approx(0.7)
+    assert all(b <= a for a, b in zip(seen[easy], seen[easy][1:]))
+    assert all(b >= a for a, b in zip(seen[hard], seen[hard][1:]))
+    assert c.ratio(easy, 60) == pytest.approx(0.3)  # reached the bound and stayed there
+    assert c.ratio(hard, 60) == pytest.approx(0.95)
+    # the moves were logged: history goes down for the easy pair, up for the hard one
+    assert [r for _, r in c.history[easy]][:3] == pytest.approx([0.65, 0.6, 0.55])
+    assert [r for _, r in c.history[hard]][:2] == pytest.approx([0.75, 0.8])
+
+
+def test_adaptive_waits_for_min_samples_and_keeps_middle_accuracy() -> None:
+    c = AdaptiveCurriculum(r_start=0.8, min_samples=10, step_size=0.1, high=0.8, low=0.4)
+    c.feedback((1, 2), 9, 9, step=1)  # 9 < 10 samples: no decision yet
+    assert c.ratio((1, 2), 1) == pytest.approx(0.8)
+    assert c.window((1, 2)) == (9, 9)
+    c.feedback((1, 2), 1, 1, step=2)  # 10/10 correct: harder
+    assert c.ratio((1, 2), 2) == pytest.approx(0.7)
+    assert c.window((1, 2)) == (0, 0)  # counters reset after the decision
+    c.feedback((1, 2), 6, 10, step=3)  # 60%: inside [low, high], r stays
+    assert c.ratio((1, 2), 3) == pytest.approx(0.7)
+    assert c.ratio((5, 6), 3) == pytest.approx(0.8)  # other pairs untouched
+
+
+def test_adaptive_start_is_clamped_into_bounds() -> None:
+    c = AdaptiveCurriculum(r_start=0.99, r_min=0.3, r_max=0.9)
+    assert c.ratio((0, 1), 0) == pytest.approx(0.9)
+
+
+def test_feedback_rejects_impossible_counts() -> None:
+    with pytest.raises(ValueError):
+        make_curriculum(cfg(curriculum="adaptive")).feedback((0, 1), 5, 3, 0)
+    with pytest.raises(ValueError):
+        make_curriculum(cfg(curriculum="linear")).feedback((0, 1), -1, 3, 0)
+
+
+def test_ada_returns_last_choice_or_r_start() -> None:
+    c = make_curriculum(cfg(curriculum="ada", r_start=0.8, ada_grid=(0.5, 0.6, 0.7, 0.8, 0.9)))
+    assert isinstance(c, AdaCurriculum) and c.uses_ada
+    assert c.grid == (0.5, 0.6, 0.7, 0.8, 0.9)
+    assert c.ratio((3, 8), 0) == pytest.approx(0.8)
+    c.record_choice((3, 8), 0.6, step=10)
+    c.record_choice((3, 8), 0.7, step=20)
+    assert c.ratio((3, 8), 25) == pytest.approx(0.7)
+    assert c.ratio((4, 9), 25) == pytest.approx(0.8)
+    assert c.history[(3, 8)] == [(10, 0.6), (20, 0.7)]
+
+
+def test_record_keeps_one_entry_per_step_and_history_is_a_copy() -> None:
+    c = LinearCurriculum(0.8, 0.5, 100)
+    c.record((1, 2), 5, 0.8)
+    c.record((1, 2), 5, 0.75)  # same step again: replaced, not duplicated
+    c.record((1, 2), 9, 0.7)
+    assert c.history == {(1, 2): [(5, 0.75), (9, 0.7)]}
+    c.history[(1, 2)].append((99, 0.1))
+    assert len(c.history[(1, 2)]) == 2
+
+
+@pytest.mark.parametrize("kind", ["linear", "adaptive", "ada"])
+def test_state_dict_round_trip_continues_identically(kind: str) -> None:
+    config = cfg(curriculum=kind, adaptive_min_samples=4)
+    a = make_curriculum(config)
+    for step in range(12):
+        a.feedback((3, 8), 4, 4, step)
+        a.feedback((4, 9), 1, 4, step)
+        a.record((3, 8), step, a.ratio((3, 8), step))
+    if isinstance(a, AdaCurriculum):
+        a.record_choice((4, 9), 0.9, 11)
+    a.feedback((3, 8), 2, 2, 12)  # half a window pending at save time
+    b = make_curriculum(config)
+    b.load_state_dict(a.state_dict())
+    assert b.history == a.history
+    for step in range(12, 30):
+        for cur in (a, b):
+            cur.feedback((3, 8), 2, 2, step)
+        assert b.ratio((3, 8), step) == a.ratio((3, 8), step)
+        assert b.ratio((4, 9), step) == a.ratio((4, 9), step)
+
+
+def test_load_state_of_another_kind_is_an_error() -> None:
+    state = make_curriculum(cfg(curriculum="linear")).state_dict()
+    with pytest.raises(ValueError, match="linear"):
+        make_curriculum(cfg(curriculum="adaptive")).load_state_dict(state)
+
+
+def test_base_class_is_abstract() -> None:
+    with pytest.raises(NotImplementedError):
+        Curriculum().ratio((0, 1), 0)
+
+
+def test_plot_ratio_history_writes_a_png(tmp_path) -> None:
+    c = make_curriculum(cfg(curriculum="adaptive", adaptive_min_samples=2))
+    for step in range(20):
+        c.feedback((3, 8), 2, 2, step)
+        c.feedback((4, 9), 0, 2, step)
+    out = plot_ratio_history(c, tmp_path / "plots" / "r.png", class_names=[str(i) for i in range(10)])
+    data = (tmp_path / "plots" / "r.png").read_bytes()
+    assert out.endswith("r.png")
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    empty = plot_ratio_history({}, tmp_path / "empty.png")
+    assert (tmp_path / "empty.png").read_bytes()[:4] == b"\x89PNG" and empty.endswith("empty.png")
