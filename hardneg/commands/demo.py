@@ -1,0 +1,168 @@
+"""``hardneg demo``: the whole online GeNIe loop on the built-in scikit-learn digits.
+
+A timm classifier trains on the digits while the engine mines its confused pairs; a background
+worker (its own process with a bounded thread budget) turns boundary samples of those pairs into
+hard negatives with the class-conditional diffusion model trained on the digits (shipped with
+the package, or trained first / loaded from a cache folder); an adaptive curriculum moves r.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="train a classifier on the built-in digits with online GeNIe hard negatives",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", default="hardneg-out/demo", help="output folder for plots, JSON and checkpoints")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--model", default="resnet10t", help="timm model name (built from config, no download)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--regime", choices=["balanced", "long-tail", "few-shot"], default="balanced",
+                   help="long-tail: imbalance 20 (class 0 head, 9 tail); few-shot: 10 per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generator-dir", default=None,
+                   help="class-conditional generator folder (default: the one shipped with hardneg; "
+                        "trained into this folder first if it holds none)")
+    p.add_argument("--fit-steps", type=int, default=1500, help="generator training steps if it must be trained")
+    p.add_argument("--no-generation", action="store_true", help="only mine confusion, generate nothing")
+    p.add_argument("--curriculum", default="adaptive",
+                   choices=["constant", "linear", "cosine", "step", "adaptive", "ada"])
+    p.add_argument("--worker", choices=["process", "thread"], default="process")
+    p.add_argument("--worker-threads", type=int, default=1)
+    p.add_argument("--synthetic-fraction", type=float, default=0.25)
+    p.add_argument("--refresh-every", type=int, default=10)
+    p.add_argument("--images-per-refresh", type=int, default=48)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from hardneg.config import HardNegConfig
+    from hardneg.confusion import describe_pairs
+    from hardneg.data import load_digits
+    from hardneg.plugin import HardNeg
+    from hardneg import report
+    from hardneg.training import make_classifier, set_seed, train
+
+    t_start = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    set_seed(args.seed)
+    train_data, test_data = load_digits(size=args.image_size, seed=args.seed, regime=args.regime)
+    names = train_data.class_names
+    print(f"digits ({args.regime}): {len(train_data)} train / {len(test_data)} test, "
+          f"class counts {train_data.class_counts()}")
+    generator = None
+    if not args.no_generation:
+        generator = _load_or_fit_generator(args, train_data)
+    steps_per_epoch = -(-len(train_data) // args.batch_size)
+    cfg = HardNegConfig(
+        num_classes=train_data.num_classes, refresh_every=args.refresh_every, top_pairs=4, knn_k=10,
+        sources_per_pair=24, images_per_refresh=args.images_per_refresh, generation_batch=16,
+        worker_backend=args.worker, worker_threads=args.worker_threads, queue_size=6,
+        synthetic_fraction=args.synthetic_fraction, buffer_size=1024, curriculum=args.curriculum,
+        r_start=0.7, r_end=0.4, r_min=0.3, r_max=0.9, adaptive_step=0.05, adaptive_min_samples=16,
+        total_steps=args.epochs * steps_per_epoch, freshness_half_life=4 * steps_per_epoch, seed=args.seed,
+    )
+    model = make_classifier(args.model, num_classes=train_data.num_classes, in_chans=train_data.image_shape[0])
+    engine = HardNeg(cfg, model=model, class_names=names, dataset=train_data, generator=generator)
+    ckpt = os.path.join(args.out, "checkpoint.pt")
+    if args.resume and os.path.exists(ckpt):
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        engine.load_state_dict(state["engine"])
+        print(f"resumed engine state from {ckpt} at step {engine.step}")
+    epochs_log: list[dict[str, Any]] = []
+
+    def on_epoch(m: Any) -> None:
+        epochs_log.append(m.to_dict())
+        pairs = engine.confusions(4)
+        pa = f"{m.pair_accuracy:.3f}" if m.pair_accuracy is not None else "  -  "
+        r = f"{m.mean_r:.2f}" if m.mean_r is not None else " - "
+        ips = f"{m.worker_images_per_s:.1f}" if m.worker_images_per_s else "-"
+        tail = f" tail-acc {m.tail_accuracy:.3f}" if m.tail_accuracy is not None else ""
+        print(f"epoch {m.epoch:2d} | loss {m.loss:.3f} | test-acc {m.test_accuracy:.3f} | pair-acc {pa}{tail} | "
+              f"synthetic used {m.synthetic_used:4d} | mean r {r} | worker img/s {ips} | "
+              f"engine {100 * (m.engine_fraction or 0):.1f}% of step time", flush=True)
+        print(f"          confused: {describe_pairs(pairs, names)}", flush=True)
+        torch.save({"engine": engine.state_dict(), "model": model.state_dict(), "epoch": m.epoch}, ckpt)
+
+    try:
+        train(model, train_data, test_data, engine=engine, epochs=args.epochs, batch_size=args.batch_size,
+              lr=args.lr, seed=args.seed, progress=not args.no_progress, on_epoch=on_epoch)
+        engine.collect()
+    finally:
+        engine.close()
+    _write_outputs(args, engine, epochs_log, names, time.perf_counter() - t_start, report)
+    return 0
+
+
+def _load_or_fit_generator(args: argparse.Namespace, train_data: Any) -> Any:
+    from hardneg.generators.class_conditional import ClassConditionalGenerator, default_digits_generator_path
+
+    folder = args.generator_dir or default_digits_generator_path()
+    if os.path.exists(os.path.join(folder, "config.json")):
+        print(f"generator: loading {folder}")
+        return ClassConditionalGenerator.load(folder)
+    print(f"generator: none in {folder}; training one on the digits ({args.fit_steps} steps)")
+    gen = ClassConditionalGenerator.for_dataset(train_data, seed=args.seed)
+    gen.fit(train_data, steps=args.fit_steps, seed=args.seed, progress=not args.no_progress)
+    gen.save(folder)
+    return gen
+
+
+def _write_outputs(args: argparse.Namespace, engine: Any, epochs_log: list, names: list, seconds: float,
+                   report: Any) -> None:
+    out = args.out
+    stats = engine.stats()
+    files = [report.plot_confusion_over_time(engine.confusion.history, os.path.join(out, "confusion_over_time.png"), names),
+             report.plot_confusion_matrix(engine.confusion.matrix(), os.path.join(out, "confusion_matrix.png"), names),
+             report.plot_training_curves(epochs_log, os.path.join(out, "training_curves.png"))]
+    if not args.no_generation:
+        files.append(report.plot_ratio_over_time(engine.curriculum.history, os.path.join(out, "ratio_over_time.png"), names))
+        grid = _negatives_grid(engine)
+        if grid is not None:
+            rows, row_labels = grid
+            files.append(report.plot_image_grid(rows, os.path.join(out, "hard_negatives.png"), row_labels=row_labels,
+                                                title="generated hard negatives (row: source→target; sorted by r)"))
+    summary = {
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "seconds": seconds,
+        "epochs": epochs_log,
+        "final_test_accuracy": epochs_log[-1]["test_accuracy"] if epochs_log else None,
+        "top_pairs": [[p.a, p.b, p.score] for p in engine.confusions(8)],
+        "stats": stats,
+        "files": files,
+    }
+    files.append(report.write_json(summary, os.path.join(out, "summary.json")))
+    print(f"done in {seconds:.0f} s; wrote " + ", ".join(os.path.basename(f) for f in files) + f" to {out}")
+
+
+def _negatives_grid(engine: Any, per_row: int = 8) -> Any:
+    """Rows of buffered negatives per pair (most stocked pairs first), sorted by r, labelled 'a→b'."""
+    prov = engine.buffer.provenance()
+    if prov["slots"].numel() == 0:
+        return None
+    images = engine.buffer.state_dict()["images"]
+    by_pair: dict[tuple[int, int], list[int]] = {}
+    for i, (a, b) in enumerate(zip(prov["source_labels"].tolist(), prov["target_labels"].tolist())):
+        by_pair.setdefault((a, b), []).append(i)
+    rows, labels = [], []
+    for (a, b), members in sorted(by_pair.items(), key=lambda kv: -len(kv[1]))[:6]:
+        members = sorted(members, key=lambda i: float(prov["ratios"][i]))
+        pick = [members[round(j * (len(members) - 1) / max(per_row - 1, 1))] for j in range(min(per_row, len(members)))]
+        rows.append([images[int(prov["slots"][i])] for i in pick])
+        rs = [float(prov["ratios"][i]) for i in pick]
+        labels.append(f"{engine.class_names[a]}→{engine.class_names[b]}\nr {min(rs):.2f}-{max(rs):.2f}")
+    return rows, labels

@@ -1,0 +1,572 @@
+"""HardNeg: the engine that plugs into a training loop.
+
+Training events it uses (one direction of data flow)::
+
+    x, y, w = hn.mix(x, y)          # before forward: add ready hard negatives (never waits)
+    logits = model(x)               # forward: a hook captures the embeddings
+    hn.observe(labels=y, logits=logits, ids=idx)   # after forward: bank, confusion, curriculum
+
+Every ``refresh_every`` observed steps the engine re-mines confusion over the whole bank, turns
+the top pairs into generation requests (images per pair proportional to score, sources = the
+pair's boundary samples, r from the curriculum) and hands them to the background worker. Finished
+images land in the synthetic buffer the next ``mix`` draws from.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hardneg.bank import EmbeddingBank
+from hardneg.buffer import SyntheticBuffer
+from hardneg.config import HardNegConfig
+from hardneg.confusion import ConfusionGraph, PairScore, pair_weights
+from hardneg.curriculum import make_curriculum
+from hardneg.generators.base import Generator
+from hardneg.mixing import MixedBatch, mix_batch
+from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker
+
+logger = logging.getLogger(__name__)
+
+GeneratorLike = Union[Generator, Callable[[], Generator], None]
+STATE_FORMAT = 1
+
+
+class HardNegError(ValueError):
+    """Bad input to the engine (shapes, NaN embeddings, labels, missing ids or dataset)."""
+
+
+@dataclass
+class _MixRecord:
+    """What the last ``mix`` did, so ``observe`` can tell real rows from synthetic ones."""
+
+    n_in: int
+    n_total: int
+    n_real: int
+    synthetic_pairs: list[tuple[int, int]] = field(default_factory=list)
+
+
+class HardNeg:
+    """Watches a classifier's embeddings, mines confused class pairs, feeds back GeNIe negatives.
+
+    Args:
+        config: every knob (:class:`HardNegConfig`).
+        model: the classifier. When given, its embeddings are captured automatically by a forward
+            hook: the input of a timm model's classifier (``forward_head(..., pre_logits=True)``),
+            the output of the layer named by ``embedding_layer``, or the input of the last
+            ``nn.Linear``. Captures happen in training mode only (plus :meth:`embed`).
+        class_names: names of the classes (prompts, plots); default ``"0".."K-1"``.
+        dataset: indexable training set whose item ``i`` starts with the image of sample id ``i``
+            (``(image, label, ...)`` tuples or dicts with ``"image"``/``"pixel_values"``); the
+            engine fetches GeNIe sources from it. Needed when generation is on.
+        generator: a :class:`Generator` (the worker gets its own deep copy), a zero-argument
+            factory returning one (must be picklable for the process backend), or ``None`` to
+            build ``config.generator`` from ``config.generator_path``.
+        embedding_layer: dotted name of the module whose output is the embedding.
+    """
+
+    def __init__(
+        self,
+        config: HardNegConfig,
+        model: Optional[nn.Module] = None,
+        class_names: Optional[Sequence[str]] = None,
+        dataset: Any = None,
+        generator: GeneratorLike = None,
+        embedding_layer: Optional[str] = None,
+        start_worker: bool = True,
+    ) -> None:
+        if not isinstance(config, HardNegConfig):
+            raise HardNegError(f"config must be a HardNegConfig, got {type(config).__name__}")
+        self.config = config
+        k = config.num_classes
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+        if len(self.class_names) != k:
+            raise HardNegError(f"got {len(self.class_names)} class_names for num_classes={k}")
+        self.model = model
+        self.dataset = dataset
+        self.bank: Optional[EmbeddingBank] = None
+        if config.embedding_dim is not None:
+            self.bank = self._make_bank(config.embedding_dim)
+        self.confusion = ConfusionGraph(
+            k, config.knn_k, config.confusion_ema, config.logit_weight, config.sources_per_pair, seed=config.seed
+        )
+        self.curriculum = make_curriculum(config)
+        self.buffer = SyntheticBuffer(
+            config.buffer_size, seed=config.seed, freshness_half_life=config.freshness_half_life,
+            max_uses=config.max_uses,
+        )
+        self.step = 0
+        self._pairs: list[PairScore] = []
+        self._pair_weights: dict[tuple[int, int], float] = {}
+        self._last_mix: Optional[_MixRecord] = None
+        self._next_request_id = 0
+        self._source_cursor: dict[tuple[int, int], int] = {}
+        self._ada_requests: dict[int, tuple[float, ...]] = {}
+        self._counters: dict[str, float] = {
+            "observed": 0, "synthetic_used": 0, "synthetic_feedback": 0, "synthetic_correct": 0,
+            "requests_made": 0, "images_received": 0, "images_rejected": 0, "engine_seconds": 0.0,
+            "refreshes": 0,
+        }
+        self._wall_start: Optional[float] = None
+        self._captured_embeddings: Optional[Tensor] = None
+        self._captured_logits: Optional[Tensor] = None
+        self._capture_always = False
+        self._hooks: list[Any] = []
+        if model is not None:
+            self._install_hooks(model, embedding_layer)
+        self.worker: Optional[GenerationWorker] = None
+        factory = self._generator_factory(generator)
+        if factory is not None:
+            if dataset is None:
+                raise HardNegError(
+                    "generation is on but no dataset was given: pass dataset= (indexable, item i starts "
+                    "with the image of sample id i) so the engine can fetch GeNIe source images"
+                )
+            self.worker = GenerationWorker(
+                factory, backend=config.worker_backend, queue_size=config.queue_size,
+                max_restarts=config.max_restarts, num_threads=config.worker_threads, device=config.worker_device,
+            )
+            if start_worker:
+                self.worker.start()
+
+    # ================================================================== public API
+    def observe(
+        self,
+        embeddings: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        logits: Optional[Tensor] = None,
+        ids: Optional[Union[Tensor, Sequence[int]]] = None,
+    ) -> None:
+        """Record one training step.
+
+        Args:
+            embeddings: ``(N, D)`` embeddings of the batch returned by :meth:`mix` (or of the
+                plain batch when ``mix`` is not used); ``None`` uses the forward-hook capture.
+            labels: ``(N,)`` labels of that batch.
+            logits: ``(N, K)`` classifier outputs; ``None`` uses the hook capture if any.
+            ids: dataset sample ids of the *real* samples, i.e. of the batch passed into ``mix``.
+                Synthetic rows are recognised from the last ``mix`` and feed the curriculum.
+        """
+        t0 = time.perf_counter()
+        if self._wall_start is None:
+            self._wall_start = t0
+        if labels is None:
+            raise HardNegError("observe() needs labels")
+        if ids is None:
+            raise HardNegError("observe() needs ids: the dataset sample ids of the batch (stable across epochs)")
+        emb = embeddings if embeddings is not None else self._captured_embeddings
+        if emb is None:
+            raise HardNegError(
+                "no embeddings: pass embeddings=, or give HardNeg the model (with embedding_layer= if it is "
+                "not a timm model) so a forward hook captures them"
+            )
+        if logits is None:
+            logits = self._captured_logits
+        emb, labels, logits, ids_t = self._validate_observation(emb, labels, logits, ids)
+        n_real, synth = self._split_real_synthetic(emb.shape[0], ids_t.shape[0])
+        if self.bank is None:
+            self.bank = self._make_bank(emb.shape[1])
+        self.bank.upsert(ids_t[:n_real], emb[:n_real], labels[:n_real], step=self.step)
+        if logits is not None:
+            self.confusion.accumulate_logits(labels[:n_real], logits[:n_real])
+            if synth:
+                self._curriculum_feedback(logits[n_real:], labels[n_real:], synth)
+        self._counters["observed"] += n_real
+        self._captured_embeddings = self._captured_logits = None
+        self._last_mix = None
+        self.step += 1
+        if self.step % self.config.refresh_every == 0:
+            self.refresh()
+        self._counters["engine_seconds"] += time.perf_counter() - t0
+
+    def mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Add ready hard negatives to a batch; returns ``(x, y, per-sample loss weights)``.
+
+        Never waits for the generator: with an empty buffer it is the identity (weights of ones).
+        """
+        return self.mix_batch(x, y).as_tuple()
+
+    def mix_batch(self, x: Tensor, y: Tensor) -> MixedBatch:
+        """Like :meth:`mix` but returns the full :class:`MixedBatch` (with the synthetic mask)."""
+        t0 = time.perf_counter()
+        if self._wall_start is None:
+            self._wall_start = t0
+        if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+            raise HardNegError(f"mix() needs x (N, ...) and y (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
+        self.collect()
+        n = x.shape[0]
+        k = int(round(self.config.synthetic_fraction * n))
+        sample = None
+        if k > 0 and len(self.buffer) > 0:
+            sample = self.buffer.sample(k, step=self.step, pair_weights=self._pair_weights or None)
+        mixed = mix_batch(x, y, sample, mode=self.config.mix_mode, synthetic_weight=self.config.synthetic_weight)
+        n_syn = int(mixed.synthetic_mask.sum())
+        pairs = [tuple(int(v) for v in p) for p in sample.pairs] if sample is not None and n_syn else []
+        self._last_mix = _MixRecord(n_in=n, n_total=mixed.x.shape[0], n_real=mixed.n_real, synthetic_pairs=pairs)
+        self._counters["synthetic_used"] += n_syn
+        self._counters["engine_seconds"] += time.perf_counter() - t0
+        return mixed
+
+    def refresh(self) -> list[PairScore]:
+        """Re-mine confusion now and (with a generator) request negatives for the top pairs."""
+        if self.bank is None or len(self.bank) < 2:
+            return []
+        self.confusion.refresh(self.bank, step=self.step)
+        self._counters["refreshes"] += 1
+        self._pairs = self.confusion.top_pairs(self.config.top_pairs, self.config.min_pair_score)
+        self._pair_weights = pair_weights(self._pairs)
+        for p in self._pairs:
+            self.curriculum.record(p.pair, self.step, self.curriculum.ratio(p.pair, self.step))
+        if self.worker is not None and self._pairs:
+            self._request_generation(self._pairs)
+        return list(self._pairs)
+
+    def confusions(self, n: Optional[int] = None) -> list[PairScore]:
+        """The currently most confused directed pairs (A pulled towards B) with source ids."""
+        return self.confusion.top_pairs(n or self.config.top_pairs, self.config.min_pair_score)
+
+    def collect(self) -> int:
+        """Move finished images from the worker into the buffer (non-blocking); returns how many."""
+        if self.worker is None:
+            return 0
+        added = 0
+        for result in self.worker.poll():
+            if result.request_id in self._ada_requests:
+                result = self._select_ada(result, self._ada_requests.pop(result.request_id))
+            n = self.buffer.add(result, step=self.step)
+            added += n
+            self._counters["images_received"] += len(result.images)
+            self._counters["images_rejected"] += len(result.images) - n
+        return added
+
+    @torch.no_grad()
+    def embed(self, images: Tensor, batch_size: int = 256) -> Tensor:
+        """Embeddings of ``images`` from the model (eval mode, no grad), on the CPU."""
+        if self.model is None:
+            raise HardNegError("embed() needs the model: construct HardNeg(config, model=...)")
+        was_training = self.model.training
+        device = _module_device(self.model)
+        self.model.eval()
+        self._capture_always = True
+        out = []
+        try:
+            for start in range(0, images.shape[0], batch_size):
+                self._captured_embeddings = None
+                self.model(images[start : start + batch_size].to(device))
+                if self._captured_embeddings is None:
+                    raise HardNegError("the model's forward did not reach the embedding hook")
+                out.append(self._captured_embeddings.float().cpu())
+        finally:
+            self._capture_always = False
+            self._captured_embeddings = self._captured_logits = None
+            self.model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, self.bank.dim if self.bank else 0)
+
+    def refresh_bank(self, dataset: Any = None, batch_size: int = 256, progress: bool = False) -> None:
+        """Re-embed every sample of ``dataset`` (default: the engine's) with the current model.
+
+        Embeddings in the bank age as the model trains; a whole-bank refresh (e.g. once per
+        epoch) brings every sample to the current model at the cost of one inference pass.
+        """
+        data = dataset if dataset is not None else self.dataset
+        if data is None:
+            raise HardNegError("refresh_bank() needs a dataset")
+        n = len(data)
+        iterator: Iterable[int] = range(0, n, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc="refresh bank", unit="batch")
+        for start in iterator:
+            idx = list(range(start, min(start + batch_size, n)))
+            images = torch.stack([_item_image(data[i]) for i in idx])
+            labels = torch.as_tensor([int(_item_label(data[i])) for i in idx])
+            emb = self.embed(images, batch_size=batch_size)
+            if self.bank is None:
+                self.bank = self._make_bank(emb.shape[1])
+            self.bank.upsert(torch.as_tensor(idx), emb, labels, step=self.step)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for logs and plots: engine time share, synthetic use, worker and buffer state."""
+        c = dict(self._counters)
+        wall = (time.perf_counter() - self._wall_start) if self._wall_start else 0.0
+        c["wall_seconds"] = wall
+        c["engine_fraction"] = c["engine_seconds"] / wall if wall > 0 else 0.0
+        c["synthetic_accuracy"] = c["synthetic_correct"] / c["synthetic_feedback"] if c["synthetic_feedback"] else None
+        c["step"] = self.step
+        c["bank_size"] = len(self.bank) if self.bank is not None else 0
+        c["buffer"] = self.buffer.stats()
+        c["worker"] = self.worker.stats() if self.worker is not None else None
+        ratios = [self.curriculum.ratio(p.pair, self.step) for p in self._pairs]
+        c["mean_r"] = float(np.mean(ratios)) if ratios else None
+        c["pair_r"] = {f"{p.a}->{p.b}": r for p, r in zip(self._pairs, ratios)}
+        return c
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the loop needs to continue after a restart (not the pending worker queue)."""
+        return {
+            "format": STATE_FORMAT,
+            "config": self.config.to_dict(),
+            "class_names": list(self.class_names),
+            "step": self.step,
+            "bank": self.bank.state_dict() if self.bank is not None else None,
+            "confusion": self.confusion.state_dict(),
+            "curriculum": self.curriculum.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "pairs": [[p.a, p.b, p.score, list(p.source_ids)] for p in self._pairs],
+            "source_cursor": {f"{a},{b}": v for (a, b), v in self._source_cursor.items()},
+            "next_request_id": self._next_request_id,
+            "counters": dict(self._counters),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; the config's class count must match."""
+        if state.get("format") != STATE_FORMAT:
+            raise HardNegError(f"unknown HardNeg state format {state.get('format')!r} (expected {STATE_FORMAT})")
+        saved = HardNegConfig.from_dict(state["config"])
+        if saved.num_classes != self.config.num_classes:
+            raise HardNegError(
+                f"state was saved with num_classes={saved.num_classes}, this engine has {self.config.num_classes}"
+            )
+        self.step = int(state["step"])
+        if state["bank"] is not None:
+            self.bank = EmbeddingBank.from_state_dict(state["bank"], use_gpu=self.config.use_gpu_index)
+        else:
+            self.bank = None
+        self.confusion.load_state_dict(state["confusion"])
+        self.curriculum.load_state_dict(state["curriculum"])
+        self.buffer.load_state_dict(state["buffer"])
+        self._pairs = [PairScore(int(a), int(b), float(s), list(src)) for a, b, s, src in state["pairs"]]
+        self._pair_weights = pair_weights(self._pairs)
+        self._source_cursor = {tuple(int(v) for v in k.split(",")): int(v) for k, v in state["source_cursor"].items()}
+        self._next_request_id = int(state["next_request_id"])
+        self._counters.update(state["counters"])
+        self._last_mix = None
+
+    def save(self, path: str) -> None:
+        """Write :meth:`state_dict` to ``path`` with ``torch.save``."""
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: str) -> None:
+        """Read a file written by :meth:`save` into this engine."""
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker and remove the hooks. Safe to call twice."""
+        if self.worker is not None:
+            self.worker.close(timeout=timeout)
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def __enter__(self) -> "HardNeg":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ================================================================== internals
+    def _make_bank(self, dim: int) -> EmbeddingBank:
+        c = self.config
+        if c.embedding_dim is not None and dim != c.embedding_dim:
+            raise HardNegError(f"embeddings have dimension {dim}, config.embedding_dim is {c.embedding_dim}")
+        return EmbeddingBank(dim, c.num_classes, c.metric, c.index, c.ivf_threshold, c.nprobe, c.use_gpu_index)
+
+    def _generator_factory(self, generator: GeneratorLike) -> Optional[Callable[[], Generator]]:
+        if generator is None:
+            if self.config.generator is None:
+                return None
+            from hardneg.generators import load_generator
+
+            return functools.partial(load_generator, self.config.generator, self.config.generator_path)
+        if hasattr(generator, "generate"):
+            return functools.partial(copy.deepcopy, generator)
+        if callable(generator):
+            return generator
+        raise HardNegError(f"generator must be a Generator, a factory or None, got {type(generator).__name__}")
+
+    def _validate_observation(
+        self, emb: Tensor, labels: Any, logits: Optional[Tensor], ids: Any
+    ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+        k = self.config.num_classes
+        if not isinstance(emb, Tensor) or emb.ndim != 2:
+            raise HardNegError(f"embeddings must be a (N, D) tensor, got {getattr(emb, 'shape', type(emb))}")
+        if not emb.is_floating_point():
+            raise HardNegError(f"embeddings must be floating point, got dtype {emb.dtype}")
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point() or labels.ndim != 1 or labels.shape[0] != emb.shape[0]:
+            raise HardNegError(f"labels must be integer (N,) with N={emb.shape[0]}, got {labels.dtype} {tuple(labels.shape)}")
+        labels = labels.detach().cpu().long()
+        if labels.numel() and (labels.min() < 0 or labels.max() >= k):
+            raise HardNegError(f"labels must lie in [0, {k}), got min {int(labels.min())} max {int(labels.max())}")
+        emb = emb.detach()
+        if not torch.isfinite(emb).all():
+            raise HardNegError(
+                "embeddings contain NaN/inf (the model has probably diverged); nothing was recorded for this step"
+            )
+        if logits is not None:
+            logits = logits.detach()
+            if logits.ndim != 2 or logits.shape != (emb.shape[0], k):
+                raise HardNegError(f"logits must have shape ({emb.shape[0]}, {k}), got {tuple(logits.shape)}")
+            if not torch.isfinite(logits).all():
+                raise HardNegError("logits contain NaN/inf; nothing was recorded for this step")
+        ids_t = torch.as_tensor(ids).detach().cpu()
+        if ids_t.is_floating_point() or ids_t.ndim != 1:
+            raise HardNegError(f"ids must be an integer (N,) tensor of sample ids, got {ids_t.dtype} {tuple(ids_t.shape)}")
+        return emb, labels, logits, ids_t.long()
+
+    def _split_real_synthetic(self, n_rows: int, n_ids: int) -> tuple[int, list[tuple[int, int]]]:
+        """How many leading rows are real, and the pairs of the synthetic rows after them."""
+        m = self._last_mix
+        if m is not None and n_rows == m.n_total:
+            if n_ids not in (m.n_in, m.n_real, m.n_total):
+                raise HardNegError(
+                    f"got {n_ids} ids for a mixed batch of {m.n_total} rows ({m.n_real} real): pass the ids of "
+                    "the batch you gave to mix()"
+                )
+            return m.n_real, m.synthetic_pairs
+        if n_ids != n_rows:
+            raise HardNegError(f"got {n_ids} ids for {n_rows} embeddings")
+        return n_rows, []
+
+    def _curriculum_feedback(self, logits: Tensor, targets: Tensor, pairs: list[tuple[int, int]]) -> None:
+        correct = (logits.argmax(1).cpu() == targets.cpu()).tolist()
+        per_pair: dict[tuple[int, int], list[int]] = {}
+        for pair, ok in zip(pairs, correct):
+            per_pair.setdefault(pair, []).append(int(ok))
+        for pair, oks in per_pair.items():
+            self.curriculum.feedback(pair, sum(oks), len(oks), self.step)
+        self._counters["synthetic_feedback"] += len(correct)
+        self._counters["synthetic_correct"] += sum(correct)
+
+    def _request_generation(self, pairs: list[PairScore]) -> None:
+        cfg = self.config
+        scores = np.array([max(p.score, 0.0) for p in pairs], dtype=np.float64)
+        counts = _allocate(cfg.images_per_refresh, scores)
+        grid = tuple(cfg.ada_grid) if self.curriculum.uses_ada else None
+        for p, n in zip(pairs, counts):
+            if n == 0 or not p.source_ids:
+                continue
+            start = self._source_cursor.get(p.pair, 0)
+            chosen = [p.source_ids[(start + i) % len(p.source_ids)] for i in range(n)]
+            self._source_cursor[p.pair] = (start + n) % len(p.source_ids)
+            r = float(self.curriculum.ratio(p.pair, self.step))
+            per_request = cfg.generation_batch if grid is None else max(1, cfg.generation_batch // len(grid))
+            for c0 in range(0, n, per_request):
+                ids = chosen[c0 : c0 + per_request]
+                sources = torch.stack([_item_image(self.dataset[i]).float().cpu() for i in ids])
+                m = len(ids)
+                ratios = torch.full((m,), r, dtype=torch.float32)
+                src_ids = torch.as_tensor(ids, dtype=torch.long)
+                if grid is not None:  # GeNIe-Ada: every source at every grid r, chosen on return
+                    sources = sources.repeat_interleave(len(grid), 0)
+                    src_ids = src_ids.repeat_interleave(len(grid))
+                    ratios = torch.tensor(grid, dtype=torch.float32).repeat(m)
+                    m = m * len(grid)
+                req = GenerationRequest(
+                    request_id=self._next_request_id, pair=p.pair, source_ids=src_ids, sources=sources,
+                    source_labels=torch.full((m,), p.a, dtype=torch.long),
+                    target_labels=torch.full((m,), p.b, dtype=torch.long), ratios=ratios, step=self.step,
+                    seed=cfg.seed * 1_000_003 + self._next_request_id,
+                )
+                if grid is not None:
+                    self._ada_requests[req.request_id] = grid
+                self._next_request_id += 1
+                self._counters["requests_made"] += 1
+                self.worker.submit(req)
+
+    def _select_ada(self, result: GenerationResult, grid: tuple[float, ...]) -> GenerationResult:
+        """Keep, per source, the image at the r right after the largest semantic jump (GeNIe-Ada)."""
+        from hardneg.generators.ada import choose_ratio
+
+        g = len(grid)
+        images = result.images
+        n = images.shape[0] // g
+        a, b = result.pair
+        emb = torch.nn.functional.normalize(self.embed(images), dim=1)
+        target_mean = torch.as_tensor(self.bank.class_means()[b])
+        src_emb = emb.new_tensor(self.bank.get(result.source_ids[::g])[0]) if self.bank is not None else None
+        v = target_mean.unsqueeze(0) - src_emb  # (n, D)
+        proj = (emb.view(n, g, -1) * v.unsqueeze(1)).sum(-1)
+        chosen_r = choose_ratio(proj, grid)
+        pick = torch.tensor([i * g + grid.index(float(r)) for i, r in enumerate(chosen_r.tolist())])
+        for r in chosen_r.tolist():
+            self.curriculum.record_choice((a, b), float(r), self.step)
+        return result.select(pick)
+
+    def _install_hooks(self, model: nn.Module, embedding_layer: Optional[str]) -> None:
+        def keep(tensor: Tensor) -> None:
+            if model.training or self._capture_always:
+                self._captured_embeddings = tensor.detach().flatten(1)
+
+        if embedding_layer is not None:
+            try:
+                layer = model.get_submodule(embedding_layer)
+            except AttributeError as exc:
+                raise HardNegError(f"model has no submodule {embedding_layer!r}") from exc
+            self._hooks.append(layer.register_forward_hook(lambda m, i, o: keep(o)))
+        else:
+            head = None
+            if hasattr(model, "get_classifier") and hasattr(model, "forward_head"):
+                head = model.get_classifier()  # timm: its input is forward_head(pre_logits=True)
+            if not isinstance(head, nn.Module):
+                linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+                head = linears[-1] if linears else None
+            if head is None:
+                raise HardNegError("cannot find the embedding: pass embedding_layer='name.of.layer'")
+            self._hooks.append(head.register_forward_pre_hook(lambda m, inputs: keep(inputs[0])))
+
+        def keep_logits(m: nn.Module, i: Any, out: Any) -> None:
+            logits = getattr(out, "logits", out)
+            if (model.training or self._capture_always) and isinstance(logits, Tensor) and logits.ndim == 2 \
+                    and logits.shape[1] == self.config.num_classes:
+                self._captured_logits = logits.detach()
+
+        self._hooks.append(model.register_forward_hook(keep_logits))
+
+
+# ---------------------------------------------------------------------- helpers
+def _allocate(total: int, scores: np.ndarray) -> list[int]:
+    """Split ``total`` into integer counts proportional to ``scores`` (largest remainder)."""
+    if scores.sum() <= 0:
+        scores = np.ones_like(scores)
+    raw = total * scores / scores.sum()
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts))[: total - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+def _item_image(item: Any) -> Tensor:
+    if isinstance(item, dict):
+        for key in ("image", "pixel_values", "x", "input"):
+            if key in item:
+                return torch.as_tensor(item[key])
+        raise HardNegError(f"dataset item dict has no image key (tried image/pixel_values/x/input): {list(item)}")
+    if isinstance(item, (tuple, list)):
+        return torch.as_tensor(item[0])
+    return torch.as_tensor(item)
+
+
+def _item_label(item: Any) -> int:
+    if isinstance(item, dict):
+        for key in ("label", "labels", "y", "target"):
+            if key in item:
+                return int(item[key])
+        raise HardNegError(f"dataset item dict has no label key: {list(item)}")
+    return int(item[1])
+
+
+def _module_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

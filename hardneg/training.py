@@ -1,0 +1,211 @@
+"""A plain reference training loop with the two hardneg lines in it.
+
+The demo, the benchmarks and the examples share it so that every comparison trains the same
+way. It is also the shortest answer to "where do the calls go?"::
+
+    x, y, w = engine.mix(x, y)                      # before forward
+    logits = model(x)
+    loss = (w * cross_entropy(logits, y, reduction="none")).mean()
+    ...
+    engine.observe(labels=y, logits=logits, ids=idx)  # after forward (hook captured embeddings)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from hardneg.data import ImageDataset
+
+BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class EpochMetrics:
+    """What one epoch of :func:`train` measured."""
+
+    epoch: int
+    loss: float
+    test_accuracy: float
+    pair_accuracy: Optional[float]  # test accuracy on the classes of the top confused pairs
+    tail_accuracy: Optional[float]  # test accuracy on the rarest half of the training classes
+    top_pairs: list[list[Any]] = field(default_factory=list)  # [a, b, score]
+    synthetic_used: int = 0
+    mean_r: Optional[float] = None
+    worker_images_per_s: Optional[float] = None
+    engine_fraction: Optional[float] = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def set_seed(seed: int) -> torch.Generator:
+    """Seed python-level RNGs used here and return a torch Generator for the data order."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    return torch.Generator().manual_seed(seed)
+
+
+def make_classifier(name: str = "resnet18", num_classes: int = 10, in_chans: int = 1, **kwargs: Any) -> nn.Module:
+    """A timm model built from its config (never downloads weights)."""
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: ImageDataset, batch_size: int = 256, device: str = "cpu") -> Tensor:
+    """Predicted classes for every sample of ``data`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    preds = []
+    for start in range(0, len(data), batch_size):
+        x = data.images[start : start + batch_size].to(device)
+        out = model(x)
+        preds.append(getattr(out, "logits", out).argmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def class_accuracy(preds: Tensor, labels: Tensor, classes: Sequence[int]) -> Optional[float]:
+    """Accuracy over the samples whose true label is in ``classes`` (None if there are none)."""
+    mask = torch.isin(labels, torch.as_tensor(list(classes), dtype=labels.dtype))
+    if not mask.any():
+        return None
+    return float((preds[mask] == labels[mask]).float().mean())
+
+
+def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Per-sample cross entropy for hard (N,) or soft (N, K) targets."""
+    if target.ndim == 1:
+        return F.cross_entropy(logits, target, reduction="none")
+    return -(target * F.log_softmax(logits, dim=1)).sum(1)
+
+
+def train(
+    model: nn.Module,
+    train_data: ImageDataset,
+    test_data: ImageDataset,
+    engine: Any = None,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: str = "cpu",
+    batch_transform: Optional[BatchTransform] = None,
+    max_steps: Optional[int] = None,
+    progress: bool = True,
+    on_epoch: Optional[Callable[[EpochMetrics], None]] = None,
+    extra_data: Optional[ImageDataset] = None,
+) -> list[EpochMetrics]:
+    """Train ``model`` with AdamW + cosine decay, optionally with a :class:`hardneg.HardNeg` engine.
+
+    Args:
+        engine: a HardNeg engine (``mix`` before, ``observe`` after each forward) or None.
+        batch_transform: a batch augmentation ``(x, y) -> (x, y or soft y)`` (e.g. mixup) for
+            baselines; not combined with an engine.
+        max_steps: stop after this many optimiser steps (equal-step comparisons).
+        extra_data: a fixed synthetic set mixed into the training set (offline baselines); its
+            samples get ids after the real ones and are not observed by an engine.
+        on_epoch: called with each epoch's metrics (the demo prints them).
+    """
+    from tqdm.auto import tqdm
+
+    generator = set_seed(seed)
+    model.to(device).train()
+    dataset: Any = train_data
+    if extra_data is not None:
+        dataset = torch.utils.data.ConcatDataset([train_data, _offset_ids(extra_data, len(train_data))])
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
+    total = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 1), pct_start=0.15)
+    counts = torch.bincount(train_data.labels, minlength=train_data.num_classes)
+    tail = torch.argsort(counts)[: max(1, train_data.num_classes // 2)].tolist()
+    balanced = bool(counts.max() <= 1.5 * counts.clamp(min=1).min())
+    history: list[EpochMetrics] = []
+    step = 0
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            losses = []
+            for x, y, idx in loader:
+                if step >= total:
+                    break
+                x, y = x.to(device), y.to(device)
+                if batch_transform is not None:
+                    x, y = batch_transform(x, y)
+                w = torch.ones(x.shape[0], device=device)
+                if engine is not None:
+                    x, y, w = engine.mix(x, y)
+                out = model(x)
+                logits = getattr(out, "logits", out)
+                loss = (w * soft_cross_entropy(logits, y)).sum() / w.sum().clamp(min=1e-8)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {step}; stopping before it spreads")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if engine is not None:
+                    real = idx < len(train_data)
+                    if not bool(real.all()):
+                        raise ValueError("extra_data batches cannot be observed by an engine")
+                    engine.observe(labels=y, logits=logits.detach(), ids=idx)
+                losses.append(loss.item())
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch)
+            metrics = _epoch_metrics(model, test_data, engine, epoch, losses, tail if not balanced else None, device)
+            metrics.seconds = time.perf_counter() - t0
+            history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(metrics)
+            if step >= total:
+                break
+    finally:
+        bar.close()
+    return history
+
+
+def _epoch_metrics(
+    model: nn.Module, test_data: ImageDataset, engine: Any, epoch: int, losses: list[float],
+    tail: Optional[list[int]], device: str,
+) -> EpochMetrics:
+    preds = predict(model, test_data, device=device)
+    acc = float((preds == test_data.labels).float().mean())
+    m = EpochMetrics(epoch=epoch, loss=float(np.mean(losses)) if losses else float("nan"), test_accuracy=acc,
+                     pair_accuracy=None, tail_accuracy=class_accuracy(preds, test_data.labels, tail) if tail else None)
+    if engine is not None:
+        pairs = engine.confusions()
+        m.top_pairs = [[p.a, p.b, round(p.score, 4)] for p in pairs]
+        if pairs:
+            m.pair_accuracy = class_accuracy(preds, test_data.labels, sorted({c for p in pairs for c in p.pair}))
+        s = engine.stats()
+        m.synthetic_used = int(s["synthetic_used"])
+        m.mean_r = s["mean_r"]
+        m.engine_fraction = s["engine_fraction"]
+        if s.get("worker"):
+            m.worker_images_per_s = s["worker"].get("images_per_s")
+    return m
+
+
+def _offset_ids(data: ImageDataset, offset: int) -> torch.utils.data.Dataset:
+    class _Offset(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(data)
+
+        def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
+            x, y, _ = data[i]
+            return x, y, i + offset
+
+    return _Offset()

@@ -1,0 +1,251 @@
+"""HardNeg engine: observation, capture hooks, the online loop wiring, failures, state, shutdown."""
+
+import multiprocessing
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hardneg import HardNeg, HardNegConfig
+from hardneg.data import from_tensors
+from hardneg.plugin import HardNegError
+
+from _engine_generators import BlendGenerator, make_slow_blend_generator
+
+
+def _toy_data(n_per_class=24, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(k).repeat_interleave(n_per_class)
+    x = torch.rand(len(y), 1, 8, 8, generator=g) * 0.3
+    for c in range(k):
+        x[y == c, :, c : c + 2, :] += 0.7
+    return from_tensors(x.clamp(0, 1), y)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, k=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.head = nn.Linear(16, k)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _cfg(**kw):
+    base = dict(num_classes=4, refresh_every=2, top_pairs=3, knn_k=4, sources_per_pair=6, images_per_refresh=12,
+                generation_batch=6, buffer_size=64, synthetic_fraction=0.25, curriculum="adaptive",
+                adaptive_min_samples=2, total_steps=50, seed=0)
+    base.update(kw)
+    return HardNegConfig(**base)
+
+
+def _run_loop(engine, model, data, steps, batch_size=16, seed=0, check_batch=None):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=g)
+    done = 0
+    while done < steps:
+        for x, y, idx in loader:
+            x, y, w = engine.mix(x, y)
+            if check_batch:
+                check_batch(x, y, w)
+            logits = model(x)
+            loss = (w * nn.functional.cross_entropy(logits, y, reduction="none")).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            engine.observe(labels=y, logits=logits, ids=idx)
+            done += 1
+            if done >= steps:
+                break
+    return done
+
+
+def test_state_dict_round_trips_exactly():
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = TinyNet()
+    engine = HardNeg(_cfg(), model=model)
+    _run_loop(engine, model, data, steps=7)
+    state = engine.state_dict()
+    other = HardNeg(_cfg())
+    other.load_state_dict(state)
+    assert other.step == engine.step == 7
+    assert np.array_equal(other.confusion.matrix(), engine.confusion.matrix())
+    a, b = engine.bank.snapshot(), other.bank.snapshot()
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert [p.pair for p in other.confusions()] == [p.pair for p in engine.confusions()]
+    again = other.state_dict()
+    assert again["step"] == state["step"] and torch.equal(again["bank"]["vectors"], state["bank"]["vectors"])
+
+
+def test_timm_capture_equals_forward_head_pre_logits():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet10t", num_classes=4, in_chans=1, pretrained=False)
+    engine = HardNeg(_cfg(), model=model)
+    x = torch.rand(6, 1, 32, 32)
+    model.train()
+    logits = model(x)
+    captured = engine._captured_embeddings
+    model.eval()
+    with torch.no_grad():
+        ref = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert captured.shape == (6, model.num_features)
+    model.train()
+    engine.observe(labels=torch.tensor([0, 1, 2, 3, 0, 1]), logits=logits, ids=torch.arange(6))
+    assert len(engine.bank) == 6 and engine.bank.dim == model.num_features
+    torch.testing.assert_close(engine.embed(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_named_layer_capture_and_eval_forward_is_ignored():
+    model = TinyNet()
+    engine = HardNeg(_cfg(), model=model, embedding_layer="body")
+    model.eval()
+    model(torch.rand(3, 1, 8, 8))
+    assert engine._captured_embeddings is None  # eval passes (validation) never pollute the bank
+    model.train()
+    model(torch.rand(3, 1, 8, 8))
+    assert engine._captured_embeddings.shape == (3, 16)
+    with pytest.raises(HardNegError, match="no submodule"):
+        HardNeg(_cfg(), model=model, embedding_layer="nope")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(embeddings=torch.tensor([[float("nan"), 1.0]] * 2), labels=torch.tensor([0, 1]), ids=[0, 1]), "NaN"),
+        (dict(embeddings=torch.ones(2, 2), labels=torch.tensor([0, 4]), ids=[0, 1]), "labels must lie"),
+        (dict(embeddings=torch.ones(2, 2), labels=torch.tensor([0, 1])), "ids"),
+        (dict(embeddings=torch.ones(2, 2), labels=torch.tensor([0, 1]), ids=[0, 1, 2]), "ids"),
+        (dict(embeddings=torch.ones(2, 2, dtype=torch.long), labels=torch.tensor([0, 1]), ids=[0, 1]), "floating"),
+        (dict(embeddings=torch.ones(2, 2), labels=torch.tensor([0, 1]), logits=torch.ones(2, 3), ids=[0, 1]), "logits"),
+    ],
+)
+def test_bad_observations_raise_and_record_nothing(kwargs, match):
+    engine = HardNeg(_cfg())
+    engine.observe(torch.ones(2, 2), torch.tensor([2, 3]), ids=[10, 11])
+    with pytest.raises(HardNegError, match=match):
+        engine.observe(**kwargs)
+    assert engine.step == 1 and len(engine.bank) == 2
+
+
+def test_mix_is_identity_without_generated_samples():
+    engine = HardNeg(_cfg())
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    x2, y2, w = engine.mix(x, y)
+    assert x2 is x and y2 is y and torch.equal(w, torch.ones(8))
+
+
+def test_generation_requires_a_dataset():
+    with pytest.raises(HardNegError, match="dataset"):
+        HardNeg(_cfg(), generator=BlendGenerator())
+
+
+def _wait_for_buffer(engine, n=1, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        engine.collect()
+        if len(engine.buffer) >= n:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_online_loop_feeds_targeted_negatives_into_batches():
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = TinyNet()
+    gen = BlendGenerator()
+    seen = []
+
+    def check(x, y, w):
+        seen.append((x.shape[0], torch.isfinite(x).all().item()))
+
+    with HardNeg(_cfg(), model=model, dataset=data, generator=gen) as engine:
+        _run_loop(engine, model, data, steps=4)
+        pairs = engine.confusions()
+        assert pairs, "no confused pairs after refreshes"
+        assert _wait_for_buffer(engine)
+        _run_loop(engine, model, data, steps=6, check_batch=check)
+        s = engine.stats()
+    assert gen.calls == 0, "the worker must use its own copy of the generator"
+    assert s["synthetic_used"] > 0 and s["requests_made"] > 0
+    assert any(n > 16 for n, _ in seen) and all(ok for _, ok in seen)  # appended synthetic rows
+    assert s["synthetic_feedback"] > 0  # synthetic rows were recognised in observe
+    stored_pairs = set(engine.buffer.stats()["pairs"])
+    mined = {f"{p.a}->{p.b}" for p in pairs} | {(p.a, p.b) for p in pairs} | {str((p.a, p.b)) for p in pairs}
+    assert stored_pairs & mined, (stored_pairs, mined)
+    assert len(engine.bank) == len(data)  # synthetic rows never enter the bank
+
+
+def test_slow_generator_never_blocks_the_step():
+    """Counts, not clocks: many steps finish while a slow generator has produced few images."""
+    data = _toy_data()
+    model = TinyNet()
+    gen = BlendGenerator(delay=0.5)
+    with HardNeg(_cfg(refresh_every=1), model=model, dataset=data, generator=gen) as engine:
+        steps = _run_loop(engine, model, data, steps=30)
+        produced = engine.stats()["worker"]["images_produced"]
+    assert steps == 30
+    requested = engine.stats()["requests_made"] * 6
+    assert produced < requested / 2, (produced, requested)
+
+
+@pytest.mark.parametrize("gen", [BlendGenerator(fail_every=3), BlendGenerator(nan=True)], ids=["raises", "nan"])
+def test_failing_generators_are_isolated(gen):
+    data = _toy_data()
+    model = TinyNet()
+    batches = []
+    cfg = _cfg(refresh_every=1, max_restarts=2)
+    with HardNeg(cfg, model=model, dataset=data, generator=gen) as engine:
+        _run_loop(engine, model, data, steps=12, check_batch=lambda x, y, w: batches.append(x))
+        deadline = time.monotonic() + 10
+        while engine.stats()["worker"]["failures"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            engine.collect()
+        _run_loop(engine, model, data, steps=4, check_batch=lambda x, y, w: batches.append(x))
+        s = engine.stats()
+    assert s["worker"]["failures"] >= 1
+    assert all(torch.isfinite(x).all() for x in batches)
+    stored = engine.buffer.state_dict()["images"]
+    assert stored is None or bool(torch.isfinite(stored).all())
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_close_leaves_no_worker_thread_or_child_process(backend):
+    data = _toy_data()
+    before = set(threading.enumerate())
+    engine = HardNeg(_cfg(worker_backend=backend), dataset=data, generator=make_slow_blend_generator)
+    engine.observe(torch.rand(4, 3), torch.tensor([0, 1, 2, 3]), ids=[0, 1, 2, 3])
+    engine.observe(torch.rand(4, 3), torch.tensor([0, 1, 2, 3]), ids=[4, 5, 6, 7])
+    engine.close(timeout=10)
+    engine.close()  # twice is fine
+    time.sleep(0.1)
+    assert multiprocessing.active_children() == []
+    # multiprocessing's resource_sharer ("_serve") is a process-global fd server, not ours
+    leftover = [t for t in threading.enumerate() if t not in before and t.is_alive() and "_serve" not in t.name]
+    assert leftover == []
+
+
+def test_resumed_run_continues_where_it_stopped(tmp_path):
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = TinyNet()
+    with HardNeg(_cfg(), model=model, dataset=data, generator=BlendGenerator()) as engine:
+        _run_loop(engine, model, data, steps=4)
+        assert _wait_for_buffer(engine, n=4)
+        _run_loop(engine, model, data, steps=4)
+        engine.save(str(tmp_path / "engine.pt"))
+        state = engine.state_dict()
+    with HardNeg(_cfg(), model=model, dataset=data, generator=BlendGenerator()) as resumed:
+        resumed.load(str(tmp_path / "engine.pt"))
+        assert resumed.step == 8 and len(resumed.buffer) == len(engine.buffer)
+        assert resumed.curriculum.state_dict() == state["curriculum"] or resumed.curriculum.history == engine.curriculum.history
+        x, y, w = resumed.mix(torch.rand(16, 1, 8, 8), torch.randint(0, 4, (16,)))
+        assert x.shape[0] == 20  # the buffer came back: synthetic rows available at once
+        _run_loop(resumed, model, data, steps=2)
+        assert resumed.step == 10
