@@ -25,6 +25,7 @@ pipeline's ``__call__`` (the only place it runs) is never used.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
@@ -98,6 +99,15 @@ def _resolve_dtype(dtype: DType, device: Union[str, torch.device]) -> torch.dtyp
     return _DTYPES[key]
 
 
+def _dtype_kwarg() -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` where diffusers has it, else ``torch_dtype``."""
+    try:
+        utils = importlib.import_module("diffusers.utils.deprecation_utils")
+    except ImportError:  # pragma: no cover - older diffusers
+        return "torch_dtype"
+    return "dtype" if hasattr(utils, "_resolve_dtype") else "torch_dtype"
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -145,9 +155,13 @@ class StableDiffusionGenerator:
             if getattr(pipeline, part, None) is None:
                 raise ValueError(f"the pipeline has no {part!r}: a latent text-to-image pipeline is needed")
         if not callable(getattr(pipeline, "encode_prompt", None)):
-            raise ValueError(f"{type(pipeline).__name__} has no encode_prompt(): a text-to-image pipeline is needed")
+            raise ValueError(
+                f"{type(pipeline).__name__} has no encode_prompt(): a text-to-image pipeline is needed"
+            )
         if getattr(pipeline.unet.config, "time_cond_proj_dim", None) is not None:
-            raise ValueError("UNets with a guidance embedding (LCM-distilled, time_cond_proj_dim) are not supported")
+            raise ValueError(
+                "UNets with a guidance embedding (LCM-distilled, time_cond_proj_dim) are not supported"
+            )
 
         self.class_names: list[str] = self._check_class_names(class_names)
         self.num_classes: int = len(self.class_names)
@@ -157,9 +171,12 @@ class StableDiffusionGenerator:
             guidance_scale >= 0 and math.isfinite(guidance_scale)
         ):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        steps = num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+        if max_batch_size is not None and (
+            isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1
+        ):
             raise ValueError(f"max_batch_size must be None or an integer >= 1, got {max_batch_size!r}")
         lo, hi = (float(v) for v in value_range)
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
@@ -185,10 +202,12 @@ class StableDiffusionGenerator:
             if scheduler not in SCHEDULERS:
                 raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)} or None, got {scheduler!r}")
             cls_name, overrides = SCHEDULERS[scheduler]
-            self._scheduler_template = getattr(diffusers, cls_name).from_config(pipeline.scheduler.config, **overrides)
+            scheduler_cls = getattr(diffusers, cls_name)
+            self._scheduler_template = scheduler_cls.from_config(pipeline.scheduler.config, **overrides)
         if getattr(self._scheduler_template, "order", 1) != 1:
+            name = type(self._scheduler_template).__name__
             raise ValueError(
-                f"{type(self._scheduler_template).__name__} is a second-order scheduler whose timesteps repeat; "
+                f"{name} is a second-order scheduler (its timesteps repeat, so r cannot cut them); "
                 f"use one of {sorted(SCHEDULERS)}"
             )
         self.num_train_timesteps = int(self._scheduler_template.config.num_train_timesteps)
@@ -248,7 +267,7 @@ class StableDiffusionGenerator:
             ) from exc
         pipeline_cls = getattr(diffusers, str(index.get("_class_name", "")), None)
         init_params = inspect.signature(pipeline_cls.__init__).parameters if pipeline_cls is not None else {}
-        kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+        kwargs: dict[str, Any] = {_dtype_kwarg(): torch_dtype}
         if "safety_checker" in init_params:
             kwargs["safety_checker"] = None  # never run: hardneg does not call the pipeline
             if "requires_safety_checker" in init_params:
@@ -313,9 +332,10 @@ class StableDiffusionGenerator:
         unet, vae = self.pipeline.unet, self.pipeline.vae
         with torch.no_grad():
             pixels = self._to_model_space(sources)
-            latents0 = self._encode(pixels).to(unet.dtype)
+            latents0 = self._chunked(self._encode, pixels).to(unet.dtype)
             # Drawn once for the whole batch in input order (CPU generator: same on any device).
-            noise = torch.randn(latents0.shape, generator=gen, dtype=torch.float32).to(self.device, unet.dtype)
+            noise = torch.randn(latents0.shape, generator=gen, dtype=torch.float32)
+            noise = noise.to(self.device, unet.dtype)
             cond = self._encode_prompts(targets)
             out = torch.empty_like(latents0)
             for value, plan in sorted(plans.items()):
@@ -323,13 +343,20 @@ class StableDiffusionGenerator:
                 step = self.max_batch_size or len(idx)
                 for chunk in idx.split(step):
                     sel = chunk.to(self.device)
-                    out[sel] = self._denoise(latents0[sel], noise[sel], {k: v[sel] for k, v in cond.items()}, plan, value, gen)
-            decoded = self._decode(out.to(vae.dtype)).float()
+                    part = {k: v[sel] for k, v in cond.items()}
+                    out[sel] = self._denoise(latents0[sel], noise[sel], part, plan, value, gen)
+            decoded = self._chunked(self._decode, out.to(vae.dtype)).float()
             check_output(decoded)
             images = self._to_data_space(decoded, channels, height, width)
         return images.to(device=sources.device, dtype=sources.dtype)
 
     __call__ = generate
+
+    def _chunked(self, fn: Any, x: Tensor) -> Tensor:
+        """Apply ``fn`` (VAE encode / decode) in slices of at most ``max_batch_size``."""
+        if self.max_batch_size is None or len(x) <= self.max_batch_size:
+            return fn(x)
+        return torch.cat([fn(part) for part in x.split(self.max_batch_size)])
 
     # --- the GeNIe edit -------------------------------------------------------------------
     def _new_scheduler(self) -> Any:
@@ -357,7 +384,13 @@ class StableDiffusionGenerator:
         return int(kept.nonzero()[0])
 
     def _denoise(
-        self, latents0: Tensor, noise: Tensor, cond: dict[str, Tensor], start: int, r: float, gen: torch.Generator
+        self,
+        latents0: Tensor,
+        noise: Tensor,
+        cond: dict[str, Tensor],
+        start: int,
+        r: float,
+        gen: torch.Generator,
     ) -> Tensor:
         """Noise ``latents0`` to timestep ``start`` of a fresh schedule and denoise from there."""
         unet = self.pipeline.unet
@@ -376,7 +409,8 @@ class StableDiffusionGenerator:
         if self._sdxl:
             pooled = torch.cat([cond["uncond_pooled"], cond["pooled"]]) if do_cfg else cond["pooled"]
             added = {"text_embeds": pooled, "time_ids": self._time_ids(pooled)}
-        step_kwargs = {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        step_kwargs = {"generator": gen} if takes_generator else {}
 
         for t in timesteps:
             model_in = torch.cat([latents, latents]) if do_cfg else latents
@@ -400,7 +434,8 @@ class StableDiffusionGenerator:
         got = unet.config.addition_time_embed_dim * len(ids) + pooled.shape[-1]
         if expected != got:
             raise GeneratorError(
-                f"the UNet expects {expected} added-conditioning features but size/crop conditioning gives {got} "
+                f"the UNet expects {expected} added-conditioning features but size/crop conditioning "
+                f"gives {got} "
                 "(refiner checkpoints with aesthetic-score conditioning are not supported)"
             )
         return torch.tensor([ids], dtype=pooled.dtype, device=pooled.device).repeat(pooled.shape[0], 1)
@@ -503,7 +538,9 @@ class StableDiffusionGenerator:
         try:
             out = [template.format(class_name=name) for name in self.class_names]
         except (KeyError, IndexError) as exc:
-            raise ValueError(f"prompt_template may only use the {{class_name}} field, got {template!r}") from exc
+            raise ValueError(
+                f"prompt_template may only use the {{class_name}} field, got {template!r}"
+            ) from exc
         if prompts is None:
             return out
         if isinstance(prompts, Mapping):
@@ -511,20 +548,24 @@ class StableDiffusionGenerator:
                 if isinstance(key, str):
                     if key not in self.class_names:
                         raise ValueError(
-                            f"prompts has an entry for unknown class {key!r}; known classes: {self.class_names}"
+                            f"prompts has an entry for unknown class {key!r}; "
+                            f"known classes: {self.class_names}"
                         )
                     index = self.class_names.index(key)
                 elif isinstance(key, int) and not isinstance(key, bool) and 0 <= key < self.num_classes:
                     index = key
                 else:
-                    raise ValueError(f"prompts keys must be class names or indices in [0, {self.num_classes}), got {key!r}")
+                    raise ValueError(
+                        f"prompts keys must be class names or indices in [0, {self.num_classes}), got {key!r}"
+                    )
                 if not isinstance(prompt, str):
                     raise ValueError(f"prompt for class {key!r} must be a string, got {prompt!r}")
                 out[index] = prompt
             return out
         if isinstance(prompts, str) or len(prompts) != self.num_classes:
             raise ValueError(
-                f"prompts must be a mapping or a list with one prompt per class ({self.num_classes}), got {prompts!r}"
+                f"prompts must be a mapping or a list with one prompt per class ({self.num_classes}), "
+                f"got {prompts!r}"
             )
         if not all(isinstance(p, str) for p in prompts):
             raise ValueError("every prompt must be a string")
@@ -539,6 +580,7 @@ class StableDiffusionGenerator:
         for v in (h, w):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v % self.vae_scale_factor:
                 raise ValueError(
-                    f"resolution must be positive multiples of the VAE factor {self.vae_scale_factor}, got {resolution!r}"
+                    f"resolution must be positive multiples of the VAE factor {self.vae_scale_factor}, "
+                    f"got {resolution!r}"
                 )
         return h, w
