@@ -273,6 +273,12 @@ class EmbeddingBank:
             n = self._size
             return (self._ids[:n].copy(), self._vectors[:n].copy(), self._labels[:n].copy(), self._steps[:n].copy())
 
+    def ids_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the stored sample ids and their labels (no vectors: cheap)."""
+        with self._lock.read():
+            n = self._size
+            return self._ids[:n].copy(), self._labels[:n].copy()
+
     def get(self, ids: Tensor | np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
         """(vectors, labels) of known ids; unknown ids raise :class:`KeyError`."""
         ids_np = _to_numpy_i64(ids, "ids")

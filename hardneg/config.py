@@ -47,6 +47,8 @@ class HardNegConfig:
     top_pairs: int = 5
     sources_per_pair: int = 16
     min_pair_score: float = 0.0  # pairs scoring at or below this are never targeted
+    refresh_queries: int = 20_000  # cap on bank samples used as kNN queries per refresh
+    targeting: str = "confusion"  # which pairs get generated: see hardneg.targeting
     # --- generation -----------------------------------------------------------------------
     generator: Optional[str] = None  # "class-conditional", "stable-diffusion" or None (mining only)
     generator_path: Optional[str] = None  # weights folder / hub id for the generator
@@ -102,6 +104,9 @@ class HardNegConfig:
         _int_at_least(self, "top_pairs", 1)
         _int_at_least(self, "sources_per_pair", 1)
         _in_range(self, "min_pair_score", 0.0, 1.0)
+        _int_at_least(self, "refresh_queries", 1)
+        if not isinstance(self.targeting, str) or not self.targeting:
+            raise ConfigError(f"targeting must be a policy name (e.g. 'confusion'), got {self.targeting!r}")
         if self.generator is not None and not isinstance(self.generator, str):
             raise ConfigError(f"generator must be a backend name or None, got {self.generator!r}")
         _choice(self, "worker_backend", ("thread", "process"))

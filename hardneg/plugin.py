@@ -32,6 +32,7 @@ from hardneg.confusion import ConfusionGraph, PairScore, pair_weights
 from hardneg.curriculum import make_curriculum
 from hardneg.generators.base import Generator
 from hardneg.mixing import MixedBatch, mix_batch
+from hardneg.targeting import PlannedPair, make_policy
 from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker
 
 logger = logging.getLogger(__name__)
@@ -96,9 +97,11 @@ class HardNeg:
         if config.embedding_dim is not None:
             self.bank = self._make_bank(config.embedding_dim)
         self.confusion = ConfusionGraph(
-            k, config.knn_k, config.confusion_ema, config.logit_weight, config.sources_per_pair, seed=config.seed
+            k, config.knn_k, config.confusion_ema, config.logit_weight, config.sources_per_pair,
+            max_queries=config.refresh_queries, seed=config.seed,
         )
         self.curriculum = make_curriculum(config)
+        self.targeting = make_policy(config)
         self.buffer = SyntheticBuffer(
             config.buffer_size, seed=config.seed, freshness_half_life=config.freshness_half_life,
             max_uses=config.max_uses,
@@ -223,11 +226,15 @@ class HardNeg:
         self._counters["refreshes"] += 1
         self._pairs = self.confusion.top_pairs(self.config.top_pairs, self.config.min_pair_score)
         self._pair_weights = pair_weights(self._pairs)
-        for p in self._pairs:
-            self.curriculum.record(p.pair, self.step, self.curriculum.ratio(p.pair, self.step))
-        if self.worker is not None and self._pairs:
-            self._request_generation(self._pairs)
+        if self.worker is not None and not self.worker.failed:
+            self._request_generation(self.targeting.plan(self, self.config.images_per_refresh))
         return list(self._pairs)
+
+    def known_samples(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sample ids, labels) of every sample in the bank, for targeting policies."""
+        if self.bank is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return self.bank.ids_and_labels()
 
     def confusions(self, n: Optional[int] = None) -> list[PairScore]:
         """The currently most confused directed pairs (A pulled towards B) with source ids."""
@@ -326,6 +333,7 @@ class HardNeg:
             "source_cursor": {f"{a},{b}": v for (a, b), v in self._source_cursor.items()},
             "next_request_id": self._next_request_id,
             "counters": dict(self._counters),
+            "targeting": self.targeting.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -350,6 +358,7 @@ class HardNeg:
         self._source_cursor = {tuple(int(v) for v in k.split(",")): int(v) for k, v in state["source_cursor"].items()}
         self._next_request_id = int(state["next_request_id"])
         self._counters.update(state["counters"])
+        self.targeting.load_state_dict(state.get("targeting", {}))
         self._last_mix = None
 
     def save(self, path: str) -> None:
@@ -448,38 +457,46 @@ class HardNeg:
         self._counters["synthetic_feedback"] += len(correct)
         self._counters["synthetic_correct"] += sum(correct)
 
-    def _request_generation(self, pairs: list[PairScore]) -> None:
+    def _request_generation(self, plan: list[PlannedPair]) -> None:
+        """Turn a targeting plan into worker requests (r from the curriculum unless the plan fixes it)."""
         cfg = self.config
-        scores = np.array([max(p.score, 0.0) for p in pairs], dtype=np.float64)
-        counts = _allocate(cfg.images_per_refresh, scores)
         grid = tuple(cfg.ada_grid) if self.curriculum.uses_ada else None
-        for p, n in zip(pairs, counts):
-            if n == 0 or not p.source_ids:
+        for planned in plan:
+            if planned.count <= 0 or not planned.source_ids:
                 continue
-            start = self._source_cursor.get(p.pair, 0)
-            chosen = [p.source_ids[(start + i) % len(p.source_ids)] for i in range(n)]
-            self._source_cursor[p.pair] = (start + n) % len(p.source_ids)
-            r = float(self.curriculum.ratio(p.pair, self.step))
-            per_request = cfg.generation_batch if grid is None else max(1, cfg.generation_batch // len(grid))
-            for c0 in range(0, n, per_request):
+            pair = planned.pair
+            start = self._source_cursor.get(pair, 0)
+            chosen = [planned.source_ids[(start + i) % len(planned.source_ids)] for i in range(planned.count)]
+            self._source_cursor[pair] = (start + planned.count) % len(planned.source_ids)
+            if planned.ratios is not None:
+                ratios_all = [float(r) for r in planned.ratios]
+                use_grid = None
+            else:
+                r = float(self.curriculum.ratio(pair, self.step))
+                self.curriculum.record(pair, self.step, r)
+                ratios_all = [r] * len(chosen)
+                use_grid = grid
+            per_request = cfg.generation_batch if use_grid is None else max(1, cfg.generation_batch // len(use_grid))
+            label = planned.label if planned.label is not None else pair[1]
+            for c0 in range(0, len(chosen), per_request):
                 ids = chosen[c0 : c0 + per_request]
                 sources = torch.stack([_item_image(self.dataset[i]).float().cpu() for i in ids])
                 m = len(ids)
-                ratios = torch.full((m,), r, dtype=torch.float32)
+                ratios = torch.tensor(ratios_all[c0 : c0 + m], dtype=torch.float32)
                 src_ids = torch.as_tensor(ids, dtype=torch.long)
-                if grid is not None:  # GeNIe-Ada: every source at every grid r, chosen on return
-                    sources = sources.repeat_interleave(len(grid), 0)
-                    src_ids = src_ids.repeat_interleave(len(grid))
-                    ratios = torch.tensor(grid, dtype=torch.float32).repeat(m)
-                    m = m * len(grid)
+                if use_grid is not None:  # GeNIe-Ada: every source at every grid r, chosen on return
+                    sources = sources.repeat_interleave(len(use_grid), 0)
+                    src_ids = src_ids.repeat_interleave(len(use_grid))
+                    ratios = torch.tensor(use_grid, dtype=torch.float32).repeat(m)
+                    m = m * len(use_grid)
                 req = GenerationRequest(
-                    request_id=self._next_request_id, pair=p.pair, source_ids=src_ids, sources=sources,
-                    source_labels=torch.full((m,), p.a, dtype=torch.long),
-                    target_labels=torch.full((m,), p.b, dtype=torch.long), ratios=ratios, step=self.step,
+                    request_id=self._next_request_id, pair=pair, source_ids=src_ids, sources=sources,
+                    source_labels=torch.full((m,), pair[0], dtype=torch.long),
+                    target_labels=torch.full((m,), label, dtype=torch.long), ratios=ratios, step=self.step,
                     seed=cfg.seed * 1_000_003 + self._next_request_id,
                 )
-                if grid is not None:
-                    self._ada_requests[req.request_id] = grid
+                if use_grid is not None:
+                    self._ada_requests[req.request_id] = use_grid
                 self._next_request_id += 1
                 self._counters["requests_made"] += 1
                 self.worker.submit(req)
@@ -535,17 +552,6 @@ class HardNeg:
 
 
 # ---------------------------------------------------------------------- helpers
-def _allocate(total: int, scores: np.ndarray) -> list[int]:
-    """Split ``total`` into integer counts proportional to ``scores`` (largest remainder)."""
-    if scores.sum() <= 0:
-        scores = np.ones_like(scores)
-    raw = total * scores / scores.sum()
-    counts = np.floor(raw).astype(int)
-    for i in np.argsort(-(raw - counts))[: total - counts.sum()]:
-        counts[i] += 1
-    return counts.tolist()
-
-
 def _item_image(item: Any) -> Tensor:
     if isinstance(item, dict):
         for key in ("image", "pixel_values", "x", "input"):
