@@ -163,6 +163,18 @@ def test_per_sample_ratios_are_grouped_and_routed(pipe: Any) -> None:
     assert (low[0] - high[0]).abs().max() > 1e-3  # so the routing check above means something
 
 
+def test_ratios_keeping_the_same_timesteps_share_one_pass(pipe: Any) -> None:
+    gen = make(pipe, scheduler="ddim")
+    assert gen.timesteps_for_ratio(0.55) == gen.timesteps_for_ratio(0.58)  # both stop above 601
+    x, src, tgt = inputs(2)
+    with UNetSpy(pipe.unet) as spy:
+        gen.generate(x, src, tgt, [0.55, 0.58], seed=0)
+    assert [c["batch"] for c in spy.calls] == [4] * len(gen.timesteps_for_ratio(0.55))
+    with UNetSpy(pipe.unet) as spy:
+        gen.generate(x, src, tgt, [0.999, 1.0], seed=0)  # same timesteps, but r = 1 starts from noise
+    assert len(spy.calls) == 2 * STEPS
+
+
 def test_max_batch_size_splits_without_changing_results(pipe: Any) -> None:
     x, src, tgt = inputs(3)
     whole = make(pipe).generate(x, src, tgt, 0.5, seed=1)

@@ -14,7 +14,8 @@ The GeNIe edit for one source of class A, target class B and noise ratio r:
 4. run the UNet over the kept timesteps only, with classifier-free guidance on the prompt of
    B versus the empty prompt, and decode.
 
-Cost is proportional to the number of kept timesteps, see :meth:`timesteps_for_ratio`.
+Cost is proportional to the number of kept timesteps, see :meth:`timesteps_for_ratio`. Per-sample
+ratios in one call are grouped: samples whose r keep the same timesteps share one batched pass.
 
 Thread safety: schedulers are stateful (step index, multistep history), so the pipeline's
 scheduler is only used as a template and every ``generate`` call builds a fresh scheduler
@@ -312,8 +313,9 @@ class StableDiffusionGenerator:
         """GeNIe-edit each source towards its target class; see the module docstring.
 
         Returns images shaped like ``sources`` (1 or 3 channels, any size) in ``value_range``,
-        on the sources' device and dtype. Samples are grouped by r; a given seed reproduces the
-        output. Raises :class:`GeneratorError` on bad input or non-finite output.
+        on the sources' device and dtype. Samples are grouped by the timesteps their r keeps
+        (one batched UNet pass per group); a given seed reproduces the output. Raises
+        :class:`GeneratorError` on bad input or non-finite output.
         """
         check_generate_inputs(sources, source_labels, target_labels, self.num_classes)
         n, channels, height, width = sources.shape
@@ -323,8 +325,10 @@ class StableDiffusionGenerator:
         if n == 0:
             return sources.clone()
         targets = torch.as_tensor(target_labels).long().cpu()
-        # Validate every ratio (and build its timestep list) before any model runs.
-        plans = {float(v): self._plan(float(v)) for v in torch.unique(r)}
+        # Validate every ratio before any model runs. Samples whose r keep the same timesteps run
+        # as one batch: key = (index of the first kept timestep, starts from pure noise).
+        starts = {float(v): self._plan(float(v)) for v in torch.unique(r)}
+        keys = [(starts[float(v)], bool(v >= 1.0)) for v in r]
 
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -338,13 +342,12 @@ class StableDiffusionGenerator:
             noise = noise.to(self.device, unet.dtype)
             cond = self._encode_prompts(targets)
             out = torch.empty_like(latents0)
-            for value, plan in sorted(plans.items()):
-                idx = (r == value).nonzero().flatten()
-                step = self.max_batch_size or len(idx)
-                for chunk in idx.split(step):
+            for key in sorted(set(keys), reverse=True):  # cheapest group first
+                idx = torch.tensor([i for i, k in enumerate(keys) if k == key])
+                for chunk in idx.split(self.max_batch_size or len(idx)):
                     sel = chunk.to(self.device)
                     part = {k: v[sel] for k, v in cond.items()}
-                    out[sel] = self._denoise(latents0[sel], noise[sel], part, plan, value, gen)
+                    out[sel] = self._denoise(latents0[sel], noise[sel], part, key[0], key[1], gen)
             decoded = self._chunked(self._decode, out.to(vae.dtype)).float()
             check_output(decoded)
             images = self._to_data_space(decoded, channels, height, width)
@@ -389,7 +392,7 @@ class StableDiffusionGenerator:
         noise: Tensor,
         cond: dict[str, Tensor],
         start: int,
-        r: float,
+        pure_noise: bool,
         gen: torch.Generator,
     ) -> Tensor:
         """Noise ``latents0`` to timestep ``start`` of a fresh schedule and denoise from there."""
@@ -398,7 +401,7 @@ class StableDiffusionGenerator:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)
         timesteps = scheduler.timesteps[start:]
-        if r >= 1.0:  # text-to-image: pure noise at the start of the full schedule
+        if pure_noise:  # r = 1, text-to-image: pure noise at the start of the full schedule
             latents = noise * scheduler.init_noise_sigma
         else:
             latents = scheduler.add_noise(latents0, noise, timesteps[:1].repeat(latents0.shape[0]))
