@@ -1,0 +1,115 @@
+"""What the trainer adapters share: finding images, labels and sample ids in a batch.
+
+Trainers hand batches around in three shapes: a sequence ``(x, y, ids, ...)`` (what the default
+collate makes of ``(image, label, index)`` items, e.g. :class:`hardneg.data.ImageDataset`), a dict
+(``{"pixel_values", "labels", "sample_id"}``, the transformers convention) or something custom.
+:class:`BatchLayout` says where the three parts live so an adapter can read them and write the
+mixed images and labels back, in place when the batch is mutable.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, MutableMapping, MutableSequence, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from hardneg.plugin import HardNegError
+
+IMAGE_KEYS = ("pixel_values", "image", "images", "x", "input", "inputs")
+LABEL_KEYS = ("labels", "label", "y", "target", "targets")
+ID_KEYS = ("sample_id", "sample_ids", "id", "ids", "idx", "index", "indices")
+
+Key = Union[int, str]
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Positions (sequence batch) or keys (dict batch) of the images, labels and sample ids."""
+
+    x: Key
+    y: Key
+    ids: Optional[Key]
+
+    @classmethod
+    def infer(cls, batch: Any, keys: Optional[Sequence[str]] = None) -> "BatchLayout":
+        """Find the parts: ``keys=(x, y, ids)`` names dict keys explicitly; else the usual names.
+
+        A sequence batch is ``(x, y)`` or ``(x, y, ids, ...)``; a dict batch uses the first key
+        found of :data:`IMAGE_KEYS`, :data:`LABEL_KEYS` and :data:`ID_KEYS`.
+        """
+        if isinstance(batch, Mapping):
+            if keys is not None:
+                kx, ky, kid = keys
+                missing = [k for k in (kx, ky) if k not in batch]
+                if missing:
+                    raise HardNegError(f"batch dict has no key(s) {missing}; its keys are {list(batch)}")
+                return cls(kx, ky, kid if kid in batch else None)
+            kx = next((k for k in IMAGE_KEYS if k in batch), None)
+            ky = next((k for k in LABEL_KEYS if k in batch), None)
+            if kx is None or ky is None:
+                raise HardNegError(
+                    f"cannot find images/labels in a batch with keys {list(batch)}: use one of {IMAGE_KEYS} and "
+                    f"one of {LABEL_KEYS}, or pass batch_keys=(images_key, labels_key, ids_key)"
+                )
+            return cls(kx, ky, next((k for k in ID_KEYS if k in batch), None))
+        if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
+            return cls(0, 1, 2 if len(batch) >= 3 else None)
+        raise HardNegError(
+            f"unsupported batch of type {type(batch).__name__}: hardneg reads (x, y, ids, ...) sequences or dicts"
+        )
+
+    def split(self, batch: Any) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``(images, labels, ids or None)`` of ``batch``."""
+        ids = batch[self.ids] if self.ids is not None else None
+        return batch[self.x], batch[self.y], (torch.as_tensor(ids) if ids is not None else None)
+
+    def mutable(self, batch: Any) -> bool:
+        """Whether :meth:`write` can edit ``batch`` in place (lists and dicts; not tuples)."""
+        return isinstance(batch, (MutableSequence, MutableMapping))
+
+    def write(self, batch: Any, x: Tensor, y: Tensor, in_place: bool) -> Any:
+        """Put ``x`` and ``y`` into ``batch`` (in place, or into a shallow copy); ids stay as they are."""
+        if in_place:
+            if not self.mutable(batch):
+                raise HardNegError(f"a {type(batch).__name__} batch cannot be edited in place")
+            batch[self.x] = x
+            batch[self.y] = y
+            return batch
+        if isinstance(batch, Mapping):
+            out = copy.copy(batch) if isinstance(batch, MutableMapping) else dict(batch)
+            out[self.x] = x
+            out[self.y] = y
+            return out
+        items = list(batch)
+        items[self.x] = x  # type: ignore[index]
+        items[self.y] = y  # type: ignore[index]
+        if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+            return type(batch)(*items)
+        return type(batch)(items) if isinstance(batch, (tuple, list)) else items
+
+
+def hard_labels(y: Tensor) -> Tensor:
+    """Class ids ``(N,)`` of class ids or of soft / one-hot targets ``(N, K)`` (argmax)."""
+    y = torch.as_tensor(y)
+    if y.ndim == 2 and y.is_floating_point():
+        return y.argmax(1)
+    return y
+
+
+def require_ids(ids: Optional[Tensor], where: str) -> Tensor:
+    """``ids`` or a :class:`HardNegError` that says how to get sample ids into the batch."""
+    if ids is None:
+        raise HardNegError(
+            f"{where}: the batch carries no sample ids. hardneg keys its embedding bank by dataset sample id: "
+            f"return (image, label, index) items (hardneg.data datasets do) or dicts with one of {ID_KEYS}"
+        )
+    return ids
+
+
+def generation_on(config: Any, generator: Any) -> bool:
+    """Whether an engine built from ``config``/``generator`` will run a generation worker."""
+    return generator is not None or getattr(config, "generator", None) is not None

@@ -1,0 +1,180 @@
+"""Lightning adapter: real Trainer runs (CPU, a few steps) with the callback, the mixin and a resume."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+L = pytest.importorskip("lightning.pytorch")
+
+from _fake_generators import FakeGenerator  # noqa: E402
+from hardneg import HardNegConfig  # noqa: E402
+from hardneg.data import from_tensors  # noqa: E402
+from hardneg.integrations.lightning import HardNegCallback, HardNegLightningMixin  # noqa: E402
+from hardneg.plugin import HardNegError  # noqa: E402
+
+K = 4
+
+
+def _toy_data(n_per_class=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(K).repeat_interleave(n_per_class)
+    x = torch.rand(len(y), 1, 8, 8, generator=g) * 0.3
+    for c in range(K):
+        x[y == c, :, c : c + 2, :] += 0.7
+    x[y == 1] = 0.5 * x[y == 1] + 0.5 * x[y == 0]  # classes 0 and 1 look alike: a pair to mine
+    return from_tensors(x.clamp(0, 1), y)
+
+
+def _cfg(**kw):
+    base = dict(num_classes=K, refresh_every=2, top_pairs=2, knn_k=4, sources_per_pair=4, images_per_refresh=8,
+                generation_batch=4, buffer_size=64, synthetic_fraction=0.25, seed=0)
+    base.update(kw)
+    return HardNegConfig(**base)
+
+
+class Net(L.LightningModule):
+    """Tiny classifier; records the batch sizes and label sets its training_step saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.head = nn.Linear(16, K)
+        self.seen_sizes: list[int] = []
+        self.seen_weights: list = []
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        self.seen_sizes.append(x.shape[0])
+        return {"loss": F.cross_entropy(logits, y), "logits": logits}
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class MixinNet(HardNegLightningMixin, Net):
+    def training_step(self, batch, batch_idx):
+        assert isinstance(batch, tuple)
+        x, y, idx = batch
+        logits = self(x)
+        self.seen_sizes.append(x.shape[0])
+        self.seen_weights.append(self.hardneg_weights)
+        return {"loss": self.hardneg_loss(F.cross_entropy(logits, y, reduction="none")), "logits": logits}
+
+
+def _tuple_collate(items):
+    return (torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]),
+            torch.tensor([i[2] for i in items]))
+
+
+def _trainer(tmp_path, **kw):
+    base = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                enable_checkpointing=False, default_root_dir=str(tmp_path))
+    base.update(kw)
+    return L.Trainer(**base)
+
+
+def _loader(data, batch_size=16, collate_fn=None, shuffle=True):
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(0),
+                      collate_fn=collate_fn)
+
+
+def test_fast_dev_run_observes_the_training_batch_and_stops_the_worker(tmp_path):
+    torch.manual_seed(0)
+    data = _toy_data()
+    cb = HardNegCallback(_cfg(), dataset=data, generator=FakeGenerator())
+    model = Net()
+    trainer = _trainer(tmp_path, fast_dev_run=2, callbacks=[cb])
+    trainer.fit(model, _loader(data), _loader(data, shuffle=False))
+    s = cb.engine.stats()
+    assert s["step"] == 2  # two training batches observed, validation batches not
+    assert 16 <= s["bank_size"] <= 32
+    assert s["worker"]["alive"] is False  # on_fit_end closed the worker
+
+
+def test_max_steps_run_mixes_generated_negatives_into_list_batches(tmp_path):
+    torch.manual_seed(0)
+    data = _toy_data()
+    cb = HardNegCallback(_cfg(), generator=FakeGenerator())  # dataset taken from the train dataloader
+    model = Net()
+    trainer = _trainer(tmp_path, max_steps=30, callbacks=[cb], limit_val_batches=1, val_check_interval=3)
+    trainer.fit(model, _loader(data), _loader(data, shuffle=False))
+    s = cb.engine.stats()
+    assert s["step"] == 30
+    assert s["synthetic_used"] > 0
+    assert max(model.seen_sizes) == 16 + 4  # batch of 16 + round(0.25 * 16) appended hard negatives
+    assert s["refreshes"] == 15
+    pairs = {p.pair for p in cb.engine.confusions()}
+    assert pairs & {(0, 1), (1, 0)}  # the look-alike classes are found
+    assert cb.engine.dataset is data
+
+
+def test_mixin_mixes_tuple_batches_and_exposes_weights(tmp_path):
+    torch.manual_seed(0)
+    data = _toy_data()
+    cb = HardNegCallback(_cfg(synthetic_weight=0.5), dataset=data, generator=FakeGenerator())
+    model = MixinNet()
+    trainer = _trainer(tmp_path, max_steps=30, callbacks=[cb], limit_val_batches=0)
+    trainer.fit(model, _loader(data, collate_fn=_tuple_collate))
+    assert cb.engine.stats()["synthetic_used"] > 0
+    mixed = [w for w, n in zip(model.seen_weights, model.seen_sizes) if n > 16]
+    assert mixed, "no mixed batch reached training_step"
+    w = mixed[-1]
+    assert w.shape == (20,) and torch.all(w[:16] == 1) and torch.all(w[16:] == 0.5)
+
+
+def test_tuple_batches_without_the_mixin_fail_with_advice(tmp_path):
+    data = _toy_data()
+    cb = HardNegCallback(_cfg(), dataset=data, generator=FakeGenerator())
+    trainer = _trainer(tmp_path, max_steps=2, callbacks=[cb], limit_val_batches=0)
+    with pytest.raises(HardNegError, match="HardNegLightningMixin"):
+        trainer.fit(Net(), _loader(data, collate_fn=_tuple_collate))
+    assert cb.engine.stats()["worker"]["alive"] is False  # on_exception stopped the worker
+
+
+def test_batches_without_ids_fail_with_advice(tmp_path):
+    data = _toy_data()
+    pairs = torch.utils.data.TensorDataset(data.images, data.labels)
+    cb = HardNegCallback(_cfg())
+    with pytest.raises(HardNegError, match="sample ids"):
+        _trainer(tmp_path, max_steps=1, callbacks=[cb], limit_val_batches=0).fit(Net(), _loader(pairs))
+
+
+def test_resumed_fit_continues_from_the_saved_engine_state(tmp_path):
+    torch.manual_seed(0)
+    data = _toy_data()
+    ckpt_dir = tmp_path / "ckpt"
+    saver = L.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=6, save_top_k=-1)
+    first = HardNegCallback(_cfg(), dataset=data, generator=FakeGenerator())
+    _trainer(tmp_path, max_steps=6, callbacks=[first, saver], enable_checkpointing=True,
+             limit_val_batches=0).fit(Net(), _loader(data))
+    saved = first.engine.state_dict()
+    ckpt = os.path.join(ckpt_dir, "epoch=0-step=6.ckpt")
+    assert os.path.exists(ckpt)
+
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["step"] = second.engine.step
+            seen["bank_ids"] = sorted(second.engine.bank.state_dict()["ids"].tolist())
+            seen["buffer"] = len(second.engine.buffer)
+
+    second = HardNegCallback(_cfg(), dataset=data, generator=FakeGenerator())
+    _trainer(tmp_path, max_steps=10, callbacks=[second, Probe()], limit_val_batches=0).fit(
+        Net(), _loader(data), ckpt_path=ckpt)
+    assert seen["step"] == 6
+    assert seen["bank_ids"] == sorted(saved["bank"]["ids"].tolist())
+    assert seen["buffer"] == len(first.engine.buffer)
+    assert second.engine.step == 10  # 6 restored + 4 new steps
