@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     from hardneg.worker import GenerationResult
 
 Pair = tuple[int, int]
-_FIELDS = ("source_ids", "source_labels", "target_labels", "ratios", "step_added", "step_requested", "uses", "seq")
+_FIELDS = (
+    "source_ids", "source_labels", "target_labels", "ratios", "step_added", "step_requested", "uses", "seq",
+)
 
 
 @dataclass
@@ -55,7 +57,9 @@ class SyntheticBuffer:
         max_uses: uses after which a sample counts as exhausted (drawn last, evicted first).
     """
 
-    def __init__(self, capacity: int, seed: int = 0, freshness_half_life: float = 200, max_uses: int = 8) -> None:
+    def __init__(
+        self, capacity: int, seed: int = 0, freshness_half_life: float = 200, max_uses: int = 8
+    ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
         if not freshness_half_life > 0:
@@ -100,7 +104,9 @@ class SyntheticBuffer:
         """
         images = result.images
         if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
-            raise ValueError(f"result images must be a float (N, C, H, W) tensor, got {getattr(images, 'shape', images)}")
+            raise ValueError(
+                f"result images must be a float (N, C, H, W) tensor, got {getattr(images, 'shape', images)}"
+            )
         n = images.shape[0]
         if n == 0:
             return 0

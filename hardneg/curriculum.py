@@ -94,7 +94,9 @@ class Curriculum:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output of the same kind of curriculum."""
         if state.get("kind") != self.kind:
-            raise ValueError(f"curriculum state is for {state.get('kind')!r}, this curriculum is {self.kind!r}")
+            raise ValueError(
+                f"curriculum state is for {state.get('kind')!r}, this curriculum is {self.kind!r}"
+            )
         self._history = {
             (int(a), int(b)): [(int(s), float(r)) for s, r in entries] for a, b, entries in state["history"]
         }
@@ -115,7 +117,10 @@ class Curriculum:
         return None
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(r_start={self.r_start}, r_end={self.r_end}, total_steps={self.total_steps})"
+        return (
+            f"{type(self).__name__}(r_start={self.r_start}, r_end={self.r_end}, "
+            f"total_steps={self.total_steps})"
+        )
 
 
 def _check_counts(correct: int, total: int) -> None:
@@ -158,7 +163,11 @@ class StepCurriculum(Curriculum):
     kind = "step"
 
     def __init__(
-        self, r_start: float = 0.8, r_end: float = 0.5, total_steps: int = 1000, milestones: Sequence[float] = (0.5,)
+        self,
+        r_start: float = 0.8,
+        r_end: float = 0.5,
+        total_steps: int = 1000,
+        milestones: Sequence[float] = (0.5,),
     ) -> None:
         super().__init__(r_start, r_end, total_steps)
         self.milestones = tuple(sorted(float(m) for m in milestones))

@@ -52,7 +52,9 @@ def _synthetic_labels(labels: Tensor, y: Tensor) -> Tensor:
         return labels.to(y.dtype)
     if y.ndim == 2 and y.is_floating_point():
         return F.one_hot(labels.long(), num_classes=y.shape[1]).to(y.dtype)
-    raise ValueError(f"y must be class ids (N,) or float targets (N, K), got shape {tuple(y.shape)} {y.dtype}")
+    raise ValueError(
+        f"y must be class ids (N,) or float targets (N, K), got shape {tuple(y.shape)} {y.dtype}"
+    )
 
 
 def mix_batch(
@@ -82,7 +84,9 @@ def mix_batch(
     if not synthetic_weight >= 0:
         raise ValueError(f"synthetic_weight must be >= 0, got {synthetic_weight!r}")
     if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must have the same number of rows, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"x and y must have the same number of rows, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     n = int(x.shape[0])
     wdtype = _weight_dtype(x)
     k = 0 if synthetic is None else len(synthetic)
@@ -125,9 +129,13 @@ class SeparateLoss(NamedTuple):
 
 
 @overload
-def weighted_loss(per_sample_loss: Tensor, weights: Tensor, synthetic_mask: Tensor, separate: Literal[False] = ...) -> Tensor: ...
+def weighted_loss(
+    per_sample_loss: Tensor, weights: Tensor, synthetic_mask: Tensor, separate: Literal[False] = ...
+) -> Tensor: ...
 @overload
-def weighted_loss(per_sample_loss: Tensor, weights: Tensor, synthetic_mask: Tensor, separate: Literal[True]) -> SeparateLoss: ...
+def weighted_loss(
+    per_sample_loss: Tensor, weights: Tensor, synthetic_mask: Tensor, separate: Literal[True]
+) -> SeparateLoss: ...
 
 
 def weighted_loss(
@@ -141,7 +149,8 @@ def weighted_loss(
     own average, whatever its size) and combined as ``real + w_syn * synthetic`` where ``w_syn``
     is the mean weight of the synthetic rows; a group without rows contributes 0.
     """
-    if per_sample_loss.ndim != 1 or per_sample_loss.shape != weights.shape or weights.shape != synthetic_mask.shape:
+    shapes_ok = per_sample_loss.shape == weights.shape == synthetic_mask.shape
+    if per_sample_loss.ndim != 1 or not shapes_ok:
         raise ValueError(
             "per_sample_loss, weights and synthetic_mask must all be (N,), got "
             f"{tuple(per_sample_loss.shape)}, {tuple(weights.shape)}, {tuple(synthetic_mask.shape)}"

@@ -210,7 +210,9 @@ def _generate_once(gen: Generator, req: GenerationRequest, device: torch.device)
     if not isinstance(out, Tensor):
         raise GeneratorError(f"generator returned {type(out).__name__}, expected a Tensor")
     if tuple(out.shape) != tuple(src.shape):
-        raise GeneratorError(f"generator returned shape {tuple(out.shape)} for sources of shape {tuple(src.shape)}")
+        raise GeneratorError(
+            f"generator returned shape {tuple(out.shape)} for sources of shape {tuple(src.shape)}"
+        )
     if not out.is_floating_point():
         raise GeneratorError(f"generator returned dtype {out.dtype}, expected a float tensor")
     out = check_output(out.detach())  # raises GeneratorError on NaN/inf
@@ -393,14 +395,6 @@ class GenerationWorker:
                 return self
             if self._state != "new":
                 raise RuntimeError(f"cannot start a GenerationWorker that is {self._state}")
-            if self.backend == "process":
-                try:
-                    pickle.dumps(self._factory)
-                except Exception as exc:
-                    raise TypeError(
-                        "backend='process' needs a picklable generator_factory (a module-level function, "
-                        f"class or functools.partial of one, no lambdas or closures): {exc}"
-                    ) from exc
             self._launch()
             self._state = "running"
             self._started_at = time.monotonic()
@@ -428,7 +422,9 @@ class GenerationWorker:
             if thread is not None:
                 thread.join(timeout)
                 if thread.is_alive():  # a generate() call that does not return; the thread is a daemon
-                    logger.warning("hardneg worker %s: thread still busy %.1fs after close()", self.name, timeout)
+                    logger.warning(
+                        "hardneg worker %s: thread still busy %.1fs after close()", self.name, timeout
+                    )
                 else:
                     self._thread = None
             if proc is not None:
@@ -551,13 +547,26 @@ class GenerationWorker:
             return
         ctx = torch_mp.get_context("spawn")
         self._in_q, self._out_q, self._proc_stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-        self._proc = ctx.Process(
+        proc = ctx.Process(
             target=_child_main,
-            args=(self._factory, self._in_q, self._out_q, self._proc_stop, self.num_threads, str(self.device)),
+            args=(
+                self._factory, self._in_q, self._out_q, self._proc_stop, self.num_threads, str(self.device)
+            ),
             name=f"{self.name}-{self._launches}",
             daemon=True,
         )
-        self._proc.start()
+        try:
+            # spawn pickles the factory here (tensors inside it travel as shared memory, no copy)
+            proc.start()
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            for q in (self._in_q, self._out_q):
+                q.close()
+            self._in_q = self._out_q = self._proc_stop = None
+            raise TypeError(
+                "backend='process' needs a picklable generator_factory (a module-level function, class "
+                f"or functools.partial of one; no lambdas or closures): {exc}"
+            ) from exc
+        self._proc = proc
         self._pump()
 
     def _service(self) -> None:
@@ -586,7 +595,9 @@ class GenerationWorker:
             except queue.Empty:
                 return
             except Exception as exc:  # noqa: BLE001 - e.g. a result whose sender died before we read it
-                logger.warning("hardneg worker %s: could not read a result from the child: %r", self.name, exc)
+                logger.warning(
+                    "hardneg worker %s: could not read a result from the child: %r", self.name, exc
+                )
                 return
             kind, ticket = msg[0], msg[1]
             if kind == "fatal":
@@ -595,6 +606,12 @@ class GenerationWorker:
             req = self._in_flight.pop(ticket, None)
             if req is None:
                 continue
+            # The child serves requests in order: older tickets still outstanding will never come
+            # back (their message could not be read), so they stop occupying in-flight slots.
+            for old in [t for t in self._in_flight if t < ticket]:
+                lost = self._in_flight.pop(old)
+                self._lost += 1
+                logger.warning("hardneg worker %s: request %d was lost", self.name, lost.request_id)
             if kind == "ok":
                 images = msg[2].clone()  # out of shared memory into memory the caller owns
                 self._record(req, _Outcome(True, images, "", msg[3], msg[4]))
@@ -606,7 +623,9 @@ class GenerationWorker:
         """Book one finished request: a result for :meth:`poll`, or a logged failure."""
         if outcome.ok:
             assert outcome.images is not None
-            result = GenerationResult(req.without_sources(), outcome.images, outcome.seconds, outcome.queue_wait)
+            result = GenerationResult(
+                req.without_sources(), outcome.images, outcome.seconds, outcome.queue_wait
+            )
             self._ready.append(result)
             self._completed += 1
             self._images += len(result)
@@ -648,8 +667,12 @@ class GenerationWorker:
                 "hardneg worker %s: %s; lost request(s) %s; restart %d of %d",
                 self.name, reason, lost, self._restarts, self.max_restarts,
             )
-            self._launch()
-        else:
+            try:
+                self._launch()
+                return
+            except Exception as exc:  # noqa: BLE001 - e.g. the OS refuses a new process
+                self._last_error = reason = f"{reason}; restart failed: {type(exc).__name__}: {exc}"
+        if self._state == "running":
             self._state = "failed"
             self._lost += len(self._pending)
             self._pending.clear()

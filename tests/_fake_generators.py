@@ -7,6 +7,7 @@ child with ``spawn`` and pickles the factory by reference: the child must be abl
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Optional
 
@@ -78,3 +79,28 @@ class FakeGenerator:
 def failing_factory() -> FakeGenerator:
     """A factory that cannot build its generator (e.g. missing weights)."""
     raise FileNotFoundError("no generator weights here")
+
+
+class GatedGenerator(FakeGenerator):
+    """Blocks in ``generate`` until ``gate`` is set (thread backend only: events are not picklable).
+
+    ``started`` is set as soon as a call begins, so a test knows the worker has taken a request.
+    """
+
+    def __init__(self, gate: threading.Event, started: threading.Event) -> None:
+        super().__init__()
+        self.gate = gate
+        self.started = started
+
+    def generate(self, sources, source_labels, target_labels, ratios, seed=None):  # type: ignore[override]
+        self.started.set()
+        if not self.gate.wait(timeout=30.0):
+            raise TimeoutError("test gate never opened")
+        return super().generate(sources, source_labels, target_labels, ratios, seed)
+
+
+class WrongShapeGenerator(FakeGenerator):
+    """Returns half-resolution images: a broken backend the worker must reject."""
+
+    def generate(self, sources, source_labels, target_labels, ratios, seed=None):  # type: ignore[override]
+        return super().generate(sources, source_labels, target_labels, ratios, seed)[:, :, ::2, ::2]

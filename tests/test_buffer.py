@@ -17,7 +17,10 @@ def result(n: int = 4, pair=(3, 8), step: int = 0, r: float = 0.7, first_id: int
     ids = torch.arange(first_id, first_id + n)
     req = GenerationRequest(request_id=step, pair=pair, source_ids=ids, sources=None, source_labels=pair[0],
                             target_labels=pair[1], ratios=r, step=step)
-    images = ids.float().view(-1, 1, 1, 1).expand(n, *shape).clone() if fill is None else torch.full((n, *shape), fill)
+    if fill is None:  # each image is filled with its own source id, so provenance can be checked
+        images = ids.float().view(-1, 1, 1, 1).expand(n, *shape).clone()
+    else:
+        images = torch.full((n, *shape), fill)
     return GenerationResult(req, images)
 
 
@@ -131,7 +134,8 @@ def test_sampling_is_deterministic_with_the_seed() -> None:
         buf = SyntheticBuffer(64, seed=seed)
         buf.add(result(30, pair=(3, 8)), step=0)
         buf.add(result(30, pair=(4, 9), first_id=30), step=10)
-        return [buf.sample(8, step=20, pair_weights={(4, 9): 2.0, (3, 8): 1.0}).slots.tolist() for _ in range(5)]
+        weights = {(4, 9): 2.0, (3, 8): 1.0}
+        return [buf.sample(8, step=20, pair_weights=weights).slots.tolist() for _ in range(5)]
 
     assert run(3) == run(3)
     assert run(3) != run(4)
