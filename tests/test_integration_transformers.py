@@ -1,0 +1,125 @@
+"""transformers adapter: real Trainer runs of a tiny ViT (CPU, a few steps), checkpoint and resume."""
+
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from _fake_generators import FakeGenerator  # noqa: E402
+from hardneg import HardNegConfig  # noqa: E402
+from hardneg.data import from_tensors  # noqa: E402
+from hardneg.integrations.transformers import (  # noqa: E402
+    STATE_FILE, HardNegTrainer, HardNegTrainerCallback, WithSampleIds,
+)
+from hardneg.plugin import HardNegError  # noqa: E402
+
+K = 4
+
+
+class DictImages(torch.utils.data.Dataset):
+    """Items as an image-classification pipeline gives them: {"pixel_values", "labels"}."""
+
+    def __init__(self, n_per_class=16, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(K).repeat_interleave(n_per_class)
+        x = torch.rand(len(y), 1, 8, 8, generator=g) * 0.3
+        for c in range(K):
+            x[y == c, :, c : c + 2, :] += 0.7
+        self.data = from_tensors(x.clamp(0, 1), y)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.data.images[i], "labels": int(self.data.labels[i])}
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32, num_labels=K,
+                                 id2label={i: f"c{i}" for i in range(K)}, label2id={f"c{i}": i for i in range(K)})
+    return transformers.ViTForImageClassification(cfg)
+
+
+def _args(out, **kw):
+    base = dict(output_dir=str(out), use_cpu=True, report_to=[], per_device_train_batch_size=8, max_steps=8,
+                save_strategy="steps", save_steps=4, logging_steps=100, disable_tqdm=True, seed=0,
+                learning_rate=1e-3, dataloader_num_workers=0, save_only_model=False)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def _cfg(**kw):
+    base = dict(num_classes=K, refresh_every=2, top_pairs=2, knn_k=4, sources_per_pair=4, images_per_refresh=8,
+                generation_batch=4, buffer_size=64, synthetic_fraction=0.25, seed=0)
+    base.update(kw)
+    return HardNegConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One 12-step HardNegTrainer run that checkpoints at steps 6 and 12 (shared to keep the suite fast)."""
+    out = tmp_path_factory.mktemp("hf")
+    train = WithSampleIds(DictImages())
+    trainer = HardNegTrainer(model=_model(), args=_args(out, max_steps=12, save_steps=6), train_dataset=train,
+                             eval_dataset=train,
+                             hardneg=HardNegTrainerCallback(_cfg(synthetic_weight=0.5), generator=FakeGenerator()))
+    sizes = []
+    trainer.model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["pixel_values"].shape[0])
+                                            if m.training else None, with_kwargs=True)
+    trainer.train()
+    return trainer, out, sizes
+
+
+def test_trainer_run_mixes_observes_and_checkpoints(first_run):
+    trainer, out, sizes = first_run
+    engine = trainer.hardneg
+    s = engine.stats()
+    assert s["step"] == 12  # one observation per training batch
+    assert s["bank_size"] == 64  # remove_unused_columns kept the id column: every sample has its id
+    assert s["refreshes"] == 6
+    assert engine.class_names == ["c0", "c1", "c2", "c3"]  # from the model's id2label
+    assert s["worker"]["alive"] is False  # on_train_end stopped the worker
+    assert s["synthetic_used"] > 0
+    assert s["synthetic_feedback"] == s["synthetic_used"]  # synthetic rows were recognised in observe
+    assert max(sizes) == 8 + 2  # appended hard negatives reached the model
+    for step in (6, 12):
+        assert os.path.isfile(out / f"checkpoint-{step}" / STATE_FILE)
+
+
+def test_evaluation_drops_the_id_column(first_run):
+    trainer, _, _ = first_run
+    metrics = trainer.evaluate()  # eval items carry sample_id too; the model must not receive it
+    assert metrics["eval_loss"] > 0
+
+
+def test_resume_from_checkpoint_restores_the_engine(first_run):
+    _, out, _ = first_run
+    saved = torch.load(out / "checkpoint-12" / STATE_FILE, weights_only=True)
+    assert saved["step"] == 12
+
+    seen = {}
+
+    class Probe(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            seen["step"] = second.hardneg.step
+            seen["bank"] = len(second.hardneg.bank)
+            seen["buffer"] = len(second.hardneg.buffer)
+
+    second = HardNegTrainer(model=_model(), args=_args(out, max_steps=14, save_steps=100),
+                            train_dataset=WithSampleIds(DictImages()), hardneg=_cfg())
+    second.add_callback(Probe())
+    second.train(resume_from_checkpoint=True)
+    assert second.hardneg_callback.restored_from == str(out / "checkpoint-12" / STATE_FILE)
+    assert seen == {"step": 12, "bank": len(saved["bank"]["ids"]), "buffer": int(saved["buffer"]["valid"].sum())}
+    assert second.hardneg.step == 14
+
+
+def test_missing_id_column_fails_with_advice(tmp_path):
+    trainer = HardNegTrainer(model=_model(), args=_args(tmp_path, max_steps=1, save_strategy="no"),
+                             train_dataset=DictImages(), hardneg=_cfg())
+    with pytest.raises(HardNegError, match="sample ids"):
+        trainer.train()
