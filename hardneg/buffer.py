@@ -132,7 +132,8 @@ class SyntheticBuffer:
         if k == 0:
             return 0
         if self._images is None:
-            self._images = torch.zeros((self.capacity, *images.shape[1:]), dtype=images.dtype)
+            # empty, not zeros: the OS commits memory only as slots fill (large images add up)
+            self._images = torch.empty((self.capacity, *images.shape[1:]), dtype=images.dtype)
         slots = self._free_slots(k)
         self._images[slots] = images[keep].to(self._images.dtype)
         m = self._meta
@@ -280,13 +281,20 @@ class SyntheticBuffer:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """Everything, images and sampling RNG included, as tensors and plain Python values."""
+        """Everything, images and sampling RNG included, as tensors and plain Python values.
+
+        Only occupied slots' images are saved (``images[i]`` belongs to ``slots[i]``).
+        """
+        slots = self._valid.nonzero().flatten()
         return {
             "capacity": self.capacity,
             "freshness_half_life": self.freshness_half_life,
             "max_uses": self.max_uses,
             "seed": self.seed,
-            "images": None if self._images is None else self._images.clone(),
+            "image_shape": None if self._images is None else list(self._images.shape[1:]),
+            "image_dtype": None if self._images is None else str(self._images.dtype).replace("torch.", ""),
+            "slots": slots,
+            "images": None if self._images is None else self._images[slots].clone(),
             "valid": self._valid.clone(),
             "meta": {key: value.clone() for key, value in self._meta.items()},
             "next_seq": self._next_seq,
@@ -304,9 +312,16 @@ class SyntheticBuffer:
         self.freshness_half_life = float(state["freshness_half_life"])
         self.max_uses = int(state["max_uses"])
         self.seed = int(state["seed"])
-        images = state["images"]
-        self._images = None if images is None else images.detach().to("cpu").clone()
         self._valid = state["valid"].to("cpu", torch.bool).clone()
+        if state["image_shape"] is None:
+            self._images = None
+        else:
+            dtype = getattr(torch, state["image_dtype"])
+            self._images = torch.empty((self.capacity, *state["image_shape"]), dtype=dtype)
+            slots = state["slots"].to("cpu", torch.int64)
+            if not torch.equal(slots, self._valid.nonzero().flatten()):
+                raise ValueError("buffer state is inconsistent: saved slots do not match the valid mask")
+            self._images[slots] = state["images"].detach().to("cpu", dtype)
         self._meta = {key: state["meta"][key].to("cpu").clone() for key in _FIELDS}
         self._next_seq = int(state["next_seq"])
         self._counts = {key: int(v) for key, v in state["counts"].items()}

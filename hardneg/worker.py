@@ -272,7 +272,7 @@ def _child_main(
     torch.set_num_threads(max(1, int(num_threads)))
     device = torch.device(device_str)
     try:
-        if device.type == "cuda":
+        if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)
         gen = _build_generator(factory, device)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, then this child exits

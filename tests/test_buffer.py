@@ -163,6 +163,18 @@ def test_state_dict_round_trip_resumes_identically() -> None:
         SyntheticBuffer(8).load_state_dict(a.state_dict())
 
 
+def test_state_dict_holds_only_stored_images_and_empty_buffers_round_trip() -> None:
+    buf = SyntheticBuffer(1000)
+    buf.add(result(3), step=0)
+    assert buf.state_dict()["images"].shape == (3, 1, 4, 4)  # checkpoint size follows the content
+    empty = SyntheticBuffer(1000, seed=2)
+    restored = SyntheticBuffer(1000)
+    restored.load_state_dict(empty.state_dict())
+    assert len(restored) == 0 and restored.sample(4, step=0) is None
+    restored.add(result(2), step=1)
+    assert len(restored) == 2
+
+
 def test_oversized_result_keeps_capacity() -> None:
     buf = SyntheticBuffer(3)
     assert buf.add(result(5), step=0) == 3
