@@ -1,0 +1,352 @@
+"""Accelerate adapter: :class:`HardNegAccelerate`, one shared embedding bank on every rank.
+
+Adoption in a plain Accelerate loop::
+
+    hn = HardNegAccelerate(accelerator, cfg, model=model, dataset=train_set)
+    accelerator.register_for_checkpointing(hn)          # save_state/load_state carry the engine
+    for x, y, idx in loader:                            # idx: dataset sample ids
+        x, y, w = hn.mix(x, y)                          # before forward
+        logits = model(x)
+        loss = (w * F.cross_entropy(logits, y, reduction="none")).sum() / w.sum()
+        accelerator.backward(loss); opt.step(); opt.zero_grad()
+        hn.observe(labels=y, logits=logits, ids=idx)    # after forward
+
+The rule: every rank holds a full engine and every rank observes the *same* gathered batch.
+``observe`` gathers the embeddings, labels, logits and ids of all processes
+(``accelerator.gather``; real rows of rank 0, 1, ... first, then their synthetic rows) and feeds
+that one batch to each rank's engine, so banks, confusion graphs and curricula stay identical and
+the confused pairs equal those a single process finds on the same global batches. Sample ids must
+be global dataset ids (they are when the dataset returns its own index).
+
+Generation (``generate_on``): ``"main"`` runs the generator on the main process only and shares
+its finished images with ``broadcast_object_list``; ``"all"`` runs a generator on every process,
+each serving its share of the requests (request id modulo world size), and shares results with
+``gather_object``. Either way every rank's buffer receives the same images in the same step. Each
+rank draws its synthetic rows with its own seed, so the global batch holds different negatives.
+
+Collectives: ``mix`` (when generating) and ``observe`` are collective calls; call them on every
+process each step, and pass ``logits`` on all ranks or on none. ``register_for_checkpointing``
+saves the main process's state; every rank loads it on ``load_state``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from hardneg._optional import require
+from hardneg.config import HardNegConfig
+from hardneg.confusion import PairScore
+from hardneg.integrations._common import generation_on, hard_labels
+from hardneg.mixing import MixedBatch
+from hardneg.plugin import GeneratorLike, HardNeg, HardNegError, _MixRecord
+from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker
+
+A = require("accelerate", "accelerate")
+_ops = require("accelerate.utils", "accelerate")
+
+GenerateOn = Literal["main", "all"]
+
+__all__ = ["GenerateOn", "HardNegAccelerate"]
+
+
+class _SharedWorker:
+    """Takes the engine's worker slot so every rank's engine receives the same generated results.
+
+    ``sync()`` (collective) collects what the local generator finished and exchanges it between
+    ranks; the engine's own non-blocking ``poll()`` then hands the shared results to its buffer.
+    """
+
+    def __init__(self, accelerator: Any, real: Optional[GenerationWorker], mode: GenerateOn) -> None:
+        self.accelerator = accelerator
+        self.real = real
+        self.mode = mode
+        self._inbox: list[GenerationResult] = []
+        self._failed = False
+        self.received = 0
+
+    def start(self) -> "_SharedWorker":
+        if self.real is not None:
+            self.real.start()
+        return self
+
+    def _serves(self, request: GenerationRequest) -> bool:
+        acc = self.accelerator
+        if self.mode == "main":
+            return bool(acc.is_main_process)
+        return request.request_id % acc.num_processes == acc.process_index
+
+    def submit(self, request: GenerationRequest) -> bool:
+        if self.real is not None and self._serves(request):
+            return self.real.submit(request)
+        return True  # another rank generates it
+
+    @property
+    def failed(self) -> bool:
+        """Whether generation has given up (main mode: the main's worker; all mode: every rank's)."""
+        return self._failed
+
+    @property
+    def alive(self) -> bool:
+        return self.real.alive if self.real is not None else not self._failed
+
+    def sync(self) -> None:
+        """Collect finished local results and exchange them (and the failure state) between ranks."""
+        local = self.real.poll() if self.real is not None else []
+        failed = bool(self.real.failed) if self.real is not None else False
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            shared = local
+        elif self.mode == "main":
+            box: list[Any] = [(local, failed) if acc.is_main_process else None]
+            _ops.broadcast_object_list(box, from_process=0)
+            shared, failed = box[0]
+        else:
+            parts = _ops.gather_object([(local, failed)])
+            shared = [r for results, _ in parts for r in results]
+            failed = all(f for _, f in parts)
+        self._failed = failed
+        self.received += sum(len(r) for r in shared)
+        self._inbox.extend(shared)
+
+    def poll(self, max_items: Optional[int] = None) -> list[GenerationResult]:
+        n = len(self._inbox) if max_items is None else min(max_items, len(self._inbox))
+        out, self._inbox = self._inbox[:n], self._inbox[n:]
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        base = self.real.stats() if self.real is not None else {"backend": "shared", "alive": False,
+                                                                 "images_per_s": 0.0}
+        return {**base, "generate_on": self.mode, "images_shared_in": self.received}
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.real is not None:
+            self.real.close(timeout=timeout)
+
+
+@dataclass
+class _LocalMix:
+    n_in: int
+    n_total: int
+    n_real: int
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+
+
+class HardNegAccelerate:
+    """A :class:`hardneg.HardNeg` engine per process, fed the batch gathered from all processes.
+
+    Args:
+        accelerator: the loop's ``accelerate.Accelerator``.
+        config: the engine's settings (the same on every rank).
+        model: the classifier (prepared or not); a forward hook captures its embeddings (input
+            of the last ``nn.Linear``, a timm model's pre-logits, or ``embedding_layer``'s output).
+        class_names: class names.
+        dataset: the training set, indexable by global sample id (GeNIe sources); needed on every
+            rank when generating.
+        generator: a generator or a zero-argument factory; ``None`` builds ``config.generator``.
+        embedding_layer: dotted module name whose output is the embedding.
+        generate_on: ``"main"`` (one generator, results broadcast) or ``"all"`` (one per process,
+            requests split between them, results gathered).
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        config: HardNegConfig,
+        model: Optional[nn.Module] = None,
+        class_names: Optional[Sequence[str]] = None,
+        dataset: Any = None,
+        generator: GeneratorLike = None,
+        embedding_layer: Optional[str] = None,
+        generate_on: GenerateOn = "main",
+    ) -> None:
+        if generate_on not in ("main", "all"):
+            raise HardNegError(f"generate_on must be 'main' or 'all', got {generate_on!r}")
+        self.accelerator = accelerator
+        self.generate_on = generate_on
+        self.rank = int(accelerator.process_index)
+        self.world = int(accelerator.num_processes)
+        generating = generation_on(config, generator)
+        here = generating and (generate_on == "all" or bool(accelerator.is_main_process))
+        if generating and dataset is None:
+            raise HardNegError("generation is on: pass dataset= (on every rank) so sources can be fetched by id")
+        inner = accelerator.unwrap_model(model) if model is not None else None
+        self.engine = HardNeg(
+            config if here else config.replace(generator=None), model=inner, class_names=class_names,
+            dataset=dataset, generator=generator if here else None, embedding_layer=embedding_layer,
+        )
+        self.engine.dataset = dataset
+        self._shared: Optional[_SharedWorker] = None
+        if generating:
+            self._shared = _SharedWorker(accelerator, self.engine.worker, generate_on)
+            self.engine.worker = self._shared  # type: ignore[assignment]
+        self._capture = _EmbeddingCapture(inner, embedding_layer) if inner is not None else None
+        self._local: Optional[_LocalMix] = None
+        self._reseed_buffer()
+
+    # ------------------------------------------------------------------ training events
+    def mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Add ready hard negatives to this rank's batch; returns ``(x, y, weights)``. Collective."""
+        return self.mix_batch(x, y).as_tuple()
+
+    def mix_batch(self, x: Tensor, y: Tensor) -> MixedBatch:
+        """Like :meth:`mix` but returns the :class:`~hardneg.mixing.MixedBatch`. Collective."""
+        if self._shared is not None:
+            self._shared.sync()
+        mixed = self.engine.mix_batch(x, y)
+        record = self.engine._last_mix
+        pairs = list(record.synthetic_pairs) if record is not None else []
+        self._local = _LocalMix(int(x.shape[0]), int(mixed.x.shape[0]), mixed.n_real, pairs)
+        return mixed
+
+    def observe(
+        self,
+        labels: Tensor,
+        logits: Optional[Tensor] = None,
+        ids: Union[Tensor, Sequence[int], None] = None,
+        embeddings: Optional[Tensor] = None,
+    ) -> None:
+        """Gather this step's rows from every process and record them in every rank's engine. Collective.
+
+        Args:
+            labels: ``(N,)`` labels (or ``(N, K)`` soft targets) of the batch returned by :meth:`mix`.
+            logits: ``(N, K)`` model outputs (all ranks pass them, or none does).
+            ids: global dataset ids of the batch passed to :meth:`mix`.
+            embeddings: ``(N, D)``; default the forward-hook capture of the last training forward.
+        """
+        if ids is None:
+            raise HardNegError("observe() needs ids: the global dataset sample ids of the batch")
+        emb = embeddings if embeddings is not None else (self._capture.pop() if self._capture else None)
+        if emb is None:
+            raise HardNegError("no embeddings: pass embeddings=, or give HardNegAccelerate the model")
+        labels = hard_labels(torch.as_tensor(labels)).reshape(-1)
+        ids_t = torch.as_tensor(ids).reshape(-1)
+        n = int(emb.shape[0])
+        local, self._local = self._local, None
+        if local is not None and n == local.n_total:
+            n_real, pairs = local.n_real, local.pairs
+            if ids_t.numel() not in (local.n_in, local.n_real, local.n_total):
+                raise HardNegError(f"got {ids_t.numel()} ids for a mixed batch of {n} rows ({n_real} real)")
+        else:
+            n_real, pairs = n, []
+            if ids_t.numel() != n:
+                raise HardNegError(f"got {ids_t.numel()} ids for {n} embeddings")
+        if labels.shape[0] != n or (logits is not None and logits.shape[0] != n):
+            raise HardNegError(f"labels/logits must have {n} rows like the embeddings")
+        rows = _pack(emb, labels, logits, ids_t[:n_real], n_real, pairs)
+        rows = self._gather_rows(rows)
+        d = int(emb.shape[1])
+        k = int(logits.shape[1]) if logits is not None else 0
+        syn = rows[:, -1] > 0.5
+        ordered = torch.cat([rows[~syn], rows[syn]])
+        n_real_all = int((~syn).sum())
+        all_pairs = [(int(a), int(b)) for a, b in ordered[n_real_all:, d + k + 2 : d + k + 4].long().tolist()]
+        emb_all = ordered[:, :d].float()
+        logits_all = ordered[:, d : d + k].float() if k else None
+        labels_all = ordered[:, d + k].long()
+        ids_all = ordered[:n_real_all, d + k + 1].long()
+        # The gathered batch is one mixed batch: tell the engine which rows are synthetic and their pairs.
+        self.engine._last_mix = (
+            _MixRecord(n_in=n_real_all, n_total=int(ordered.shape[0]), n_real=n_real_all, synthetic_pairs=all_pairs)
+            if all_pairs else None
+        )
+        self.engine.observe(embeddings=emb_all, labels=labels_all, logits=logits_all, ids=ids_all)
+
+    # ------------------------------------------------------------------ engine passthrough
+    def confusions(self, n: Optional[int] = None) -> list[PairScore]:
+        """The most confused directed pairs (identical on every rank)."""
+        return self.engine.confusions(n)
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's counters plus this rank's index and the world size."""
+        return {**self.engine.stats(), "rank": self.rank, "world_size": self.world}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The engine state (``accelerator.save_state`` writes the main process's)."""
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore an engine state on this rank (its buffer draws keep a per-rank seed)."""
+        self.engine.load_state_dict(state)
+        self._reseed_buffer()
+
+    def close(self) -> None:
+        """Stop the generator and remove the hooks. Safe to call twice."""
+        self.engine.close()
+        if self._capture is not None:
+            self._capture.remove()
+
+    # ------------------------------------------------------------------ internals
+    def _reseed_buffer(self) -> None:
+        """Give ranks > 0 their own buffer draws (rank 0 draws as a single process would)."""
+        if self.rank == 0:
+            return
+        state = self.engine.buffer.state_dict()
+        seed = self.engine.config.seed * 1_000_003 + 7919 * self.rank + self.engine.step
+        state["rng_state"] = torch.Generator().manual_seed(seed).get_state()
+        self.engine.buffer.load_state_dict(state)
+
+    def _gather_rows(self, rows: Tensor) -> Tensor:
+        """Concatenate ``rows`` of every process in rank order (row counts may differ)."""
+        if self.world == 1:
+            return rows
+        acc = self.accelerator
+        counts = acc.gather(torch.tensor([rows.shape[0]], device=acc.device)).cpu().tolist()
+        width = acc.gather(torch.tensor([rows.shape[1]], device=acc.device)).cpu().tolist()
+        if len(set(width)) != 1:
+            raise HardNegError(f"ranks observed rows of different widths {width}: pass logits on all ranks or none, "
+                               "and use the same model on every rank")
+        top = max(counts)
+        padded = torch.cat([rows, rows.new_zeros(top - rows.shape[0], rows.shape[1])]) if rows.shape[0] < top else rows
+        gathered = acc.gather(padded.to(acc.device)).cpu()
+        return torch.cat([gathered[r * top : r * top + c] for r, c in enumerate(counts)])
+
+
+def _pack(emb: Tensor, labels: Tensor, logits: Optional[Tensor], real_ids: Tensor, n_real: int,
+          pairs: list[tuple[int, int]]) -> Tensor:
+    """One float64 row per sample: ``[embedding | logits | label | id | pair a | pair b | synthetic]``."""
+    n = emb.shape[0]
+    meta = torch.zeros(n, 5, dtype=torch.float64)
+    meta[:, 0] = labels.detach().cpu().double()
+    meta[:n_real, 1] = real_ids.detach().cpu().double()
+    if pairs:
+        meta[n_real:, 2:4] = torch.tensor(pairs, dtype=torch.float64)
+    meta[n_real:, 4] = 1.0
+    parts = [emb.detach().cpu().double()]
+    if logits is not None:
+        parts.append(logits.detach().cpu().double())
+    parts.append(meta)
+    return torch.cat(parts, dim=1)
+
+
+class _EmbeddingCapture:
+    """Keeps the last training-mode embedding of ``model`` (the layer the engine would hook)."""
+
+    def __init__(self, model: nn.Module, embedding_layer: Optional[str]) -> None:
+        self.model = model
+        self.value: Optional[Tensor] = None
+        if embedding_layer is not None:
+            layer = model.get_submodule(embedding_layer)
+            self._handle = layer.register_forward_hook(lambda m, i, o: self._keep(o))
+            return
+        head = model.get_classifier() if hasattr(model, "get_classifier") and hasattr(model, "forward_head") else None
+        if not isinstance(head, nn.Module):
+            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+            head = linears[-1] if linears else None
+        if head is None:
+            raise HardNegError("cannot find the embedding: pass embedding_layer='name.of.layer'")
+        self._handle = head.register_forward_pre_hook(lambda m, inputs: self._keep(inputs[0]))
+
+    def _keep(self, tensor: Tensor) -> None:
+        if self.model.training:
+            self.value = tensor.detach().flatten(1)
+
+    def pop(self) -> Optional[Tensor]:
+        value, self.value = self.value, None
+        return value
+
+    def remove(self) -> None:
+        self._handle.remove()

@@ -1,0 +1,204 @@
+"""Accelerate adapter: 2 CPU processes (gloo) find the same confused pairs as 1, and share generation."""
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("accelerate")
+
+from _fake_generators import FakeGenerator  # noqa: E402
+from hardneg import HardNegConfig  # noqa: E402
+from hardneg.data import from_tensors  # noqa: E402
+
+K = 4
+GLOBAL_BATCH = 16
+
+
+def _toy_data(n_per_class=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(K).repeat_interleave(n_per_class)
+    x = torch.rand(len(y), 1, 8, 8, generator=g) * 0.3
+    for c in range(K):
+        x[y == c, :, c : c + 2, :] += 0.7
+    x[y == 1] = 0.5 * x[y == 1] + 0.5 * x[y == 0]  # classes 0 and 1 look alike
+    return from_tensors(x.clamp(0, 1), y)
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.head = nn.Linear(16, K)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _cfg(**kw):
+    base = dict(num_classes=K, refresh_every=3, top_pairs=3, knn_k=4, sources_per_pair=4, images_per_refresh=8,
+                generation_batch=2, buffer_size=64, synthetic_fraction=0.25, seed=0)
+    base.update(kw)
+    return HardNegConfig(**base)
+
+
+def _mine(accelerator, steps=12):
+    """Observe a fixed model on fixed global batches; return what the engine concluded."""
+    from hardneg.integrations.accelerate import HardNegAccelerate
+
+    data = _toy_data()
+    model = TinyNet()
+    loader = torch.utils.data.DataLoader(data, batch_size=GLOBAL_BATCH, shuffle=False)
+    loader = accelerator.prepare(loader)  # the model stays unwrapped: no training here, and DDP costs ~10 s
+    hn = HardNegAccelerate(accelerator, _cfg(), model=model)
+    done = 0
+    while done < steps:
+        for x, y, idx in loader:
+            x, y, w = hn.mix(x, y)
+            logits = model(x)
+            hn.observe(labels=y, logits=logits, ids=idx)
+            done += 1
+            if done == steps:
+                break
+    bank = hn.engine.bank.state_dict()
+    order = torch.argsort(bank["ids"])
+    out = {
+        "pairs": [(p.a, p.b, p.score, sorted(p.source_ids)) for p in hn.confusions()],
+        "step": hn.engine.step,
+        "bank_ids": bank["ids"][order],
+        "bank_vectors": bank["vectors"][order],
+        "matrix": hn.engine.confusion.matrix(),
+    }
+    hn.close()
+    return out
+
+
+def _generate(accelerator, mode, max_steps=150):
+    """Run with a generator until every rank's buffer holds images; report who generated what."""
+    from hardneg.integrations.accelerate import HardNegAccelerate
+
+    data = _toy_data()
+    model = TinyNet()
+    loader = torch.utils.data.DataLoader(data, batch_size=GLOBAL_BATCH, shuffle=False)
+    loader = accelerator.prepare(loader)  # the model stays unwrapped: no training here, and DDP costs ~10 s
+    hn = HardNegAccelerate(accelerator, _cfg(), model=model, dataset=data, generator=FakeGenerator(),
+                           generate_on=mode)
+    step, mixed_rows = 0, 0
+    while step < max_steps and mixed_rows == 0:
+        for x, y, idx in loader:
+            xm, ym, w = hn.mix(x, y)
+            mixed_rows = int(xm.shape[0] - x.shape[0])
+            hn.observe(labels=ym, logits=model(xm), ids=idx)
+            step += 1
+            time.sleep(0.01)  # let the worker thread run
+            if mixed_rows or step >= max_steps:
+                break
+    # mixed_rows can differ between ranks only if their buffers differ; every rank breaks on the same step
+    s = hn.stats()
+    out = {"buffer": len(hn.engine.buffer), "mixed_rows": mixed_rows, "step": step,
+           "produced": (s["worker"] or {}).get("images_produced", 0), "shared_in": s["worker"]["images_shared_in"],
+           "pairs": [(p.a, p.b) for p in hn.confusions()],
+           "provenance": {k: v.clone() for k, v in hn.engine.buffer.provenance().items()}}
+    hn.close()
+    return out
+
+
+def _same_provenance(a, b):
+    """Same stored images and provenance; use counts may differ (each rank draws with its own seed)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "uses")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    result = {"world": acc.num_processes, "mine": _mine(acc), "main": _generate(acc, "main"),
+              "all": _generate(acc, "all")}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture()
+def single_process_accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)
+
+
+def test_two_processes_find_the_pairs_one_process_finds_and_share_generation(tmp_path, single_process_accelerator):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    single = _mine(single_process_accelerator)
+
+    for r in ranks:  # one bank on every rank, equal to the single-process bank
+        m = r["mine"]
+        assert m["step"] == single["step"] == 12
+        assert torch.equal(m["bank_ids"], single["bank_ids"])
+        assert len(m["bank_ids"]) == len(_toy_data())
+        assert torch.allclose(m["bank_vectors"], single["bank_vectors"], atol=1e-5)
+        assert torch.allclose(torch.as_tensor(m["matrix"]), torch.as_tensor(single["matrix"]), atol=1e-5)
+        assert [p[:2] for p in m["pairs"]] == [p[:2] for p in single["pairs"]]
+        assert [p[3] for p in m["pairs"]] == [p[3] for p in single["pairs"]]
+        for got, want in zip(m["pairs"], single["pairs"]):
+            assert got[2] == pytest.approx(want[2], abs=1e-5)
+    assert {(0, 1), (1, 0)} & {p[:2] for p in single["pairs"]}
+
+    main = [r["main"] for r in ranks]
+    assert main[0]["produced"] > 0 and main[1]["produced"] == 0  # only the main process generates...
+    assert main[1]["buffer"] == main[0]["buffer"] > 0  # ...and rank 1 receives the same images
+    assert main[0]["shared_in"] == main[1]["shared_in"] > 0
+    assert main[0]["step"] == main[1]["step"] and main[0]["mixed_rows"] == main[1]["mixed_rows"] == 2
+    assert main[0]["pairs"] == main[1]["pairs"]
+    assert _same_provenance(main[0]["provenance"], main[1]["provenance"])
+
+    every = [r["all"] for r in ranks]
+    assert every[0]["produced"] > 0 and every[1]["produced"] > 0  # requests are split between the ranks
+    assert every[0]["buffer"] == every[1]["buffer"] > 0
+    assert every[0]["shared_in"] == every[1]["shared_in"] > 0
+    assert _same_provenance(every[0]["provenance"], every[1]["provenance"])  # identical buffers
+
+
+def test_checkpointing_round_trips_through_accelerator_state(tmp_path, single_process_accelerator):
+    from hardneg.integrations.accelerate import HardNegAccelerate
+
+    acc = single_process_accelerator
+    data = _toy_data()
+    model = TinyNet()
+    hn = HardNegAccelerate(acc, _cfg(), model=model)
+    acc.register_for_checkpointing(hn)
+    for start in range(0, 64, 16):
+        idx = torch.arange(start, start + 16)
+        x, y, w = hn.mix(data.images[idx], data.labels[idx])
+        hn.observe(labels=y, logits=model(x), ids=idx)
+    acc.save_state(str(tmp_path / "state"))
+    pairs = [(p.a, p.b) for p in hn.confusions()]
+    hn.close()
+
+    restored = HardNegAccelerate(acc, _cfg(), model=TinyNet())
+    acc._custom_objects.clear()
+    acc.register_for_checkpointing(restored)
+    acc.load_state(str(tmp_path / "state"))
+    assert restored.engine.step == 4
+    assert len(restored.engine.bank) == 64
+    assert [(p.a, p.b) for p in restored.confusions()] == pairs
+    restored.close()
