@@ -216,7 +216,7 @@ def test_factory_that_cannot_build_fails_after_restarts() -> None:
 
 def test_close_leaves_no_thread_even_after_keyboard_interrupt() -> None:
     with pytest.raises(KeyboardInterrupt):
-        with GenerationWorker(functools.partial(fakes.FakeGenerator, delay=0.05), name="hn-t-ki") as w:
+        with GenerationWorker(functools.partial(fakes.FakeGenerator, delay=0.2), name="hn-t-ki") as w:
             for i in range(5):
                 w.submit(make_request(i))
             wait_until(lambda: w.stats()["requests_in_flight"] == 1)
