@@ -1,0 +1,114 @@
+"""timm adapter: HardNegTimm in a loop shaped like timm's train.py (timm model, Mixup, soft-target loss)."""
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+timm = pytest.importorskip("timm")
+from timm.data import Mixup  # noqa: E402
+from timm.loss import SoftTargetCrossEntropy  # noqa: E402
+
+from _fake_generators import FakeGenerator  # noqa: E402
+from hardneg import HardNegConfig  # noqa: E402
+from hardneg.data import from_tensors  # noqa: E402
+from hardneg.integrations.timm import HardNegTimm, IndexedDataset  # noqa: E402
+from hardneg.plugin import HardNeg  # noqa: E402
+
+K = 4
+
+
+def _toy_data(n_per_class=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(K).repeat_interleave(n_per_class)
+    x = torch.rand(len(y), 1, 16, 16, generator=g) * 0.3
+    for c in range(K):
+        x[y == c, :, 4 * c : 4 * c + 4, :] += 0.7
+    return from_tensors(x.clamp(0, 1), y)
+
+
+def _engine(model, data, **kw):
+    base = dict(num_classes=K, refresh_every=2, top_pairs=2, knn_k=4, sources_per_pair=4, images_per_refresh=8,
+                generation_batch=4, buffer_size=64, synthetic_fraction=0.25, seed=0)
+    base.update(kw)
+    return HardNeg(HardNegConfig(**base), model=model, dataset=data, generator=FakeGenerator())
+
+
+def test_train_py_shaped_loop_with_mixup_gets_hard_negatives_and_observes():
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = timm.create_model("test_resnet", num_classes=K, in_chans=1)
+    mixup = Mixup(mixup_alpha=0.4, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=K)
+    loss_fn = SoftTargetCrossEntropy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = _engine(model, data)
+    mixup_fn = HardNegTimm(engine, mixup)  # line 1
+    plain = torch.utils.data.TensorDataset(data.images, data.labels)  # a timm-style (input, target) dataset
+    loader = torch.utils.data.DataLoader(IndexedDataset(plain), batch_size=16, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(0))
+    model.train()
+    seen = []
+    while len(seen) < 40 and (not seen or seen[-1][0] == 16):  # until a batch carried hard negatives (a few steps)
+        for input, target, ids in loader:
+            input, target = mixup_fn(input, target)
+            output = model(input)
+            loss = loss_fn(output, target)
+            mixup_fn.after_forward(output, target, ids)  # line 2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen.append((input.shape[0], target.shape))
+            if input.shape[0] > 16 or len(seen) >= 40:
+                break
+    s = engine.stats()
+    engine.close()
+    assert s["step"] == len(seen)
+    assert s["bank_size"] == min(len(data), 16 * len(seen))  # ids from IndexedDataset reached the bank
+    assert s["synthetic_used"] > 0
+    assert s["synthetic_feedback"] == s["synthetic_used"]  # appended rows recognised as synthetic
+    assert (20, torch.Size([20, K])) in seen  # 16 mixed-up real rows + 4 hard negatives, soft targets
+    assert mixup_fn.weights.shape[0] == seen[-1][0]
+
+
+def test_synthetic_rows_are_not_blended_and_keep_one_hot_targets():
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = timm.create_model("test_resnet", num_classes=K, in_chans=1)
+    engine = _engine(model, data, refresh_every=1, synthetic_weight=0.5)
+    mixup_fn = HardNegTimm(engine, Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=K))
+    ids = torch.arange(0, 64, 4)  # 4 samples of each class
+    x, y = data.images[ids], data.labels[ids]
+    xm, ym = mixup_fn(x, y)
+    mixup_fn.after_forward(model(xm), ym, ids)  # refreshes: requests hard negatives
+    for _ in range(200):  # wait for the worker thread to fill the buffer
+        if engine.collect() or len(engine.buffer):
+            break
+        time.sleep(0.01)
+    xm, ym = mixup_fn(x, y)
+    engine.close()
+    assert xm.shape[0] == 20
+    syn = ym[16:]
+    assert torch.all((syn == 0) | (syn == 1)) and torch.all(syn.sum(1) == 1)  # one-hot, not mixed
+    assert torch.equal(mixup_fn.weights[16:], torch.full((4,), 0.5))
+    per_sample = F.cross_entropy(torch.zeros(20, K), ym, reduction="none")
+    assert mixup_fn.loss(per_sample) == pytest.approx(float(per_sample.mean()))  # all equal rows: same mean
+    assert mixup_fn.mixup_enabled is True
+    mixup_fn.mixup_enabled = False  # timm's --mixup-off-epoch switch reaches the wrapped Mixup
+    assert mixup_fn.mixup_fn.mixup_enabled is False
+
+
+def test_indexed_dataset_forwards_transform_like_timm_create_loader_sets_it():
+    class Folder:
+        transform = None
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return (self.transform(i) if self.transform else i), i % 2
+
+    ds = IndexedDataset(Folder())
+    ds.transform = lambda i: i * 10  # what timm.data.create_loader does
+    assert ds.dataset.transform is ds.transform
+    assert [ds[i] for i in range(3)] == [(0, 0, 0), (10, 1, 1), (20, 0, 2)]
