@@ -12,6 +12,15 @@ from hardneg.methods.auggen import (
     mixed_embeddings, sample_mixed, score_generated_set,
 )
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster than several on a busy CPU (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 @pytest.fixture(scope="module")
 def gen():

@@ -11,7 +11,28 @@ from hardneg.config import ConfigError
 from hardneg.methods import da_fusion_config
 
 from _engine_generators import BlendGenerator
-from test_plugin import TinyNet, _toy_data
+from test_plugin import _toy_data
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster than several on a busy CPU (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+class SmoothNet(nn.Module):
+    """Like test_plugin.TinyNet but with a tanh embedding: never exactly zero (the bank rejects zero norms)."""
+
+    def __init__(self, k=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh())
+        self.head = nn.Linear(16, k)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
 
 
 def _wait_for_images(engine, timeout=20):
@@ -31,7 +52,7 @@ def test_da_fusion_keeps_labels_and_substitutes_p_of_each_batch(strength):
                            generation_batch=8, buffer_size=64, seed=0)
     assert (cfg.targeting, cfg.mix_mode, cfg.synthetic_fraction, cfg.curriculum) == ("same-class", "substitute", 0.5, "constant")
     data = _toy_data()
-    model = TinyNet()
+    model = SmoothNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
     shares = []

@@ -5,6 +5,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from hardneg import HardNeg, HardNegConfig
 from hardneg.bank import EmbeddingBank
@@ -14,9 +15,30 @@ from hardneg.methods.long_tail import (
 from hardneg.targeting import make_policy
 
 from _engine_generators import BlendGenerator
-from test_plugin import TinyNet, _run_loop, _toy_data
+from test_plugin import _run_loop, _toy_data
 
 COUNTS = [40, 30, 10, 5]
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster than several on a busy CPU (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+class SmoothNet(nn.Module):
+    """Like test_plugin.TinyNet but with a tanh embedding: never exactly zero (the bank rejects zero norms)."""
+
+    def __init__(self, k=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh())
+        self.head = nn.Linear(16, k)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
 
 
 def _imbalanced_bank(dim=8, seed=0):
@@ -76,7 +98,7 @@ def test_engine_generates_only_tail_labels_from_head_sources():
     full = _toy_data()
     keep = torch.cat([(full.labels == c).nonzero().flatten()[:n] for c, n in enumerate([24, 24, 6, 3])])
     data = full.subset(keep.sort().values)
-    model = TinyNet()
+    model = SmoothNet()
     cfg = HardNegConfig(num_classes=4, targeting="long-tail", refresh_every=3, knn_k=4, sources_per_pair=6,
                         images_per_refresh=12, generation_batch=6, buffer_size=64, seed=0)
     with HardNeg(cfg, model=model, dataset=data, generator=BlendGenerator()) as engine:
