@@ -1,0 +1,66 @@
+"""Generator backends behind one protocol, and :func:`load_generator`, the by-name factory.
+
+``load_generator(name, path, **kwargs)`` is a module-level function so
+``functools.partial(load_generator, "class-conditional", path)`` pickles: the generation worker
+process builds its generator from such a factory. Backends are imported on first use, so
+importing this package does not import diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional
+
+from hardneg.generators.base import Generator, GeneratorError
+
+__all__ = [
+    "AdaResult",
+    "ClassConditionalConfig",
+    "ClassConditionalGenerator",
+    "Generator",
+    "GeneratorError",
+    "GENERATORS",
+    "choose_ratio",
+    "default_digits_generator_path",
+    "genie_ada",
+    "load_generator",
+]
+
+GENERATORS = ("class-conditional", "stable-diffusion")
+
+_LAZY = {
+    "ClassConditionalGenerator": "hardneg.generators.class_conditional",
+    "ClassConditionalConfig": "hardneg.generators.class_conditional",
+    "default_digits_generator_path": "hardneg.generators.class_conditional",
+    "AdaResult": "hardneg.generators.ada",
+    "choose_ratio": "hardneg.generators.ada",
+    "genie_ada": "hardneg.generators.ada",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hardneg.generators' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_generator(name: str, path: Optional[str] = None, **kwargs: Any) -> Generator:
+    """Build the generator backend ``name`` from ``path``.
+
+    ``"class-conditional"``: :meth:`ClassConditionalGenerator.load(path, **kwargs)
+    <hardneg.generators.class_conditional.ClassConditionalGenerator.load>`; ``path=None`` loads the
+    digits generator shipped with hardneg. ``"stable-diffusion"``:
+    ``StableDiffusionGenerator.from_pretrained(path, **kwargs)`` (a local folder or hub id).
+    """
+    if name == "class-conditional":
+        from hardneg.generators.class_conditional import ClassConditionalGenerator, default_digits_generator_path
+
+        return ClassConditionalGenerator.load(path if path is not None else default_digits_generator_path(), **kwargs)
+    if name == "stable-diffusion":
+        if path is None:
+            raise GeneratorError("the stable-diffusion generator needs a path: a local model folder or hub id")
+        from hardneg.generators.stable_diffusion import StableDiffusionGenerator
+
+        return StableDiffusionGenerator.from_pretrained(path, **kwargs)
+    raise GeneratorError(f"unknown generator {name!r}; choose one of {list(GENERATORS)}")
