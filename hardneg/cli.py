@@ -41,6 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU-feature probe
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -23,6 +23,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--out", default="hardneg-out/demo", help="output folder for plots, JSON and checkpoints")
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many training steps (quick look)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--model", default="resnet10t", help="timm model name (built from config, no download)")
@@ -100,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         train(model, train_data, test_data, engine=engine, epochs=args.epochs, batch_size=args.batch_size,
-              lr=args.lr, seed=args.seed, progress=not args.no_progress, on_epoch=on_epoch)
+              lr=args.lr, seed=args.seed, progress=not args.no_progress, on_epoch=on_epoch,
+              max_steps=args.max_steps)
         engine.collect()
     finally:
         engine.close()
