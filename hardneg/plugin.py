@@ -246,11 +246,11 @@ class HardNeg:
             return 0
         added = 0
         for result in self.worker.poll():
+            self._counters["images_received"] += len(result.images)
             if result.request_id in self._ada_requests:
                 result = self._select_ada(result, self._ada_requests.pop(result.request_id))
             n = self.buffer.add(result, step=self.step)
             added += n
-            self._counters["images_received"] += len(result.images)
             self._counters["images_rejected"] += len(result.images) - n
         return added
 

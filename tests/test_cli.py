@@ -63,14 +63,17 @@ def test_generate_explicit_pairs_writes_imagefolder_csv_and_grid(tmp_path, tiny_
     assert os.path.getsize(os.path.join(out, "grid.png")) > 1000
 
 
-def test_generate_auto_mines_pairs_with_a_classifier(tmp_path, tiny_generator_dir, capsys):
+def test_generate_auto_pairs_with_genie_ada(tmp_path, tiny_generator_dir, capsys):
+    """--pairs auto mines pairs with a quick classifier; --ratio ada picks r per source from the grid."""
     out = str(tmp_path / "auto")
     assert main(["generate", "--generator-path", tiny_generator_dir, "--pairs", "auto", "--top-pairs", "2",
+                 "--ratio", "ada", "--ada-grid", "0.3,0.6,0.9",
                  "--classifier-epochs", "1", "--image-size", "16", "--per-pair", "2", "--out", out,
                  "--no-progress"]) == 0
     assert "confused pairs:" in capsys.readouterr().out
     rows = list(csv.DictReader(open(os.path.join(out, "provenance.csv"))))
     assert len(rows) == 4 and all(r["source_class"] != r["target_class"] for r in rows)
+    assert {float(r["r"]) for r in rows} <= {0.6, 0.9}  # Ada picks the r after a jump: never the first
 
 
 @pytest.mark.parametrize(

@@ -249,3 +249,19 @@ def test_resumed_run_continues_where_it_stopped(tmp_path):
         assert x.shape[0] == 20  # the buffer came back: synthetic rows available at once
         _run_loop(resumed, model, data, steps=2)
         assert resumed.step == 10
+
+
+def test_ada_curriculum_keeps_one_image_per_source_at_a_grid_ratio():
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = TinyNet()
+    cfg = _cfg(curriculum="ada", ada_grid=(0.3, 0.6, 0.9), generation_batch=6)
+    with HardNeg(cfg, model=model, dataset=data, generator=BlendGenerator()) as engine:
+        _run_loop(engine, model, data, steps=2)
+        assert _wait_for_buffer(engine, n=2)
+        prov = engine.buffer.provenance()
+        s = engine.stats()
+    # each request carried every source at all 3 ratios; one image per source survives
+    assert s["images_received"] == 3 * prov["slots"].numel() + s["images_rejected"]
+    assert {round(r, 4) for r in prov["ratios"].tolist()} <= {0.6, 0.9}
+    assert any(len(v) for v in engine.curriculum.history.values())
