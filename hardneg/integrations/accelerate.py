@@ -148,8 +148,11 @@ class HardNegAccelerate:
             rank when generating.
         generator: a generator or a zero-argument factory; ``None`` builds ``config.generator``.
         embedding_layer: dotted module name whose output is the embedding.
-        generate_on: ``"main"`` (one generator, results broadcast) or ``"all"`` (one per process,
-            requests split between them, results gathered).
+        generate_on: ``"main"`` (one generator, results broadcast; other ranks may pass
+            ``generator=None`` and skip loading it) or ``"all"`` (one per process, requests split
+            between them, results gathered).
+
+    Construction is collective (the ranks agree on whether generation is on).
     """
 
     def __init__(
@@ -169,8 +172,13 @@ class HardNegAccelerate:
         self.generate_on = generate_on
         self.rank = int(accelerator.process_index)
         self.world = int(accelerator.num_processes)
-        generating = generation_on(config, generator)
+        has_generator = generation_on(config, generator)
+        generating = has_generator
+        if self.world > 1:  # collective: generation is on when any rank brought a generator
+            generating = any(bool(v) for v in _ops.gather_object([has_generator]))
         here = generating and (generate_on == "all" or bool(accelerator.is_main_process))
+        if here and not has_generator:
+            raise HardNegError(f"generate_on={generate_on!r}: process {self.rank} must be given the generator too")
         if generating and dataset is None:
             raise HardNegError("generation is on: pass dataset= (on every rank) so sources can be fetched by id")
         inner = accelerator.unwrap_model(model) if model is not None else None
