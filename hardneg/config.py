@@ -36,7 +36,7 @@ class HardNegConfig:
     embedding_dim: Optional[int] = None  # inferred from the first observed batch when None
     metric: Metric = "cosine"
     index: IndexKind = "auto"
-    ivf_threshold: int = 200_000  # "auto" switches from exact flat to IVF past this many vectors
+    ivf_threshold: int = 50_000  # "auto" switches from exact flat to IVF past this many vectors
     nprobe: int = 16
     use_gpu_index: bool = True  # only used when a FAISS GPU build and a GPU are present
     # --- confusion mining -----------------------------------------------------------------
@@ -47,7 +47,9 @@ class HardNegConfig:
     top_pairs: int = 5
     sources_per_pair: int = 16
     min_pair_score: float = 0.0  # pairs scoring at or below this are never targeted
-    refresh_queries: int = 20_000  # cap on bank samples used as kNN queries per refresh
+    refresh_queries: int = 4096  # cap on bank samples used as kNN queries per refresh (stratified)
+    async_refresh: bool = True  # mine confusion on a background thread, off the training step
+    deterministic: bool = False  # sync refresh; hand generated images over only at refresh boundaries
     targeting: str = "confusion"  # which pairs get generated: see hardneg.targeting
     # --- generation -----------------------------------------------------------------------
     generator: Optional[str] = None  # "class-conditional", "stable-diffusion" or None (mining only)

@@ -14,6 +14,7 @@ images that sit right at that boundary, the ones GeNIe should push across it.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -89,6 +90,9 @@ class ConfusionGraph:
         self.refreshes = 0
         self.last_step = -1
         self.history: list[dict[str, Any]] = []  # one entry per refresh: step, top pairs, mean confusion
+        # Guards the state above: refresh() may run on a background thread while the training
+        # thread accumulates logits or reads the top pairs.
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ inputs
     def accumulate_logits(self, labels: Tensor, logits: Tensor) -> None:
@@ -101,55 +105,58 @@ class ConfusionGraph:
             raise ValueError("logits contain NaN or infinite values; the model has diverged")
         probs = torch.softmax(logits.detach().float(), dim=1).cpu().numpy().astype(np.float64)
         lab = labels.detach().cpu().numpy().astype(np.int64)
-        np.add.at(self._prob_sum, lab, probs)
-        self._prob_count += np.bincount(lab, minlength=self.num_classes)
+        with self._lock:
+            np.add.at(self._prob_sum, lab, probs)
+            self._prob_count += np.bincount(lab, minlength=self.num_classes)
 
     # ------------------------------------------------------------------ refresh
     def refresh(self, bank: EmbeddingBank, step: int = 0) -> np.ndarray:
         """Recompute pair scores from the bank (and logits seen since the last refresh).
 
-        Returns the new EMA score matrix (K, K), zero diagonal.
+        Thread-safe: the heavy part (kNN over the bank) runs without holding the lock, so it can
+        run on a background thread while training goes on. Returns the new EMA matrix (K, K).
         """
-        ids, vectors, labels, _ = bank.snapshot()
         k = self.num_classes
+        with self._lock:  # take this window's logits; new ones go to the next refresh
+            prob_sum, prob_count = self._prob_sum, self._prob_count
+            self._prob_sum = np.zeros((k, k), dtype=np.float64)
+            self._prob_count = np.zeros(k, dtype=np.int64)
+            previous, first = self._scores, self.refreshes == 0
+        ids, vectors, labels, _ = bank.snapshot()
         knn = np.zeros((k, k), dtype=np.float64)
+        knn_acc = np.ones(k, dtype=np.float64)
         counts = np.bincount(labels, minlength=k)
         if len(ids) > 1:
             q = self._query_subset(labels)
             knn, knn_acc = self._knn_disagreement(bank, ids[q], vectors[q], labels[q])
-            self._knn_accuracy = knn_acc
-        soft = None
-        have = self._prob_count > 0
+        have = prob_count > 0
+        combined = knn
         if have.any():
             soft = np.zeros((k, k), dtype=np.float64)
-            soft[have] = self._prob_sum[have] / self._prob_count[have, None]
+            soft[have] = prob_sum[have] / prob_count[have, None]
             np.fill_diagonal(soft, 0.0)
-        if soft is None:
-            combined = knn
-        else:
             # Classes without logits this window fall back to kNN alone.
             w = np.where(have[:, None], self.logit_weight, 0.0)
             combined = (1 - w) * knn + w * soft
         np.fill_diagonal(combined, 0.0)
-        if self.refreshes == 0:
-            self._scores = combined
-        else:
-            self._scores = (1 - self.ema) * self._scores + self.ema * combined
-        self._counts = counts
-        self._prob_sum[:] = 0.0
-        self._prob_count[:] = 0
-        self._sources = self._find_sources(ids, vectors, labels, bank.metric)
-        self.refreshes += 1
-        self.last_step = int(step)
-        top = self.top_pairs(5)
-        self.history.append(
-            {
-                "step": int(step),
-                "mean_confusion": float(self._scores.sum() / max(k * (k - 1), 1)),
-                "top_pairs": [[p.a, p.b, p.score] for p in top],
-            }
-        )
-        return self._scores.copy()
+        scores = combined if first else (1 - self.ema) * previous + self.ema * combined
+        sources = self._find_sources(ids, vectors, labels, bank.metric, scores)
+        with self._lock:
+            self._scores = scores
+            self._knn_accuracy = knn_acc
+            self._counts = counts
+            self._sources = sources
+            self.refreshes += 1
+            self.last_step = int(step)
+            top = self.top_pairs(5)
+            self.history.append(
+                {
+                    "step": int(step),
+                    "mean_confusion": float(scores.sum() / max(k * (k - 1), 1)),
+                    "top_pairs": [[p.a, p.b, p.score] for p in top],
+                }
+            )
+        return scores.copy()
 
     def _query_subset(self, labels: np.ndarray) -> np.ndarray:
         n = len(labels)
@@ -193,7 +200,7 @@ class ConfusionGraph:
         return mean, knn_acc
 
     def _find_sources(
-        self, ids: np.ndarray, vectors: np.ndarray, labels: np.ndarray, metric: str
+        self, ids: np.ndarray, vectors: np.ndarray, labels: np.ndarray, metric: str, scores: np.ndarray
     ) -> dict[tuple[int, int], list[int]]:
         sources: dict[tuple[int, int], list[int]] = {}
         if len(ids) == 0:
@@ -203,7 +210,7 @@ class ConfusionGraph:
         np.add.at(means, labels, vectors)
         counts = np.bincount(labels, minlength=k)
         means /= np.maximum(counts, 1)[:, None]
-        for a, b in self._candidate_pairs():
+        for a, b in self._candidate_pairs(scores):
             if counts[a] == 0 or counts[b] == 0:
                 continue
             idx = np.flatnonzero(labels == a)
@@ -217,8 +224,7 @@ class ConfusionGraph:
             sources[(a, b)] = ids[idx[best]].tolist()
         return sources
 
-    def _candidate_pairs(self, limit: int = 64) -> list[tuple[int, int]]:
-        s = self._scores
+    def _candidate_pairs(self, s: np.ndarray, limit: int = 64) -> list[tuple[int, int]]:
         flat = np.argsort(-s, axis=None, kind="stable")[: min(limit, s.size)]
         return [(int(i // self.num_classes), int(i % self.num_classes)) for i in flat if s.flat[i] > 0]
 
@@ -226,28 +232,35 @@ class ConfusionGraph:
     def top_pairs(self, n: int = 5, min_score: float = 0.0) -> list[PairScore]:
         """The ``n`` highest-scoring directed pairs (score > ``min_score``) with their sources."""
         out = []
-        for a, b in self._candidate_pairs(limit=max(n, 1) * 4):
-            score = float(self._scores[a, b])
-            if score <= min_score:
-                continue
-            out.append(PairScore(a, b, score, list(self._sources.get((a, b), []))))
-            if len(out) == n:
-                break
+        with self._lock:
+            for a, b in self._candidate_pairs(self._scores, limit=max(n, 1) * 4):
+                score = float(self._scores[a, b])
+                if score <= min_score:
+                    continue
+                out.append(PairScore(a, b, score, list(self._sources.get((a, b), []))))
+                if len(out) == n:
+                    break
         return out
 
     def matrix(self) -> np.ndarray:
         """The EMA score matrix (K, K): row A, column B = how much A is pulled towards B."""
-        return self._scores.copy()
+        with self._lock:
+            return self._scores.copy()
 
     def class_difficulty(self) -> list[ClassDifficulty]:
         """Per-class confusion mass, kNN accuracy and bank count (for long-tail targeting)."""
-        return [
-            ClassDifficulty(c, float(self._scores[c].sum()), float(self._knn_accuracy[c]), int(self._counts[c]))
-            for c in range(self.num_classes)
-        ]
+        with self._lock:
+            return [
+                ClassDifficulty(c, float(self._scores[c].sum()), float(self._knn_accuracy[c]), int(self._counts[c]))
+                for c in range(self.num_classes)
+            ]
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return self._state_dict_locked()
+
+    def _state_dict_locked(self) -> dict[str, Any]:
         return {
             "num_classes": self.num_classes,
             "scores": torch.from_numpy(self._scores.copy()),
@@ -265,6 +278,10 @@ class ConfusionGraph:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["num_classes"]) != self.num_classes:
             raise ValueError(f"state has {state['num_classes']} classes, this graph has {self.num_classes}")
+        with self._lock:
+            self._load_state_dict_locked(state)
+
+    def _load_state_dict_locked(self, state: dict[str, Any]) -> None:
         self._scores = np.asarray(state["scores"], dtype=np.float64).copy()
         self._knn_accuracy = np.asarray(state["knn_accuracy"], dtype=np.float64).copy()
         self._counts = np.asarray(state["counts"], dtype=np.int64).copy()

@@ -6,10 +6,17 @@ Training events it uses (one direction of data flow)::
     logits = model(x)               # forward: a hook captures the embeddings
     hn.observe(labels=y, logits=logits, ids=idx)   # after forward: bank, confusion, curriculum
 
-Every ``refresh_every`` observed steps the engine re-mines confusion over the whole bank, turns
-the top pairs into generation requests (images per pair proportional to score, sources = the
-pair's boundary samples, r from the curriculum) and hands them to the background worker. Finished
+Every ``refresh_every`` observed steps the engine re-mines confusion over the whole bank (on a
+background thread by default: the kNN pass is O(bank) and must stay off the step), turns the top
+pairs into generation requests (images per pair proportional to score, sources = the pair's
+boundary samples, r from the curriculum) and hands them to the background worker. Finished
 images land in the synthetic buffer the next ``mix`` draws from.
+
+Reproducibility: data order, model init, generation seeds and buffer sampling are seeded, but
+*when* an asynchronous refresh or a generated image becomes available depends on timing. With
+``deterministic=True`` refreshes run inline and generated images are handed over only at refresh
+boundaries (waiting for outstanding requests there), so a seeded run repeats exactly at the
+cost of those waits.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import copy
 import functools
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -116,9 +124,11 @@ class HardNeg:
         self._counters: dict[str, float] = {
             "observed": 0, "synthetic_used": 0, "synthetic_feedback": 0, "synthetic_correct": 0,
             "requests_made": 0, "images_received": 0, "images_rejected": 0, "engine_seconds": 0.0,
-            "refreshes": 0,
+            "refreshes": 0, "refreshes_skipped": 0,
         }
         self._wall_start: Optional[float] = None
+        self._refresh_pool: Optional[ThreadPoolExecutor] = None
+        self._refresh_future: Optional[Future] = None
         self._captured_embeddings: Optional[Tensor] = None
         self._captured_logits: Optional[Tensor] = None
         self._capture_always = False
@@ -175,6 +185,7 @@ class HardNeg:
             logits = self._captured_logits
         emb, labels, logits, ids_t = self._validate_observation(emb, labels, logits, ids)
         n_real, synth = self._split_real_synthetic(emb.shape[0], ids_t.shape[0])
+        self._finish_background_refresh()
         if self.bank is None:
             self.bank = self._make_bank(emb.shape[1])
         self.bank.upsert(ids_t[:n_real], emb[:n_real], labels[:n_real], step=self.step)
@@ -187,7 +198,10 @@ class HardNeg:
         self._last_mix = None
         self.step += 1
         if self.step % self.config.refresh_every == 0:
-            self.refresh()
+            if self.config.async_refresh and not self.config.deterministic:
+                self._start_background_refresh()
+            else:
+                self.refresh()
         self._counters["engine_seconds"] += time.perf_counter() - t0
 
     def mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -204,7 +218,9 @@ class HardNeg:
             self._wall_start = t0
         if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
             raise HardNegError(f"mix() needs x (N, ...) and y (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
-        self.collect()
+        self._finish_background_refresh()
+        if not self.config.deterministic:
+            self.collect()
         n = x.shape[0]
         k = int(round(self.config.synthetic_fraction * n))
         sample = None
@@ -219,16 +235,56 @@ class HardNeg:
         return mixed
 
     def refresh(self) -> list[PairScore]:
-        """Re-mine confusion now and (with a generator) request negatives for the top pairs."""
+        """Re-mine confusion now (inline) and, with a generator, request negatives for the plan."""
+        self._finish_background_refresh(wait=True)
         if self.bank is None or len(self.bank) < 2:
             return []
         self.confusion.refresh(self.bank, step=self.step)
+        return self._after_refresh()
+
+    def _after_refresh(self) -> list[PairScore]:
         self._counters["refreshes"] += 1
         self._pairs = self.confusion.top_pairs(self.config.top_pairs, self.config.min_pair_score)
         self._pair_weights = pair_weights(self._pairs)
         if self.worker is not None and not self.worker.failed:
+            if self.config.deterministic:
+                self.wait_for_generation()
             self._request_generation(self.targeting.plan(self, self.config.images_per_refresh))
         return list(self._pairs)
+
+    def _start_background_refresh(self) -> None:
+        if self.bank is None or len(self.bank) < 2:
+            return
+        if self._refresh_future is not None:  # the previous one is still running: skip, never queue up
+            self._counters["refreshes_skipped"] += 1
+            return
+        if self._refresh_pool is None:
+            self._refresh_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardneg-refresh")
+        self._refresh_future = self._refresh_pool.submit(self.confusion.refresh, self.bank, self.step)
+
+    def _finish_background_refresh(self, wait: bool = False) -> None:
+        """Act on a finished background refresh (plan + requests); errors surface here."""
+        fut = self._refresh_future
+        if fut is None or (not wait and not fut.done()):
+            return
+        self._refresh_future = None
+        fut.result()
+        self._after_refresh()
+
+    def wait_for_generation(self, timeout: float = 600.0) -> int:
+        """Block until every submitted request has finished (or failed), collect it; returns images added."""
+        if self.worker is None:
+            return 0
+        deadline = time.monotonic() + timeout
+        added = self.collect()
+        while time.monotonic() < deadline and not self.worker.failed:
+            s = self.worker.stats()
+            settled = s["requests_completed"] + s["failures"] + s["requests_dropped"] + s["requests_lost"]
+            if settled >= s["requests_submitted"] and s["results_ready"] == 0:
+                break
+            time.sleep(0.01)
+            added += self.collect()
+        return added + self.collect()
 
     def known_samples(self) -> tuple[np.ndarray, np.ndarray]:
         """(sample ids, labels) of every sample in the bank, for targeting policies."""
@@ -241,7 +297,9 @@ class HardNeg:
         return self.confusion.top_pairs(n or self.config.top_pairs, self.config.min_pair_score)
 
     def collect(self) -> int:
-        """Move finished images from the worker into the buffer (non-blocking); returns how many."""
+        """Move finished work forward without blocking: act on a finished background refresh, move
+        finished images from the worker into the buffer. Returns how many images were added."""
+        self._finish_background_refresh()
         if self.worker is None:
             return 0
         added = 0
@@ -320,6 +378,7 @@ class HardNeg:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         """Everything the loop needs to continue after a restart (not the pending worker queue)."""
+        self._finish_background_refresh(wait=True)
         return {
             "format": STATE_FORMAT,
             "config": self.config.to_dict(),
@@ -370,7 +429,10 @@ class HardNeg:
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the worker and remove the hooks. Safe to call twice."""
+        """Stop the worker and the refresh thread, remove the hooks. Safe to call twice."""
+        if self._refresh_pool is not None:
+            self._refresh_pool.shutdown(wait=True)
+            self._refresh_pool, self._refresh_future = None, None
         if self.worker is not None:
             self.worker.close(timeout=timeout)
         for h in self._hooks:

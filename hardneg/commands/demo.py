@@ -43,6 +43,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--synthetic-fraction", type=float, default=0.25)
     p.add_argument("--refresh-every", type=int, default=10)
     p.add_argument("--images-per-refresh", type=int, default=48)
+    p.add_argument("--deterministic", action="store_true",
+                   help="repeat a seeded run exactly: refresh inline, hand images over only at refresh boundaries")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         synthetic_fraction=args.synthetic_fraction, buffer_size=1024, curriculum=args.curriculum,
         r_start=0.7, r_end=0.4, r_min=0.3, r_max=0.9, adaptive_step=0.05, adaptive_min_samples=16,
         total_steps=args.epochs * steps_per_epoch, freshness_half_life=4 * steps_per_epoch, seed=args.seed,
+        deterministic=args.deterministic,
     )
     model = make_classifier(args.model, num_classes=train_data.num_classes, in_chans=train_data.image_shape[0])
     engine = HardNeg(cfg, model=model, class_names=names, dataset=train_data, generator=generator)
