@@ -137,7 +137,7 @@ class SmallCNN(nn.Module):
 
 
 def run(variant: str, data: dict[str, Any], synthetic: ImageDataset, steps: int, seed: int,
-        batch_size: int = 64, lr: float = 3e-3) -> dict[str, float]:
+        batch_size: int = 64, lr: float = 3e-3, stage2_lr: Optional[float] = None) -> dict[str, float]:
     """Train one variant; return worst-group and average test accuracy."""
     torch.manual_seed(seed)
     model = SmallCNN()
@@ -153,7 +153,7 @@ def run(variant: str, data: dict[str, Any], synthetic: ImageDataset, steps: int,
     else:
         fake_to_real(model, synthetic, real, steps // 2, steps - steps // 2,
                      stage2="group-dro" if variant == "two-stage-dro" else "erm", real_groups=groups,
-                     batch_size=batch_size, lr=lr, seed=seed)
+                     batch_size=batch_size, lr=lr, stage2_lr=stage2_lr, seed=seed)
     ev = evaluate_groups(model, data["test"], data["test_groups"])
     return {"worst_group": ev.worst_group_accuracy, "accuracy": ev.accuracy, "seconds": time.perf_counter() - t0}
 
@@ -167,6 +167,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--generator", choices=("auto", "pca", "diffusion"), default="auto")
     ap.add_argument("--generator-path", default=None)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--stage2-lr", type=float, default=None, help="fine-tuning lr of the two-stage variants "
+                    "(default: the same 3e-3 as stage 1)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="60 steps, one seed, 4 per cell: a smoke run")
     ap.add_argument("--json", help="also write the per-seed results here")
@@ -185,13 +187,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"seed {seed}: {len(data['train'])} real ({minority} groups under 20 samples), "
               f"{len(syn.data)} synthetic from {description}", flush=True)
         for v in args.variants:
-            r = run(v, data, syn.data, args.steps, seed)
+            r = run(v, data, syn.data, args.steps, seed, stage2_lr=args.stage2_lr)
             results[v].append(r)
             print(f"  {v:14s} worst-group {r['worst_group']:.4f} average {r['accuracy']:.4f} ({r['seconds']:.1f} s)",
                   flush=True)
     base = np.mean([r["worst_group"] for r in results["erm"]]) if "erm" in results else None
     print(f"\nbias {args.bias}, {args.steps} steps, {args.per_cell} synthetic per cell, generator {description}, "
-          f"seeds {args.seeds}")
+          f"stage-2 lr {args.stage2_lr or 'as stage 1'}, seeds {args.seeds}")
     print(f"{'variant':14s} {'worst-group acc':>17s} {'average acc':>17s} {'wg - erm':>9s}")
     for v, rs in results.items():
         w = np.array([r["worst_group"] for r in rs])

@@ -5,7 +5,7 @@ loss retrieve better (Recall@1) when its negatives come from the whole dataset (
 bank) and are sharpened by channel-wise interpolation towards the anchor?
 
 Protocol (the usual deep-metric-learning split): the built-in digits at 16 px; train on classes
-0-5 (train split), report Recall@1 on the *unseen* classes 6-9 (both splits, ~720 images) and on
+0-5 (train split), report Recall@1 on the *unseen* classes 6-9 (both splits, 714 images) and on
 the seen classes' test split. Batches hold 6 images of each of the 6 training classes. Variants,
 all with the same miner (each (anchor, positive) pair with its 8 nearest negatives) and the same
 triplet loss (margin 0.2):
@@ -15,7 +15,7 @@ triplet loss (margin 0.2):
 * ``gca-fixed``    global + synthetic negatives, lambda = 0.5
 * ``gca-learned``  global + synthetic negatives, lambda from the negatives-only graph network
 
-Run: ``python benchmarks/metric_recall.py`` (about a minute per seed on 2 CPU cores);
+Run: ``python benchmarks/metric_recall.py`` (about a minute per seed on 2 busy CPU cores);
 ``--quick`` for a smoke run. Prints a table of mean +- std over seeds and the ratio to ``batch``.
 """
 
