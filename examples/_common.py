@@ -20,7 +20,8 @@ from hardneg.training import predict
 
 def parser(description: str, max_steps: int = 150) -> argparse.ArgumentParser:
     """The flags every example takes."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--max-steps", type=int, default=max_steps, help="optimiser steps to train for")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -29,11 +30,13 @@ def parser(description: str, max_steps: int = 150) -> argparse.ArgumentParser:
     p.add_argument("--refresh-every", type=int, default=10, help="steps between confusion refreshes")
     p.add_argument("--synthetic-fraction", type=float, default=0.25)
     p.add_argument("--generator", choices=["auto", "class-conditional", "blend", "none"], default="auto",
-                   help="class-conditional: GeNIe with the digits diffusion model (loaded from --generator-dir or "
-                        "the one shipped with hardneg, else trained for --fit-steps); blend: a cheap smoke-test "
-                        "stand-in (no diffusion); auto: class-conditional when weights exist, else blend")
+                   help="class-conditional: GeNIe with the digits diffusion model (loaded from "
+                        "--generator-dir or the one shipped with hardneg, else trained for --fit-steps); "
+                        "blend: a cheap smoke-test stand-in (no diffusion); auto: class-conditional when "
+                        "weights exist, else blend")
     p.add_argument("--generator-dir", default=None)
-    p.add_argument("--fit-steps", type=int, default=400, help="generator training steps when it must be trained")
+    p.add_argument("--fit-steps", type=int, default=400,
+                   help="generator training steps when it must be trained")
     p.add_argument("--out", default="hardneg-out/examples", help="checkpoints and generator cache")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     return p
@@ -66,9 +69,10 @@ class SmallCNN(nn.Module):
 def config(args: argparse.Namespace, num_classes: int, generator: Any) -> HardNegConfig:
     """Engine settings sized for a short CPU run."""
     return HardNegConfig(
-        num_classes=num_classes, refresh_every=args.refresh_every, top_pairs=4, knn_k=10, sources_per_pair=16,
-        images_per_refresh=32, generation_batch=16, synthetic_fraction=args.synthetic_fraction, buffer_size=512,
-        curriculum="adaptive", r_start=0.7, r_end=0.4, adaptive_min_samples=16, total_steps=max(args.max_steps, 1),
+        num_classes=num_classes, refresh_every=args.refresh_every, top_pairs=4, knn_k=10,
+        sources_per_pair=16, images_per_refresh=32, generation_batch=16,
+        synthetic_fraction=args.synthetic_fraction, buffer_size=512, curriculum="adaptive", r_start=0.7,
+        r_end=0.4, adaptive_min_samples=16, total_steps=max(args.max_steps, 1),
         freshness_half_life=max(args.max_steps // 2, 10), worker_backend="thread", seed=args.seed,
     )
 
@@ -83,7 +87,8 @@ class BlendGenerator:
 
     def generate(self, sources: Tensor, source_labels: Tensor, target_labels: Tensor, ratios: Any,
                  seed: Optional[int] = None) -> Tensor:
-        r = torch.as_tensor(ratios, dtype=sources.dtype).reshape(-1, 1, 1, 1).expand(sources.shape[0], 1, 1, 1)
+        r = torch.as_tensor(ratios, dtype=sources.dtype).reshape(-1, 1, 1, 1)
+        r = r.expand(sources.shape[0], 1, 1, 1)
         g = torch.Generator().manual_seed(seed or 0)
         noise = torch.randn(sources.shape, generator=g, dtype=sources.dtype) * 0.05
         out = (1 - r) * sources + r * self.means[target_labels.long()].to(sources.dtype) + r * noise
@@ -127,15 +132,16 @@ def _generator_folder(args: argparse.Namespace) -> str:
     return os.path.join(args.out, f"digits-generator-{args.image_size}px")
 
 
-def summary(name: str, engine: Any, model: nn.Module, test: ImageDataset, started: float, **extra: Any) -> dict:
+def summary(name: str, engine: Any, model: nn.Module, test: ImageDataset, started: float,
+            **extra: Any) -> dict:
     """Print and return what the run did: steps, accuracy, confused pairs, synthetic use."""
     stats = engine.stats()
     acc = float((predict(model, test) == test.labels).float().mean())
     pairs = [(p.a, p.b, round(p.score, 4)) for p in engine.confusions()]
     out = {"example": name, "steps": stats["step"], "test_accuracy": acc, "top_pairs": pairs,
            "synthetic_used": int(stats["synthetic_used"]), "buffer_size": stats["buffer"]["size"],
-           "bank_size": stats["bank_size"], "mean_r": stats["mean_r"], "seconds": time.perf_counter() - started,
-           **extra}
+           "bank_size": stats["bank_size"], "mean_r": stats["mean_r"],
+           "seconds": time.perf_counter() - started, **extra}
     print(f"[{name}] {out['steps']} steps in {out['seconds']:.0f} s | test accuracy {acc:.3f} | "
           f"synthetic used {out['synthetic_used']} | buffer {out['buffer_size']} | "
           f"confused pairs (a->b, score): {pairs}", flush=True)

@@ -1,9 +1,9 @@
 """A plain 🤗 Accelerate loop on the built-in digits with online GeNIe hard negatives.
 
-    python examples/accelerate_digits.py --max-steps 150                          # one process
-    torchrun --nproc_per_node 2 examples/accelerate_digits.py --cpu               # two CPU processes (gloo)
-    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_digits.py # two GPUs
-    python examples/accelerate_digits.py --max-steps 200 --resume                # continue from OUT/accelerate
+    python examples/accelerate_digits.py --max-steps 150                       # one process
+    torchrun --nproc_per_node 2 examples/accelerate_digits.py --cpu            # two CPU processes (gloo)
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_digits.py   # two GPUs
+    python examples/accelerate_digits.py --max-steps 200 --resume             # continue from OUT/accelerate
 
 ``HardNegAccelerate`` keeps one engine per process and feeds each the batch gathered from all
 processes, so every rank holds the same embedding bank and finds the same confused pairs; the
@@ -33,7 +33,8 @@ from hardneg.integrations.accelerate import HardNegAccelerate  # noqa: E402
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = _common.parser(__doc__)
     p.add_argument("--generate-on", choices=["main", "all"], default="main")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/accelerate (accelerator.load_state)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/accelerate (accelerator.load_state)")
     p.add_argument("--cpu", action="store_true", help="force the CPU even when a GPU is present")
     args = p.parse_args(argv)
     started = time.perf_counter()

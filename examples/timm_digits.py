@@ -49,8 +49,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     optimizer = create_optimizer_v2(model, opt="adamw", lr=args.lr, weight_decay=0.05)
-    lr_scheduler = CosineLRScheduler(optimizer, t_initial=args.max_steps, warmup_t=min(10, args.max_steps // 10),
-                                     warmup_lr_init=args.lr / 10, t_in_epochs=False)
+    lr_scheduler = CosineLRScheduler(optimizer, t_initial=args.max_steps,
+                                     warmup_t=min(10, args.max_steps // 10), warmup_lr_init=args.lr / 10,
+                                     t_in_epochs=False)
     gen = _common.generator(args, train)
     engine = HardNeg(_common.config(args, train.num_classes, gen), model=model, class_names=train.class_names,
                      dataset=train, generator=gen)

@@ -26,7 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 from hardneg.data import ImageDataset  # noqa: E402
-from hardneg.integrations.transformers import HardNegTrainer, HardNegTrainerCallback, WithSampleIds  # noqa: E402
+from hardneg.integrations.transformers import (  # noqa: E402
+    HardNegTrainer, HardNegTrainerCallback, WithSampleIds,
+)
 
 
 class DigitsAsDicts(Dataset):
@@ -45,13 +47,15 @@ class DigitsAsDicts(Dataset):
 def make_model(num_classes: int, names: Sequence[str]) -> Any:
     cfg = transformers.ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
                                     layer_type="basic", num_labels=num_classes,
-                                    id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+                                    id2label=dict(enumerate(names)),
+                                    label2id={n: i for i, n in enumerate(names)})
     return transformers.ResNetForImageClassification(cfg)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = _common.parser(__doc__)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/transformers")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in OUT/transformers")
     p.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N steps")
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -63,7 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     targs = transformers.TrainingArguments(
         output_dir=out, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, use_cpu=True, report_to=[], save_strategy="steps", save_steps=args.ckpt_every,
-        logging_steps=max(args.max_steps // 4, 1), disable_tqdm=True, seed=args.seed, dataloader_num_workers=0,
+        logging_steps=max(args.max_steps // 4, 1), disable_tqdm=True, seed=args.seed,
+        dataloader_num_workers=0,
     )
     trainer = HardNegTrainer(
         model=model, args=targs, train_dataset=train_set,

@@ -40,7 +40,8 @@ class TinyNet(nn.Module):
 
 
 def _cfg(**kw):
-    base = dict(num_classes=K, refresh_every=3, top_pairs=3, knn_k=4, sources_per_pair=4, images_per_refresh=8,
+    base = dict(num_classes=K, refresh_every=3, top_pairs=3, knn_k=4, sources_per_pair=4,
+                images_per_refresh=8,
                 generation_batch=2, buffer_size=64, synthetic_fraction=0.25, seed=0)
     base.update(kw)
     return HardNegConfig(**base)
@@ -100,7 +101,8 @@ def _generate(accelerator, mode, max_steps=150):
     # mixed_rows can differ between ranks only if their buffers differ; every rank breaks on the same step
     s = hn.stats()
     out = {"buffer": len(hn.engine.buffer), "mixed_rows": mixed_rows, "step": step,
-           "produced": (s["worker"] or {}).get("images_produced", 0), "shared_in": s["worker"]["images_shared_in"],
+           "produced": (s["worker"] or {}).get("images_produced", 0),
+           "shared_in": s["worker"]["images_shared_in"],
            "pairs": [(p.a, p.b) for p in hn.confusions()],
            "provenance": {k: v.clone() for k, v in hn.engine.buffer.provenance().items()}}
     hn.close()
@@ -142,7 +144,8 @@ def single_process_accelerator():
     AcceleratorState._reset_state(True)
 
 
-def test_two_processes_find_the_pairs_one_process_finds_and_share_generation(tmp_path, single_process_accelerator):
+def test_two_processes_find_the_pairs_one_process_finds_and_share_generation(tmp_path,
+                                                                              single_process_accelerator):
     import torch.multiprocessing as mp
 
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)

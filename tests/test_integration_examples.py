@@ -45,8 +45,9 @@ def test_plain_loop_example(tmp_path):
 
 
 def test_timm_example_with_mixup(tmp_path):
-    args = ["--max-steps", "8", "--refresh-every", "2", "--batch-size", "8", "--image-size", "16", "--generator",
-            "blend", "--out", str(tmp_path), "--mixup", "0.2"]  # test_resnet is the slowest model here: fewer rows
+    # test_resnet is the slowest model here: fewer, smaller batches
+    args = ["--max-steps", "8", "--refresh-every", "2", "--batch-size", "8", "--image-size", "16",
+            "--generator", "blend", "--out", str(tmp_path), "--mixup", "0.2"]
     _check(_load("timm_digits").main(args), steps=8)
 
 
@@ -82,7 +83,8 @@ def test_accelerate_example_on_two_cpu_processes(tmp_path, generate_on):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(EXAMPLES / "accelerate_digits.py"), *TINY, "--out", str(tmp_path), "--cpu",
            "--generate-on", generate_on]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("[accelerate rank")]
     assert len(lines) == 2

@@ -13,7 +13,8 @@ def test_import_hardneg_and_integrations_loads_no_trainer():
     code = ("import sys, hardneg, hardneg.integrations; "
             "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate') "
             "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         check=True)
     assert out.stdout.strip() == "[]"
 
 

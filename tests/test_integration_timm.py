@@ -29,7 +29,8 @@ def _toy_data(n_per_class=16, seed=0):
 
 
 def _engine(model, data, **kw):
-    base = dict(num_classes=K, refresh_every=2, top_pairs=2, knn_k=4, sources_per_pair=4, images_per_refresh=8,
+    base = dict(num_classes=K, refresh_every=2, top_pairs=2, knn_k=4, sources_per_pair=4,
+                images_per_refresh=8,
                 generation_batch=4, buffer_size=64, synthetic_fraction=0.25, seed=0)
     base.update(kw)
     return HardNeg(HardNegConfig(**base), model=model, dataset=data, generator=FakeGenerator())
@@ -49,7 +50,7 @@ def test_train_py_shaped_loop_with_mixup_gets_hard_negatives_and_observes():
                                          generator=torch.Generator().manual_seed(0))
     model.train()
     seen = []
-    while len(seen) < 40 and (not seen or seen[-1][0] == 16):  # until a batch carried hard negatives (a few steps)
+    while len(seen) < 40 and (not seen or seen[-1][0] == 16):  # until a batch carries hard negatives
         for input, target, ids in loader:
             input, target = mixup_fn(input, target)
             output = model(input)
@@ -76,12 +77,14 @@ def test_synthetic_rows_are_not_blended_and_keep_one_hot_targets():
     data = _toy_data()
     model = timm.create_model("test_resnet", num_classes=K, in_chans=1)
     engine = _engine(model, data, refresh_every=1, synthetic_weight=0.5)
-    mixup_fn = HardNegTimm(engine, Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=K))
+    mixup = Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=K)
+    mixup_fn = HardNegTimm(engine, mixup)
     ids = torch.arange(0, 64, 4)  # 4 samples of each class
     x, y = data.images[ids], data.labels[ids]
     xm, ym = mixup_fn(x, y)
     mixup_fn.after_forward(model(xm), ym, ids)  # refreshes: requests hard negatives
-    for _ in range(200):  # wait for the worker thread to fill the buffer
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait for the refresh and the worker thread to fill the buffer
         if engine.collect() or len(engine.buffer):
             break
         time.sleep(0.01)

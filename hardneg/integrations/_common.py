@@ -52,14 +52,16 @@ class BatchLayout:
             ky = next((k for k in LABEL_KEYS if k in batch), None)
             if kx is None or ky is None:
                 raise HardNegError(
-                    f"cannot find images/labels in a batch with keys {list(batch)}: use one of {IMAGE_KEYS} and "
-                    f"one of {LABEL_KEYS}, or pass batch_keys=(images_key, labels_key, ids_key)"
+                    f"cannot find images/labels in a batch with keys {list(batch)}: use one of "
+                    f"{IMAGE_KEYS} and one of {LABEL_KEYS}, or pass "
+                    "batch_keys=(images_key, labels_key, ids_key)"
                 )
             return cls(kx, ky, next((k for k in ID_KEYS if k in batch), None))
         if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
             return cls(0, 1, 2 if len(batch) >= 3 else None)
         raise HardNegError(
-            f"unsupported batch of type {type(batch).__name__}: hardneg reads (x, y, ids, ...) sequences or dicts"
+            f"unsupported batch of type {type(batch).__name__}: hardneg reads (x, y, ids, ...) sequences "
+            "or dicts"
         )
 
     def split(self, batch: Any) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -104,8 +106,9 @@ def require_ids(ids: Optional[Tensor], where: str) -> Tensor:
     """``ids`` or a :class:`HardNegError` that says how to get sample ids into the batch."""
     if ids is None:
         raise HardNegError(
-            f"{where}: the batch carries no sample ids. hardneg keys its embedding bank by dataset sample id: "
-            f"return (image, label, index) items (hardneg.data datasets do) or dicts with one of {ID_KEYS}"
+            f"{where}: the batch carries no sample ids. hardneg keys its embedding bank by dataset sample "
+            "id: return (image, label, index) items (hardneg.data datasets do) or dicts with one of "
+            f"{ID_KEYS}"
         )
     return ids
 

@@ -25,7 +25,8 @@ each serving its share of the requests (request id modulo world size), and share
 rank draws its synthetic rows with its own seed, so the global batch holds different negatives.
 
 Collectives: ``mix`` (when generating) and ``observe`` are collective calls; call them on every
-process each step, and pass ``logits`` on all ranks or on none. ``register_for_checkpointing``
+process each step, and pass ``logits`` on all ranks or on none. Refreshes run inline (never on a
+background thread) so that every rank re-mines at the same step. ``register_for_checkpointing``
 saves the main process's state; every rank loads it on ``load_state``.
 """
 
@@ -178,9 +179,16 @@ class HardNegAccelerate:
             generating = any(bool(v) for v in _ops.gather_object([has_generator]))
         here = generating and (generate_on == "all" or bool(accelerator.is_main_process))
         if here and not has_generator:
-            raise HardNegError(f"generate_on={generate_on!r}: process {self.rank} must be given the generator too")
+            raise HardNegError(f"generate_on={generate_on!r}: process {self.rank} needs the generator too")
         if generating and dataset is None:
-            raise HardNegError("generation is on: pass dataset= (on every rank) so sources can be fetched by id")
+            raise HardNegError("generation is on: pass dataset= (on every rank) to fetch sources by id")
+        if getattr(config, "deterministic", False):
+            raise HardNegError("HardNegAccelerate does not support deterministic=True yet (its hand-over waits "
+                               "on the local worker, which would break the ranks' lockstep)")
+        if getattr(config, "async_refresh", False):
+            # Ranks must refresh at the same steps to stay identical; a background refresh finishes
+            # whenever its thread does, so refreshes run inline here.
+            config = config.replace(async_refresh=False)
         inner = accelerator.unwrap_model(model) if model is not None else None
         self.engine = HardNeg(
             config if here else config.replace(generator=None), model=inner, class_names=class_names,
@@ -258,7 +266,8 @@ class HardNegAccelerate:
         ids_all = ordered[:n_real_all, d + k + 1].long()
         # The gathered batch is one mixed batch: tell the engine which rows are synthetic and their pairs.
         self.engine._last_mix = (
-            _MixRecord(n_in=n_real_all, n_total=int(ordered.shape[0]), n_real=n_real_all, synthetic_pairs=all_pairs)
+            _MixRecord(n_in=n_real_all, n_total=int(ordered.shape[0]), n_real=n_real_all,
+                       synthetic_pairs=all_pairs)
             if all_pairs else None
         )
         self.engine.observe(embeddings=emb_all, labels=labels_all, logits=logits_all, ids=ids_all)
@@ -305,10 +314,12 @@ class HardNegAccelerate:
         counts = acc.gather(torch.tensor([rows.shape[0]], device=acc.device)).cpu().tolist()
         width = acc.gather(torch.tensor([rows.shape[1]], device=acc.device)).cpu().tolist()
         if len(set(width)) != 1:
-            raise HardNegError(f"ranks observed rows of different widths {width}: pass logits on all ranks or none, "
-                               "and use the same model on every rank")
+            raise HardNegError(f"ranks observed rows of different widths {width}: pass logits on all ranks "
+                               "or on none, and use the same model on every rank")
         top = max(counts)
-        padded = torch.cat([rows, rows.new_zeros(top - rows.shape[0], rows.shape[1])]) if rows.shape[0] < top else rows
+        padded = rows
+        if rows.shape[0] < top:
+            padded = torch.cat([rows, rows.new_zeros(top - rows.shape[0], rows.shape[1])])
         gathered = acc.gather(padded.to(acc.device)).cpu()
         return torch.cat([gathered[r * top : r * top + c] for r, c in enumerate(counts)])
 
@@ -340,7 +351,9 @@ class _EmbeddingCapture:
             layer = model.get_submodule(embedding_layer)
             self._handle = layer.register_forward_hook(lambda m, i, o: self._keep(o))
             return
-        head = model.get_classifier() if hasattr(model, "get_classifier") and hasattr(model, "forward_head") else None
+        head = None
+        if hasattr(model, "get_classifier") and hasattr(model, "forward_head"):
+            head = model.get_classifier()  # timm: its input is forward_head(pre_logits=True)
         if not isinstance(head, nn.Module):
             linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
             head = linears[-1] if linears else None

@@ -119,8 +119,9 @@ class HardNegCallback(L.Callback):
         rec = self._record
         if rec is None or rec.weights.shape != per_sample_loss.shape:
             return per_sample_loss.mean()
-        out = weighted_loss(per_sample_loss, rec.weights, rec.synthetic_mask, self.config.separate_synthetic_loss)
-        return out.loss if self.config.separate_synthetic_loss else out  # type: ignore[union-attr]
+        separate = self.config.separate_synthetic_loss
+        out = weighted_loss(per_sample_loss, rec.weights, rec.synthetic_mask, separate)
+        return out.loss if separate else out  # type: ignore[union-attr]
 
     def mix_into(self, batch: Any, in_place: bool = False, from_mixin: bool = False) -> Any:
         """Mix ready hard negatives into a training ``batch``; returns the batch to train on.
@@ -136,13 +137,15 @@ class HardNegCallback(L.Callback):
         if in_place and not self._layout.mutable(batch):
             if engine.worker is not None:
                 raise HardNegError(
-                    f"HardNegCallback cannot put hard negatives into a {type(batch).__name__} batch (a callback "
-                    "can only edit lists and dicts in place): add HardNegLightningMixin to your LightningModule "
-                    "(class Model(HardNegLightningMixin, L.LightningModule)) or collate batches into a list/dict"
+                    f"HardNegCallback cannot put hard negatives into a {type(batch).__name__} batch (a "
+                    "callback can only edit lists and dicts in place): add HardNegLightningMixin to your "
+                    "LightningModule (class Model(HardNegLightningMixin, L.LightningModule)) or collate "
+                    "batches into a list/dict"
                 )
             # mining only: observe the batch as it is
             ones = torch.ones(x.shape[0], device=x.device)
-            self._record = _BatchRecord(batch, hard_labels(y), ids, ones, ones.bool().logical_not(), from_mixin)
+            no_synthetic = torch.zeros_like(ones, dtype=torch.bool)
+            self._record = _BatchRecord(batch, hard_labels(y), ids, ones, no_synthetic, from_mixin)
             return batch
         mixed = engine.mix_batch(x, y)
         if mixed.n_synthetic or mixed.n_real != x.shape[0]:
@@ -168,7 +171,8 @@ class HardNegCallback(L.Callback):
             return  # the mixin already mixed this batch in on_after_batch_transfer
         self.mix_into(batch, in_place=True)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         rec, self._record = self._record, None
         if rec is None or self.engine is None:
             return

@@ -101,7 +101,9 @@ class HardNegTimm:
         if self.weights is None or self.weights.shape != per_sample_loss.shape:
             return per_sample_loss.mean()
         separate = self.engine.config.separate_synthetic_loss
-        out = weighted_loss(per_sample_loss, self.weights, self.synthetic_mask, separate)  # type: ignore[arg-type]
+        mask = self.synthetic_mask
+        assert mask is not None
+        out = weighted_loss(per_sample_loss, self.weights, mask, separate)
         return out.loss if separate else out  # type: ignore[union-attr]
 
     def close(self) -> None:

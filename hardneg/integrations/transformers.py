@@ -116,7 +116,7 @@ class HardNegTrainerCallback(T.TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self.active or not getattr(args, "should_save", True):
             return
-        folder = os.path.join(args.output_dir, f"{T.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        folder = _checkpoint_folder(args, state)
         if not os.path.isdir(folder):
             logger.warning("hardneg: checkpoint folder %s not found; engine state not saved", folder)
             return
@@ -137,7 +137,7 @@ class HardNegTrainerCallback(T.TrainerCallback):
         if folder is None and isinstance(getattr(args, "resume_from_checkpoint", None), str):
             folder = args.resume_from_checkpoint
         if folder is None and state.global_step > 0:  # resumed without telling us where from
-            guess = os.path.join(args.output_dir, f"{T.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            guess = _checkpoint_folder(args, state)
             folder = guess if os.path.isdir(guess) else None
         return folder
 
@@ -151,7 +151,8 @@ class HardNegTrainerMixin:
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
 
-    def __init__(self, *args: Any, hardneg: Union[HardNegConfig, HardNegTrainerCallback], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, hardneg: Union[HardNegConfig, HardNegTrainerCallback],
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         cb = hardneg if isinstance(hardneg, HardNegTrainerCallback) else HardNegTrainerCallback(hardneg)
         self.hardneg_callback = cb
@@ -215,7 +216,8 @@ class HardNegTrainerMixin:
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: Optional[list[str]] = None) -> Any:
         inputs = {k: v for k, v in inputs.items() if k != self.hardneg_callback.id_column}
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)  # type: ignore
+        return super().prediction_step(  # type: ignore[misc]
+            model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
 
 class HardNegTrainer(HardNegTrainerMixin, T.Trainer):
@@ -238,8 +240,14 @@ class WithSampleIds(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.dataset[index]
         if not isinstance(item, dict):
-            raise HardNegError(f"WithSampleIds wraps datasets of dict items, item {index} is {type(item).__name__}")
+            raise HardNegError(f"WithSampleIds wraps datasets of dict items; item {index} is a "
+                               f"{type(item).__name__}")
         return {**item, self.id_column: int(index)}
+
+
+def _checkpoint_folder(args: Any, state: Any) -> str:
+    """The folder the Trainer writes the checkpoint of ``state.global_step`` to."""
+    return os.path.join(args.output_dir, f"{T.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 def _model_class_names(model: Any, k: int) -> Optional[list[str]]:
