@@ -12,6 +12,7 @@ from hardneg.methods.auggen import (
     mixed_embeddings, sample_mixed, score_generated_set,
 )
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny tensors: one intra-op thread is faster than several on a busy CPU (restored after)."""
@@ -19,7 +20,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,5 @@
 """DA-Fusion as a configuration of the engine: same-class pairs, labels kept, ~p of a batch substituted."""
 
-import time
-
 import pytest
 import torch
 from torch import nn
@@ -12,6 +10,8 @@ from hardneg.methods import da_fusion_config
 
 from _engine_generators import BlendGenerator
 from test_plugin import _toy_data
+from test_targeting import _collect_all
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -20,6 +20,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
 
 class SmoothNet(nn.Module):
     """Like test_plugin.TinyNet but with a tanh embedding: never exactly zero (the bank rejects zero norms)."""
@@ -31,19 +32,6 @@ class SmoothNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x))
-
-
-
-
-def _wait_for_images(engine, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        engine.collect()
-        s = engine.worker.stats()
-        if s["images_produced"] and s["requests_queued"] == 0 and s["requests_in_flight"] == 0:
-            engine.collect()
-            return
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("strength", [0.5, None])
@@ -59,7 +47,7 @@ def test_da_fusion_keeps_labels_and_substitutes_p_of_each_batch(strength):
     with HardNeg(cfg, model=model, dataset=data, generator=BlendGenerator()) as engine:
         for step, (x, y, idx) in enumerate(loader):
             if step == 2:
-                _wait_for_images(engine)  # the first refresh's images are in: every later batch is mixed
+                _collect_all(engine)  # the first refresh's images are in: every later batch is mixed
             mixed = engine.mix_batch(x, y)
             assert mixed.x.shape[0] == x.shape[0]  # substitute: the batch size never changes
             assert torch.equal(mixed.y[: mixed.n_real], y[: mixed.n_real])  # real rows untouched

@@ -13,6 +13,7 @@ from hardneg.methods.embedding_negatives import (
     GCAHardNegatives, GlobalNegatives, NegativeGraphNet, interpolate_negatives, mine_triplets,
 )
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny tensors: one intra-op thread is faster than several on a busy CPU (restored after)."""
@@ -20,7 +21,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 def test_interpolated_distance_matches_the_formula_and_easy_negatives_are_kept():

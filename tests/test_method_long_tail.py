@@ -1,7 +1,5 @@
 """Long-tail targeting (deficit-proportional, head sources nearest the tail) and CAM-guided fusion."""
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -16,8 +14,10 @@ from hardneg.targeting import make_policy
 
 from _engine_generators import BlendGenerator
 from test_plugin import _run_loop, _toy_data
+from test_targeting import _collect_all
 
 COUNTS = [40, 30, 10, 5]
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -26,6 +26,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
 
 class SmoothNet(nn.Module):
     """Like test_plugin.TinyNet but with a tanh embedding: never exactly zero (the bank rejects zero norms)."""
@@ -37,8 +38,6 @@ class SmoothNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x))
-
-
 
 
 def _imbalanced_bank(dim=8, seed=0):
@@ -103,14 +102,7 @@ def test_engine_generates_only_tail_labels_from_head_sources():
                         images_per_refresh=12, generation_batch=6, buffer_size=64, seed=0)
     with HardNeg(cfg, model=model, dataset=data, generator=BlendGenerator()) as engine:
         _run_loop(engine, model, data, steps=6)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            engine.collect()
-            s = engine.worker.stats()
-            if s["images_produced"] and s["requests_queued"] == 0 and s["requests_in_flight"] == 0:
-                break
-            time.sleep(0.05)
-        engine.collect()
+        _collect_all(engine)
         prov = engine.buffer.provenance()
     assert prov["slots"].numel() > 0
     assert set(prov["target_labels"].tolist()) <= {2, 3}

@@ -28,7 +28,7 @@ import itertools
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 EmbedFn = Callable[[Tensor], Tensor]
-_SWAP_LOCK = threading.Lock()
+_SWAP_LOCK = threading.RLock()  # re-entrant: a swap on one generator may nest in a swap on another
 
 
 @dataclass(frozen=True)
