@@ -115,7 +115,7 @@ def generator(args: argparse.Namespace, data: ImageDataset) -> Any:
         print(f"generator: loading {folder}", flush=True)
         return ClassConditionalGenerator.load(folder)
     print(f"generator: training a class-conditional diffusion model for {args.fit_steps} steps", flush=True)
-    gen = ClassConditionalGenerator.for_dataset(data, init_seed=args.seed)
+    gen = ClassConditionalGenerator.for_dataset(data, seed=args.seed)
     gen.fit(data, steps=args.fit_steps, seed=args.seed, progress=False)
     gen.save(folder)
     return gen
