@@ -1,0 +1,325 @@
+"""bank: exact flat vs IVF vs HNSW vs brute-force torch for the embedding bank (d = 512, cosine).
+
+For each bank size N it builds every index over the same class-like clustered synthetic
+embeddings (:func:`hardneg.benchmarks._common.clustered_embeddings`) and measures, against the
+exact flat bank (the baseline, measured in the same run, repeats interleaved):
+
+* build time (upserting all N vectors; IVF is trained when the bank crosses N/5, as a growing
+  bank does: at 1M that is the ``index="auto"`` default threshold of 200k) and the time to
+  replace a batch of 128 stored vectors (what every training step does);
+* query throughput (queries/s, k nearest neighbours, batches of ``--queries``);
+* IVF recall@k against exact search and the nprobe trade-off curve; the smallest nprobe that
+  reaches ``--target-recall`` is the operating point reported;
+* the confusion refresh (:meth:`hardneg.confusion.ConfusionGraph.refresh`, default 20k kNN
+  queries) over each index. Exact refreshes above ``--exact-refresh-max`` are estimated from the
+  measured IVF refresh plus the exact-minus-IVF per-query search time (marked ``estimated``).
+
+Brute-force torch is ``queries @ bank.T`` + ``topk`` in 64k-row blocks (no index to build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+from hardneg.benchmarks import _common as C
+
+NAME = "bank"
+HELP = "exact flat vs IVF vs HNSW vs torch mm+topk: build/update, queries/s, refresh, IVF recall"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    C.add_common_arguments(p, NAME)
+    p.add_argument("--sizes", default=None, help="bank sizes (default 10k,100k,1M; --quick 2k,8k)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, default=None, help="queries per timed search (default 512; quick 64)")
+    p.add_argument("--k", type=int, default=10, help="neighbours per query")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats, interleaved (default 3; quick 2)")
+    p.add_argument("--nprobes", default="1,2,4,8,16,32,64,128", help="IVF nprobe values for the trade-off curve")
+    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--hnsw-max", type=C.parse_size, default=None,
+                   help="largest N that also gets an HNSW index (default 100k; its build is slow)")
+    p.add_argument("--refresh-queries", type=int, default=None,
+                   help="kNN queries per confusion refresh (default: HardNegConfig's 20000; quick 500)")
+    p.add_argument("--exact-refresh-max", type=C.parse_size, default=None,
+                   help="largest N whose exact refresh is measured rather than estimated (default 100k)")
+    p.set_defaults(bench=NAME)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    from hardneg.config import HardNegConfig
+
+    q = args.quick
+    sizes = [C.parse_size(s) for s in (C.parse_list(args.sizes) or (["2k", "8k"] if q else ["10k", "100k", "1M"]))]
+    return {
+        "sizes": sizes,
+        "dim": args.dim,
+        "queries": args.queries or (64 if q else 512),
+        "k": args.k,
+        "repeats": args.repeats or (2 if q else 3),
+        "nprobes": C.parse_list(args.nprobes, int),
+        "target_recall": args.target_recall,
+        "hnsw_max": args.hnsw_max if args.hnsw_max is not None else (8_000 if q else 100_000),
+        "refresh_queries": args.refresh_queries or (500 if q else HardNegConfig(num_classes=2).refresh_queries),
+        "exact_refresh_max": args.exact_refresh_max if args.exact_refresh_max is not None else 100_000,
+        "update_batch": 128,
+        "num_classes": 10,
+    }
+
+
+def _torch_knn(bank: Any, queries: Any, k: int, block: int = 65_536) -> tuple[Any, Any]:
+    """Exact top-k inner products with torch: ``q @ X.T`` + ``topk`` per block, then merged."""
+    import torch
+
+    best_s = best_i = None
+    for start in range(0, bank.shape[0], block):
+        s = queries @ bank[start:start + block].T
+        ks = min(k, s.shape[1])
+        vals, idx = torch.topk(s, ks, dim=1)
+        idx = idx + start
+        if best_s is None:
+            best_s, best_i = vals, idx
+        else:
+            cat_s, cat_i = torch.cat([best_s, vals], 1), torch.cat([best_i, idx], 1)
+            best_s, pos = torch.topk(cat_s, min(k, cat_s.shape[1]), dim=1)
+            best_i = torch.gather(cat_i, 1, pos)
+    return best_s, best_i
+
+
+def _recall(found: Any, truth: Any) -> float:
+    """Mean share of the exact k neighbours that an approximate search also returned."""
+    import numpy as np
+
+    hits = [len(set(f.tolist()) & set(t.tolist())) / max(1, len(t)) for f, t in zip(found, truth)]
+    return float(np.mean(hits))
+
+
+def _one_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from hardneg.bank import EmbeddingBank
+    from hardneg.confusion import ConfusionGraph
+
+    d, k, reps, nq = s["dim"], s["k"], s["repeats"], s["queries"]
+    t0 = time.perf_counter()
+    vectors, labels = C.clustered_embeddings(n + nq, d, s["num_classes"], seed=seed)
+    queries, vectors, labels = vectors[n:], vectors[:n], labels[:n]
+    ids = np.arange(n)
+    print(f"[N={C.human_size(n)}] data {time.perf_counter() - t0:.1f}s", flush=True)
+    out: dict[str, Any] = {"n": n, "build_s": {}, "update_s": {}, "query_s": {}, "qps": {}, "refresh_s": {},
+                           "refresh_estimated": {}, "refresh_top_pairs": {}}
+
+    # ---------------------------------------------------------------- build
+    def build(kind: str) -> EmbeddingBank:
+        threshold = max(2, n // 5)
+        bank = EmbeddingBank(d, s["num_classes"], index=kind, ivf_threshold=threshold, use_gpu=False)
+        t = time.perf_counter()
+        if kind == "ivf":  # grow past the threshold, then the rest: IVF trained at N/5 as in a growing bank
+            bank.upsert(ids[:threshold], vectors[:threshold], labels[:threshold])
+            bank.upsert(ids[threshold:], vectors[threshold:], labels[threshold:])
+        else:
+            bank.upsert(ids, vectors, labels)
+        out["build_s"][kind] = time.perf_counter() - t
+        print(f"[N={C.human_size(n)}] build {kind}: {out['build_s'][kind]:.1f}s ({bank.active_index})", flush=True)
+        return bank
+
+    banks: dict[str, Any] = {"flat": build("flat"), "ivf": build("ivf")}
+    out["ivf_nlist"] = int(banks["ivf"]._ann.nlist) if banks["ivf"].active_index == "ivf" else None
+    out["ivf_default_nprobe"] = banks["ivf"].nprobe
+    if n <= s["hnsw_max"]:
+        banks["hnsw"] = build("hnsw")
+    t = time.perf_counter()
+    xt = torch.from_numpy(vectors.copy())
+    out["build_s"]["torch"] = time.perf_counter() - t
+    qt = torch.from_numpy(queries)
+    methods = list(banks) + ["torch"]
+
+    # ---------------------------------------------------------------- queries, interleaved
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    results: dict[str, Any] = {}
+    for rep in range(reps):
+        for m in C.rotate(methods, rep):
+            t = time.perf_counter()
+            if m == "torch":
+                _, found = _torch_knn(xt, qt, k)
+                found = found.numpy()
+            else:
+                _, found = banks[m].search(queries, k)
+            times[m].append(time.perf_counter() - t)
+            results[m] = found
+    out["query_s"] = {m: C.summary(v) for m, v in times.items()}
+    out["qps"] = {m: nq / C.median(v) for m, v in times.items()}
+    truth = results["flat"]
+    out["recall"] = {m: _recall(results[m], truth) for m in methods}
+    print(f"[N={C.human_size(n)}] queries/s " + ", ".join(f"{m} {out['qps'][m]:.0f}" for m in methods), flush=True)
+
+    # ---------------------------------------------------------------- IVF nprobe trade-off (vs the exact median)
+    ivf = banks["ivf"]
+    exact_med = C.median(times["flat"])
+    curve = []
+    if ivf.active_index == "ivf":
+        default_nprobe = ivf.nprobe
+        for p in s["nprobes"]:
+            if p > out["ivf_nlist"]:
+                continue
+            ivf.nprobe = p
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                _, found = ivf.search(queries, k)
+                ts.append(time.perf_counter() - t)
+            med = C.median(ts)
+            curve.append({"nprobe": p, "recall": _recall(found, truth), "query_s": med, "qps": nq / med,
+                          "speedup_vs_exact": C.ratio(exact_med, med)})
+        ivf.nprobe = default_nprobe
+    out["ivf_curve"] = curve
+    ok = [c for c in curve if c["recall"] >= s["target_recall"]]
+    out["ivf_operating_point"] = ok[0] if ok else None
+    if ok:
+        op = ok[0]
+        print(f"[N={C.human_size(n)}] IVF nprobe {op['nprobe']}: recall {op['recall']:.3f}, "
+              f"{op['speedup_vs_exact']:.1f}x exact", flush=True)
+
+    # ---------------------------------------------------------------- confusion refresh
+    def refresh(bank: Any) -> tuple[float, list[list[Any]]]:
+        graph = ConfusionGraph(s["num_classes"], knn_k=10, max_queries=s["refresh_queries"], seed=seed)
+        t = time.perf_counter()
+        graph.refresh(bank)
+        dt = time.perf_counter() - t
+        return dt, [[p.a, p.b, round(p.score, 4)] for p in graph.top_pairs(3)]
+
+    if out["ivf_operating_point"] is not None:
+        ivf.nprobe = out["ivf_operating_point"]["nprobe"]
+    refresh_kinds = [m for m in banks if not (m == "flat" and n > s["exact_refresh_max"])]
+    for m in refresh_kinds:
+        dt, top = refresh(banks[m])
+        out["refresh_s"][m], out["refresh_top_pairs"][m] = dt, top
+        out["refresh_estimated"][m] = False
+        print(f"[N={C.human_size(n)}] refresh {m}: {dt:.1f}s top pairs {top}", flush=True)
+    out["refresh_ivf_nprobe"] = ivf.nprobe if ivf.active_index == "ivf" else None
+    if "flat" not in out["refresh_s"] and "ivf" in out["refresh_s"]:
+        q_refresh = min(n, s["refresh_queries"])
+        per_q_exact = exact_med / nq
+        per_q_ivf = C.median(times["ivf"]) / nq if out["ivf_operating_point"] is None else \
+            out["ivf_operating_point"]["query_s"] / nq
+        out["refresh_s"]["flat"] = out["refresh_s"]["ivf"] + q_refresh * max(0.0, per_q_exact - per_q_ivf)
+        out["refresh_estimated"]["flat"] = True
+    # ---------------------------------------------------------------- update (replace 128 stored vectors), last
+    # HNSW cannot replace vectors (a replaced vector makes the graph stale until rebuild()): not timed.
+    rng = np.random.default_rng(seed + 1)
+    upd_methods = [m for m in methods if m != "hnsw"]
+    upd: dict[str, list[float]] = {m: [] for m in upd_methods}
+    for rep in range(reps + 1):
+        pick = rng.choice(n, size=min(s["update_batch"], n), replace=False)
+        new = vectors[rng.permutation(pick)]  # other real vectors: the distribution stays the same
+        for m in C.rotate(upd_methods, rep):
+            t = time.perf_counter()
+            if m == "torch":
+                xt.index_copy_(0, torch.from_numpy(pick), torch.from_numpy(new))
+            else:
+                banks[m].upsert(pick, new, labels[pick])
+            if rep:  # the first round warms up
+                upd[m].append(time.perf_counter() - t)
+    out["update_s"] = {m: C.summary(v) for m, v in upd.items()}
+    out["refresh_vs_exact"] = {m: C.ratio(out["refresh_s"]["flat"], v) for m, v in out["refresh_s"].items()}
+    out["qps_vs_exact"] = {m: C.ratio(v, out["qps"]["flat"]) for m, v in out["qps"].items()}
+    out["update_vs_exact"] = {m: C.ratio(v["median"], out["update_s"]["flat"]["median"])
+                              for m, v in out["update_s"].items()}
+    del banks, xt
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import faiss
+
+    s = _settings(args)
+    info = C.machine_info()
+    info["faiss_omp_threads"] = faiss.omp_get_max_threads()
+    print(C.header("bank", info), flush=True)
+    t_start = time.perf_counter()
+    per_size = [_one_size(n, s, args.seed) for n in s["sizes"]]
+    results = {
+        "benchmark": NAME, "command": C.command_line(NAME), "quick": bool(args.quick), "settings": s,
+        "machine": info, "sizes": per_size, "seconds": time.perf_counter() - t_start,
+    }
+    biggest = per_size[-1]
+    op = biggest["ivf_operating_point"]
+    results["target"] = {
+        "n": biggest["n"], "goal": f"IVF >= 5x exact queries/s at recall >= {s['target_recall']}",
+        "speedup": op["speedup_vs_exact"] if op else None, "recall": op["recall"] if op else None,
+        "nprobe": op["nprobe"] if op else None,
+        "met": bool(op and op["speedup_vs_exact"] is not None and op["speedup_vs_exact"] >= 5.0),
+    }
+    print(_table(per_size), flush=True)
+    print(f"target at N={C.human_size(biggest['n'])}: {results['target']}", flush=True)
+    results["table_markdown"] = _table(per_size)
+    results["files"] = [os.path.join(args.out, "results.json"), _plot(per_size, s, args.out)]
+    C.write_results(args.out, results)
+    print(f"wrote {', '.join(results['files'])}", flush=True)
+    return results
+
+
+def _table(per_size: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in per_size:
+        for m in ("flat", "ivf", "hnsw", "torch"):
+            if m not in r["qps"]:
+                continue
+            ref = r["refresh_s"].get(m)
+            ref_txt = C.fmt(ref, ".1f") + (" (est.)" if r["refresh_estimated"].get(m) else "") if ref is not None else "-"
+            rows.append([
+                C.human_size(r["n"]), m, C.fmt(r["build_s"].get(m), ".2f"),
+                C.fmt(1e3 * r["update_s"][m]["median"], ".2f") if m in r["update_s"] else "n/a", C.fmt(r["qps"][m], ".0f"),
+                C.fmt(r["qps_vs_exact"][m], ".2f"), C.fmt(r["recall"][m], ".3f"), ref_txt,
+                C.fmt(r["refresh_vs_exact"].get(m), ".2f"),
+            ])
+        op = r["ivf_operating_point"]
+        if op:
+            rows.append([C.human_size(r["n"]), f"ivf nprobe={op['nprobe']}", "", "", C.fmt(op["qps"], ".0f"),
+                         C.fmt(op["speedup_vs_exact"], ".2f"), C.fmt(op["recall"], ".3f"), "", ""])
+    return C.markdown_table(
+        ["N", "index", "build s", "update 128 ms", "queries/s", "x exact", "recall@k", "refresh s", "refresh x exact"],
+        rows)
+
+
+def _plot(per_size: list[dict[str, Any]], s: dict[str, Any], out_dir: str) -> str:
+    plt = C.pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m, style in (("flat", "o-"), ("ivf", "s-"), ("hnsw", "^-"), ("torch", "x--")):
+        pts = [(r["n"], r["qps"][m]) for r in per_size if m in r["qps"]]
+        if pts:
+            a1.plot(*zip(*pts), style, label=m if m != "ivf" else f"ivf (nprobe {per_size[0]['ivf_default_nprobe']})")
+    a1.set_xscale("log")
+    a1.set_yscale("log")
+    a1.set_xlabel("bank size N")
+    a1.set_ylabel(f"queries/s (k={s['k']}, batch {s['queries']})")
+    a1.set_title("query throughput")
+    a1.legend(fontsize=8)
+    for r in per_size:
+        c = r["ivf_curve"]
+        if c:
+            a2.plot([p["recall"] for p in c], [p["speedup_vs_exact"] for p in c], "o-", label=f"N={C.human_size(r['n'])}")
+            for p in c:
+                a2.annotate(str(p["nprobe"]), (p["recall"], p["speedup_vs_exact"]), fontsize=6)
+    a2.axvline(s["target_recall"], color="grey", ls=":", lw=1)
+    a2.axhline(5.0, color="grey", ls=":", lw=1)
+    a2.set_yscale("log")
+    a2.set_xlabel("IVF recall@k vs exact")
+    a2.set_ylabel("speed-up over exact flat")
+    a2.set_title("IVF trade-off (labels: nprobe)")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "bank.png")
+    os.makedirs(out_dir, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+main = C.build_main(__name__)
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,434 @@
+"""overhead: what the engine costs a training step (timm resnet18, 32 px, batch 128, CPU).
+
+For each bank size (10k / 100k / 1M embeddings of d = 512, pre-filled with class-like clustered
+synthetic vectors; the bank is ``index="auto"``, so 1M is an IVF bank trained when it crossed the
+default 200k threshold, as a growing bank would be) it alternates blocks of
+
+* **plain** steps: forward, loss, backward, AdamW step (the baseline; the generator worker is
+  paused with SIGSTOP so it takes no CPU), and
+* **engine** steps: ``mix`` before the forward, ``observe`` after it, a generation worker running
+  in its own process (``worker_threads`` torch threads) with a backlog of GeNIe requests,
+
+the block order alternating from repeat to repeat. Reported per bank size, as medians:
+
+* the engine's synchronous time per step (``mix`` + ``observe``) as a fraction of the plain step;
+* the confusion refresh (run every ``refresh_every`` steps inside ``observe``) on its own, and
+  amortised over ``refresh_every`` (the default 50) as a fraction of the plain step; also with
+  ``refresh_queries=2048`` to show how much of it is the kNN queries;
+* the end-to-end ratio: engine step (with the worker generating) / plain step, excluding and
+  including the amortised refresh.
+
+Two worker placements: ``shared`` (every bank size: training with ``--train-threads`` torch
+threads and the worker on whatever cores are left, as a user gets by default) and ``own-core``
+(one bank size: training pinned to core 0 with one thread, the worker pinned to core 1: the
+closest this CPU box gets to a generator on its own device; the plain baseline runs pinned the
+same way). ``mix_mode="substitute"`` keeps the batch at 128 rows: appended synthetic rows would add
+compute by design (``synthetic_fraction``), which is not overhead.
+
+cProfile of the engine calls (mix + observe) and of one refresh are saved in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+from hardneg.benchmarks import _common as C
+
+NAME = "overhead"
+HELP = "engine time per step (observe+mix, amortised refresh) vs the plain step; end-to-end with a worker"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    C.add_common_arguments(p, NAME)
+    p.add_argument("--sizes", default=None, help="bank sizes (default 10k,100k,1M; quick 2k)")
+    p.add_argument("--model", default=None, help="timm model (default resnet18; quick resnet10t)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 128; quick 16)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None, help="steps per timed block (default 6; quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="plain/engine block pairs (default 3; quick 2)")
+    p.add_argument("--train-threads", type=int, default=0,
+                   help="torch threads of the training loop in the shared placement (0: torch's default)")
+    p.add_argument("--worker-threads", type=int, default=1)
+    p.add_argument("--refresh-every", type=int, default=None,
+                   help="steps between refreshes used to amortise the refresh (default: HardNegConfig's)")
+    p.add_argument("--own-core-size", type=C.parse_size, default=None,
+                   help="bank size for the own-core placement (default: the smallest size; 0 skips it)")
+    p.add_argument("--generator-path", default=None,
+                   help="class-conditional generator folder (default: the shipped digits model if present, "
+                        "else a randomly initialised one of the default architecture: same cost)")
+    p.add_argument("--no-profile", action="store_true", help="skip the cProfile of engine calls")
+    p.set_defaults(bench=NAME)
+
+
+# ---------------------------------------------------------------------------------- helpers
+class _BankDataset:
+    """Sample ``i`` of a bank of N ids: a real digit image (``i mod n_real``) and the bank's label."""
+
+    def __init__(self, images: Any, labels: Any) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int]:
+        return self.images[i % len(self.images)], int(self.labels[i]), int(i)
+
+
+def _worker_processes() -> list[Any]:
+    return [p for p in multiprocessing.active_children() if p.name.startswith("hardneg-worker")]
+
+
+@contextmanager
+def _paused_workers() -> Iterator[None]:
+    """SIGSTOP the generation worker processes for the duration (they take no CPU), then SIGCONT."""
+    procs = _worker_processes()
+    for p in procs:
+        os.kill(p.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for p in procs:
+            os.kill(p.pid, signal.SIGCONT)
+
+
+@contextmanager
+def _affinity(cores: Optional[set[int]]) -> Iterator[None]:
+    if cores is None or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _generator_folder(args: argparse.Namespace, tmp: str) -> tuple[str, str]:
+    from hardneg.generators.class_conditional import (
+        ClassConditionalConfig, ClassConditionalGenerator, default_digits_generator_path,
+    )
+
+    path = args.generator_path or default_digits_generator_path()
+    if os.path.exists(os.path.join(path, "config.json")) and not args.quick:
+        return path, f"class-conditional digits model from {path}"
+    if args.quick:
+        cfg = ClassConditionalConfig(num_classes=10, block_out_channels=(16, 32), norm_num_groups=8,
+                                     attention_head_dim=8, num_inference_steps=10)
+        what = "tiny random class-conditional model (--quick)"
+    else:
+        cfg = ClassConditionalConfig(num_classes=10)
+        what = "randomly initialised class-conditional model of the default architecture (same cost as trained)"
+    folder = os.path.join(tmp, "generator")
+    ClassConditionalGenerator(cfg, None, args.seed).save(folder)
+    return folder, what
+
+
+# ---------------------------------------------------------------------------------- one bank size
+def _one_size(n: int, placement: str, s: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from hardneg.config import HardNegConfig
+    from hardneg.generators import load_generator
+    from hardneg.plugin import HardNeg
+
+    real, model, opt = ctx["real"], ctx["model"], ctx["opt"]
+    n_real = len(real)
+    own = placement == "own-core"
+    tag = f"[{placement} N={C.human_size(n)}]"
+    train_threads = 1 if own else (s["train_threads"] or ctx["default_threads"])
+    torch.set_num_threads(train_threads)
+    t0 = time.perf_counter()
+    vectors, labels = C.clustered_embeddings(n, 512, 10, seed=s["seed"])
+    n_batch_ids = min(n, n_real)  # training batches use the real digits' ids; the rest of the bank is synthetic
+    labels[:n_batch_ids] = real.labels.numpy()[:n_batch_ids]
+    print(f"{tag} synthetic embeddings {time.perf_counter() - t0:.1f}s", flush=True)
+    dataset = _BankDataset(real.images, labels)
+    cfg = HardNegConfig(
+        num_classes=10, embedding_dim=512, refresh_every=10**9,  # refreshes are run and timed by hand
+        mix_mode="substitute", synthetic_fraction=0.25, worker_backend="process",
+        worker_threads=s["worker_threads"], queue_size=64, images_per_refresh=s["feed_images"],
+        generation_batch=s["generation_batch"], use_gpu_index=False, seed=s["seed"],
+    )
+    factory = functools.partial(load_generator, "class-conditional", ctx["generator_path"])
+    engine = HardNeg(cfg, model=model, dataset=dataset, generator=factory, start_worker=False)
+    res: dict[str, Any] = {"n": n, "placement": placement, "train_threads": train_threads}
+    affinity_before = os.sched_getaffinity(0) if own else None
+    try:
+        # ---------------------------------------------------------------- pre-fill (a growing bank)
+        t0 = time.perf_counter()
+        ids = np.arange(n)
+        cuts = [0, cfg.ivf_threshold, n] if n > cfg.ivf_threshold else [0, n]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            engine.bank.upsert(ids[a:b], vectors[a:b], labels[a:b])
+        res["prefill_s"] = time.perf_counter() - t0
+        res["bank_index"] = engine.bank.active_index
+        del vectors
+        print(f"{tag} bank pre-filled in {res['prefill_s']:.1f}s ({res['bank_index']})", flush=True)
+
+        # ---------------------------------------------------------------- worker: start, feed, wait for output
+        with _affinity({1} if own else None):
+            engine.worker.start()
+        if own:
+            os.sched_setaffinity(0, {0})
+        refresh_times: list[float] = []
+        prof_refresh = cProfile.Profile() if s["profile"] else None
+        with C.timed(refresh_times):
+            if prof_refresh:
+                prof_refresh.enable()
+            engine.refresh()  # the first refresh also hands the worker its backlog
+            if prof_refresh:
+                prof_refresh.disable()
+        print(f"{tag} refresh {refresh_times[-1]:.2f}s; waiting for the worker's first images", flush=True)
+        deadline = time.monotonic() + s["worker_wait_s"]
+        while engine.collect() == 0 and len(engine.buffer) == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        res["worker_ready"] = len(engine.buffer) > 0
+
+        # ---------------------------------------------------------------- batches (same for both loops)
+        g = torch.Generator().manual_seed(s["seed"])
+        batch = s["batch"]
+
+        def next_batch() -> tuple[Any, Any, Any]:
+            idx = torch.randint(0, n_batch_ids, (batch,), generator=g)
+            return real.images[idx], real.labels[idx], idx
+
+        def plain_step() -> float:
+            x, y, _ = next_batch()
+            t = time.perf_counter()
+            out = model(x)
+            loss = torch.nn.functional.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return time.perf_counter() - t
+
+        prof_steps = cProfile.Profile() if s["profile"] else None
+
+        def engine_step() -> dict[str, float]:
+            x, y, idx = next_batch()
+            t = time.perf_counter()
+            if prof_steps:
+                prof_steps.enable()
+            x, y, w = engine.mix(x, y)
+            if prof_steps:
+                prof_steps.disable()
+            t1 = time.perf_counter()
+            out = model(x)
+            loss = (w * torch.nn.functional.cross_entropy(out, y, reduction="none")).sum() / w.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            t2 = time.perf_counter()
+            if prof_steps:
+                prof_steps.enable()
+            engine.observe(labels=y, logits=out.detach(), ids=idx)
+            if prof_steps:
+                prof_steps.disable()
+            t3 = time.perf_counter()
+            return {"mix": t1 - t, "train": t2 - t1, "observe": t3 - t2, "total": t3 - t}
+
+        with _paused_workers():
+            plain_step()  # warm-up
+        engine_step()
+        plain: list[float] = []
+        eng: list[dict[str, float]] = []
+        produced_during_engine = 0
+        engine_seconds = 0.0
+        for rep in range(s["repeats"]):
+            for kind in (("plain", "engine") if rep % 2 == 0 else ("engine", "plain")):
+                if kind == "plain":
+                    with _paused_workers():
+                        plain += [plain_step() for _ in range(s["steps"])]
+                else:
+                    before = engine.worker.stats()["images_produced"]
+                    tb = time.perf_counter()
+                    eng += [engine_step() for _ in range(s["steps"])]
+                    engine_seconds += time.perf_counter() - tb
+                    produced_during_engine += engine.worker.stats()["images_produced"] - before
+
+        # ---------------------------------------------------------------- refresh: more repeats, and with fewer queries
+        for _ in range(s["refresh_repeats"] - 1):
+            with C.timed(refresh_times):
+                engine.refresh()
+        few: list[float] = []
+        default_q = engine.confusion.max_queries
+        engine.confusion.max_queries = 2048
+        with C.timed(few):
+            engine.refresh()
+        engine.confusion.max_queries = default_q
+        wstats = engine.worker.stats()
+    finally:
+        engine.close(timeout=10)
+        if affinity_before is not None:
+            os.sched_setaffinity(0, affinity_before)
+
+    plain_med = C.median(plain)
+    sync = [e["mix"] + e["observe"] for e in eng]
+    refresh_med = C.median(refresh_times)
+    every = s["refresh_every"]
+    res.update({
+        "plain_step_s": C.summary(plain),
+        "engine_step_s": C.summary([e["total"] for e in eng]),
+        "engine_train_part_s": C.summary([e["train"] for e in eng]),
+        "mix_s": C.summary([e["mix"] for e in eng]),
+        "observe_s": C.summary([e["observe"] for e in eng]),
+        "sync_s": C.summary(sync),
+        "sync_fraction": C.ratio(C.median(sync), plain_med),
+        "refresh_s": C.summary(refresh_times),
+        "refresh_2048_queries_s": C.summary(few),
+        "refresh_every": every,
+        "refresh_amortised_fraction": C.ratio(refresh_med / every, plain_med),
+        "refresh_2048_amortised_fraction": C.ratio(C.median(few) / every, plain_med),
+        "end_to_end_ratio": C.ratio(C.median([e["total"] for e in eng]), plain_med),
+        "end_to_end_with_refresh_ratio": C.ratio(C.median([e["total"] for e in eng]) + refresh_med / every, plain_med),
+        "worker_images_during_engine_blocks": produced_during_engine,
+        "worker_images_per_s_during_engine_blocks": produced_during_engine / engine_seconds if engine_seconds else None,
+        "worker": {k: wstats.get(k) for k in ("images_produced", "generation_images_per_s", "requests_dropped",
+                                              "requests_queued", "failures", "restarts", "last_error")},
+        "synthetic_rows_used": int(engine.stats()["synthetic_used"]),
+    })
+    if prof_steps is not None:
+        res["profile_mix_observe"] = C.profile_top(prof_steps)
+    if prof_refresh is not None:
+        res["profile_refresh"] = C.profile_top(prof_refresh)
+    print(f"{tag} plain {plain_med * 1e3:.0f} ms | mix+observe {C.median(sync) * 1e3:.2f} ms "
+          f"({100 * res['sync_fraction']:.2f}%) | refresh {refresh_med:.2f}s -> amortised/{every} "
+          f"{100 * res['refresh_amortised_fraction']:.1f}% | end-to-end {res['end_to_end_ratio']:.3f}x "
+          f"({res['end_to_end_with_refresh_ratio']:.3f}x with refresh) | worker made "
+          f"{produced_during_engine} images during engine blocks", flush=True)
+    return res
+
+
+# ---------------------------------------------------------------------------------- driver
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from hardneg.config import HardNegConfig
+    from hardneg.data import load_digits
+    from hardneg.training import make_classifier
+
+    q = args.quick
+    sizes = [C.parse_size(x) for x in (C.parse_list(args.sizes) or (["2k"] if q else ["10k", "100k", "1M"]))]
+    s: dict[str, Any] = {
+        "sizes": sizes, "model": args.model or ("resnet10t" if q else "resnet18"), "batch": args.batch or (16 if q else 128),
+        "image_size": args.image_size,
+        "steps": args.steps or (2 if q else 6), "repeats": args.repeats or (2 if q else 3),
+        "train_threads": args.train_threads, "worker_threads": args.worker_threads,
+        "refresh_every": args.refresh_every or HardNegConfig(num_classes=2).refresh_every,
+        "refresh_queries_default": HardNegConfig(num_classes=2).refresh_queries,
+        "refresh_repeats": 1 if q else 2, "feed_images": 16 if q else 512, "generation_batch": 4 if q else 16,
+        "worker_wait_s": 120 if q else 300, "profile": not args.no_profile, "seed": args.seed,
+        "mix_mode": "substitute", "synthetic_fraction": 0.25,
+    }
+    own_size = args.own_core_size if args.own_core_size is not None else min(sizes)
+    can_pin = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+    s["own_core_size"] = own_size if (own_size and can_pin) else None
+    info = C.machine_info()
+    print(C.header("overhead", info), flush=True)
+    ctx: dict[str, Any] = {"default_threads": torch.get_num_threads()}
+    t_start = time.perf_counter()
+    real, _ = load_digits(size=args.image_size, seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = make_classifier(s["model"], num_classes=10, in_chans=1)
+    model.train()
+    ctx.update(real=real, model=model, opt=torch.optim.AdamW(model.parameters(), lr=1e-3))
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx["generator_path"], s["generator"] = _generator_folder(args, tmp)
+        print(f"generator: {s['generator']}", flush=True)
+        for n in sizes:
+            runs.append(_one_size(n, "shared", s, ctx))
+        if s["own_core_size"]:
+            runs.append(_one_size(s["own_core_size"], "own-core", s, ctx))
+    torch.set_num_threads(ctx["default_threads"])
+    results: dict[str, Any] = {"benchmark": NAME, "command": C.command_line(NAME), "quick": bool(q),
+                               "settings": s, "machine": info, "runs": runs,
+                               "seconds": time.perf_counter() - t_start}
+    target_n = 100_000 if 100_000 in sizes else sizes[min(1, len(sizes) - 1)]
+    at = next(r for r in runs if r["n"] == target_n and r["placement"] == "shared")
+    own = next((r for r in runs if r["placement"] == "own-core"), None)
+    results["targets"] = {
+        "sync_fraction_at": target_n, "sync_fraction": at["sync_fraction"],
+        "sync_met": bool(at["sync_fraction"] is not None and at["sync_fraction"] <= 0.02),
+        "sync_plus_refresh_fraction": (at["sync_fraction"] or 0) + (at["refresh_amortised_fraction"] or 0),
+        "end_to_end_own_core": own["end_to_end_ratio"] if own else None,
+        "end_to_end_own_core_met": bool(own and own["end_to_end_ratio"] <= 1.05),
+        "end_to_end_shared": at["end_to_end_ratio"],
+    }
+    results["table_markdown"] = _table(runs)
+    print(results["table_markdown"], flush=True)
+    print(f"targets: {results['targets']}", flush=True)
+    results["files"] = [os.path.join(args.out, "results.json"), _plot(runs, args.out)]
+    C.write_results(args.out, results)
+    print(f"wrote {', '.join(results['files'])}", flush=True)
+    return results
+
+
+def _table(runs: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in runs:
+        rows.append([
+            r["placement"], C.human_size(r["n"]), r["bank_index"], r["train_threads"],
+            C.fmt(1e3 * r["plain_step_s"]["median"], ".0f"), C.fmt(1e3 * r["sync_s"]["median"], ".2f"),
+            C.fmt(100 * r["sync_fraction"], ".2f") + "%", C.fmt(r["refresh_s"]["median"], ".2f"),
+            C.fmt(100 * r["refresh_amortised_fraction"], ".1f") + "%",
+            C.fmt(100 * r["refresh_2048_amortised_fraction"], ".1f") + "%",
+            C.fmt(r["end_to_end_ratio"], ".3f"), C.fmt(r["end_to_end_with_refresh_ratio"], ".3f"),
+            C.fmt(r["worker_images_per_s_during_engine_blocks"], ".2f"),
+        ])
+    return C.markdown_table(
+        ["placement", "bank", "index", "train threads", "plain step ms", "mix+observe ms", "of plain",
+         "refresh s", "refresh amortised /50", "same, 2048 queries", "end-to-end", "e2e + refresh",
+         "worker img/s"], rows)
+
+
+def _plot(runs: list[dict[str, Any]], out_dir: str) -> str:
+    plt = C.pyplot()
+    shared = [r for r in runs if r["placement"] == "shared"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [C.human_size(r["n"]) for r in shared]
+    pos = list(range(len(shared)))
+    a1.bar([p - 0.2 for p in pos], [100 * r["sync_fraction"] for r in shared], 0.4, label="mix + observe")
+    a1.bar([p + 0.2 for p in pos], [100 * r["refresh_amortised_fraction"] for r in shared], 0.4,
+           label=f"refresh / {shared[0]['refresh_every']} steps")
+    a1.axhline(2.0, color="red", ls=":", lw=1, label="2% target")
+    a1.set_yscale("log")
+    a1.set_xticks(pos, xs)
+    a1.set_xlabel("bank size")
+    a1.set_ylabel("% of the plain training step")
+    a1.set_title("engine time per step (shared placement)")
+    a1.legend(fontsize=8)
+    labels = [f"{r['placement']}\n{C.human_size(r['n'])}" for r in runs]
+    a2.bar(range(len(runs)), [r["end_to_end_ratio"] for r in runs], 0.4, label="end-to-end")
+    a2.bar([i + 0.4 for i in range(len(runs))], [r["end_to_end_with_refresh_ratio"] for r in runs], 0.4,
+           label="+ amortised refresh")
+    a2.axhline(1.05, color="red", ls=":", lw=1, label="1.05x target")
+    a2.axhline(1.0, color="black", lw=0.8)
+    a2.set_xticks([i + 0.2 for i in range(len(runs))], labels, fontsize=8)
+    a2.set_yscale("log")
+    a2.set_ylabel("engine+worker step / plain step")
+    a2.set_title("end-to-end (worker generating)")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "overhead.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+main = C.build_main(__name__)
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
