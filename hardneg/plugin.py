@@ -124,7 +124,7 @@ class HardNeg:
         self._counters: dict[str, float] = {
             "observed": 0, "synthetic_used": 0, "synthetic_feedback": 0, "synthetic_correct": 0,
             "requests_made": 0, "images_received": 0, "images_rejected": 0, "engine_seconds": 0.0,
-            "refreshes": 0, "refreshes_skipped": 0,
+            "refreshes": 0, "refreshes_skipped": 0, "zero_embeddings_skipped": 0,
         }
         self._wall_start: Optional[float] = None
         self._refresh_pool: Optional[ThreadPoolExecutor] = None
@@ -188,7 +188,19 @@ class HardNeg:
         self._finish_background_refresh()
         if self.bank is None:
             self.bank = self._make_bank(emb.shape[1])
-        self.bank.upsert(ids_t[:n_real], emb[:n_real], labels[:n_real], step=self.step)
+        real_ids, real_emb, real_labels = ids_t[:n_real], emb[:n_real], labels[:n_real]
+        if self.config.metric == "cosine":
+            nonzero = real_emb.flatten(1).abs().sum(1) > 0
+            if not bool(nonzero.all()):
+                # A zero embedding (e.g. dead ReLUs) has no direction: keep it out of the bank.
+                skipped = int((~nonzero).sum())
+                if not self._counters["zero_embeddings_skipped"]:
+                    logger.warning("hardneg: %d all-zero embedding(s) skipped (no cosine direction); counted in "
+                                   "stats()['zero_embeddings_skipped']", skipped)
+                self._counters["zero_embeddings_skipped"] += skipped
+                keep = nonzero.cpu()
+                real_ids, real_emb, real_labels = real_ids[keep], real_emb[nonzero], real_labels[keep]
+        self.bank.upsert(real_ids, real_emb, real_labels, step=self.step)
         if logits is not None:
             self.confusion.accumulate_logits(labels[:n_real], logits[:n_real])
             if synth:
@@ -528,7 +540,14 @@ class HardNeg:
                 continue
             pair = planned.pair
             start = self._source_cursor.get(pair, 0)
-            chosen = [planned.source_ids[(start + i) % len(planned.source_ids)] for i in range(planned.count)]
+            order = [(start + i) % len(planned.source_ids) for i in range(planned.count)]
+            chosen = [planned.source_ids[i] for i in order]
+            if planned.source_labels is not None:
+                if len(planned.source_labels) != len(planned.source_ids):
+                    raise HardNegError("PlannedPair.source_labels must have one label per source id")
+                chosen_labels = [int(planned.source_labels[i]) for i in order]
+            else:
+                chosen_labels = [pair[0]] * len(chosen)
             self._source_cursor[pair] = (start + planned.count) % len(planned.source_ids)
             if planned.ratios is not None:
                 ratios_all = [float(r) for r in planned.ratios]
@@ -551,9 +570,12 @@ class HardNeg:
                     src_ids = src_ids.repeat_interleave(len(use_grid))
                     ratios = torch.tensor(use_grid, dtype=torch.float32).repeat(m)
                     m = m * len(use_grid)
+                src_labels = torch.as_tensor(chosen_labels[c0 : c0 + len(ids)], dtype=torch.long)
+                if use_grid is not None:
+                    src_labels = src_labels.repeat_interleave(len(use_grid))
                 req = GenerationRequest(
                     request_id=self._next_request_id, pair=pair, source_ids=src_ids, sources=sources,
-                    source_labels=torch.full((m,), pair[0], dtype=torch.long),
+                    source_labels=src_labels,
                     target_labels=torch.full((m,), label, dtype=torch.long), ratios=ratios, step=self.step,
                     seed=cfg.seed * 1_000_003 + self._next_request_id,
                 )

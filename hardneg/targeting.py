@@ -35,6 +35,7 @@ class PlannedPair:
     source_ids: list[int]
     ratios: Optional[list[float]] = None
     label: Optional[int] = None  # label of the result; default the target class
+    source_labels: Optional[list[int]] = None  # per source id; default pair[0] for all
     meta: dict[str, Any] = field(default_factory=dict)
 
 

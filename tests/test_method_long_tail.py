@@ -69,7 +69,9 @@ def test_plan_targets_tail_classes_in_proportion_to_deficit_from_nearest_head_sa
         assert p.pair[1] == p.label and p.pair[0] in (0, 1)
         assert p.ratios is None  # the curriculum sets r unless long_tail_ratio fixes it
         _, labels = engine.bank.get(p.source_ids)
-        assert set(labels.tolist()) == {p.pair[0]}  # each planned pair's sources really are of its head class
+        assert labels.tolist() == p.source_labels  # each source carries its own head class
+        assert set(p.source_labels) <= {0, 1}
+    assert len(plan) == 2  # one request stream per tail class
     # deficits: class 2 -> 40 - 10 = 30, class 3 -> 40 - 5 = 35; 13 images split 6 : 7
     assert per_target == {2: 6, 3: 7}
     ids, vecs, labels, _ = engine.bank.snapshot()

@@ -306,3 +306,25 @@ def test_deterministic_mode_repeats_a_seeded_run_exactly():
         assert torch.equal(a[0][key], b[0][key])
     np.testing.assert_array_equal(a[1], b[1])
     assert all(torch.equal(x, y) for x, y in zip(a[3], b[3]))
+
+
+def test_all_zero_embeddings_are_skipped_and_counted():
+    engine = HardNeg(_cfg())
+    emb = torch.ones(4, 3)
+    emb[1] = 0.0
+    engine.observe(emb, torch.tensor([0, 1, 2, 3]), ids=[0, 1, 2, 3])
+    assert len(engine.bank) == 3 and 1 not in engine.bank
+    assert engine.stats()["zero_embeddings_skipped"] == 1
+
+
+def test_planned_source_labels_reach_the_generator():
+    from hardneg.targeting import PlannedPair
+
+    data = _toy_data()
+    with HardNeg(_cfg(), dataset=data, generator=BlendGenerator()) as engine:
+        ids = [int((data.labels == c).nonzero()[0]) for c in (0, 1)]
+        engine._request_generation([PlannedPair((0, 3), 2, ids, source_labels=[0, 1])])
+        engine.wait_for_generation()
+        prov = engine.buffer.provenance()
+    assert sorted(prov["source_labels"].tolist()) == [0, 1]
+    assert prov["target_labels"].tolist() == [3, 3]

@@ -94,9 +94,9 @@ def long_tail_plan(
     """The long-tail plan for a bank: images per tail class proportional to its deficit.
 
     Each tail class t gets ``n_t`` images (``allocate(budget, deficits)``), sourced from the
-    ``sources_per_target`` head samples nearest to t's centroid, split into one
-    :class:`PlannedPair` ``(h, t)`` per head class h among them (so every request's source label is
-    right), with counts proportional to how many of the sources are of h; ``label`` is t.
+    ``sources_per_target`` head samples nearest to t's centroid, as one :class:`PlannedPair` per
+    tail class (keyed by its most common head class) whose ``source_labels`` give each source's own
+    head class; ``label`` is t.
     """
     if bank is None or len(bank) < 2 or budget <= 0:
         return []
@@ -115,16 +115,12 @@ def long_tail_plan(
         if not sources:
             continue
         _, src_labels = bank.get(sources)
-        by_head: dict[int, list[int]] = {}
-        for sid, h in zip(sources, src_labels.tolist()):
-            by_head.setdefault(int(h), []).append(sid)
-        groups = list(by_head.items())
-        for (h, ids), n in zip(groups, allocate(n_t, [len(ids) for _, ids in groups])):
-            if n <= 0:
-                continue
-            ratios = [float(ratio)] * n if ratio is not None else None
-            plan.append(PlannedPair((h, t), n, ids, ratios=ratios, label=t,
-                                    meta={"policy": "long-tail", "deficit": deficit}))
+        heads_of = [int(h) for h in src_labels.tolist()]
+        dominant = max(set(heads_of), key=heads_of.count)
+        ratios = [float(ratio)] * n_t if ratio is not None else None
+        # One entry (one request stream) per tail class; each source keeps its own head label.
+        plan.append(PlannedPair((dominant, t), n_t, list(sources), ratios=ratios, label=t,
+                                source_labels=heads_of, meta={"policy": "long-tail", "deficit": deficit}))
     return plan
 
 
