@@ -263,18 +263,23 @@ class HardNegLightningMixin:
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
         cb = self.hardneg_callback
-        trainer = getattr(self, "_trainer", None)
-        if cb is not None and trainer is not None and trainer.training and cb.engine is not None:
+        if cb is not None and cb.engine is not None and self._hardneg_trainer().training:
             batch = cb.mix_into(batch, in_place=False, from_mixin=True)
         return batch
 
     @property
     def hardneg_callback(self) -> Optional[HardNegCallback]:
-        """The trainer's :class:`HardNegCallback` (None when the trainer has none)."""
-        trainer = getattr(self, "_trainer", None)
+        """The trainer's :class:`HardNegCallback` (None when there is no trainer or no callback)."""
+        trainer = self._hardneg_trainer()
         if trainer is None:
             return None
         return next((c for c in trainer.callbacks if isinstance(c, HardNegCallback)), None)
+
+    def _hardneg_trainer(self) -> Any:
+        try:
+            return self.trainer  # type: ignore[attr-defined]
+        except RuntimeError:  # LightningModule.trainer raises when no Trainer is attached
+            return None
 
     @property
     def hardneg_weights(self) -> Optional[Tensor]:
