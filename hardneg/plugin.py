@@ -157,6 +157,7 @@ class HardNeg:
         labels: Optional[Tensor] = None,
         logits: Optional[Tensor] = None,
         ids: Optional[Union[Tensor, Sequence[int]]] = None,
+        synthetic_pairs: Optional[Sequence[tuple[int, int]]] = None,
     ) -> None:
         """Record one training step.
 
@@ -167,6 +168,8 @@ class HardNeg:
             logits: ``(N, K)`` classifier outputs; ``None`` uses the hook capture if any.
             ids: dataset sample ids of the *real* samples, i.e. of the batch passed into ``mix``.
                 Synthetic rows are recognised from the last ``mix`` and feed the curriculum.
+            synthetic_pairs: describe the batch explicitly instead (e.g. a batch gathered across
+                processes): its last ``len(synthetic_pairs)`` rows are synthetic, of these pairs.
         """
         t0 = time.perf_counter()
         if self._wall_start is None:
@@ -184,6 +187,11 @@ class HardNeg:
         if logits is None:
             logits = self._captured_logits
         emb, labels, logits, ids_t = self._validate_observation(emb, labels, logits, ids)
+        if synthetic_pairs is not None:
+            n_syn = len(synthetic_pairs)
+            self._last_mix = _MixRecord(n_in=emb.shape[0] - n_syn, n_total=emb.shape[0],
+                                        n_real=emb.shape[0] - n_syn,
+                                        synthetic_pairs=[(int(a), int(b)) for a, b in synthetic_pairs])
         n_real, synth = self._split_real_synthetic(emb.shape[0], ids_t.shape[0])
         self._finish_background_refresh()
         if self.bank is None:
@@ -228,8 +236,10 @@ class HardNeg:
         t0 = time.perf_counter()
         if self._wall_start is None:
             self._wall_start = t0
-        if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-            raise HardNegError(f"mix() needs x (N, ...) and y (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
+        if x.ndim < 1 or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
+            raise HardNegError(
+                f"mix() needs x (N, ...) and y (N,) labels or (N, K) soft targets, got {tuple(x.shape)} and "
+                f"{tuple(y.shape)}")
         self._finish_background_refresh()
         if not self.config.deterministic:
             self.collect()
@@ -245,6 +255,11 @@ class HardNeg:
         self._counters["synthetic_used"] += n_syn
         self._counters["engine_seconds"] += time.perf_counter() - t0
         return mixed
+
+    @property
+    def last_mix_pairs(self) -> list[tuple[int, int]]:
+        """The (source class, target class) of each synthetic row the last ``mix`` added, in order."""
+        return list(self._last_mix.synthetic_pairs) if self._last_mix is not None else []
 
     def refresh(self) -> list[PairScore]:
         """Re-mine confusion now (inline) and, with a generator, request negatives for the plan."""

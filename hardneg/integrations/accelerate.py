@@ -43,7 +43,7 @@ from hardneg.config import HardNegConfig
 from hardneg.confusion import PairScore
 from hardneg.integrations._common import generation_on, hard_labels
 from hardneg.mixing import MixedBatch
-from hardneg.plugin import GeneratorLike, HardNeg, HardNegError, _MixRecord
+from hardneg.plugin import GeneratorLike, HardNeg, HardNegError
 from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker
 
 A = require("accelerate", "accelerate")
@@ -213,8 +213,7 @@ class HardNegAccelerate:
         if self._shared is not None:
             self._shared.sync()
         mixed = self.engine.mix_batch(x, y)
-        record = self.engine._last_mix
-        pairs = list(record.synthetic_pairs) if record is not None else []
+        pairs = self.engine.last_mix_pairs
         self._local = _LocalMix(int(x.shape[0]), int(mixed.x.shape[0]), mixed.n_real, pairs)
         return mixed
 
@@ -264,13 +263,9 @@ class HardNegAccelerate:
         logits_all = ordered[:, d : d + k].float() if k else None
         labels_all = ordered[:, d + k].long()
         ids_all = ordered[:n_real_all, d + k + 1].long()
-        # The gathered batch is one mixed batch: tell the engine which rows are synthetic and their pairs.
-        self.engine._last_mix = (
-            _MixRecord(n_in=n_real_all, n_total=int(ordered.shape[0]), n_real=n_real_all,
-                       synthetic_pairs=all_pairs)
-            if all_pairs else None
-        )
-        self.engine.observe(embeddings=emb_all, labels=labels_all, logits=logits_all, ids=ids_all)
+        # The gathered batch is one mixed batch: its synthetic rows (at the end) are of these pairs.
+        self.engine.observe(embeddings=emb_all, labels=labels_all, logits=logits_all, ids=ids_all,
+                            synthetic_pairs=all_pairs)
 
     # ------------------------------------------------------------------ engine passthrough
     def confusions(self, n: Optional[int] = None) -> list[PairScore]:
