@@ -311,6 +311,20 @@ def _clustered(n: int, dim: int, num_classes: int, seed: int, subclusters: int, 
     return vectors, labels
 
 
+def upsert_in_chunks(bank: Any, ids: Any, vectors: Any, labels: Any, cuts: Sequence[int] = (),
+                     chunk: int = 20_000) -> None:
+    """Insert many vectors into an :class:`~hardneg.bank.EmbeddingBank` in chunks of ``chunk``.
+
+    ``EmbeddingBank.upsert`` costs O(batch^2) for new ids (it counts the new ids seen so far with
+    ``new_mask.sum()`` inside its per-id loop): one call with 1M new ids would take hours, 20k-id
+    chunks cost ~0.5 s each. ``cuts`` are extra chunk boundaries (e.g. the IVF threshold).
+    """
+    n = len(ids)
+    bounds = sorted({0, n, *[c for c in cuts if 0 < c < n], *range(0, n, chunk)})
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        bank.upsert(ids[a:b], vectors[a:b], labels[a:b])
+
+
 @contextmanager
 def torch_threads(n: Optional[int]) -> Iterator[None]:
     """Temporarily run torch with ``n`` intra-op threads (None: leave as is)."""

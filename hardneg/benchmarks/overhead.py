@@ -167,10 +167,7 @@ def _one_size(n: int, placement: str, s: dict[str, Any], ctx: dict[str, Any]) ->
     try:
         # ---------------------------------------------------------------- pre-fill (a growing bank)
         t0 = time.perf_counter()
-        ids = np.arange(n)
-        cuts = [0, cfg.ivf_threshold, n] if n > cfg.ivf_threshold else [0, n]
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            engine.bank.upsert(ids[a:b], vectors[a:b], labels[a:b])
+        C.upsert_in_chunks(engine.bank, np.arange(n), vectors, labels)
         res["prefill_s"] = time.perf_counter() - t0
         res["bank_index"] = engine.bank.active_index
         del vectors
