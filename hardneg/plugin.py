@@ -624,22 +624,7 @@ class HardNeg:
             if model.training or self._capture_always:
                 self._captured_embeddings = tensor.detach().flatten(1)
 
-        if embedding_layer is not None:
-            try:
-                layer = model.get_submodule(embedding_layer)
-            except AttributeError as exc:
-                raise HardNegError(f"model has no submodule {embedding_layer!r}") from exc
-            self._hooks.append(layer.register_forward_hook(lambda m, i, o: keep(o)))
-        else:
-            head = None
-            if hasattr(model, "get_classifier") and hasattr(model, "forward_head"):
-                head = model.get_classifier()  # timm: its input is forward_head(pre_logits=True)
-            if not isinstance(head, nn.Module):
-                linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-                head = linears[-1] if linears else None
-            if head is None:
-                raise HardNegError("cannot find the embedding: pass embedding_layer='name.of.layer'")
-            self._hooks.append(head.register_forward_pre_hook(lambda m, inputs: keep(inputs[0])))
+        self._hooks.append(register_embedding_hook(model, embedding_layer, keep))
 
         def keep_logits(m: nn.Module, i: Any, out: Any) -> None:
             logits = getattr(out, "logits", out)
@@ -648,6 +633,30 @@ class HardNeg:
                 self._captured_logits = logits.detach()
 
         self._hooks.append(model.register_forward_hook(keep_logits))
+
+
+def register_embedding_hook(model: nn.Module, embedding_layer: Optional[str], callback: Callable[[Tensor], None]) -> Any:
+    """Call ``callback(embedding)`` on every forward of ``model``; returns the hook handle.
+
+    The embedding is the output of ``embedding_layer`` when named; else the input of a timm
+    model's classifier (``forward_head(x, pre_logits=True)``); else the input of the last
+    ``nn.Linear``.
+    """
+    if embedding_layer is not None:
+        try:
+            layer = model.get_submodule(embedding_layer)
+        except AttributeError as exc:
+            raise HardNegError(f"model has no submodule {embedding_layer!r}") from exc
+        return layer.register_forward_hook(lambda m, i, o: callback(o))
+    head = None
+    if hasattr(model, "get_classifier") and hasattr(model, "forward_head"):
+        head = model.get_classifier()  # timm: its input is forward_head(pre_logits=True)
+    if not isinstance(head, nn.Module):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    if head is None:
+        raise HardNegError("cannot find the embedding: pass embedding_layer='name.of.layer'")
+    return head.register_forward_pre_hook(lambda m, inputs: callback(inputs[0]))
 
 
 # ---------------------------------------------------------------------- helpers

@@ -14,13 +14,7 @@ from hardneg.methods.embedding_negatives import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than several on a busy CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_interpolated_distance_matches_the_formula_and_easy_negatives_are_kept():

@@ -43,7 +43,7 @@ from hardneg.config import HardNegConfig
 from hardneg.confusion import PairScore
 from hardneg.integrations._common import generation_on, hard_labels
 from hardneg.mixing import MixedBatch
-from hardneg.plugin import GeneratorLike, HardNeg, HardNegError
+from hardneg.plugin import GeneratorLike, HardNeg, HardNegError, register_embedding_hook
 from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker
 
 A = require("accelerate", "accelerate")
@@ -342,19 +342,7 @@ class _EmbeddingCapture:
     def __init__(self, model: nn.Module, embedding_layer: Optional[str]) -> None:
         self.model = model
         self.value: Optional[Tensor] = None
-        if embedding_layer is not None:
-            layer = model.get_submodule(embedding_layer)
-            self._handle = layer.register_forward_hook(lambda m, i, o: self._keep(o))
-            return
-        head = None
-        if hasattr(model, "get_classifier") and hasattr(model, "forward_head"):
-            head = model.get_classifier()  # timm: its input is forward_head(pre_logits=True)
-        if not isinstance(head, nn.Module):
-            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-            head = linears[-1] if linears else None
-        if head is None:
-            raise HardNegError("cannot find the embedding: pass embedding_layer='name.of.layer'")
-        self._handle = head.register_forward_pre_hook(lambda m, inputs: self._keep(inputs[0]))
+        self._handle = register_embedding_hook(model, embedding_layer, self._keep)
 
     def _keep(self, tensor: Tensor) -> None:
         if self.model.training:
