@@ -187,19 +187,14 @@ class EmbeddingBank:
             keep = np.sort(len(ids_np) - 1 - last)
             ids_np, vec, lab = ids_np[keep], vec[keep], lab[keep]
         with self._lock.write():
-            slots = np.empty(len(ids_np), dtype=np.int64)
-            new_mask = np.zeros(len(ids_np), dtype=bool)
-            for j, i in enumerate(ids_np.tolist()):
-                s = self._slot_of.get(i)
-                if s is None:
-                    s = self._size + int(new_mask.sum())
-                    new_mask[j] = True
-                slots[j] = s
+            get = self._slot_of.get
+            slots = np.fromiter((get(i, -1) for i in ids_np.tolist()), dtype=np.int64, count=len(ids_np))
+            new_mask = slots < 0
             n_new = int(new_mask.sum())
+            slots[new_mask] = self._size + np.arange(n_new)
             self._ensure_capacity(self._size + n_new)
             new_slots = slots[new_mask]
-            for i, s in zip(ids_np[new_mask].tolist(), new_slots.tolist()):
-                self._slot_of[i] = s
+            self._slot_of.update(zip(ids_np[new_mask].tolist(), new_slots.tolist()))
             self._vectors[slots] = vec
             self._labels[slots] = lab
             self._steps[slots] = int(step)
