@@ -68,7 +68,7 @@ class ClassConditionalConfig:
     attention_head_dim: int = 32
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    num_inference_steps: int = 50
+    num_inference_steps: int = 25
     guidance_scale: float = 2.0
     label_dropout: float = 0.1
     data_range: tuple[float, float] = (0.0, 1.0)
@@ -156,10 +156,11 @@ class ClassConditionalGenerator:
     Build with a :class:`ClassConditionalConfig` (or :meth:`for_dataset`), train with :meth:`fit`,
     persist with :meth:`save` / :meth:`load`, then ``generate(sources, source_labels,
     target_labels, ratios, seed)`` for hard negatives or :meth:`sample` for plain class samples.
-    Pass ``vae`` (a diffusers ``AutoencoderKL``) to work in its latent space.
+    Pass ``vae`` (a diffusers ``AutoencoderKL``) to work in its latent space; ``seed`` fixes the
+    UNet's initial weights.
     """
 
-    def __init__(self, config: ClassConditionalConfig, vae: Any = None, init_seed: int = 0) -> None:
+    def __init__(self, config: ClassConditionalConfig, vae: Any = None, seed: int = 0) -> None:
         diffusers = require("diffusers", "diffusers")
         if config.latent and vae is None:
             raise GeneratorError("config.latent is True but no vae (diffusers AutoencoderKL) was given")
@@ -187,7 +188,7 @@ class ClassConditionalGenerator:
                 f"the UNet input ({self._model_size} px) must be divisible by 2^{levels - 1} "
                 f"for {levels} block_out_channels levels")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
+            torch.manual_seed(seed)
             self.unet = _build_unet(diffusers, self.config, self._model_channels, self._model_size)
         self.unet.eval()
         self.max_batch = 256  # samples per UNet call; bounds memory of large generate calls
@@ -195,14 +196,14 @@ class ClassConditionalGenerator:
 
     # ---------------------------------------------------------------- construction helpers
     @classmethod
-    def for_dataset(cls, dataset: DatasetLike, vae: Any = None, init_seed: int = 0,
+    def for_dataset(cls, dataset: DatasetLike, vae: Any = None, seed: int = 0,
                     **config_fields: Any) -> "ClassConditionalGenerator":
         """A fresh generator whose ``num_classes`` and ``in_channels`` match ``dataset``."""
         images, labels, num_classes = _unpack_dataset(dataset)
         if num_classes is None:
             num_classes = int(labels.max()) + 1 if labels.numel() else 0
         fields_ = {"num_classes": num_classes, "in_channels": int(images.shape[1]), **config_fields}
-        return cls(ClassConditionalConfig(**fields_), vae=vae, init_seed=init_seed)
+        return cls(ClassConditionalConfig(**fields_), vae=vae, seed=seed)
 
     @property
     def num_classes(self) -> int:
@@ -448,7 +449,7 @@ class ClassConditionalGenerator:
             x = x / max(std, 1e-6)
         return x, labels.to(self.device)
 
-    def fit(self, dataset: DatasetLike, steps: int = 600, batch_size: int = 128, lr: float = 2e-3,
+    def fit(self, dataset: DatasetLike, steps: int = 500, batch_size: int = 128, lr: float = 2e-3,
             seed: int = 0, progress: bool = True, ema_decay: float = 0.995,
             warmup_steps: Optional[int] = None) -> FitResult:
         """Train the UNet with DDPM noise prediction on ``dataset`` (an ImageDataset or (images, labels)).
