@@ -85,11 +85,12 @@ def test_overhead_quick(tmp_path):
                      "--steps", "1", "--repeats", "2", "--train-threads", "1"])
     (run,) = data["runs"]
     assert run["placement"] == "shared" and run["n"] == 2000 and run["bank_index"] == "flat"
-    for key in ("sync_fraction", "refresh_amortised_fraction", "refresh_2048_amortised_fraction",
-                "end_to_end_ratio", "end_to_end_with_refresh_ratio"):
+    for key in ("sync_fraction", "refresh_inline_amortised_fraction", "end_to_end_ratio",
+                "end_to_end_during_refresh_ratio", "end_to_end_async_default_ratio", "end_to_end_inline_refresh_ratio"):
         assert _positive(run[key]), key
-    assert run["end_to_end_with_refresh_ratio"] >= run["end_to_end_ratio"]
-    assert run["plain_step_s"]["n"] == 2 and run["sync_s"]["n"] == 2
+    assert run["end_to_end_inline_refresh_ratio"] >= run["end_to_end_ratio"]
+    assert 0.0 <= run["background_refresh_duty"] <= 1.0
+    assert run["plain_step_s"]["n"] == 2 and run["sync_s"]["n"] == 2 and run["sync_during_refresh_s"]["n"] == 2
     assert run["worker"]["failures"] == 0
     assert run["profile_mix_observe"] and run["profile_refresh"]
     assert data["targets"]["sync_fraction_at"] == 2000
