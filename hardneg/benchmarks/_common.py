@@ -83,12 +83,13 @@ def build_main(module_name: str) -> Callable[[Optional[Sequence[str]]], int]:
 
 # ---------------------------------------------------------------------------------- statistics
 def summary(values: Sequence[float]) -> dict[str, Any]:
-    """Median, quartiles, min, max and count of repeated measurements (NaN-free input)."""
+    """Median, quartiles, mean, min, max and count of repeated measurements (NaN-free input)."""
     vals = [float(v) for v in values]
     if not vals:
-        return {"median": None, "q1": None, "q3": None, "min": None, "max": None, "n": 0}
+        return {"median": None, "q1": None, "q3": None, "mean": None, "min": None, "max": None, "n": 0}
     q1, q3 = (statistics.quantiles(vals, n=4, method="inclusive")[i] for i in (0, 2)) if len(vals) > 1 else (vals[0], vals[0])
-    return {"median": statistics.median(vals), "q1": q1, "q3": q3, "min": min(vals), "max": max(vals), "n": len(vals)}
+    return {"median": statistics.median(vals), "q1": q1, "q3": q3, "mean": statistics.fmean(vals),
+            "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
 def median(values: Sequence[float]) -> float:
