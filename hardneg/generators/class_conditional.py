@@ -362,6 +362,7 @@ class ClassConditionalGenerator:
             z[idx] = sched.step(eps, t, z[idx], eta=0.0).prev_sample
         return z
 
+    @torch.no_grad()
     def generate(
         self,
         sources: Tensor,
