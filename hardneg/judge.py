@@ -27,7 +27,8 @@ class JudgeNet(nn.Module):
         self.image_size = int(image_size)
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                                 nn.ReLU(inplace=True))
 
         self.features = nn.Sequential(
             block(in_channels, width), nn.MaxPool2d(2),
@@ -49,7 +50,7 @@ class JudgeNet(nn.Module):
 
 def train_judge(dataset: Any, epochs: int = 15, seed: int = 0, batch_size: int = 64, lr: float = 3e-3,
                 width: int = 32, device: str = "cpu") -> JudgeNet:
-    """Train a :class:`JudgeNet` on ``dataset`` (an ImageDataset or (images, labels)); returns it in eval mode.
+    """Train a :class:`JudgeNet` on ``dataset`` (ImageDataset or (images, labels)); returned in eval mode.
 
     Light augmentation (random 1-2 px shifts) keeps it from keying on exact pixel positions, so it
     judges generated images by shape, not by how closely they copy a training image.
@@ -96,7 +97,8 @@ def judge_probs(judge: nn.Module, images: Tensor, batch_size: int = 256) -> Tens
     """Softmax class probabilities of ``judge`` for ``images`` (N, C, H, W), on the CPU."""
     judge.eval()
     device = next(judge.parameters()).device
-    out = [F.softmax(judge(chunk.to(device, torch.float32)), dim=1).cpu() for chunk in images.split(batch_size)]
+    out = [F.softmax(judge(chunk.to(device, torch.float32)), dim=1).cpu()
+           for chunk in images.split(batch_size)]
     return torch.cat(out) if out else torch.zeros(0, getattr(judge, "num_classes", 0))
 
 
@@ -137,7 +139,7 @@ class BoundaryCurve:
     p_source: list[float]
 
     def flip_band(self, threshold: float = 0.5) -> Optional[tuple[float, float]]:
-        """``(r_low, r_high)``: the last r with mean P(target) below ``threshold`` and the next r, where it is reached.
+        """``(r_low, r_high)``: the last r whose mean P(target) is below ``threshold``, and the next r.
 
         The label flips from source to target inside this band; ``None`` when P(target) never
         crosses the threshold on the measured grid (``r_low`` is 0 when even the smallest r
@@ -200,7 +202,8 @@ def _unpack(dataset: Any) -> tuple[Tensor, Tensor, int]:
     images = torch.as_tensor(images).float()
     labels = torch.as_tensor(labels).long()
     if images.ndim != 4 or labels.shape != (images.shape[0],):
-        raise ValueError(f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)} {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)} {tuple(labels.shape)}")
     if images.shape[0] == 0:
         raise ValueError("cannot train a judge on an empty dataset")
     return images, labels, int(k if k is not None else int(labels.max()) + 1)

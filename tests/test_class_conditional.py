@@ -256,7 +256,8 @@ def test_save_load_round_trip_gives_identical_outputs(gen, tmp_path):
     assert meta["config"]["data_range"] == [0.0, 1.0] and meta["config"]["in_channels"] == 1
     loaded = ClassConditionalGenerator.load(path, device="cpu")
     x, s, t = sources(3), torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])
-    assert torch.equal(gen.generate(x, s, t, [0.3, 0.6, 1.0], seed=5), loaded.generate(x, s, t, [0.3, 0.6, 1.0], seed=5))
+    r = [0.3, 0.6, 1.0]
+    assert torch.equal(gen.generate(x, s, t, r, seed=5), loaded.generate(x, s, t, r, seed=5))
     # sampling settings can be overridden at load time, architecture cannot
     fast = ClassConditionalGenerator.load(path, num_inference_steps=5, guidance_scale=1.0)
     assert len(fast.inference_timesteps()) == 5

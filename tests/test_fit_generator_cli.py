@@ -24,7 +24,8 @@ def test_fit_generator_is_registered():
 
 def test_fit_generator_on_digits_end_to_end(tmp_path, capsys):
     out = tmp_path / "gen"
-    rc = main(["fit-generator", "--data", "digits", "--out", str(out), "--pair", "3,8", "--data-size", "16", *TINY])
+    rc = main(["fit-generator", "--data", "digits", "--out", str(out), "--pair", "3,8", "--data-size", "16",
+               *TINY])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "class fidelity:" in printed and "boundary band" in printed

@@ -27,12 +27,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", required=True, help="'digits' (built in) or an image folder PATH/<class>/<image>")
+    p.add_argument("--data", required=True,
+                   help="'digits' (built in) or an image folder PATH/<class>/<image>")
     p.add_argument("--out", required=True, help="folder to write the generator (and report.json) to")
     p.add_argument("--steps", type=int, default=500, help="training steps")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warm-up, then cosine decay)")
-    p.add_argument("--ema-decay", type=float, default=0.995, help="EMA of the weights kept as the model; 0 = off")
+    p.add_argument("--ema-decay", type=float, default=0.995,
+                   help="EMA of the weights kept as the model; 0 = off")
     p.add_argument("--image-size", type=int, default=16, help="resolution the generator works at (px)")
     p.add_argument("--data-size", type=int, default=32, help="resolution the data is loaded at (px)")
     p.add_argument("--channels", type=int, default=None, choices=(1, 3),
@@ -45,7 +47,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--judge-epochs", type=int, default=12, help="epochs of the judge CNN used for scoring")
     p.add_argument("--fidelity-per-class", type=int, default=50, help="samples per class for class fidelity")
-    p.add_argument("--pair", default=None, help="class pair A,B for the boundary band (default 3,8 on digits, else 0,1)")
+    p.add_argument("--pair", default=None,
+                   help="class pair A,B for the boundary band (default 3,8 on digits, else 0,1)")
     p.add_argument("--boundary-sources", type=int, default=32, help="source images for the boundary band")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
@@ -58,7 +61,8 @@ def _parse_blocks(text: str) -> tuple[int, ...]:
     try:
         blocks = tuple(int(c) for c in str(text).split(","))
     except ValueError as exc:
-        raise GeneratorError(f"--block-channels must be comma-separated integers like 32,64,64, got {text!r}") from exc
+        raise GeneratorError(
+            f"--block-channels must be comma-separated integers like 32,64,64, got {text!r}") from exc
     if not blocks or min(blocks) < 1:
         raise GeneratorError(f"--block-channels must be positive integers, got {text!r}")
     return blocks

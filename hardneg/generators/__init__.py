@@ -54,12 +54,17 @@ def load_generator(name: str, path: Optional[str] = None, **kwargs: Any) -> Gene
     ``StableDiffusionGenerator.from_pretrained(path, **kwargs)`` (a local folder or hub id).
     """
     if name == "class-conditional":
-        from hardneg.generators.class_conditional import ClassConditionalGenerator, default_digits_generator_path
+        from hardneg.generators.class_conditional import (
+            ClassConditionalGenerator,
+            default_digits_generator_path,
+        )
 
-        return ClassConditionalGenerator.load(path if path is not None else default_digits_generator_path(), **kwargs)
+        folder = path if path is not None else default_digits_generator_path()
+        return ClassConditionalGenerator.load(folder, **kwargs)
     if name == "stable-diffusion":
         if path is None:
-            raise GeneratorError("the stable-diffusion generator needs a path: a local model folder or hub id")
+            raise GeneratorError(
+                "the stable-diffusion generator needs a path: a local model folder or hub id")
         from hardneg.generators.stable_diffusion import StableDiffusionGenerator
 
         return StableDiffusionGenerator.from_pretrained(path, **kwargs)

@@ -63,7 +63,8 @@ def choose_ratio(projections: Tensor, grid: Sequence[float] = DEFAULT_GRID) -> T
     g = _check_grid(grid)
     p = torch.as_tensor(projections)
     if p.ndim != 2 or p.shape[1] != len(g):
-        raise GeneratorError(f"projections must be (N, {len(g)}) for a grid of {len(g)} ratios, got {tuple(p.shape)}")
+        raise GeneratorError(
+            f"projections must be (N, {len(g)}) for a grid of {len(g)} ratios, got {tuple(p.shape)}")
     return torch.tensor(g, dtype=torch.float64)[choose_index(p).cpu()]
 
 
@@ -82,7 +83,8 @@ def _target_means(target_mean_embeddings: Union[Tensor, Mapping[int, Tensor]], t
     if m.ndim == 2 and m.shape[0] == n:
         return m
     raise GeneratorError(
-        f"target_mean_embeddings must be (D,), ({n}, D) or a {{class: (D,)}} mapping, got shape {tuple(m.shape)}")
+        f"target_mean_embeddings must be (D,), ({n}, D) or a {{class: (D,)}} mapping, "
+        f"got shape {tuple(m.shape)}")
 
 
 @torch.no_grad()
@@ -126,7 +128,8 @@ def genie_ada(
     means = _target_means(target_mean_embeddings, target_labels, n).to(src_emb.device)
     if means.shape[1] != src_emb.shape[1]:
         raise GeneratorError(
-            f"target_mean_embeddings have dimension {means.shape[1]} but the encoder gives {src_emb.shape[1]}")
+            f"target_mean_embeddings have dimension {means.shape[1]} but the encoder gives "
+            f"{src_emb.shape[1]}")
     v = F.normalize(means - src_emb, dim=1)  # direction from the source towards the target class
     projections = (gen_emb.view(n, k, -1) * v.unsqueeze(1)).sum(-1)
     idx = choose_index(projections).to(images.device)

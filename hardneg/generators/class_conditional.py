@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hardneg._optional import require
-from hardneg.generators.base import GeneratorError, Ratios, as_ratio_tensor, check_generate_inputs, check_output
+from hardneg.generators.base import (
+    GeneratorError,
+    Ratios,
+    as_ratio_tensor,
+    check_generate_inputs,
+    check_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +176,8 @@ class ClassConditionalGenerator:
             vae_cfg = vae.config
             if int(vae_cfg.in_channels) != self.config.in_channels:
                 raise GeneratorError(
-                    f"the VAE takes {vae_cfg.in_channels}-channel images but in_channels is {self.config.in_channels}")
+                    f"the VAE takes {vae_cfg.in_channels}-channel images but in_channels is "
+                    f"{self.config.in_channels}")
             factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
             if self.config.image_size % factor:
                 raise GeneratorError(
@@ -225,7 +232,7 @@ class ClassConditionalGenerator:
         return self
 
     def check_compatible(self, images: Tensor, num_classes: Optional[int] = None) -> None:
-        """Raise :class:`GeneratorError` when ``images`` (N, C, H, W) or the class count don't fit this model."""
+        """Raise :class:`GeneratorError` when ``images`` (N, C, H, W) or the class count misfit the model."""
         if images.ndim != 4:
             raise GeneratorError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
         if images.shape[1] != self.config.in_channels:
@@ -435,13 +442,15 @@ class ClassConditionalGenerator:
         if labels.numel() == 0:
             raise GeneratorError("cannot fit on an empty dataset")
         if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise GeneratorError(f"labels must lie in [0, {self.num_classes}), got min {labels.min()} max {labels.max()}")
+            raise GeneratorError(
+                f"labels must lie in [0, {self.num_classes}), got min {labels.min()} max {labels.max()}")
         lo, hi = self.config.data_range
         tol = 1e-3 * (hi - lo)
         if images.min() < lo - tol or images.max() > hi + tol:
             raise GeneratorError(
-                f"training images span [{float(images.min()):.3g}, {float(images.max()):.3g}] but data_range is "
-                f"{self.config.data_range}; set ClassConditionalConfig.data_range to your data's value range")
+                f"training images span [{float(images.min()):.3g}, {float(images.max()):.3g}] but "
+                f"data_range is {self.config.data_range}; set ClassConditionalConfig.data_range to your "
+                f"data's value range")
         x = torch.cat([self._to_model_space(chunk) for chunk in images.split(self.max_batch)])
         if self.vae is not None and self.config.latent_scale is None:
             # scale latents to unit variance, as latent diffusion does (x was encoded with scale 1)
@@ -495,7 +504,10 @@ class ClassConditionalGenerator:
         for step in bar:
             if pos + batch_size > n:
                 perm, pos = torch.randperm(n, generator=g), 0
-            idx = perm[pos:pos + batch_size] if batch_size <= n else torch.randint(0, n, (batch_size,), generator=g)
+            if batch_size <= n:
+                idx = perm[pos:pos + batch_size]
+            else:  # fewer images than a batch: draw with replacement
+                idx = torch.randint(0, n, (batch_size,), generator=g)
             pos += batch_size
             x0 = x[idx.to(x.device)]
             labels = y[idx.to(y.device)].clone()
@@ -531,7 +543,8 @@ class ClassConditionalGenerator:
         seconds = time.perf_counter() - start
         previous = int(self.training_info.get("steps", 0))
         self.training_info = {
-            "steps": previous + steps, "batch_size": batch_size, "lr": lr, "seed": seed, "ema_decay": ema_decay,
+            "steps": previous + steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "ema_decay": ema_decay,
             "final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": round(seconds, 1),
             "num_train_images": n,
         }
@@ -540,7 +553,11 @@ class ClassConditionalGenerator:
     @torch.no_grad()
     def denoising_loss(self, dataset: DatasetLike, num_timesteps: int = 10, seed: int = 0,
                        max_images: int = 512) -> float:
-        """Noise-prediction MSE on fixed noise at ``num_timesteps`` evenly spaced t (a steady loss to compare models)."""
+        """Noise-prediction MSE with fixed noise at ``num_timesteps`` evenly spaced t.
+
+        Unlike the training loss it does not jump with the random timesteps of a batch, so two
+        models (or one before and after training) compare fairly.
+        """
         images, labels, num_classes = _unpack_dataset(dataset)
         self.check_compatible(images, num_classes)
         images, labels = images[:max_images], labels[:max_images]
@@ -589,7 +606,8 @@ class ClassConditionalGenerator:
             raise GeneratorError(f"{str(path)!r} holds no {CONFIG_FILE}; is it a folder written by save()?")
         meta = json.loads(cfg_file.read_text())
         if meta.get("format") != FORMAT:
-            raise GeneratorError(f"{cfg_file} is not a hardneg class-conditional generator (format {meta.get('format')!r})")
+            raise GeneratorError(
+                f"{cfg_file} is not a hardneg class-conditional generator (format {meta.get('format')!r})")
         cfg = dict(meta["config"])
         allowed = {"guidance_scale", "num_inference_steps", "data_range"}
         bad = sorted(set(overrides) - allowed)
@@ -651,9 +669,11 @@ def _unpack_dataset(dataset: DatasetLike) -> tuple[Tensor, Tensor, Optional[int]
     images = torch.as_tensor(images)
     labels = torch.as_tensor(labels)
     if images.ndim != 4 or not images.is_floating_point():
-        raise GeneratorError(f"images must be a float (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        raise GeneratorError(
+            f"images must be a float (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
     if labels.shape != (images.shape[0],) or labels.is_floating_point():
-        raise GeneratorError(f"labels must be integers shaped ({images.shape[0]},), got {tuple(labels.shape)}")
+        raise GeneratorError(
+            f"labels must be integers shaped ({images.shape[0]},), got {tuple(labels.shape)}")
     if not torch.isfinite(images).all():
         raise GeneratorError("training images contain NaN or infinite values")
     return images.float(), labels.long(), (int(num_classes) if num_classes is not None else None)
