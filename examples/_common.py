@@ -29,12 +29,15 @@ def parser(description: str, max_steps: int = 150) -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--refresh-every", type=int, default=10, help="steps between confusion refreshes")
     p.add_argument("--synthetic-fraction", type=float, default=0.25)
-    p.add_argument("--generator", choices=["auto", "class-conditional", "blend", "none"], default="auto",
+    p.add_argument("--generator", choices=["class-conditional", "none"], default="class-conditional",
                    help="class-conditional: GeNIe with the digits diffusion model (loaded from "
                         "--generator-dir or the one shipped with hardneg, else trained for --fit-steps); "
-                        "blend: a cheap smoke-test stand-in (no diffusion); auto: class-conditional when "
-                        "weights exist, else blend")
+                        "none: mine confusion only")
     p.add_argument("--generator-dir", default=None)
+    p.add_argument("--generator-steps", type=int, default=None,
+                   help="DDIM steps of the class-conditional generator (default: its config's)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="repeatable run: refresh inline and hand generated images over at refresh boundaries")
     p.add_argument("--fit-steps", type=int, default=400,
                    help="generator training steps when it must be trained")
     p.add_argument("--out", default="hardneg-out/examples", help="checkpoints and generator cache")
@@ -74,25 +77,8 @@ def config(args: argparse.Namespace, num_classes: int, generator: Any) -> HardNe
         synthetic_fraction=args.synthetic_fraction, buffer_size=512, curriculum="adaptive", r_start=0.7,
         r_end=0.4, adaptive_min_samples=16, total_steps=max(args.max_steps, 1),
         freshness_half_life=max(args.max_steps // 2, 10), worker_backend="thread", seed=args.seed,
+        deterministic=getattr(args, "deterministic", False),
     )
-
-
-class BlendGenerator:
-    """Smoke-test stand-in for a diffusion model: moves each source towards the target class's mean
-    image by r (plus a little seeded noise). Cheap and deterministic; not GeNIe."""
-
-    def __init__(self, data: ImageDataset) -> None:
-        self.num_classes = data.num_classes
-        self.means = torch.stack([data.images[data.labels == c].mean(0) for c in range(self.num_classes)])
-
-    def generate(self, sources: Tensor, source_labels: Tensor, target_labels: Tensor, ratios: Any,
-                 seed: Optional[int] = None) -> Tensor:
-        r = torch.as_tensor(ratios, dtype=sources.dtype).reshape(-1, 1, 1, 1)
-        r = r.expand(sources.shape[0], 1, 1, 1)
-        g = torch.Generator().manual_seed(seed or 0)
-        noise = torch.randn(sources.shape, generator=g, dtype=sources.dtype) * 0.05
-        out = (1 - r) * sources + r * self.means[target_labels.long()].to(sources.dtype) + r * noise
-        return out.clamp(0, 1)
 
 
 def generator(args: argparse.Namespace, data: ImageDataset) -> Any:
@@ -102,18 +88,12 @@ def generator(args: argparse.Namespace, data: ImageDataset) -> Any:
         return None
     folder = _generator_folder(args)
     have_weights = os.path.exists(os.path.join(folder, "config.json"))
-    if choice == "auto":
-        choice = "class-conditional" if have_weights else "blend"
-        if choice == "blend":
-            print(f"generator: no class-conditional weights in {folder}; using the blend stand-in "
-                  "(pass --generator class-conditional to train one first)", flush=True)
-    if choice == "blend":
-        return BlendGenerator(data)
     from hardneg.generators.class_conditional import ClassConditionalGenerator
 
     if have_weights:
         print(f"generator: loading {folder}", flush=True)
-        return ClassConditionalGenerator.load(folder)
+        kwargs = {"num_inference_steps": args.generator_steps} if args.generator_steps else {}
+        return ClassConditionalGenerator.load(folder, **kwargs)
     print(f"generator: training a class-conditional diffusion model for {args.fit_steps} steps", flush=True)
     gen = ClassConditionalGenerator.for_dataset(data, seed=args.seed)
     gen.fit(data, steps=args.fit_steps, seed=args.seed, progress=False)
