@@ -129,7 +129,6 @@ def test_accuracy_smoke(tmp_path):
     _check_accuracy(data, ["few-shot"], methods)
 
 
-@pytest.mark.slow
 def test_accuracy_quick_all_methods_both_regimes(tmp_path):
     data = _run_cli(["bench", "accuracy", "--quick", "--out", str(tmp_path)])
     _check_accuracy(data, ["long-tail", "few-shot"],
