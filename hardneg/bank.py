@@ -9,7 +9,9 @@ Why it is built this way:
   array (or ``faiss.knn_gpu`` when a FAISS GPU build and a GPU are present).
 * **IVF past a size threshold** (``index="auto"``): an ``IndexIVFFlat`` with ~4*sqrt(N) lists,
   trained once when the bank first crosses ``ivf_threshold``; FAISS ids are the slots and an
-  array direct map lets ``update_vectors`` replace a sample in O(batch).
+  array direct map lets ``update_vectors`` replace vectors. Those updates (a coarse assignment
+  per vector, ~5 ms per 128 at 100k) are queued by ``upsert`` and applied in chunks before the
+  next search, so they run on the (background) refresh rather than inside the training step.
 * **HNSW** for comparison only: it cannot replace vectors, so a replaced vector marks the graph
   stale and searches fall back to exact until :meth:`EmbeddingBank.rebuild`.
 * **Concurrent reads, one writer**: a readers-writer lock; a search never sees half an upsert.
@@ -95,6 +97,14 @@ def _to_numpy_i64(x: Tensor | np.ndarray | list, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
 
 
+def class_means(vectors: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes, D) float32 mean vector per class, zeros for an absent class (one pass)."""
+    sums = torch.zeros(num_classes, vectors.shape[1], dtype=torch.float32)
+    sums.index_add_(0, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)), torch.from_numpy(vectors))
+    counts = np.bincount(labels, minlength=num_classes)
+    return (sums.numpy() / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+
 class EmbeddingBank:
     """FAISS-backed store of one embedding, label and step per sample id.
 
@@ -143,6 +153,8 @@ class EmbeddingBank:
         self._ann: Optional[faiss.Index] = None  # IVF or HNSW index over slots, when in use
         self._ann_kind: Optional[str] = None
         self._hnsw_stale = False
+        self._ivf_pending: set[int] = set()  # slots whose new vectors the IVF index has not seen yet
+        self._ivf_count = 0  # slots [0, _ivf_count) have been added to the IVF index
         self._gpu_res = self._make_gpu_resources() if use_gpu else None
 
     # ------------------------------------------------------------------ properties
@@ -236,6 +248,33 @@ class EmbeddingBank:
             self._slot_of.clear()
             self._ann, self._ann_kind = None, None
 
+    def flush(self, chunk: int = 2048) -> None:
+        """Apply queued vector replacements and additions to the IVF index, ``chunk`` at a time.
+
+        The write lock is released between chunks, so training-step upserts never wait for more
+        than one chunk. Searches call this first; it is a no-op for flat banks.
+        """
+        while self._ann_kind == "ivf" and (self._ivf_pending or self._ivf_count < self._size):
+            with self._lock.write():
+                if self._ann_kind != "ivf":
+                    return
+                if self._ivf_pending:
+                    take = sorted(self._ivf_pending)[:chunk]
+                    self._ivf_pending.difference_update(take)
+                    slots = np.asarray(take, dtype=np.int64)
+                    self._ann.update_vectors(slots, np.ascontiguousarray(self._vectors[slots]))
+                elif self._ivf_count < self._size:
+                    end = min(self._size, self._ivf_count + chunk)
+                    self._ann.add(self._vectors[self._ivf_count : end])
+                    self._ivf_count = end
+
+    @property
+    def pending_updates(self) -> int:
+        """Vectors stored but not yet applied to the IVF index (0 for flat banks)."""
+        if self._ann_kind != "ivf":
+            return 0
+        return len(self._ivf_pending) + (self._size - self._ivf_count)
+
     # ------------------------------------------------------------------ reading
     def search(self, queries: Tensor | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest stored samples of each query.
@@ -244,6 +283,7 @@ class EmbeddingBank:
         squared L2 distances (l2); ids are sample ids, ``-1`` where fewer than ``k`` exist.
         """
         q = self._validate_queries(queries)
+        self.flush()
         with self._lock.read():
             scores, slots = self._search_slots(q, k)
             ids = np.where(slots >= 0, self._ids[np.clip(slots, 0, None)], -1)
@@ -254,6 +294,7 @@ class EmbeddingBank:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like :meth:`search`, also returning the neighbours' labels (``-1`` for missing)."""
         q = self._validate_queries(queries)
+        self.flush()
         with self._lock.read():
             scores, slots = self._search_slots(q, k)
             valid = slots >= 0
@@ -291,10 +332,7 @@ class EmbeddingBank:
         """(num_classes, dim) mean stored vector per class (zeros for an empty class)."""
         with self._lock.read():
             n = self._size
-            sums = np.zeros((self.num_classes, self.dim), dtype=np.float64)
-            np.add.at(sums, self._labels[:n], self._vectors[:n])
-            counts = np.bincount(self._labels[:n], minlength=self.num_classes)
-        return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+            return class_means(self._vectors[:n], self._labels[:n], self.num_classes)
 
     def class_counts(self) -> np.ndarray:
         with self._lock.read():
@@ -402,11 +440,8 @@ class EmbeddingBank:
         if self._ann is None:
             self._maybe_build_ann()
             return
-        if self._ann_kind == "ivf":
-            if len(changed_slots):
-                self._ann.update_vectors(changed_slots, changed_vec)
-            if n_new:
-                self._ann.add(self._vectors[old_size : old_size + n_new])
+        if self._ann_kind == "ivf":  # deferred to flush(): O(batch) bookkeeping only
+            self._ivf_pending.update(int(v) for v in changed_slots.tolist() if v < self._ivf_count)
         else:  # hnsw: append new vectors; replaced ones make the graph stale
             if n_new:
                 self._ann.add(self._vectors[old_size : old_size + n_new])
@@ -438,6 +473,7 @@ class EmbeddingBank:
         ivf.train(np.ascontiguousarray(train))
         ivf.make_direct_map(True)
         ivf.add(self._vectors[:n])
+        self._ivf_count, self._ivf_pending = n, set()
         ivf.nprobe = self._nprobe
         self._ann, self._ann_kind = ivf, "ivf"
         self._ivf_quantizer = quantizer  # keep alive alongside the index

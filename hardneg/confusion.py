@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hardneg.bank import EmbeddingBank
+from hardneg.bank import EmbeddingBank, class_means
 
 
 @dataclass
@@ -79,6 +79,7 @@ class ConfusionGraph:
         self.logit_weight = float(logit_weight)
         self.sources_per_pair = int(sources_per_pair)
         self.max_queries = int(max_queries)
+        self.source_pair_limit = 32  # candidate pairs that get source ids each refresh
         self._rng = np.random.default_rng(seed)
         k = self.num_classes
         self._scores = np.zeros((k, k), dtype=np.float64)
@@ -175,7 +176,12 @@ class ConfusionGraph:
         self, bank: EmbeddingBank, q_ids: np.ndarray, q_vec: np.ndarray, q_lab: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         k = self.num_classes
-        scores, nn_ids, nn_lab = bank.search_with_labels(q_vec, self.knn_k + 1)
+        # Chunked: each search holds the bank's read lock only briefly, so training-step upserts
+        # (writers) slip in between chunks instead of waiting for the whole refresh.
+        parts = [bank.search_with_labels(q_vec[i : i + 256], self.knn_k + 1) for i in range(0, len(q_vec), 256)]
+        scores = np.concatenate([p[0] for p in parts])
+        nn_ids = np.concatenate([p[1] for p in parts])
+        nn_lab = np.concatenate([p[2] for p in parts])
         not_self = (nn_ids != q_ids[:, None]) & (nn_ids >= 0)
         # Keep the first knn_k neighbours that are not the query itself.
         order = np.cumsum(not_self, axis=1)
@@ -206,18 +212,20 @@ class ConfusionGraph:
         if len(ids) == 0:
             return sources
         k = self.num_classes
-        means = np.zeros((k, vectors.shape[1]), dtype=np.float64)
-        np.add.at(means, labels, vectors)
+        means = class_means(vectors, labels, k)
         counts = np.bincount(labels, minlength=k)
-        means /= np.maximum(counts, 1)[:, None]
-        for a, b in self._candidate_pairs(scores):
+        order = np.argsort(labels, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        # Only pairs top_pairs() can return need sources (it looks at 4 * n candidates).
+        for a, b in self._candidate_pairs(scores, limit=self.source_pair_limit):
             if counts[a] == 0 or counts[b] == 0:
                 continue
-            idx = np.flatnonzero(labels == a)
+            idx = order[starts[a] : starts[a + 1]]
+            va = vectors[idx]
             if metric == "cosine":
-                closeness = vectors[idx] @ means[b]
+                closeness = va @ means[b]
             else:
-                closeness = -((vectors[idx] - means[b]) ** 2).sum(1)
+                closeness = -((va - means[b]) ** 2).sum(1)
             n = min(self.sources_per_pair, len(idx))
             best = np.argpartition(-closeness, n - 1)[:n]
             best = best[np.argsort(-closeness[best], kind="stable")]

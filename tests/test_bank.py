@@ -145,3 +145,20 @@ def test_state_dict_round_trip_and_hnsw_fallback():
     assert ids[0, 0] == 0
     bank.rebuild()
     assert bank.search(-x[:1], 1)[1][0, 0] == 0
+
+
+def test_ivf_updates_are_queued_off_the_step_and_applied_before_a_search():
+    d, n = 16, 3000
+    x = _clustered(n, d)
+    bank = EmbeddingBank(dim=d, num_classes=2, index="ivf", ivf_threshold=2000, nprobe=64)
+    bank.upsert(torch.arange(n), x, torch.zeros(n, dtype=torch.long))
+    assert bank.active_index == "ivf" and bank.pending_updates == 0
+    moved = -x[:5] * 3  # far from where the index last saw them
+    bank.upsert(torch.arange(5), moved, torch.ones(5, dtype=torch.long))
+    bank.upsert(torch.arange(n, n + 3), x[5:8], torch.zeros(3, dtype=torch.long))  # new ids
+    assert bank.pending_updates == 8  # upsert only queued the IVF work
+    _, ids = bank.search(moved, 1)
+    assert bank.pending_updates == 0
+    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
+    _, new_ids = bank.search(x[5:8], 2)
+    assert all(n + i in row for i, row in enumerate(new_ids.tolist()))
