@@ -13,14 +13,13 @@ low and the label is wrong). A curriculum starts easy and moves towards hard:
   the choices here (:meth:`AdaCurriculum.record_choice`).
 
 Every curriculum keeps a ``history`` of the r it handed out per pair (:meth:`Curriculum.record`)
-for plots (:func:`plot_ratio_history`) and a ``state_dict`` so a resumed run continues exactly.
+for plots (:func:`hardneg.report.plot_ratio_over_time`) and a ``state_dict`` so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 if TYPE_CHECKING:
     from hardneg.config import HardNegConfig
@@ -317,52 +316,3 @@ def make_curriculum(config: "HardNegConfig") -> Curriculum:
     if kind == "ada":
         return AdaCurriculum(config.ada_grid, config.r_start, config.total_steps)
     raise ValueError(f"unknown curriculum {kind!r}")
-
-
-def plot_ratio_history(
-    history: Union[Curriculum, Mapping[Pair, Sequence[tuple[int, float]]]],
-    path: Union[str, os.PathLike[str]],
-    title: str = "noise ratio r per class pair",
-    class_names: Optional[Sequence[str]] = None,
-) -> str:
-    """Write a PNG of r over training steps, one line per pair; returns the path.
-
-    Uses matplotlib's Agg canvas directly, so it works headless and never changes the pyplot
-    backend of the caller.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    hist = history.history if isinstance(history, Curriculum) else history
-
-    def name(c: int) -> str:
-        return class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
-
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    drawn = 0
-    for (a, b), entries in sorted(hist.items()):
-        if not entries:
-            continue
-        steps = [s for s, _ in entries]
-        rs = [r for _, r in entries]
-        ax.plot(steps, rs, drawstyle="steps-post", marker="." if len(entries) < 50 else None,
-                label=f"{name(a)} -> {name(b)}")
-        drawn += 1
-    if drawn == 0:
-        ax.text(0.5, 0.5, "no ratios recorded yet", ha="center", va="center", transform=ax.transAxes)
-    elif drawn <= 12:
-        ax.legend(fontsize="small", loc="best")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("noise ratio r")
-    ax.set_ylim(0.0, 1.02)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    out = os.fspath(path)
-    parent = os.path.dirname(out)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out

@@ -15,7 +15,8 @@ import numpy as np
 from torch import Tensor
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot with the Agg backend (no screen needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -29,11 +30,20 @@ def _ensure_dir(path: str) -> None:
     os.makedirs(d, exist_ok=True)
 
 
+def save_figure(fig: Any, path: str, dpi: int = 120) -> str:
+    """Lay out, write ``fig`` to ``path`` (creating its folder) and close it; returns ``path``."""
+    fig.tight_layout()
+    _ensure_dir(path)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return os.fspath(path)
+
+
 def plot_confusion_over_time(
     history: Sequence[dict[str, Any]], path: str, class_names: Optional[Sequence[str]] = None, max_pairs: int = 8
 ) -> str:
     """Line plot of each frequently-top pair's score per refresh (from ``ConfusionGraph.history``)."""
-    plt = _pyplot()
+    plt = pyplot()
     name = (lambda c: class_names[c]) if class_names else str
     series: dict[tuple[int, int], dict[int, float]] = {}
     for h in history:
@@ -51,11 +61,7 @@ def plot_confusion_over_time(
     ax.set_title("Most confused class pairs over training")
     if ranked:
         ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    _ensure_dir(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_ratio_over_time(
@@ -63,7 +69,7 @@ def plot_ratio_over_time(
     max_pairs: int = 8,
 ) -> str:
     """Noise ratio r per pair over training steps (from ``Curriculum.history``)."""
-    plt = _pyplot()
+    plt = pyplot()
     name = (lambda c: class_names[c]) if class_names else str
     fig, ax = plt.subplots(figsize=(7, 4))
     items = sorted(history.items(), key=lambda kv: -len(kv[1]))[:max_pairs]
@@ -79,16 +85,12 @@ def plot_ratio_over_time(
     ax.set_title("Curriculum: r per confused pair")
     if items:
         ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    _ensure_dir(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, path: str, class_names: Optional[Sequence[str]] = None) -> str:
     """Heat map of the directed confusion scores (row A pulled towards column B)."""
-    plt = _pyplot()
+    plt = pyplot()
     k = matrix.shape[0]
     names = list(class_names) if class_names else [str(i) for i in range(k)]
     fig, ax = plt.subplots(figsize=(0.45 * k + 2, 0.45 * k + 1.5))
@@ -98,11 +100,7 @@ def plot_confusion_matrix(matrix: np.ndarray, path: str, class_names: Optional[S
     ax.set_xlabel("pulled towards (B)")
     ax.set_ylabel("class (A)")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    _ensure_dir(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_image_grid(
@@ -110,7 +108,7 @@ def plot_image_grid(
     col_labels: Optional[Sequence[str]] = None, title: Optional[str] = None,
 ) -> str:
     """A grid of images (each ``(C, H, W)`` in [0, 1]; None leaves a cell blank)."""
-    plt = _pyplot()
+    plt = pyplot()
     nr = max(len(rows), 1)
     nc = max((len(r) for r in rows), default=1)
     fig, axes = plt.subplots(nr, nc, figsize=(1.3 * nc + 1, 1.3 * nr + 0.6), squeeze=False)
@@ -134,16 +132,12 @@ def plot_image_grid(
                 ax.set_ylabel(row_labels[i], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    _ensure_dir(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_training_curves(epochs: Sequence[dict[str, Any]], path: str) -> str:
     """Test accuracy (overall and on confused pairs) and loss per epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     e = [m["epoch"] for m in epochs]
     ax.plot(e, [m["test_accuracy"] for m in epochs], marker="o", label="test accuracy")
@@ -156,11 +150,7 @@ def plot_training_curves(epochs: Sequence[dict[str, Any]], path: str) -> str:
     ax2.plot(e, [m["loss"] for m in epochs], "k--", lw=1, label="train loss")
     ax2.set_ylabel("loss")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    _ensure_dir(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_json(data: Any, path: str) -> str:
@@ -172,14 +162,11 @@ def write_json(data: Any, path: str) -> str:
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
+    """numpy scalars/arrays and tensors to numbers/lists, sets and tuples to lists, else str."""
+    if hasattr(o, "tolist"):
         return o.tolist()
-    if isinstance(o, Tensor):
-        return o.tolist()
-    if isinstance(o, tuple):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (set, tuple)):
         return list(o)
     return str(o)

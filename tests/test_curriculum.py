@@ -7,6 +7,7 @@ import math
 import pytest
 
 from hardneg.config import HardNegConfig
+from hardneg.report import plot_ratio_over_time
 from hardneg.curriculum import (
     AdaCurriculum,
     AdaptiveCurriculum,
@@ -16,7 +17,6 @@ from hardneg.curriculum import (
     LinearCurriculum,
     StepCurriculum,
     make_curriculum,
-    plot_ratio_history,
 )
 
 
@@ -181,14 +181,14 @@ def test_base_class_is_abstract() -> None:
         Curriculum().ratio((0, 1), 0)
 
 
-def test_plot_ratio_history_writes_a_png(tmp_path) -> None:
+def test_ratio_history_plot_writes_a_png(tmp_path) -> None:
     c = make_curriculum(cfg(curriculum="adaptive", adaptive_min_samples=2))
     for step in range(20):
         c.feedback((3, 8), 2, 2, step)
         c.feedback((4, 9), 0, 2, step)
-    out = plot_ratio_history(c, tmp_path / "plots" / "r.png", class_names=[str(i) for i in range(10)])
+    out = plot_ratio_over_time(c.history, tmp_path / "plots" / "r.png", class_names=[str(i) for i in range(10)])
     data = (tmp_path / "plots" / "r.png").read_bytes()
     assert out.endswith("r.png")
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
-    empty = plot_ratio_history({}, tmp_path / "empty.png")
+    empty = plot_ratio_over_time({}, tmp_path / "empty.png")
     assert (tmp_path / "empty.png").read_bytes()[:4] == b"\x89PNG" and empty.endswith("empty.png")

@@ -12,7 +12,6 @@ Only the standard library is imported at module level so ``hardneg --help`` stay
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -21,6 +20,8 @@ import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
+
+from hardneg.report import pyplot, save_figure, write_json  # noqa: F401  (used as C.pyplot, C.save_figure)
 
 DEFAULT_OUT_ROOT = os.path.join("hardneg-out", "bench")
 
@@ -191,32 +192,7 @@ def command_line(name: str, argv: Optional[Sequence[str]] = None) -> str:
 
 
 def write_results(out_dir: str, results: dict[str, Any], filename: str = "results.json") -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, filename)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2, default=_json_default)
-        f.write("\n")
-    return path
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot with the Agg backend (no screen needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return write_json(results, os.path.join(out_dir, filename))
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -468,12 +468,7 @@ def _plot(results: dict[str, Any], out_dir: str) -> str:
         lo = min(100 * (summ[m][k]["mean"] or 0) for m in methods for k, _ in keys)
         ax.set_ylim(max(0.0, lo - 15), 100)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "accuracy.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return C.save_figure(fig, os.path.join(out_dir, "accuracy.png"))
 
 
 main = C.build_main(__name__)

@@ -317,12 +317,7 @@ def _plot(per_size: list[dict[str, Any]], s: dict[str, Any], out_dir: str) -> st
     a2.set_ylabel("speed-up over exact flat")
     a2.set_title("IVF trade-off (labels: nprobe)")
     a2.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "bank.png")
-    os.makedirs(out_dir, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return C.save_figure(fig, os.path.join(out_dir, "bank.png"))
 
 
 main = C.build_main(__name__)

@@ -229,12 +229,7 @@ def _plot(per_gen: dict[str, Any], out_dir: str) -> str:
     a2.set_ylabel("cost relative to r = 1")
     a2.set_title("cost tracks r (dotted: share of steps kept)")
     a2.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "generator.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return C.save_figure(fig, os.path.join(out_dir, "generator.png"))
 
 
 main = C.build_main(__name__)

@@ -463,12 +463,7 @@ def _plot(runs: list[dict[str, Any]], out_dir: str) -> str:
     a2.set_ylabel("engine+worker step / plain step")
     a2.set_title("end-to-end, worker generating")
     a2.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "overhead.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return C.save_figure(fig, os.path.join(out_dir, "overhead.png"))
 
 
 main = C.build_main(__name__)
