@@ -62,15 +62,26 @@ def make_classifier(name: str = "resnet18", num_classes: int = 10, in_chans: int
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: ImageDataset, batch_size: int = 256, device: str = "cpu") -> Tensor:
-    """Predicted classes for every sample of ``data`` (eval mode)."""
+def predict(model: nn.Module, data: ImageDataset, batch_size: int = 256, device: str = "cpu",
+            num_classes: Optional[int] = None) -> Tensor:
+    """Predicted classes for every sample of ``data`` (eval mode).
+
+    Only the first ``num_classes`` logits are read (default: ``data.num_classes``), so a model
+    trained with extra outputs (AugGen's mixed classes, :func:`hardneg.methods.auggen.auggen_expand`)
+    is scored on the real classes only.
+    """
+    k = data.num_classes if num_classes is None else int(num_classes)
     was_training = model.training
     model.eval()
     preds = []
     for start in range(0, len(data), batch_size):
         x = data.images[start : start + batch_size].to(device)
         out = model(x)
-        preds.append(getattr(out, "logits", out).argmax(1).cpu())
+        logits = getattr(out, "logits", out)
+        if logits.shape[1] < k:
+            raise ValueError(f"the model has {logits.shape[1]} outputs but the data has {k} classes; build the "
+                             f"classifier with num_classes >= {k}")
+        preds.append(logits[:, :k].argmax(1).cpu())
     model.train(was_training)
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 

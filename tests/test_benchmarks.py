@@ -108,7 +108,8 @@ def test_overhead_quick_with_own_core_placement(tmp_path):
 def _check_accuracy(data: dict, regimes: list[str], methods: list[str]) -> None:
     assert list(data["regimes"]) == regimes
     for regime, reg in data["regimes"].items():
-        assert list(reg["summary"]) == methods
+        expected = [m for m in methods if m != "long-tail" or regime == "long-tail"]  # no tail in a balanced set
+        assert list(reg["summary"]) == expected
         assert len(reg["confused_pairs"]) == 3
         for m, e in reg["summary"].items():
             assert 0.0 <= e["accuracy"]["mean"] <= 1.0 and e["accuracy"]["std"] >= 0.0
@@ -116,7 +117,7 @@ def _check_accuracy(data: dict, regimes: list[str], methods: list[str]) -> None:
             if regime == "long-tail":
                 assert 0.0 <= e["tail_accuracy"]["mean"] <= 1.0
         for r in reg["runs"]:
-            if r["method"] in ("same-class", "offline-genie", "hardneg"):
+            if r["method"] in ("same-class", "offline-genie", "hardneg", "auggen"):
                 assert r["images_requested"] == data["settings"]["images"]
                 assert 0 <= r["generated_images"] <= r["images_requested"]
     assert "accuracy %" in data["table_markdown"]
@@ -132,8 +133,14 @@ def test_accuracy_smoke(tmp_path):
 def test_accuracy_quick_all_methods_both_regimes(tmp_path):
     data = _run_cli(["bench", "accuracy", "--quick", "--out", str(tmp_path)])
     _check_accuracy(data, ["long-tail", "few-shot"],
-                    ["none", "standard", "mixup-cutmix", "same-class", "offline-genie", "hardneg"])
+                    ["none", "standard", "mixup-cutmix", "same-class", "offline-genie", "hardneg", "long-tail",
+                     "auggen"])
     lt = data["regimes"]["long-tail"]
+    long_tail_run = next(r for r in lt["runs"] if r["method"] == "long-tail")
+    assert long_tail_run["generated_images"] > 0  # the policy found tail classes and head sources
+    auggen_run = next(r for r in lt["runs"] if r["method"] == "auggen")
+    assert len(auggen_run["mixed_pairs"]) == data["settings"]["auggen_pairs"]
+    assert all(0 <= p < 10 for p in auggen_run["preds"])  # scored on the 10 real logits only
     assert lt["class_counts"][0] / lt["class_counts"][-1] >= 20  # imbalance ratio of the long-tail regime
     assert max(data["regimes"]["few-shot"]["class_counts"]) <= 10
 

@@ -67,6 +67,28 @@ def test_expand_adds_one_new_label_per_mix(gen, real):
     assert torch.equal(out.images, again.images)
 
 
+def test_an_expanded_classifier_is_scored_on_the_real_classes_only(real):
+    from torch import nn
+
+    from hardneg.training import predict
+
+    class Fixed(nn.Module):  # logits favour a mixed class (index 3 or 4) over every real one
+        def __init__(self, outputs: int) -> None:
+            super().__init__()
+            self.outputs = outputs
+
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], self.outputs)
+            logits[:, 1] = 1.0
+            logits[:, self.outputs - 1] = 5.0
+            return logits
+
+    assert predict(Fixed(5), real).tolist() == [1] * len(real)  # 3 real classes + 2 mixes: argmax over 3
+    assert predict(Fixed(5), real, num_classes=5).tolist() == [4] * len(real)
+    with pytest.raises(ValueError, match="num_classes >= 3"):
+        predict(Fixed(2), real)
+
+
 def test_soft_labels_sum_to_one_with_alpha_beta_shares(gen):
     soft = auggen_soft_labels(gen, [(0, 1), (2, 2)], alpha=0.6, beta=0.9, n_per_mix=2, seed=0)
     assert soft.images.shape == (4, 1, 8, 8) and soft.targets.shape == (4, 3)

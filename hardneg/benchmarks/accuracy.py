@@ -16,7 +16,17 @@ e. ``offline-genie``: the published GeNIe recipe: the images are generated befor
    random source images of class A for random pairs A != B cycling over all 90 ordered pairs,
    at a fixed r = 0.8, labelled B, and trained on with the real images (``train(extra_data=...)``);
 f. ``hardneg``: the engine online: confusion-targeted pairs and boundary sources, a background
-   worker process, the adaptive curriculum over r (the demo's settings).
+   worker process, the adaptive curriculum over r (the demo's settings);
+g. ``long-tail``: the same engine with the long-tail targeting policy
+   (:class:`hardneg.methods.long_tail.LongTailTargeting`): tail classes as targets, counts in
+   proportion to each tail class's deficit, the head samples nearest to the tail class's centroid
+   as sources, a fixed r (``--long-tail-ratio``, 0.7). Long-tail regime only (a balanced set has
+   no tail);
+h. ``auggen``: AugGen training-set expansion
+   (:func:`hardneg.methods.auggen.auggen_expand`): ``--auggen-pairs`` random class pairs, each
+   mixed condition ``alpha * e_i + beta * e_j`` (alpha = beta = ``--auggen-alpha``, 0.75, the
+   paper's range) sampled up front as a **new class**; the classifier gets one extra output per
+   mix and is scored on the 10 real logits.
 
 For d and f the engine refreshes at fixed steps spread over the first 60% of training, each
 time requesting ``images / refreshes`` images, so both request exactly as many images as e
@@ -46,9 +56,12 @@ from typing import Any, Optional
 from hardneg.benchmarks import _common as C
 
 NAME = "accuracy"
-HELP = "6 methods on the digits (long-tail, few-shot) at equal steps and equal generated images"
+HELP = "8 methods on the digits (long-tail, few-shot) at equal steps and equal generated images"
 
-METHODS = ("none", "standard", "mixup-cutmix", "same-class", "offline-genie", "hardneg")
+METHODS = ("none", "standard", "mixup-cutmix", "same-class", "offline-genie", "hardneg", "long-tail", "auggen")
+ENGINE_METHODS = ("same-class", "hardneg", "long-tail")
+GENERATING_METHODS = ENGINE_METHODS + ("offline-genie", "auggen")
+ONLY_IN_REGIMES = {"long-tail": ("long-tail",)}  # methods that do not apply to every regime
 REGIMES = ("long-tail", "few-shot")
 METHOD_LABELS = {
     "none": "(a) no augmentation",
@@ -57,6 +70,8 @@ METHOD_LABELS = {
     "same-class": "(d) same-class diffusion (DA-Fusion)",
     "offline-genie": "(e) offline GeNIe, random pairs, r=0.8",
     "hardneg": "(f) hardneg online",
+    "long-tail": "(g) long-tail targeting, head->tail, r=0.7",
+    "auggen": "(h) AugGen expansion, mixed classes",
 }
 
 
@@ -78,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generator-fit-steps", type=int, default=None, help="default 500; quick 0 (random weights)")
     p.add_argument("--generator-steps", type=int, default=None,
                    help="DDIM steps of a full generation schedule (default 20; quick 4)")
+    p.add_argument("--long-tail-ratio", type=float, default=0.7, help="r of the long-tail method (g)")
+    p.add_argument("--auggen-pairs", type=int, default=8, help="mixed classes of the AugGen method (h)")
+    p.add_argument("--auggen-alpha", type=float, default=0.75, help="alpha = beta of the AugGen method (h)")
     p.add_argument("--train-threads", type=int, default=1, help="torch threads of the training loop")
     p.add_argument("--worker", choices=["process", "thread"], default=None,
                    help="engine worker backend (default process; quick thread)")
@@ -194,6 +212,10 @@ def _engine_config(method: str, s: dict[str, Any], seed: int) -> Any:
         worker_threads=1, queue_size=64, buffer_size=1024, seed=seed, total_steps=s["steps"],
         freshness_half_life=max(1, s["steps"] // 4), use_gpu_index=False,
     )
+    if method == "long-tail":
+        return HardNegConfig(num_classes=10, targeting="long-tail", sources_per_pair=24, synthetic_fraction=0.25,
+                             curriculum="constant", r_start=s["long_tail_ratio"],
+                             extra={"long_tail_ratio": s["long_tail_ratio"]}, **common)
     if method == "same-class":
         try:
             from hardneg.methods.da_fusion import da_fusion_config
@@ -238,6 +260,25 @@ def _offline_set(gen_folder: str, train: Any, s: dict[str, Any], seed: int) -> A
     return ImageDataset(torch.cat(chunks).clamp(0, 1), tl, list(train.class_names))
 
 
+def _auggen_set(gen_folder: str, train: Any, s: dict[str, Any], seed: int) -> Any:
+    """AugGen expansion: ``images`` generated over random class pairs, each mix a new label 10 + m."""
+    import torch
+
+    from hardneg.data import ImageDataset
+    from hardneg.generators import load_generator
+    from hardneg.methods.auggen import auggen_expand
+
+    gen = load_generator("class-conditional", gen_folder, num_inference_steps=s["generator_steps"])
+    g = torch.Generator().manual_seed(20_000 + seed)
+    pairs = [(a, b) for a in range(10) for b in range(a + 1, 10)]
+    chosen = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[: s["auggen_pairs"]].tolist()]
+    per_mix = max(1, s["images"] // len(chosen))
+    alpha = s["auggen_alpha"]
+    expanded = auggen_expand(gen, train, chosen, alpha=alpha, beta=alpha, n_per_mix=per_mix, seed=seed)
+    n = len(train)
+    return ImageDataset(expanded.images[n:], expanded.labels[n:], expanded.class_names), chosen
+
+
 def _one_run(method: str, regime: str, seed: int, data: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -247,21 +288,25 @@ def _one_run(method: str, regime: str, seed: int, data: dict[str, Any], s: dict[
 
     tr, te = data["train"], data["test"]
     torch.manual_seed(seed)
-    model = make_classifier(s["model"], num_classes=10, in_chans=1)
+    outputs, extra, mixed_pairs = 10, None, None
+    t0 = time.perf_counter()
+    if method == "offline-genie":
+        extra = _offline_set(data["generator_path"], tr, s, seed)
+    elif method == "auggen":
+        extra, mixed_pairs = _auggen_set(data["generator_path"], tr, s, seed)
+        outputs = extra.num_classes  # one extra output per mixed class
+    gen_s = time.perf_counter() - t0
+    model = make_classifier(s["model"], num_classes=outputs, in_chans=1)
     kw: dict[str, Any] = dict(epochs=10**6, batch_size=s["batch_size"], lr=s["lr"], seed=seed, max_steps=s["steps"],
                               progress=False)
     engine = wrapper = None
-    t0 = time.perf_counter()
-    gen_s = 0.0
+    if extra is not None:
+        kw["extra_data"] = extra
     if method == "standard":
         kw["batch_transform"] = standard_augment(torch.Generator().manual_seed(seed))
     elif method == "mixup-cutmix":
         kw["batch_transform"] = mixup_cutmix(10)
-    elif method == "offline-genie":
-        extra = _offline_set(data["generator_path"], tr, s, seed)
-        gen_s = time.perf_counter() - t0
-        kw["extra_data"] = extra
-    elif method in ("same-class", "hardneg"):
+    elif method in ENGINE_METHODS:
         cfg = _engine_config(method, s, seed)
         factory = functools.partial(load_generator, "class-conditional", data["generator_path"],
                                     num_inference_steps=s["generator_steps"])
@@ -275,7 +320,7 @@ def _one_run(method: str, regime: str, seed: int, data: dict[str, Any], s: dict[
     finally:
         if engine is not None:
             engine.close(timeout=10)
-    preds = predict(model, te)
+    preds = predict(model, te, num_classes=10)
     res: dict[str, Any] = {
         "method": method, "regime": regime, "seed": seed,
         "accuracy": float((preds == te.labels).float().mean()),
@@ -283,9 +328,11 @@ def _one_run(method: str, regime: str, seed: int, data: dict[str, Any], s: dict[
         "steps": s["steps"], "seconds": time.perf_counter() - t0, "generation_seconds_upfront": gen_s,
         "preds": preds.tolist(),
     }
-    if method == "offline-genie":
-        res["generated_images"] = len(kw["extra_data"])
-        res["images_requested"] = len(kw["extra_data"])
+    if extra is not None:
+        res["generated_images"] = len(extra)
+        res["images_requested"] = len(extra)
+    if mixed_pairs is not None:
+        res["mixed_pairs"] = [list(p) for p in mixed_pairs]
     if engine is not None:
         st = engine.stats()
         res.update({
@@ -310,7 +357,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "generator": args.generator,
         "generator_fit_steps": args.generator_fit_steps if args.generator_fit_steps is not None else (0 if q else 500),
         "generator_steps": args.generator_steps or (4 if q else 20),
-        "train_threads": args.train_threads, "worker": args.worker or ("thread" if q else "process"),
+        "long_tail_ratio": args.long_tail_ratio, "auggen_pairs": args.auggen_pairs,
+        "auggen_alpha": args.auggen_alpha, "train_threads": args.train_threads, "worker": args.worker or ("thread" if q else "process"),
         "data_seed": 0,
     }
     for m in s["methods"]:
@@ -377,14 +425,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tr, te = load_digits(size=s["image_size"], seed=s["data_seed"], regime=regime)
             print(f"[{regime}] {len(tr)} train images, class counts {tr.class_counts()}; {len(te)} test", flush=True)
             data: dict[str, Any] = {"train": tr, "test": te, "refresh_steps": _refresh_steps(s["steps"], s["refreshes"])}
-            needs_gen = any(m in s["methods"] for m in ("same-class", "offline-genie", "hardneg"))
+            methods = [m for m in s["methods"] if regime in ONLY_IN_REGIMES.get(m, (regime,))]
+            needs_gen = any(m in methods for m in GENERATING_METHODS)
             gen_what = None
             if needs_gen:
                 data["generator_path"], gen_what = _generator_folder(args, s, regime, tr)
                 print(f"[{regime}] generator: {gen_what}", flush=True)
             runs = []
             for seed in s["seeds"]:  # seeds outer, methods inner: drifting machine load hits all methods alike
-                for method in s["methods"]:
+                for method in methods:
                     r = _one_run(method, regime, seed, data, s)
                     runs.append(r)
                     extra = f", generated {r['generated_images']}" if "generated_images" in r else ""
@@ -397,7 +446,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["regimes"][regime] = {
                 "train_size": len(tr), "class_counts": tr.class_counts(), "test_size": len(te),
                 "confused_pairs": pairs, "generator": gen_what, "refresh_steps": data["refresh_steps"],
-                "summary": _summarise(runs, s["methods"]), "runs": runs,
+                "summary": _summarise(runs, methods), "runs": runs,
             }
     finally:
         torch.set_num_threads(threads_before)
