@@ -23,7 +23,7 @@ import logging
 import math
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import faiss
 import numpy as np
@@ -97,14 +97,6 @@ def _to_numpy_i64(x: Tensor | np.ndarray | list, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
 
 
-def class_means(vectors: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(num_classes, D) float32 mean vector per class, zeros for an absent class (one pass)."""
-    sums = torch.zeros(num_classes, vectors.shape[1], dtype=torch.float32)
-    sums.index_add_(0, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)), torch.from_numpy(vectors))
-    counts = np.bincount(labels, minlength=num_classes)
-    return (sums.numpy() / np.maximum(counts, 1)[:, None]).astype(np.float32)
-
-
 class EmbeddingBank:
     """FAISS-backed store of one embedding, label and step per sample id.
 
@@ -150,6 +142,9 @@ class EmbeddingBank:
         self._steps = np.zeros(0, dtype=np.int64)
         self._ids = np.zeros(0, dtype=np.int64)
         self._slot_of: dict[int, int] = {}
+        # Running per-class sums (float64) and counts, kept by upsert/remove: class_means() is O(K*D).
+        self._class_sums = np.zeros((self.num_classes, self.dim), dtype=np.float64)
+        self._class_counts = np.zeros(self.num_classes, dtype=np.int64)
         self._ann: Optional[faiss.Index] = None  # IVF or HNSW index over slots, when in use
         self._ann_kind: Optional[str] = None
         self._hnsw_stale = False
@@ -207,6 +202,11 @@ class EmbeddingBank:
             self._ensure_capacity(self._size + n_new)
             new_slots = slots[new_mask]
             self._slot_of.update(zip(ids_np[new_mask].tolist(), new_slots.tolist()))
+            old = slots[~new_mask]  # replaced samples leave their old class sums first
+            np.subtract.at(self._class_sums, self._labels[old], self._vectors[old].astype(np.float64))
+            np.subtract.at(self._class_counts, self._labels[old], 1)
+            np.add.at(self._class_sums, lab, vec.astype(np.float64))
+            np.add.at(self._class_counts, lab, 1)
             self._vectors[slots] = vec
             self._labels[slots] = lab
             self._steps[slots] = int(step)
@@ -231,6 +231,7 @@ class EmbeddingBank:
             self._ids = self._ids[keep].copy()
             self._size = len(keep)
             self._slot_of = {int(i): s for s, i in enumerate(self._ids.tolist())}
+            self._recount_classes()
             self._ann, self._ann_kind = None, None
             self._maybe_build_ann()
             return len(set(drop))
@@ -238,6 +239,7 @@ class EmbeddingBank:
     def rebuild(self) -> None:
         """Re-train and re-fill the ANN index from the current vectors (e.g. after drift)."""
         with self._lock.write():
+            self._recount_classes()  # also clears any float drift of the running class sums
             self._ann, self._ann_kind = None, None
             self._maybe_build_ann(force=self.index_kind in ("ivf", "hnsw"))
 
@@ -246,6 +248,7 @@ class EmbeddingBank:
         with self._lock.write():
             self._size = 0
             self._slot_of.clear()
+            self._recount_classes()
             self._ann, self._ann_kind = None, None
 
     def flush(self, chunk: int = 2048) -> None:
@@ -315,6 +318,39 @@ class EmbeddingBank:
             n = self._size
             return self._ids[:n].copy(), self._labels[:n].copy()
 
+    def lookup(self, ids: Tensor | np.ndarray | list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, vectors, labels)`` copies of those of ``ids`` still stored (unknown ids skipped).
+
+        The tolerant form of :meth:`get` for readers that picked ids earlier (a background
+        refresh): a sample removed meanwhile is left out instead of raising.
+        """
+        ids_np = _to_numpy_i64(ids, "ids")
+        with self._lock.read():
+            get = self._slot_of.get
+            slots = np.fromiter((get(i, -1) for i in ids_np.tolist()), dtype=np.int64, count=len(ids_np))
+            keep = slots >= 0
+            slots = slots[keep]
+            return ids_np[keep], self._vectors[slots].copy(), self._labels[slots].copy()
+
+    def scan(self, visit: Callable[[np.ndarray, np.ndarray, np.ndarray], None], chunk: int = 65_536) -> None:
+        """Call ``visit(ids, vectors, labels)`` on consecutive chunks of the stored samples.
+
+        Each chunk is visited under the read lock (the arrays are views, valid only during the
+        call), and the lock is released between chunks, so a full pass over a large bank never
+        blocks a training-step upsert for longer than one chunk and never copies the whole bank.
+        Samples upserted during a scan may or may not be visited.
+        """
+        if chunk < 1:
+            raise BankError(f"chunk must be >= 1, got {chunk}")
+        start = 0
+        while True:
+            with self._lock.read():
+                end = min(self._size, start + chunk)
+                if start >= end:
+                    return
+                visit(self._ids[start:end], self._vectors[start:end], self._labels[start:end])
+            start = end
+
     def get(self, ids: Tensor | np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
         """(vectors, labels) of known ids; unknown ids raise :class:`KeyError`."""
         ids_np = _to_numpy_i64(ids, "ids")
@@ -329,14 +365,14 @@ class EmbeddingBank:
         return int(sample_id) in self._slot_of
 
     def class_means(self) -> np.ndarray:
-        """(num_classes, dim) mean stored vector per class (zeros for an empty class)."""
+        """(num_classes, dim) float32 mean stored vector per class (zeros for an empty class); O(K*D)."""
         with self._lock.read():
-            n = self._size
-            return class_means(self._vectors[:n], self._labels[:n], self.num_classes)
+            return (self._class_sums / np.maximum(self._class_counts, 1)[:, None]).astype(np.float32)
 
     def class_counts(self) -> np.ndarray:
+        """(num_classes,) number of stored samples per class."""
         with self._lock.read():
-            return np.bincount(self._labels[: self._size], minlength=self.num_classes)
+            return self._class_counts.copy()
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
@@ -376,6 +412,7 @@ class EmbeddingBank:
             self._ids = ids.copy()
             self._size = n
             self._slot_of = {int(i): s for s, i in enumerate(ids.tolist())}
+            self._recount_classes()
             self._ann, self._ann_kind = None, None
             self._maybe_build_ann()
 
@@ -421,6 +458,17 @@ class EmbeddingBank:
         if (norms == 0).any():
             raise BankError("an embedding has zero norm; cosine similarity is undefined for it")
         return vec / norms
+
+    def _recount_classes(self) -> None:
+        """Recompute the running class sums and counts from the stored vectors (caller holds the write lock)."""
+        n = self._size
+        sums = torch.zeros(self.num_classes, self.dim, dtype=torch.float64)
+        for start in range(0, n, 65_536):  # chunked: no float64 copy of a whole large bank
+            end = min(n, start + 65_536)
+            sums.index_add_(0, torch.from_numpy(self._labels[start:end]),
+                            torch.from_numpy(self._vectors[start:end]).double())
+        self._class_sums = sums.numpy()
+        self._class_counts = np.bincount(self._labels[:n], minlength=self.num_classes).astype(np.int64)
 
     def _ensure_capacity(self, n: int) -> None:
         cap = len(self._vectors)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hardneg.bank import EmbeddingBank, class_means
+from hardneg.bank import EmbeddingBank
 
 
 @dataclass
@@ -123,13 +123,14 @@ class ConfusionGraph:
             self._prob_sum = np.zeros((k, k), dtype=np.float64)
             self._prob_count = np.zeros(k, dtype=np.int64)
             previous, first = self._scores, self.refreshes == 0
-        ids, vectors, labels, _ = bank.snapshot()
+        # No copy of the whole bank: ids and labels (cheap), then only the query vectors.
+        ids, labels = bank.ids_and_labels()
         knn = np.zeros((k, k), dtype=np.float64)
         knn_acc = np.ones(k, dtype=np.float64)
         counts = np.bincount(labels, minlength=k)
         if len(ids) > 1:
-            q = self._query_subset(labels)
-            knn, knn_acc = self._knn_disagreement(bank, ids[q], vectors[q], labels[q])
+            q_ids, q_vec, q_lab = bank.lookup(ids[self._query_subset(labels)])
+            knn, knn_acc = self._knn_disagreement(bank, q_ids, q_vec, q_lab)
         have = prob_count > 0
         combined = knn
         if have.any():
@@ -141,7 +142,7 @@ class ConfusionGraph:
             combined = (1 - w) * knn + w * soft
         np.fill_diagonal(combined, 0.0)
         scores = combined if first else (1 - self.ema) * previous + self.ema * combined
-        sources = self._find_sources(ids, vectors, labels, bank.metric, scores)
+        sources = self._find_sources(bank, scores)
         with self._lock:
             self._scores = scores
             self._knn_accuracy = knn_acc
@@ -205,31 +206,53 @@ class ConfusionGraph:
         np.fill_diagonal(mean, 0.0)
         return mean, knn_acc
 
-    def _find_sources(
-        self, ids: np.ndarray, vectors: np.ndarray, labels: np.ndarray, metric: str, scores: np.ndarray
-    ) -> dict[tuple[int, int], list[int]]:
-        sources: dict[tuple[int, int], list[int]] = {}
-        if len(ids) == 0:
-            return sources
-        k = self.num_classes
-        means = class_means(vectors, labels, k)
-        counts = np.bincount(labels, minlength=k)
-        order = np.argsort(labels, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(counts)])
+    def _find_sources(self, bank: EmbeddingBank, scores: np.ndarray) -> dict[tuple[int, int], list[int]]:
+        """For each candidate pair (a, b): the ``sources_per_pair`` samples of a closest to b's mean.
+
+        One chunked pass over the bank (:meth:`EmbeddingBank.scan`) keeps a running top-n per
+        pair, so a refresh never copies the bank nor holds its lock for more than one chunk.
+        """
         # Only pairs top_pairs() can return need sources (it looks at 4 * n candidates).
-        for a, b in self._candidate_pairs(scores, limit=self.source_pair_limit):
-            if counts[a] == 0 or counts[b] == 0:
-                continue
-            idx = order[starts[a] : starts[a + 1]]
-            va = vectors[idx]
-            if metric == "cosine":
-                closeness = va @ means[b]
-            else:
-                closeness = -((va - means[b]) ** 2).sum(1)
-            n = min(self.sources_per_pair, len(idx))
-            best = np.argpartition(-closeness, n - 1)[:n]
-            best = best[np.argsort(-closeness[best], kind="stable")]
-            sources[(a, b)] = ids[idx[best]].tolist()
+        counts = bank.class_counts()
+        pairs = [(a, b) for a, b in self._candidate_pairs(scores, limit=self.source_pair_limit)
+                 if counts[a] > 0 and counts[b] > 0]
+        if not pairs:
+            return {}
+        means = bank.class_means()
+        targets_of: dict[int, list[int]] = {}
+        for a, b in pairs:
+            targets_of.setdefault(a, []).append(b)
+        n_keep = self.sources_per_pair
+        best: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {
+            p: (np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64)) for p in pairs
+        }
+
+        def visit(ids: np.ndarray, vectors: np.ndarray, labels: np.ndarray) -> None:
+            for a, bs in targets_of.items():
+                rows = np.flatnonzero(labels == a)
+                if len(rows) == 0:
+                    continue
+                va = vectors[rows]
+                m = means[bs]  # (len(bs), D)
+                if bank.metric == "cosine":
+                    closeness = va @ m.T
+                else:  # -||v - m||^2 = 2 v.m - |m|^2 - |v|^2
+                    closeness = 2.0 * (va @ m.T) - (m * m).sum(1)[None, :] - (va * va).sum(1)[:, None]
+                chunk_ids = ids[rows]
+                for col, b in enumerate(bs):
+                    old_c, old_i = best[(a, b)]
+                    c = np.concatenate([old_c, closeness[:, col].astype(np.float64)])
+                    i = np.concatenate([old_i, chunk_ids])
+                    if len(c) > n_keep:
+                        keep = np.sort(np.argpartition(-c, n_keep - 1)[:n_keep])  # sorted: scan order on ties
+                        c, i = c[keep], i[keep]
+                    best[(a, b)] = (c, i.copy())
+
+        bank.scan(visit)
+        sources = {}
+        for p, (c, i) in best.items():
+            if len(i):
+                sources[p] = i[np.argsort(-c, kind="stable")].tolist()
         return sources
 
     def _candidate_pairs(self, s: np.ndarray, limit: int = 64) -> list[tuple[int, int]]:

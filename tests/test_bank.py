@@ -162,3 +162,41 @@ def test_ivf_updates_are_queued_off_the_step_and_applied_before_a_search():
     assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
     _, new_ids = bank.search(x[5:8], 2)
     assert all(n + i in row for i, row in enumerate(new_ids.tolist()))
+
+
+def test_running_class_means_follow_replacements_relabels_and_removals():
+    bank = EmbeddingBank(dim=6, num_classes=4, metric="l2")
+    x = _random(40, 6)
+    y = torch.arange(40) % 3  # class 3 stays empty
+    bank.upsert(torch.arange(40), x, y)
+    bank.upsert([0, 1, 2, 0], _random(4, 6, seed=3), [2, 2, 0, 1])  # replaced vectors, changed labels
+    bank.remove([5, 6, 99])
+
+    def fresh():
+        ids, vecs, labels, _ = bank.snapshot()
+        means = np.zeros((4, 6), dtype=np.float64)
+        for c in range(4):
+            if (labels == c).any():
+                means[c] = vecs[labels == c].mean(0)
+        return means, np.bincount(labels, minlength=4)
+
+    means, counts = fresh()
+    np.testing.assert_allclose(bank.class_means(), means, atol=1e-5)
+    assert bank.class_counts().tolist() == counts.tolist() and counts[3] == 0
+    restored = EmbeddingBank.from_state_dict(bank.state_dict(), use_gpu=False)
+    np.testing.assert_allclose(restored.class_means(), means, atol=1e-5)
+    bank.clear()
+    assert bank.class_counts().sum() == 0 and not bank.class_means().any()
+
+
+def test_lookup_skips_unknown_ids_and_scan_visits_every_sample_once_in_chunks():
+    bank = EmbeddingBank(dim=4, num_classes=2)
+    bank.upsert(torch.arange(100, 110), _random(10, 4), torch.arange(10) % 2)
+    ids, vecs, labels = bank.lookup([103, 555, 101])
+    assert ids.tolist() == [103, 101] and labels.tolist() == [1, 1] and vecs.shape == (2, 4)
+    np.testing.assert_allclose(vecs, bank.get([103, 101])[0])
+    seen, sizes = [], []
+    bank.scan(lambda i, v, lab: (seen.extend(i.tolist()), sizes.append(len(i))), chunk=4)
+    assert sorted(seen) == list(range(100, 110)) and sizes == [4, 4, 2]
+    with pytest.raises(BankError, match="chunk"):
+        bank.scan(lambda *a: None, chunk=0)

@@ -62,3 +62,22 @@ def test_softmax_confusion_and_ema_blend():
     other.load_state_dict(state)
     assert np.array_equal(other.matrix(), graph.matrix())
     assert [p.pair for p in other.top_pairs(3)] == [p.pair for p in graph.top_pairs(3)]
+
+
+def test_sources_from_a_chunked_scan_equal_a_brute_force_ranking(monkeypatch):
+    x, y, _, _ = _overlapping_classes(seed=3)
+    for metric in ("cosine", "l2"):
+        bank = EmbeddingBank(dim=x.shape[1], num_classes=10, metric=metric)
+        bank.upsert(torch.arange(len(y)), x, y)
+        scan = bank.scan
+        monkeypatch.setattr(bank, "scan", lambda visit, chunk=65_536: scan(visit, chunk=37))  # many chunks
+        graph = ConfusionGraph(10, knn_k=8, sources_per_pair=7)
+        graph.refresh(bank, step=1)
+        ids, vecs, labels, _ = bank.snapshot()
+        means = bank.class_means()
+        for p in graph.top_pairs(4):
+            a, b = p.pair
+            va = vecs[labels == a]
+            close = va @ means[b] if metric == "cosine" else -((va - means[b]) ** 2).sum(1)
+            expected = ids[labels == a][np.argsort(-close, kind="stable")[:7]]
+            assert list(p.source_ids) == expected.tolist(), (metric, p.pair)
