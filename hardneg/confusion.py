@@ -273,6 +273,11 @@ class ConfusionGraph:
                     break
         return out
 
+    def sources_of(self, a: int, b: int) -> list[int]:
+        """Source ids of the directed pair (a, b) from the last refresh (empty if it was not a candidate)."""
+        with self._lock:
+            return list(self._sources.get((int(a), int(b)), []))
+
     def matrix(self) -> np.ndarray:
         """The EMA score matrix (K, K): row A, column B = how much A is pulled towards B."""
         with self._lock:

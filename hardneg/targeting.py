@@ -5,7 +5,10 @@ a list of :class:`PlannedPair` (pair, how many images, candidate source ids, opt
 The engine turns the plan into worker requests with r from the curriculum. Policies:
 
 * ``"confusion"`` (default, hardneg's method): the top confused pairs, images in proportion to
-  their scores, sources = the A samples closest to B.
+  their scores, sources = the A samples closest to B. With ``extra={"confusion_direction":
+  "to-rarer"}`` a pair whose target B has more samples than its source A is generated the other
+  way (B -> A, labelled A), so on a long-tailed set the rare class gains images instead of
+  lending its few samples to a head class.
 * ``"same-class"`` (DA-Fusion baseline): target = source class, label kept, strength r either
   fixed or sampled from {0.25, 0.5, 0.75, 1.0}; classes visited round-robin.
 * ``"random-pairs"`` (offline GeNIe as published): uniformly random pairs A != B and random
@@ -68,15 +71,43 @@ def allocate(total: int, scores: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
+CONFUSION_DIRECTIONS = ("as-mined", "to-rarer")
+
+
 class ConfusionTargeting(TargetingPolicy):
-    """The currently most confused pairs, weighted by score, from their boundary sources."""
+    """The currently most confused pairs, weighted by score, from their boundary sources.
+
+    Args:
+        direction: ``"as-mined"`` generates each confused pair A -> B as found (labelled B);
+            ``"to-rarer"`` turns a pair around (B -> A, labelled A, from B's samples closest to A)
+            when B has more samples in the bank than A, falling back to A -> B when the reverse
+            pair has no sources.
+    """
 
     name = "confusion"
 
+    def __init__(self, direction: str = "as-mined") -> None:
+        if direction not in CONFUSION_DIRECTIONS:
+            raise ValueError(f"direction must be one of {CONFUSION_DIRECTIONS}, got {direction!r}")
+        self.direction = direction
+
     def plan(self, engine: "HardNeg", budget: int) -> list[PlannedPair]:
         pairs = engine.confusions()
-        counts = allocate(budget, [p.score for p in pairs])
-        return [PlannedPair(p.pair, n, list(p.source_ids)) for p, n in zip(pairs, counts) if n and p.source_ids]
+        planned: dict[tuple[int, int], PlannedPair] = {}
+        class_counts = engine.bank.class_counts() if self.direction == "to-rarer" and engine.bank is not None else None
+        for p, n in zip(pairs, allocate(budget, [p.score for p in pairs])):
+            pair, sources = p.pair, list(p.source_ids)
+            if class_counts is not None and class_counts[p.b] > class_counts[p.a]:
+                reverse = engine.confusion.sources_of(p.b, p.a)
+                if reverse:
+                    pair, sources = (p.b, p.a), reverse
+            if not n or not sources:
+                continue
+            if pair in planned:  # both directions of one pair mined: one request stream
+                planned[pair].count += n
+            else:
+                planned[pair] = PlannedPair(pair, n, sources, meta={"mined_as": list(p.pair)})
+        return list(planned.values())
 
 
 class _RandomSourcesMixin:
@@ -155,7 +186,7 @@ class RandomPairsTargeting(_RandomSourcesMixin, TargetingPolicy):
 
 
 POLICIES: dict[str, Callable[..., TargetingPolicy]] = {
-    "confusion": lambda cfg: ConfusionTargeting(),
+    "confusion": lambda cfg: ConfusionTargeting(direction=cfg.extra.get("confusion_direction", "as-mined")),
     "same-class": lambda cfg: SameClassTargeting(
         strength=cfg.extra.get("same_class_strength", 0.5), seed=cfg.seed),
     "random-pairs": lambda cfg: RandomPairsTargeting(seed=cfg.seed),

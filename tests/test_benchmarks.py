@@ -108,7 +108,8 @@ def test_overhead_quick_with_own_core_placement(tmp_path):
 def _check_accuracy(data: dict, regimes: list[str], methods: list[str]) -> None:
     assert list(data["regimes"]) == regimes
     for regime, reg in data["regimes"].items():
-        expected = [m for m in methods if m != "long-tail" or regime == "long-tail"]  # no tail in a balanced set
+        only_long_tail = ("long-tail", "hardneg-to-rarer")  # no tail in a balanced set
+        expected = [m for m in methods if m not in only_long_tail or regime == "long-tail"]
         assert list(reg["summary"]) == expected
         assert len(reg["confused_pairs"]) == 3
         for m, e in reg["summary"].items():
@@ -117,7 +118,7 @@ def _check_accuracy(data: dict, regimes: list[str], methods: list[str]) -> None:
             if regime == "long-tail":
                 assert 0.0 <= e["tail_accuracy"]["mean"] <= 1.0
         for r in reg["runs"]:
-            if r["method"] in ("same-class", "offline-genie", "hardneg", "auggen"):
+            if r["method"] in ("same-class", "offline-genie", "hardneg", "auggen", "hardneg-to-rarer"):
                 assert r["images_requested"] == data["settings"]["images"]
                 assert 0 <= r["generated_images"] <= r["images_requested"]
     assert "accuracy %" in data["table_markdown"]
@@ -134,7 +135,7 @@ def test_accuracy_quick_all_methods_both_regimes(tmp_path):
     data = _run_cli(["bench", "accuracy", "--quick", "--out", str(tmp_path)])
     _check_accuracy(data, ["long-tail", "few-shot"],
                     ["none", "standard", "mixup-cutmix", "same-class", "offline-genie", "hardneg", "long-tail",
-                     "auggen"])
+                     "auggen", "hardneg-to-rarer"])
     lt = data["regimes"]["long-tail"]
     long_tail_run = next(r for r in lt["runs"] if r["method"] == "long-tail")
     assert long_tail_run["generated_images"] > 0  # the policy found tail classes and head sources

@@ -54,3 +54,31 @@ def test_policy_shapes_the_generated_pairs(targeting):
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown targeting policy 'nope'"):
         make_policy(HardNegConfig(num_classes=3, targeting="nope"))
+
+
+def test_to_rarer_direction_turns_pairs_towards_the_rarer_class():
+    from types import SimpleNamespace
+
+    from hardneg.bank import EmbeddingBank
+    from hardneg.confusion import ConfusionGraph
+    from hardneg.targeting import ConfusionTargeting
+    from test_confusion import _overlapping_classes
+
+    x, y, _, _ = _overlapping_classes()
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[(y == 3).nonzero().flatten()[30:]] = False  # class 3: 30 samples (its 15 overlapping ones kept), 8: 60
+    ids = torch.arange(len(y))[keep]
+    bank = EmbeddingBank(dim=x.shape[1], num_classes=10)
+    bank.upsert(ids, x[keep], y[keep])
+    graph = ConfusionGraph(10, knn_k=8, sources_per_pair=10)
+    graph.refresh(bank, step=1)
+    engine = SimpleNamespace(bank=bank, confusion=graph, confusions=lambda: graph.top_pairs(2))
+    assert {p.pair for p in engine.confusions()} == {(3, 8), (8, 3)}
+
+    as_mined = ConfusionTargeting().plan(engine, 20)
+    assert {p.pair for p in as_mined} == {(3, 8), (8, 3)}
+    turned = ConfusionTargeting(direction="to-rarer").plan(engine, 20)
+    assert [p.pair for p in turned] == [(8, 3)] and turned[0].count == 20  # all 20 images labelled 3
+    assert turned[0].source_ids == graph.sources_of(8, 3) and set(y[turned[0].source_ids].tolist()) == {8}
+    with pytest.raises(ValueError, match="direction"):
+        ConfusionTargeting(direction="sideways")

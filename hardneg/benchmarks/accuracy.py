@@ -26,7 +26,11 @@ h. ``auggen``: AugGen training-set expansion
    (:func:`hardneg.methods.auggen.auggen_expand`): ``--auggen-pairs`` random class pairs, each
    mixed condition ``alpha * e_i + beta * e_j`` (alpha = beta = ``--auggen-alpha``, 0.75, the
    paper's range) sampled up front as a **new class**; the classifier gets one extra output per
-   mix and is scored on the 10 real logits.
+   mix and is scored on the 10 real logits;
+i. ``hardneg-to-rarer``: f with ``extra={"confusion_direction": "to-rarer"}``: a confused pair
+   whose target class is more frequent than its source is generated the other way, so tail
+   classes gain images instead of lending their few samples to head classes. Long-tail regime
+   only (in a balanced set it is f).
 
 For d and f the engine refreshes at fixed steps spread over the first 60% of training, each
 time requesting ``images / refreshes`` images, so both request exactly as many images as e
@@ -56,12 +60,13 @@ from typing import Any, Optional
 from hardneg.benchmarks import _common as C
 
 NAME = "accuracy"
-HELP = "8 methods on the digits (long-tail, few-shot) at equal steps and equal generated images"
+HELP = "9 methods on the digits (long-tail, few-shot) at equal steps and equal generated images"
 
-METHODS = ("none", "standard", "mixup-cutmix", "same-class", "offline-genie", "hardneg", "long-tail", "auggen")
-ENGINE_METHODS = ("same-class", "hardneg", "long-tail")
+METHODS = ("none", "standard", "mixup-cutmix", "same-class", "offline-genie", "hardneg", "long-tail", "auggen",
+           "hardneg-to-rarer")
+ENGINE_METHODS = ("same-class", "hardneg", "long-tail", "hardneg-to-rarer")
 GENERATING_METHODS = ENGINE_METHODS + ("offline-genie", "auggen")
-ONLY_IN_REGIMES = {"long-tail": ("long-tail",)}  # methods that do not apply to every regime
+ONLY_IN_REGIMES = {"long-tail": ("long-tail",), "hardneg-to-rarer": ("long-tail",)}  # methods that do not apply to every regime
 REGIMES = ("long-tail", "few-shot")
 METHOD_LABELS = {
     "none": "(a) no augmentation",
@@ -72,6 +77,7 @@ METHOD_LABELS = {
     "hardneg": "(f) hardneg online",
     "long-tail": "(g) long-tail targeting, head->tail, r=0.7",
     "auggen": "(h) AugGen expansion, mixed classes",
+    "hardneg-to-rarer": "(i) hardneg online, pairs turned towards the rarer class",
 }
 
 
@@ -225,8 +231,9 @@ def _engine_config(method: str, s: dict[str, Any], seed: int) -> Any:
             return HardNegConfig(num_classes=10, targeting="same-class", mix_mode="substitute",
                                  synthetic_fraction=0.5, curriculum="constant", r_start=0.5,
                                  extra={"same_class_strength": 0.5}, **common)
+    extra = {"confusion_direction": "to-rarer"} if method == "hardneg-to-rarer" else {}
     return HardNegConfig(
-        num_classes=10, top_pairs=4, knn_k=10, sources_per_pair=24, synthetic_fraction=0.25,
+        num_classes=10, extra=extra, top_pairs=4, knn_k=10, sources_per_pair=24, synthetic_fraction=0.25,
         curriculum="adaptive", r_start=0.7, r_end=0.4, r_min=0.3, r_max=0.9, adaptive_step=0.05,
         adaptive_min_samples=16, **common,
     )
