@@ -302,16 +302,8 @@ class HardNeg:
         """Block until every submitted request has finished (or failed), collect it; returns images added."""
         if self.worker is None:
             return 0
-        deadline = time.monotonic() + timeout
         added = self.collect()
-        while time.monotonic() < deadline and not self.worker.failed:
-            s = self.worker.stats()
-            settled = s["requests_completed"] + s["failures"] + s["requests_dropped"] + s["requests_lost"]
-            if settled >= s["requests_submitted"] and s["results_ready"] == 0:
-                break
-            time.sleep(0.01)
-            added += self.collect()
-        return added + self.collect()
+        return added + self._accept(self.worker.drain(timeout)) + self.collect()
 
     def known_samples(self) -> tuple[np.ndarray, np.ndarray]:
         """(sample ids, labels) of every sample in the bank, for targeting policies."""
@@ -329,8 +321,12 @@ class HardNeg:
         self._finish_background_refresh()
         if self.worker is None:
             return 0
+        return self._accept(self.worker.poll())
+
+    def _accept(self, results: Iterable[GenerationResult]) -> int:
+        """Put finished results into the buffer (GeNIe-Ada picks its ratio first); returns images added."""
         added = 0
-        for result in self.worker.poll():
+        for result in results:
             self._counters["images_received"] += len(result.images)
             if result.request_id in self._ada_requests:
                 result = self._select_ada(result, self._ada_requests.pop(result.request_id))

@@ -503,6 +503,20 @@ class GenerationWorker:
                 out.append(self._ready.popleft())
             return out
 
+    def drain(self, timeout: float = 600.0) -> list[GenerationResult]:
+        """Block until every submitted request has settled (finished, failed, dropped or lost), or
+        the worker failed, or ``timeout`` seconds passed; return every finished result, oldest first."""
+        deadline = time.monotonic() + timeout
+        out = self.poll()
+        while time.monotonic() < deadline and not self.failed:
+            s = self.stats()
+            settled = s["requests_completed"] + s["failures"] + s["requests_dropped"] + s["requests_lost"]
+            if settled >= s["requests_submitted"] and s["results_ready"] == 0:
+                break
+            time.sleep(0.01)
+            out.extend(self.poll())
+        return out + self.poll()
+
     def stats(self) -> dict[str, Any]:
         """Counters for logs: requests, drops, images, throughput, waits, failures, restarts, state."""
         with self._lock:

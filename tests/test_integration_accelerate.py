@@ -109,6 +109,30 @@ def _generate(accelerator, mode, max_steps=150):
     return out
 
 
+def _deterministic_run(accelerator, steps=12):
+    """A deterministic run with a generator on every rank: images arrive only at refreshes."""
+    from hardneg.integrations.accelerate import HardNegAccelerate
+
+    data = _toy_data()
+    model = TinyNet()
+    loader = torch.utils.data.DataLoader(data, batch_size=GLOBAL_BATCH, shuffle=False)
+    loader = accelerator.prepare(loader)
+    hn = HardNegAccelerate(accelerator, _cfg(deterministic=True), model=model, dataset=data,
+                           generator=FakeGenerator(delay=0.02 * (1 + accelerator.process_index)), generate_on="all")
+    rows, done = [], 0
+    while done < steps:
+        for x, y, idx in loader:
+            xm, ym, w = hn.mix(x, y)
+            rows.append(int(xm.shape[0] - x.shape[0]))
+            hn.observe(labels=ym, logits=model(xm), ids=idx)
+            done += 1
+            if done == steps:
+                break
+    out = {"rows": rows, "provenance": {k: v.clone() for k, v in hn.engine.buffer.provenance().items()}}
+    hn.close()
+    return out
+
+
 def _same_provenance(a, b):
     """Same stored images and provenance; use counts may differ (each rank draws with its own seed)."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "uses")
@@ -129,7 +153,7 @@ def _rank_main(rank, world, port, out_dir):
 
     acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True))
     result = {"world": acc.num_processes, "mine": _mine(acc), "main": _generate(acc, "main"),
-              "all": _generate(acc, "all")}
+              "all": _generate(acc, "all"), "det": [_deterministic_run(acc), _deterministic_run(acc)]}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     acc.wait_for_everyone()
     torch.distributed.destroy_process_group()
@@ -179,6 +203,16 @@ def test_two_processes_find_the_pairs_one_process_finds_and_share_generation(tmp
     assert every[0]["buffer"] == every[1]["buffer"] > 0
     assert every[0]["shared_in"] == every[1]["shared_in"] > 0
     assert _same_provenance(every[0]["provenance"], every[1]["provenance"])  # identical buffers
+
+    # deterministic=True: the generators run at different speeds, yet two runs repeat exactly and
+    # every rank holds the same images, handed over at the refreshes (steps 3, 6, 9, 12)
+    for r in ranks:
+        first, second = r["det"]
+        assert first["rows"] == second["rows"] and any(first["rows"])
+        assert first["rows"][:4] == [0, 0, 0, 0]  # nothing before the second refresh hands over
+        assert _same_provenance(first["provenance"], second["provenance"])
+        assert torch.equal(first["provenance"]["uses"], second["provenance"]["uses"])
+    assert _same_provenance(ranks[0]["det"][0]["provenance"], ranks[1]["det"][0]["provenance"])
 
 
 def test_checkpointing_round_trips_through_accelerator_state(tmp_path, single_process_accelerator):

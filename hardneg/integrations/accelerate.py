@@ -26,7 +26,10 @@ rank draws its synthetic rows with its own seed, so the global batch holds diffe
 
 Collectives: ``mix`` (when generating) and ``observe`` are collective calls; call them on every
 process each step, and pass ``logits`` on all ranks or on none. Refreshes run inline (never on a
-background thread) so that every rank re-mines at the same step. ``register_for_checkpointing``
+background thread) so that every rank re-mines at the same step. With ``deterministic=True``
+generated images are handed over only at refreshes: every rank waits there for its generator to
+finish what was requested, then the results are shared, so a seeded multi-process run repeats
+exactly (``engine.wait_for_generation()`` is then collective too). ``register_for_checkpointing``
 saves the main process's state; every rank loads it on ``load_state``.
 """
 
@@ -96,7 +99,18 @@ class _SharedWorker:
 
     def sync(self) -> None:
         """Collect finished local results and exchange them (and the failure state) between ranks."""
-        local = self.real.poll() if self.real is not None else []
+        self._exchange(self.real.poll() if self.real is not None else [])
+
+    def drain(self, timeout: float = 600.0) -> list[GenerationResult]:
+        """Collective: every rank waits for its own generator to settle, then all results are shared.
+
+        The deterministic hand-over: called at the same step on every rank (an inline refresh), so
+        every rank's buffer receives the same images at the same step whatever the generators' speed.
+        """
+        self._exchange(self.real.drain(timeout) if self.real is not None else [])
+        return self.poll()
+
+    def _exchange(self, local: list[GenerationResult]) -> None:
         failed = bool(self.real.failed) if self.real is not None else False
         acc = self.accelerator
         if acc.num_processes == 1:
@@ -182,9 +196,6 @@ class HardNegAccelerate:
             raise HardNegError(f"generate_on={generate_on!r}: process {self.rank} needs the generator too")
         if generating and dataset is None:
             raise HardNegError("generation is on: pass dataset= (on every rank) to fetch sources by id")
-        if getattr(config, "deterministic", False):
-            raise HardNegError("HardNegAccelerate does not support deterministic=True yet (its hand-over waits "
-                               "on the local worker, which would break the ranks' lockstep)")
         if getattr(config, "async_refresh", False):
             # Ranks must refresh at the same steps to stay identical; a background refresh finishes
             # whenever its thread does, so refreshes run inline here.
@@ -210,8 +221,8 @@ class HardNegAccelerate:
 
     def mix_batch(self, x: Tensor, y: Tensor) -> MixedBatch:
         """Like :meth:`mix` but returns the :class:`~hardneg.mixing.MixedBatch`. Collective."""
-        if self._shared is not None:
-            self._shared.sync()
+        if self._shared is not None and not self.engine.config.deterministic:
+            self._shared.sync()  # deterministic: images arrive only at refreshes (a collective drain)
         mixed = self.engine.mix_batch(x, y)
         pairs = self.engine.last_mix_pairs
         self._local = _LocalMix(int(x.shape[0]), int(mixed.x.shape[0]), mixed.n_real, pairs)
