@@ -49,6 +49,7 @@ class HardNegConfig:
     min_pair_score: float = 0.0  # pairs scoring at or below this are never targeted
     refresh_queries: int = 4096  # cap on bank samples used as kNN queries per refresh (stratified)
     async_refresh: bool = True  # mine confusion on a background thread, off the training step
+    refresh_threads: int = 1  # FAISS (OpenMP) threads of the background refresh; 0 = FAISS's default (all cores)
     deterministic: bool = False  # sync refresh; hand generated images over only at refresh boundaries
     targeting: str = "confusion"  # which pairs get generated: see hardneg.targeting
     # --- generation -----------------------------------------------------------------------
@@ -113,6 +114,7 @@ class HardNegConfig:
             raise ConfigError(f"generator must be a backend name or None, got {self.generator!r}")
         _choice(self, "worker_backend", ("thread", "process"))
         _int_at_least(self, "worker_threads", 1)
+        _int_at_least(self, "refresh_threads", 0)
         _int_at_least(self, "queue_size", 1)
         _int_at_least(self, "images_per_refresh", 1)
         _int_at_least(self, "generation_batch", 1)

@@ -286,7 +286,9 @@ class HardNeg:
             self._counters["refreshes_skipped"] += 1
             return
         if self._refresh_pool is None:
-            self._refresh_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardneg-refresh")
+            self._refresh_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardneg-refresh",
+                                                    initializer=_limit_search_threads,
+                                                    initargs=(self.config.refresh_threads,))
         self._refresh_future = self._refresh_pool.submit(self.confusion.refresh, self.bank, self.step)
 
     def _finish_background_refresh(self, wait: bool = False) -> None:
@@ -674,6 +676,15 @@ def _item_label(item: Any) -> int:
                 return int(item[key])
         raise HardNegError(f"dataset item dict has no label key: {list(item)}")
     return int(item[1])
+
+
+def _limit_search_threads(threads: int) -> None:
+    """Cap FAISS's OpenMP threads for the calling thread only (the refresh thread), so a background
+    kNN pass does not take every core from the training step; 0 keeps FAISS's default."""
+    if threads > 0:
+        import faiss
+
+        faiss.omp_set_num_threads(int(threads))
 
 
 def _module_device(model: nn.Module) -> torch.device:

@@ -11,6 +11,7 @@ from torch import nn
 
 from hardneg import HardNeg, HardNegConfig
 from hardneg.data import from_tensors
+from hardneg.config import ConfigError
 from hardneg.plugin import HardNegError
 
 from _engine_generators import BlendGenerator, make_slow_blend_generator
@@ -286,6 +287,27 @@ def test_background_refresh_matches_inline_refresh():
     np.testing.assert_allclose(m_async, m_sync)
     assert p_async == p_sync
     assert s_async["refreshes"] == 1
+
+
+def test_background_refresh_searches_with_its_own_thread_cap():
+    import faiss
+
+    data = _toy_data()
+    emb = torch.randn(len(data), 6, generator=torch.Generator().manual_seed(0))
+    before = faiss.omp_get_max_threads()
+    engine = HardNeg(_cfg(refresh_every=2, refresh_threads=1))
+    try:
+        for start in range(0, 48, 24):
+            engine.observe(emb[start:start + 24], data.labels[start:start + 24], ids=torch.arange(start, start + 24))
+        engine.state_dict()  # waits for the background refresh
+        assert engine.stats()["refreshes"] == 1
+        # the refresh thread's FAISS calls use 1 OpenMP thread; the training thread keeps its own setting
+        assert engine._refresh_pool.submit(faiss.omp_get_max_threads).result() == 1
+        assert faiss.omp_get_max_threads() == before
+    finally:
+        engine.close()
+    with pytest.raises(ConfigError, match="refresh_threads"):
+        _cfg(refresh_threads=-1)
 
 
 def _deterministic_run(seed):
