@@ -30,7 +30,13 @@ h. ``auggen``: AugGen training-set expansion
 i. ``hardneg-to-rarer``: f with ``extra={"confusion_direction": "to-rarer"}``: a confused pair
    whose target class is more frequent than its source is generated the other way, so tail
    classes gain images instead of lending their few samples to head classes. Long-tail regime
-   only (in a balanced set it is f).
+   only (in a balanced set it is f);
+j. ``long-tail-fusion``: g with the feature-space fusion of Elberg et al. as the generation mode
+   (:class:`hardneg.methods.long_tail.SaliencyFusionGenerator`): each head source is spliced
+   with a CAM-matched tail image and refined by the regime's generator at r = 0.3. As in the
+   paper the CAMs come from a classifier first trained on the real data (same model, same 200
+   steps, no augmentation); the generator runs on a worker thread (it holds that classifier).
+   Long-tail regime only.
 
 For d and f the engine refreshes at fixed steps spread over the first 60% of training, each
 time requesting ``images / refreshes`` images, so both request exactly as many images as e
@@ -60,13 +66,15 @@ from typing import Any, Optional
 from hardneg.benchmarks import _common as C
 
 NAME = "accuracy"
-HELP = "9 methods on the digits (long-tail, few-shot) at equal steps and equal generated images"
+HELP = "10 methods on the digits (long-tail, few-shot) at equal steps and equal generated images"
 
 METHODS = ("none", "standard", "mixup-cutmix", "same-class", "offline-genie", "hardneg", "long-tail", "auggen",
-           "hardneg-to-rarer")
-ENGINE_METHODS = ("same-class", "hardneg", "long-tail", "hardneg-to-rarer")
+           "hardneg-to-rarer", "long-tail-fusion")
+ENGINE_METHODS = ("same-class", "hardneg", "long-tail", "hardneg-to-rarer", "long-tail-fusion")
 GENERATING_METHODS = ENGINE_METHODS + ("offline-genie", "auggen")
-ONLY_IN_REGIMES = {"long-tail": ("long-tail",), "hardneg-to-rarer": ("long-tail",)}  # methods that do not apply to every regime
+FUSION_RATIO = 0.3  # refinement r of the fusion mode (a few denoising steps over the splice)
+ONLY_IN_REGIMES = {"long-tail": ("long-tail",), "hardneg-to-rarer": ("long-tail",),
+                   "long-tail-fusion": ("long-tail",)}  # methods that do not apply to every regime
 REGIMES = ("long-tail", "few-shot")
 METHOD_LABELS = {
     "none": "(a) no augmentation",
@@ -78,6 +86,7 @@ METHOD_LABELS = {
     "long-tail": "(g) long-tail targeting, head->tail, r=0.7",
     "auggen": "(h) AugGen expansion, mixed classes",
     "hardneg-to-rarer": "(i) hardneg online, pairs turned towards the rarer class",
+    "long-tail-fusion": "(j) long-tail targeting + CAM fusion, r=0.3",
 }
 
 
@@ -218,10 +227,12 @@ def _engine_config(method: str, s: dict[str, Any], seed: int) -> Any:
         worker_threads=1, queue_size=64, buffer_size=1024, seed=seed, total_steps=s["steps"],
         freshness_half_life=max(1, s["steps"] // 4), use_gpu_index=False,
     )
-    if method == "long-tail":
+    if method in ("long-tail", "long-tail-fusion"):
+        ratio = s["long_tail_ratio"] if method == "long-tail" else FUSION_RATIO
+        if method == "long-tail-fusion":
+            common["worker_backend"] = "thread"  # the fusion generator holds the CAM classifier
         return HardNegConfig(num_classes=10, targeting="long-tail", sources_per_pair=24, synthetic_fraction=0.25,
-                             curriculum="constant", r_start=s["long_tail_ratio"],
-                             extra={"long_tail_ratio": s["long_tail_ratio"]}, **common)
+                             curriculum="constant", r_start=ratio, extra={"long_tail_ratio": ratio}, **common)
     if method == "same-class":
         try:
             from hardneg.methods.da_fusion import da_fusion_config
@@ -286,6 +297,20 @@ def _auggen_set(gen_folder: str, train: Any, s: dict[str, Any], seed: int) -> An
     return ImageDataset(expanded.images[n:], expanded.labels[n:], expanded.class_names), chosen
 
 
+def _fusion_generator(base: Any, train: Any, test: Any, seed: int, s: dict[str, Any]) -> Any:
+    """Elberg et al.'s fusion mode: CAMs from a classifier first trained on the real data, then refined by ``base``."""
+    import torch
+
+    from hardneg.methods.long_tail import SaliencyFusionGenerator
+    from hardneg.training import make_classifier, train as train_model
+
+    torch.manual_seed(seed)
+    cam_model = make_classifier(s["model"], num_classes=10, in_chans=1)
+    train_model(cam_model, train, test, epochs=10**6, batch_size=s["batch_size"], lr=s["lr"], seed=seed,
+                max_steps=s["steps"], progress=False)
+    return SaliencyFusionGenerator(cam_model, train, base=base)
+
+
 def _one_run(method: str, regime: str, seed: int, data: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -315,8 +340,10 @@ def _one_run(method: str, regime: str, seed: int, data: dict[str, Any], s: dict[
         kw["batch_transform"] = mixup_cutmix(10)
     elif method in ENGINE_METHODS:
         cfg = _engine_config(method, s, seed)
-        factory = functools.partial(load_generator, "class-conditional", data["generator_path"],
-                                    num_inference_steps=s["generator_steps"])
+        factory: Any = functools.partial(load_generator, "class-conditional", data["generator_path"],
+                                         num_inference_steps=s["generator_steps"])
+        if method == "long-tail-fusion":
+            factory = _fusion_generator(factory(), tr, te, seed, s)
         engine = HardNeg(cfg, model=model, class_names=tr.class_names, dataset=tr, generator=factory)
         wrapper = ScheduledRefresh(engine, data["refresh_steps"])
         kw["engine"] = wrapper
@@ -346,10 +373,17 @@ def _one_run(method: str, regime: str, seed: int, data: dict[str, Any], s: dict[
             "generated_images": int(st["images_received"]), "synthetic_used": int(st["synthetic_used"]),
             "images_requested": len(data["refresh_steps"]) * cfg.images_per_refresh,
             "mean_r": st["mean_r"], "engine_fraction": st["engine_fraction"],
+            "buffer_mean_r": _buffer_mean_r(engine),
             "worker_failures": (st.get("worker") or {}).get("failures"),
             "top_pairs": [[p.a, p.b, round(p.score, 4)] for p in engine.confusions(4)],
         })
     return res
+
+
+def _buffer_mean_r(engine: Any) -> Optional[float]:
+    """Mean noise ratio r of the synthetic images in the engine's buffer at the end (None if empty)."""
+    ratios = engine.buffer.provenance()["ratios"]
+    return float(ratios.float().mean()) if ratios.numel() else None
 
 
 # ---------------------------------------------------------------------------------- driver
