@@ -123,7 +123,7 @@ class HardNeg:
         self._ada_requests: dict[int, tuple[float, ...]] = {}
         self._counters: dict[str, float] = {
             "observed": 0, "synthetic_used": 0, "synthetic_feedback": 0, "synthetic_correct": 0,
-            "requests_made": 0, "images_received": 0, "images_rejected": 0, "engine_seconds": 0.0,
+            "requests_made": 0, "images_requested": 0, "images_received": 0, "images_rejected": 0, "engine_seconds": 0.0,
             "refreshes": 0, "refreshes_skipped": 0, "zero_embeddings_skipped": 0,
         }
         self._wall_start: Optional[float] = None
@@ -596,6 +596,7 @@ class HardNeg:
                     self._ada_requests[req.request_id] = use_grid
                 self._next_request_id += 1
                 self._counters["requests_made"] += 1
+                self._counters["images_requested"] += m
                 self.worker.submit(req)
 
     def _select_ada(self, result: GenerationResult, grid: tuple[float, ...]) -> GenerationResult:

@@ -118,9 +118,11 @@ def _check_accuracy(data: dict, regimes: list[str], methods: list[str]) -> None:
             if regime == "long-tail":
                 assert 0.0 <= e["tail_accuracy"]["mean"] <= 1.0
         for r in reg["runs"]:
-            if r["method"] in ("same-class", "offline-genie", "hardneg", "auggen", "hardneg-to-rarer"):
-                assert r["images_requested"] == data["settings"]["images"]
-                assert 0 <= r["generated_images"] <= r["images_requested"]
+            if r["method"] in ("offline-genie", "auggen"):  # generated up front: exactly the budget
+                assert r["images_requested"] == r["generated_images"] == data["settings"]["images"]
+            elif "generated_images" in r:  # engine methods: plans ask for at most the budget
+                assert r["images_budget"] == data["settings"]["images"]
+                assert 0 <= r["generated_images"] <= r["images_requested"] <= r["images_budget"]
     assert "accuracy %" in data["table_markdown"]
 
 
@@ -129,6 +131,19 @@ def test_accuracy_smoke(tmp_path):
     data = _run_cli(["bench", "accuracy", "--quick", "--out", str(tmp_path), "--regimes", "few-shot",
                      "--methods", ",".join(methods), "--steps", "3"])
     _check_accuracy(data, ["few-shot"], methods)
+
+
+def test_accuracy_deterministic_runs_repeat_and_receive_every_requested_image(tmp_path):
+    methods = ["same-class", "hardneg"]
+    args = ["bench", "accuracy", "--quick", "--regimes", "few-shot", "--methods", ",".join(methods),
+            "--steps", "6", "--deterministic"]
+    first = _run_cli(args + ["--out", str(tmp_path / "a")])
+    second = _run_cli(args + ["--out", str(tmp_path / "b")])
+    runs = [d["regimes"]["few-shot"]["runs"] for d in (first, second)]
+    for a, b in zip(*runs):
+        assert a["method"] == b["method"] and a["preds"] == b["preds"]
+        assert a["generated_images"] == b["generated_images"] == a["images_requested"]
+        assert a["synthetic_used"] == b["synthetic_used"] > 0
 
 
 def test_accuracy_quick_all_methods_both_regimes(tmp_path):

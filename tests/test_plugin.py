@@ -264,6 +264,7 @@ def test_ada_curriculum_keeps_one_image_per_source_at_a_grid_ratio():
         s = engine.stats()
     # each request carried every source at all 3 ratios; one image per source survives
     assert s["images_received"] == 3 * prov["slots"].numel() + s["images_rejected"]
+    assert s["images_requested"] >= s["images_received"] and s["images_requested"] % 3 == 0  # 3 ratios per source
     assert {round(r, 4) for r in prov["ratios"].tolist()} <= {0.6, 0.9}
     assert any(len(v) for v in engine.curriculum.history.values())
 

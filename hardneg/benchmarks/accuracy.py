@@ -38,9 +38,12 @@ j. ``long-tail-fusion``: g with the feature-space fusion of Elberg et al. as the
    steps, no augmentation); the generator runs on a worker thread (it holds that classifier).
    Long-tail regime only.
 
-For d and f the engine refreshes at fixed steps spread over the first 60% of training, each
-time requesting ``images / refreshes`` images, so both request exactly as many images as e
-generates up front; what arrives depends on the worker's speed and is reported.
+For the engine methods the engine refreshes at fixed steps spread over the first 60% of training,
+each time requesting ``images / refreshes`` images, so they request exactly as many images as e
+generates up front; what arrives depends on the worker's speed and is reported, so two runs of
+one seed can differ. ``--deterministic`` makes them repeatable: the engine runs with
+``deterministic=True`` and the training waits at each refresh until that refresh's images are in
+the buffer (every requested image arrives; the waits are not counted as training steps).
 
 Generators: by default a class-conditional diffusion model is fitted on **each regime's own
 training split** (``--generator regime``; cached in ``OUT/generators/<regime>``), so no method
@@ -116,6 +119,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-threads", type=int, default=1, help="torch threads of the training loop")
     p.add_argument("--worker", choices=["process", "thread"], default=None,
                    help="engine worker backend (default process; quick thread)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="engine methods wait at each refresh for its images: repeatable runs, every image arrives")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(bench=NAME)
 
@@ -165,9 +170,10 @@ class ScheduledRefresh:
     it would to the engine (``mix``, ``observe``, ``confusions``, ``stats``).
     """
 
-    def __init__(self, engine: Any, refresh_steps: set[int]) -> None:
+    def __init__(self, engine: Any, refresh_steps: set[int], wait: bool = False) -> None:
         self.engine = engine
         self.refresh_steps = set(refresh_steps)
+        self.wait = wait  # block until each refresh's images are in the buffer (--deterministic)
 
     def mix(self, x: Any, y: Any) -> Any:
         return self.engine.mix(x, y)
@@ -176,6 +182,8 @@ class ScheduledRefresh:
         self.engine.observe(**kwargs)
         if self.engine.step in self.refresh_steps:
             self.engine.refresh()
+            if self.wait:
+                self.engine.wait_for_generation()
 
     def confusions(self, n: Optional[int] = None) -> Any:
         return self.engine.confusions(n)
@@ -227,6 +235,7 @@ def _engine_config(method: str, s: dict[str, Any], seed: int) -> Any:
     common = dict(
         refresh_every=10**9, images_per_refresh=per_refresh, generation_batch=16, worker_backend=s["worker"],
         worker_threads=1, queue_size=64, buffer_size=1024, seed=seed, total_steps=s["steps"],
+        deterministic=s["deterministic"],
         freshness_half_life=max(1, s["steps"] // 4), use_gpu_index=False,
     )
     if method in ("long-tail", "long-tail-fusion"):
@@ -348,7 +357,7 @@ def _one_run(method: str, regime: str, seed: int, data: dict[str, Any], s: dict[
         if method == "long-tail-fusion":
             factory = _fusion_generator(factory(), tr, te, seed, s)
         engine = HardNeg(cfg, model=model, class_names=tr.class_names, dataset=tr, generator=factory)
-        wrapper = ScheduledRefresh(engine, data["refresh_steps"])
+        wrapper = ScheduledRefresh(engine, data["refresh_steps"], wait=s["deterministic"])
         kw["engine"] = wrapper
     try:
         history = train(model, tr, te, **kw)
@@ -374,7 +383,8 @@ def _one_run(method: str, regime: str, seed: int, data: dict[str, Any], s: dict[
         st = engine.stats()
         res.update({
             "generated_images": int(st["images_received"]), "synthetic_used": int(st["synthetic_used"]),
-            "images_requested": len(data["refresh_steps"]) * cfg.images_per_refresh,
+            "images_requested": int(st["images_requested"]),  # what the plans asked for (<= the budget)
+            "images_budget": len(data["refresh_steps"]) * cfg.images_per_refresh,
             "mean_r": st["mean_r"], "engine_fraction": st["engine_fraction"],
             "buffer_mean_r": _buffer_mean_r(engine),
             "worker_failures": (st.get("worker") or {}).get("failures"),
@@ -401,7 +411,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "generator": args.generator,
         "generator_fit_steps": args.generator_fit_steps if args.generator_fit_steps is not None else (0 if q else 500),
         "generator_steps": args.generator_steps or (4 if q else 20),
-        "long_tail_ratio": args.long_tail_ratio, "hardneg_r_min": args.hardneg_r_min, "auggen_pairs": args.auggen_pairs,
+        "long_tail_ratio": args.long_tail_ratio, "hardneg_r_min": args.hardneg_r_min,
+        "deterministic": bool(args.deterministic), "auggen_pairs": args.auggen_pairs,
         "auggen_alpha": args.auggen_alpha, "train_threads": args.train_threads, "worker": args.worker or ("thread" if q else "process"),
         "data_seed": 0,
     }
