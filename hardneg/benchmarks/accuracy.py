@@ -340,6 +340,7 @@ def _one_run(method: str, regime: str, seed: int, data: dict[str, Any], s: dict[
         extra, mixed_pairs = _auggen_set(data["generator_path"], tr, s, seed)
         outputs = extra.num_classes  # one extra output per mixed class
     gen_s = time.perf_counter() - t0
+    torch.manual_seed(seed)  # the same initial weights as every other method (loading a generator draws from it)
     model = make_classifier(s["model"], num_classes=outputs, in_chans=1)
     kw: dict[str, Any] = dict(epochs=10**6, batch_size=s["batch_size"], lr=s["lr"], seed=seed, max_steps=s["steps"],
                               progress=False)
