@@ -212,10 +212,13 @@ class ConfusionGraph:
         One chunked pass over the bank (:meth:`EmbeddingBank.scan`) keeps a running top-n per
         pair, so a refresh never copies the bank nor holds its lock for more than one chunk.
         """
-        # Only pairs top_pairs() can return need sources (it looks at 4 * n candidates).
+        # Only pairs top_pairs() can return need sources (it looks at 4 * n candidates), plus their
+        # reverses, which a policy may generate instead (ConfusionTargeting(direction="to-rarer")).
         counts = bank.class_counts()
-        pairs = [(a, b) for a, b in self._candidate_pairs(scores, limit=self.source_pair_limit)
-                 if counts[a] > 0 and counts[b] > 0]
+        candidates = self._candidate_pairs(scores, limit=self.source_pair_limit)
+        known = set(candidates)
+        reverses = [(b, a) for a, b in candidates if (b, a) not in known]
+        pairs = [(a, b) for a, b in candidates + reverses if counts[a] > 0 and counts[b] > 0]
         if not pairs:
             return {}
         means = bank.class_means()
@@ -274,7 +277,8 @@ class ConfusionGraph:
         return out
 
     def sources_of(self, a: int, b: int) -> list[int]:
-        """Source ids of the directed pair (a, b) from the last refresh (empty if it was not a candidate)."""
+        """Source ids of the directed pair (a, b) from the last refresh: kept for the candidate pairs
+        and their reverses (empty for any other pair)."""
         with self._lock:
             return list(self._sources.get((int(a), int(b)), []))
 

@@ -81,3 +81,17 @@ def test_sources_from_a_chunked_scan_equal_a_brute_force_ranking(monkeypatch):
             close = va @ means[b] if metric == "cosine" else -((va - means[b]) ** 2).sum(1)
             expected = ids[labels == a][np.argsort(-close, kind="stable")[:7]]
             assert list(p.source_ids) == expected.tolist(), (metric, p.pair)
+
+
+def test_sources_are_kept_for_the_reverse_of_every_candidate_pair():
+    x, y, _, overlap8 = _overlapping_classes()
+    bank = EmbeddingBank(dim=x.shape[1], num_classes=10)
+    bank.upsert(torch.arange(len(y)), x, y)
+    graph = ConfusionGraph(10, knn_k=8, sources_per_pair=10)
+    graph.source_pair_limit = 1  # only the single top pair is a candidate
+    graph.refresh(bank, step=1)
+    (a, b), = [p.pair for p in graph.top_pairs(1)]
+    assert {a, b} == {3, 8}
+    reverse = graph.sources_of(b, a)
+    assert len(reverse) == 10 and set(y[reverse].tolist()) == {b}
+    assert graph.sources_of(0, 1) == []  # neither a candidate nor a reverse of one
