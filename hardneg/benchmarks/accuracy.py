@@ -114,6 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-tail-ratio", type=float, default=0.7, help="r of the long-tail method (g)")
     p.add_argument("--hardneg-r-min", type=float, default=0.3,
                    help="floor of the adaptive curriculum's r for the hardneg methods (f, i)")
+    p.add_argument("--hardneg-curriculum", default="adaptive",
+                   help="curriculum over r of the hardneg methods (f, i): adaptive (default), ada (GeNIe-Ada: "
+                        "each source's r chosen from a grid by the classifier), linear, cosine, constant, step")
     p.add_argument("--auggen-pairs", type=int, default=8, help="mixed classes of the AugGen method (h)")
     p.add_argument("--auggen-alpha", type=float, default=0.75, help="alpha = beta of the AugGen method (h)")
     p.add_argument("--train-threads", type=int, default=1, help="torch threads of the training loop")
@@ -256,7 +259,7 @@ def _engine_config(method: str, s: dict[str, Any], seed: int) -> Any:
     extra = {"confusion_direction": "to-rarer"} if method == "hardneg-to-rarer" else {}
     return HardNegConfig(
         num_classes=10, extra=extra, top_pairs=4, knn_k=10, sources_per_pair=24, synthetic_fraction=0.25,
-        curriculum="adaptive", r_start=max(0.7, s["hardneg_r_min"]), r_end=max(0.4, s["hardneg_r_min"]),
+        curriculum=s["hardneg_curriculum"], r_start=max(0.7, s["hardneg_r_min"]), r_end=max(0.4, s["hardneg_r_min"]),
         r_min=s["hardneg_r_min"], r_max=0.9, adaptive_step=0.05,
         adaptive_min_samples=16, **common,
     )
@@ -413,6 +416,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "generator_fit_steps": args.generator_fit_steps if args.generator_fit_steps is not None else (0 if q else 500),
         "generator_steps": args.generator_steps or (4 if q else 20),
         "long_tail_ratio": args.long_tail_ratio, "hardneg_r_min": args.hardneg_r_min,
+        "hardneg_curriculum": args.hardneg_curriculum,
         "deterministic": bool(args.deterministic), "auggen_pairs": args.auggen_pairs,
         "auggen_alpha": args.auggen_alpha, "train_threads": args.train_threads, "worker": args.worker or ("thread" if q else "process"),
         "data_seed": 0,
