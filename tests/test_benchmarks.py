@@ -108,7 +108,7 @@ def test_overhead_quick_with_own_core_placement(tmp_path):
 def _check_accuracy(data: dict, regimes: list[str], methods: list[str]) -> None:
     assert list(data["regimes"]) == regimes
     for regime, reg in data["regimes"].items():
-        only_long_tail = ("long-tail", "hardneg-to-rarer", "long-tail-fusion")  # no tail in a balanced set
+        only_long_tail = ("long-tail", "hardneg-to-rarer", "long-tail-fusion", "hardneg-as-mined")  # no tail if balanced
         expected = [m for m in methods if m not in only_long_tail or regime == "long-tail"]
         assert list(reg["summary"]) == expected
         assert len(reg["confused_pairs"]) == 3
@@ -150,7 +150,7 @@ def test_accuracy_quick_all_methods_both_regimes(tmp_path):
     data = _run_cli(["bench", "accuracy", "--quick", "--out", str(tmp_path)])
     _check_accuracy(data, ["long-tail", "few-shot"],
                     ["none", "standard", "mixup-cutmix", "same-class", "offline-genie", "hardneg", "long-tail",
-                     "auggen", "hardneg-to-rarer", "long-tail-fusion"])
+                     "auggen", "hardneg-to-rarer", "long-tail-fusion", "hardneg-as-mined"])
     lt = data["regimes"]["long-tail"]
     long_tail_run = next(r for r in lt["runs"] if r["method"] == "long-tail")
     assert long_tail_run["generated_images"] > 0  # the policy found tail classes and head sources

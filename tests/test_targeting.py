@@ -75,10 +75,23 @@ def test_to_rarer_direction_turns_pairs_towards_the_rarer_class():
     engine = SimpleNamespace(bank=bank, confusion=graph, confusions=lambda: graph.top_pairs(2))
     assert {p.pair for p in engine.confusions()} == {(3, 8), (8, 3)}
 
-    as_mined = ConfusionTargeting().plan(engine, 20)
+    as_mined = ConfusionTargeting(direction="as-mined").plan(engine, 20)
     assert {p.pair for p in as_mined} == {(3, 8), (8, 3)}
+    auto = ConfusionTargeting().plan(engine, 20)  # 60 vs 30 samples: 2x, so "auto" turns 3 -> 8 too
+    assert [p.pair for p in auto] == [(8, 3)]
     turned = ConfusionTargeting(direction="to-rarer").plan(engine, 20)
     assert [p.pair for p in turned] == [(8, 3)] and turned[0].count == 20  # all 20 images labelled 3
     assert turned[0].source_ids == graph.sources_of(8, 3) and set(y[turned[0].source_ids].tolist()) == {8}
     with pytest.raises(ValueError, match="direction"):
         ConfusionTargeting(direction="sideways")
+
+    # a mild imbalance (45 vs 60 samples): "auto" keeps the pairs as mined, "to-rarer" still turns
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[(y == 3).nonzero().flatten()[45:]] = False
+    bank = EmbeddingBank(dim=x.shape[1], num_classes=10)
+    bank.upsert(torch.arange(len(y))[keep], x[keep], y[keep])
+    graph = ConfusionGraph(10, knn_k=8, sources_per_pair=10)
+    graph.refresh(bank, step=1)
+    engine = SimpleNamespace(bank=bank, confusion=graph, confusions=lambda: graph.top_pairs(2))
+    assert {p.pair for p in ConfusionTargeting().plan(engine, 20)} == {(3, 8), (8, 3)}
+    assert [p.pair for p in ConfusionTargeting(direction="to-rarer").plan(engine, 20)] == [(8, 3)]

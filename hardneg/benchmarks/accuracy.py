@@ -27,16 +27,19 @@ h. ``auggen``: AugGen training-set expansion
    mixed condition ``alpha * e_i + beta * e_j`` (alpha = beta = ``--auggen-alpha``, 0.75, the
    paper's range) sampled up front as a **new class**; the classifier gets one extra output per
    mix and is scored on the 10 real logits;
-i. ``hardneg-to-rarer``: f with ``extra={"confusion_direction": "to-rarer"}``: a confused pair
-   whose target class is more frequent than its source is generated the other way, so tail
-   classes gain images instead of lending their few samples to head classes. Long-tail regime
-   only (in a balanced set it is f);
+i. ``hardneg-to-rarer``: f with ``extra={"confusion_direction": "to-rarer"}``: every confused
+   pair whose target class is more frequent than its source is generated the other way (f's
+   default ``"auto"`` turns a pair only at a 2x imbalance), so tail classes gain images instead
+   of lending their few samples to head classes. Long-tail regime only;
 j. ``long-tail-fusion``: g with the feature-space fusion of Elberg et al. as the generation mode
    (:class:`hardneg.methods.long_tail.SaliencyFusionGenerator`): each head source is spliced
    with a CAM-matched tail image and refined by the regime's generator at r = 0.3. As in the
    paper the CAMs come from a classifier first trained on the real data (same model, same 200
    steps, no augmentation); the generator runs on a worker thread (it holds that classifier).
-   Long-tail regime only.
+   Long-tail regime only;
+k. ``hardneg-as-mined``: f with ``extra={"confusion_direction": "as-mined"}``: pairs generated
+   in the direction they were mined (the engine's behaviour before ``"auto"``). Long-tail regime
+   only (in a balanced set it is f).
 
 For the engine methods the engine refreshes at fixed steps spread over the first 60% of training,
 each time requesting ``images / refreshes`` images, so they request exactly as many images as e
@@ -69,15 +72,15 @@ from typing import Any, Optional
 from hardneg.benchmarks import _common as C
 
 NAME = "accuracy"
-HELP = "10 methods on the digits (long-tail, few-shot) at equal steps and equal generated images"
+HELP = "11 methods on the digits (long-tail, few-shot) at equal steps and equal generated images"
 
 METHODS = ("none", "standard", "mixup-cutmix", "same-class", "offline-genie", "hardneg", "long-tail", "auggen",
-           "hardneg-to-rarer", "long-tail-fusion")
-ENGINE_METHODS = ("same-class", "hardneg", "long-tail", "hardneg-to-rarer", "long-tail-fusion")
+           "hardneg-to-rarer", "long-tail-fusion", "hardneg-as-mined")
+ENGINE_METHODS = ("same-class", "hardneg", "long-tail", "hardneg-to-rarer", "long-tail-fusion", "hardneg-as-mined")
 GENERATING_METHODS = ENGINE_METHODS + ("offline-genie", "auggen")
 FUSION_RATIO = 0.3  # refinement r of the fusion mode (a few denoising steps over the splice)
 ONLY_IN_REGIMES = {"long-tail": ("long-tail",), "hardneg-to-rarer": ("long-tail",),
-                   "long-tail-fusion": ("long-tail",)}  # methods that do not apply to every regime
+                   "long-tail-fusion": ("long-tail",), "hardneg-as-mined": ("long-tail",)}  # methods that do not apply to every regime
 REGIMES = ("long-tail", "few-shot")
 METHOD_LABELS = {
     "none": "(a) no augmentation",
@@ -85,11 +88,12 @@ METHOD_LABELS = {
     "mixup-cutmix": "(c) mixup/cutmix",
     "same-class": "(d) same-class diffusion (DA-Fusion)",
     "offline-genie": "(e) offline GeNIe, random pairs, r=0.8",
-    "hardneg": "(f) hardneg online",
+    "hardneg": "(f) hardneg online (default: auto direction)",
     "long-tail": "(g) long-tail targeting, head->tail, r=0.7",
     "auggen": "(h) AugGen expansion, mixed classes",
     "hardneg-to-rarer": "(i) hardneg online, pairs turned towards the rarer class",
     "long-tail-fusion": "(j) long-tail targeting + CAM fusion, r=0.3",
+    "hardneg-as-mined": "(k) hardneg online, pairs as mined",
 }
 
 
@@ -113,9 +117,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DDIM steps of a full generation schedule (default 20; quick 4)")
     p.add_argument("--long-tail-ratio", type=float, default=0.7, help="r of the long-tail method (g)")
     p.add_argument("--hardneg-r-min", type=float, default=0.3,
-                   help="floor of the adaptive curriculum's r for the hardneg methods (f, i)")
+                   help="floor of the adaptive curriculum's r for the hardneg methods (f, i, k)")
     p.add_argument("--hardneg-curriculum", default="adaptive",
-                   help="curriculum over r of the hardneg methods (f, i): adaptive (default), ada (GeNIe-Ada: "
+                   help="curriculum over r of the hardneg methods (f, i, k): adaptive (default), ada (GeNIe-Ada: "
                         "each source's r chosen from a grid by the classifier), linear, cosine, constant, step")
     p.add_argument("--auggen-pairs", type=int, default=8, help="mixed classes of the AugGen method (h)")
     p.add_argument("--auggen-alpha", type=float, default=0.75, help="alpha = beta of the AugGen method (h)")
@@ -256,7 +260,8 @@ def _engine_config(method: str, s: dict[str, Any], seed: int) -> Any:
             return HardNegConfig(num_classes=10, targeting="same-class", mix_mode="substitute",
                                  synthetic_fraction=0.5, curriculum="constant", r_start=0.5,
                                  extra={"same_class_strength": 0.5}, **common)
-    extra = {"confusion_direction": "to-rarer"} if method == "hardneg-to-rarer" else {}
+    direction = {"hardneg-to-rarer": "to-rarer", "hardneg-as-mined": "as-mined"}.get(method)
+    extra = {"confusion_direction": direction} if direction else {}
     return HardNegConfig(
         num_classes=10, extra=extra, top_pairs=4, knn_k=10, sources_per_pair=24, synthetic_fraction=0.25,
         curriculum=s["hardneg_curriculum"], r_start=max(0.7, s["hardneg_r_min"]), r_end=max(0.4, s["hardneg_r_min"]),
