@@ -80,6 +80,9 @@ class ConfusionGraph:
         self.sources_per_pair = int(sources_per_pair)
         self.max_queries = int(max_queries)
         self.source_pair_limit = 32  # candidate pairs that get source ids each refresh
+        # kNN queries per bank search: the bank's read lock is held for one search, so this bounds
+        # how long a training-step upsert can wait (~0.1 s at 1M vectors on 2 CPU cores with IVF).
+        self.search_chunk = 64
         self._rng = np.random.default_rng(seed)
         k = self.num_classes
         self._scores = np.zeros((k, k), dtype=np.float64)
@@ -179,7 +182,8 @@ class ConfusionGraph:
         k = self.num_classes
         # Chunked: each search holds the bank's read lock only briefly, so training-step upserts
         # (writers) slip in between chunks instead of waiting for the whole refresh.
-        parts = [bank.search_with_labels(q_vec[i : i + 256], self.knn_k + 1) for i in range(0, len(q_vec), 256)]
+        c = self.search_chunk
+        parts = [bank.search_with_labels(q_vec[i : i + c], self.knn_k + 1) for i in range(0, len(q_vec), c)]
         scores = np.concatenate([p[0] for p in parts])
         nn_ids = np.concatenate([p[1] for p in parts])
         nn_lab = np.concatenate([p[2] for p in parts])
