@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 from hardneg.benchmarks import _common as C
 
@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest N that also gets an HNSW index (default 100k; its build is slow)")
     p.add_argument("--refresh-queries", type=int, default=None,
                    help="kNN queries per confusion refresh (default: HardNegConfig's 20000; quick 500)")
+    p.add_argument("--search-chunks", default="64,256",
+                   help="kNN queries per bank search to compare in the IVF refresh (not in --quick)")
     p.add_argument("--exact-refresh-max", type=C.parse_size, default=None,
                    help="largest N whose exact refresh is measured rather than estimated (default 100k)")
     p.set_defaults(bench=NAME)
@@ -64,6 +66,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "hnsw_max": args.hnsw_max if args.hnsw_max is not None else (8_000 if q else 100_000),
         "refresh_queries": args.refresh_queries or (500 if q else HardNegConfig(num_classes=2).refresh_queries),
         "exact_refresh_max": args.exact_refresh_max if args.exact_refresh_max is not None else 100_000,
+        "search_chunks": C.parse_list(args.search_chunks, int), "quick": bool(args.quick),
         "update_batch": 128,
         "num_classes": 10,
     }
@@ -189,8 +192,10 @@ def _one_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
               f"{op['speedup_vs_exact']:.1f}x exact", flush=True)
 
     # ---------------------------------------------------------------- confusion refresh
-    def refresh(bank: Any) -> tuple[float, list[list[Any]]]:
+    def refresh(bank: Any, search_chunk: Optional[int] = None) -> tuple[float, list[list[Any]]]:
         graph = ConfusionGraph(s["num_classes"], knn_k=10, max_queries=s["refresh_queries"], seed=seed)
+        if search_chunk is not None:
+            graph.search_chunk = search_chunk
         t = time.perf_counter()
         graph.refresh(bank)
         dt = time.perf_counter() - t
@@ -205,6 +210,19 @@ def _one_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
         out["refresh_estimated"][m] = False
         print(f"[N={C.human_size(n)}] refresh {m}: {dt:.1f}s top pairs {top}", flush=True)
     out["refresh_ivf_nprobe"] = ivf.nprobe if ivf.active_index == "ivf" else None
+    # Queries per bank search in a refresh: smaller chunks hold the read lock for less time (shorter
+    # training-step stalls); does the refresh itself get slower? Interleaved, same bank.
+    if ivf.active_index == "ivf" and not s["quick"] and s["search_chunks"]:
+        chunk_times: dict[int, list[float]] = {c: [] for c in s["search_chunks"]}
+        for rep in range(2):
+            for c in C.rotate(list(s["search_chunks"]), rep):
+                chunk_times[c].append(refresh(ivf, search_chunk=c)[0])
+        out["refresh_by_search_chunk_s"] = {str(c): C.median(v) for c, v in chunk_times.items()}
+        base = max(s["search_chunks"])
+        out["refresh_by_search_chunk_vs_largest"] = {
+            str(c): C.ratio(C.median(v), C.median(chunk_times[base])) for c, v in chunk_times.items()}
+        print(f"[N={C.human_size(n)}] ivf refresh by search chunk: "
+              + ", ".join(f"{c}: {C.median(v):.2f}s" for c, v in chunk_times.items()), flush=True)
     if "flat" not in out["refresh_s"] and "ivf" in out["refresh_s"]:
         q_refresh = min(n, s["refresh_queries"])
         per_q_exact = exact_med / nq
