@@ -253,7 +253,7 @@ class ConfusionGraph:
                     if len(c) > n_keep:
                         keep = np.sort(np.argpartition(-c, n_keep - 1)[:n_keep])  # sorted: scan order on ties
                         c, i = c[keep], i[keep]
-                    best[(a, b)] = (c, i.copy())
+                    best[(a, b)] = (c, i)  # concatenate made fresh arrays: no view of the bank survives
 
         bank.scan(visit)
         sources = {}

@@ -195,6 +195,14 @@ def write_results(out_dir: str, results: dict[str, Any], filename: str = "result
     return write_json(results, os.path.join(out_dir, filename))
 
 
+def finish(out_dir: str, results: dict[str, Any], plot_file: str) -> dict[str, Any]:
+    """Record the run's files (``results.json`` and ``plot_file``), write the JSON, say where; returns ``results``."""
+    results["files"] = [os.path.join(out_dir, "results.json"), plot_file]
+    write_results(out_dir, results)
+    print(f"wrote {', '.join(results['files'])}", flush=True)
+    return results
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; floats are shown as given (format them before)."""
     out = ["| " + " | ".join(str(h) for h in headers) + " |",

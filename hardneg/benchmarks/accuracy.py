@@ -518,10 +518,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["seconds"] = time.perf_counter() - t_start
     results["table_markdown"] = _table(results)
     print(results["table_markdown"], flush=True)
-    results["files"] = [os.path.join(args.out, "results.json"), _plot(results, args.out)]
-    C.write_results(args.out, results)
-    print(f"wrote {', '.join(results['files'])}", flush=True)
-    return results
+    return C.finish(args.out, results, _plot(results, args.out))
 
 
 def _summarise(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:

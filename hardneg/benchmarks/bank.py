@@ -277,13 +277,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "nprobe": op["nprobe"] if op else None,
         "met": bool(op and op["speedup_vs_exact"] is not None and op["speedup_vs_exact"] >= 5.0),
     }
-    print(_table(per_size), flush=True)
-    print(f"target at N={C.human_size(biggest['n'])}: {results['target']}", flush=True)
     results["table_markdown"] = _table(per_size)
-    results["files"] = [os.path.join(args.out, "results.json"), _plot(per_size, s, args.out)]
-    C.write_results(args.out, results)
-    print(f"wrote {', '.join(results['files'])}", flush=True)
-    return results
+    print(results["table_markdown"], flush=True)
+    print(f"target at N={C.human_size(biggest['n'])}: {results['target']}", flush=True)
+    return C.finish(args.out, results, _plot(per_size, s, args.out))
 
 
 def _table(per_size: list[dict[str, Any]]) -> str:

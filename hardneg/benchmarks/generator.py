@@ -195,10 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "generators": per_gen, "seconds": time.perf_counter() - t_start}
     results["table_markdown"] = _table(per_gen)
     print(results["table_markdown"], flush=True)
-    results["files"] = [os.path.join(args.out, "results.json"), _plot(per_gen, args.out)]
-    C.write_results(args.out, results)
-    print(f"wrote {', '.join(results['files'])}", flush=True)
-    return results
+    return C.finish(args.out, results, _plot(per_gen, args.out))
 
 
 def _table(per_gen: dict[str, Any]) -> str:

@@ -409,10 +409,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["table_markdown"] = _table(runs)
     print(results["table_markdown"], flush=True)
     print(f"targets: {results['targets']}", flush=True)
-    results["files"] = [os.path.join(args.out, "results.json"), _plot(runs, args.out)]
-    C.write_results(args.out, results)
-    print(f"wrote {', '.join(results['files'])}", flush=True)
-    return results
+    return C.finish(args.out, results, _plot(runs, args.out))
 
 
 def _table(runs: list[dict[str, Any]]) -> str:
