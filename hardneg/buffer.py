@@ -1,7 +1,9 @@
 """SyntheticBuffer: a bounded replay store of generated hard negatives with their provenance.
 
 Every stored image keeps where it came from (dataset id and class of its source, the target class
-it is labelled with, the noise ratio r, the steps it was requested and added at) and how often
+it is labelled with, the noise ratio r, the steps it was requested and added at), its label
+distribution (``target_weight`` w: the label is ``w * target + (1 - w) * source``), how hard it
+was when it arrived (``teacher_p_target``, ``model_p_target``; NaN where not scored) and how often
 training has used it. :meth:`SyntheticBuffer.sample` favours the class pairs the engine currently
 cares about and fresh samples (a sample's weight halves every ``freshness_half_life`` steps);
 samples used ``max_uses`` times are only drawn when nothing else is left and are evicted first.
@@ -25,13 +27,19 @@ Pair = tuple[int, int]
 _FIELDS = (
     "source_ids", "source_labels", "target_labels", "ratios", "step_added", "step_requested", "uses", "seq",
 )
+# Label distribution and difficulty at arrival: filled by the engine's arrival scoring.
+SCORE_FIELDS = ("teacher_p_target", "model_p_target")
+LABEL_FIELDS = ("target_weight", *SCORE_FIELDS)
+_DEFAULTS = {"target_weight": 1.0, "teacher_p_target": float("nan"), "model_p_target": float("nan")}
 
 
 @dataclass
 class SyntheticSample:
     """A draw from the buffer: images labelled with their *target* class plus provenance.
 
-    ``pairs`` is ``(k, 2)`` int64 (source class, target class); ``slots`` are buffer slot ids.
+    ``pairs`` is ``(k, 2)`` int64 (source class, target class); ``slots`` are buffer slot ids;
+    ``target_weights`` (float32 ``(k,)``, None = all 1) is each row's weight on its target class,
+    the rest of its label going to the source class.
     """
 
     images: Tensor
@@ -42,6 +50,7 @@ class SyntheticSample:
     slots: Tensor
     source_ids: Tensor
     steps: Tensor
+    target_weights: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -55,10 +64,13 @@ class SyntheticBuffer:
         seed: seeds the sampling generator (same seed + same calls = same draws).
         freshness_half_life: steps after which a sample's sampling weight halves.
         max_uses: uses after which a sample counts as exhausted (drawn last, evicted first).
+        arrival_scores: list ``teacher_p_target`` / ``model_p_target`` in :meth:`provenance` (the
+            engine sets it when a teacher scores arrivals; they are stored either way).
     """
 
     def __init__(
-        self, capacity: int, seed: int = 0, freshness_half_life: float = 200, max_uses: int = 8
+        self, capacity: int, seed: int = 0, freshness_half_life: float = 200, max_uses: int = 8,
+        arrival_scores: bool = False,
     ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
@@ -70,6 +82,7 @@ class SyntheticBuffer:
         self.seed = int(seed)
         self.freshness_half_life = float(freshness_half_life)
         self.max_uses = max_uses
+        self.arrival_scores = bool(arrival_scores)
         self._rng = torch.Generator().manual_seed(self.seed)
         self._images: Optional[Tensor] = None  # (capacity, C, H, W), allocated on the first add
         self._valid = torch.zeros(capacity, dtype=torch.bool)
@@ -82,6 +95,7 @@ class SyntheticBuffer:
             "step_requested": torch.zeros(capacity, dtype=torch.int64),
             "uses": torch.zeros(capacity, dtype=torch.int64),
             "seq": torch.zeros(capacity, dtype=torch.int64),  # insertion order, for "oldest"
+            **{key: torch.full((capacity,), _DEFAULTS[key], dtype=torch.float32) for key in LABEL_FIELDS},
         }
         self._next_seq = 0
         self._counts = {"added": 0, "rejected": 0, "evicted": 0, "drawn": 0}
@@ -96,11 +110,14 @@ class SyntheticBuffer:
         return None if self._images is None else tuple(self._images.shape[1:])
 
     # ------------------------------------------------------------------ add / evict
-    def add(self, result: "GenerationResult", step: int) -> int:
+    def add(self, result: "GenerationResult", step: int, target_weight: Optional[Tensor] = None,
+            teacher_p_target: Optional[Tensor] = None, model_p_target: Optional[Tensor] = None) -> int:
         """Store a worker result's images at training ``step``; returns how many were stored.
 
-        Rows with NaN/inf are rejected (counted in ``stats()["rejected"]``). When the buffer is
-        full, exhausted samples go first (most used first), then the oldest.
+        ``target_weight`` (default 1), ``teacher_p_target`` and ``model_p_target`` (default NaN) are
+        per-row label weight and arrival scores. Rows with NaN/inf images or a non-finite target
+        weight are rejected (counted in ``stats()["rejected"]``). When the buffer is full,
+        exhausted samples go first (most used first), then the oldest.
         """
         images = result.images
         if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
@@ -114,7 +131,11 @@ class SyntheticBuffer:
             "source_ids": result.source_ids, "source_labels": result.source_labels,
             "target_labels": result.target_labels, "ratios": result.ratios,
         }
-        for key, value in meta.items():
+        given = {"target_weight": target_weight, "teacher_p_target": teacher_p_target,
+                 "model_p_target": model_p_target}
+        scores = {key: (torch.full((n,), _DEFAULTS[key]) if v is None else torch.as_tensor(v).reshape(-1))
+                  for key, v in given.items()}
+        for key, value in {**meta, **scores}.items():
             if value.shape[0] != n:
                 raise ValueError(f"result has {n} images but {value.shape[0]} {key}")
         if self._images is not None and tuple(images.shape[1:]) != self.image_shape:
@@ -123,7 +144,7 @@ class SyntheticBuffer:
                 f"{self.image_shape}; every generated image must match the training data"
             )
         images = images.detach().to("cpu")
-        finite = torch.isfinite(images).flatten(1).all(1)
+        finite = torch.isfinite(images).flatten(1).all(1) & torch.isfinite(scores["target_weight"].cpu())
         keep = finite.nonzero().flatten()
         self._counts["rejected"] += int(n - keep.numel())
         if keep.numel() > self.capacity:  # one oversized result: keep its first `capacity` rows
@@ -141,6 +162,8 @@ class SyntheticBuffer:
         m["source_labels"][slots] = meta["source_labels"].to("cpu", torch.int64)[keep]
         m["target_labels"][slots] = meta["target_labels"].to("cpu", torch.int64)[keep]
         m["ratios"][slots] = meta["ratios"].to("cpu", torch.float32)[keep]
+        for key, value in scores.items():
+            m[key][slots] = value.to("cpu", torch.float32)[keep]
         m["step_added"][slots] = int(step)
         m["step_requested"][slots] = int(result.step)
         m["uses"][slots] = 0
@@ -240,6 +263,7 @@ class SyntheticBuffer:
         m["uses"][slots] += 1
         self._counts["drawn"] += k
         src, tgt = m["source_labels"][slots], m["target_labels"][slots]
+        weights = m["target_weight"][slots].clone()
         return SyntheticSample(
             images=self._images[slots],
             labels=tgt.clone(),
@@ -249,6 +273,7 @@ class SyntheticBuffer:
             slots=slots,
             source_ids=m["source_ids"][slots].clone(),
             steps=m["step_added"][slots].clone(),
+            target_weights=None if bool((weights == 1).all()) else weights,
         )
 
     # ------------------------------------------------------------------ introspection
@@ -266,6 +291,7 @@ class SyntheticBuffer:
             "capacity": self.capacity,
             "pairs": dict(sorted(pairs.items(), key=lambda kv: -kv[1])),
             "mean_r": float(m["ratios"][slots].double().mean()) if slots.numel() else None,
+            "mean_target_weight": float(m["target_weight"][slots].double().mean()) if slots.numel() else None,
             "mean_uses": float(uses.mean()) if slots.numel() else 0.0,
             "max_uses": int(uses.max()) if slots.numel() else 0,
             "exhausted": int((uses >= self.max_uses).sum()),
@@ -273,10 +299,14 @@ class SyntheticBuffer:
         }
 
     def provenance(self) -> dict[str, Tensor]:
-        """Per stored sample: slot, source id / class, target class, r, steps, uses (CPU tensors)."""
+        """Per stored sample: slot, source id / class, target class, r, steps, uses, target weight
+        (CPU tensors); with ``arrival_scores`` also ``teacher_p_target`` (the teacher's
+        ``p_t / (p_s + p_t)`` at arrival) and ``model_p_target`` (the classifier's softmax
+        probability of the target at arrival), NaN where not scored."""
         slots = self._valid.nonzero().flatten()
         out = {"slots": slots}
-        out.update({key: self._meta[key][slots].clone() for key in _FIELDS})
+        keys = (*_FIELDS, "target_weight", *(SCORE_FIELDS if self.arrival_scores else ()))
+        out.update({key: self._meta[key][slots].clone() for key in keys})
         return out
 
     # ------------------------------------------------------------------ persistence
@@ -323,6 +353,10 @@ class SyntheticBuffer:
                 raise ValueError("buffer state is inconsistent: saved slots do not match the valid mask")
             self._images[slots] = state["images"].detach().to("cpu", dtype)
         self._meta = {key: state["meta"][key].to("cpu").clone() for key in _FIELDS}
+        for key in LABEL_FIELDS:  # states saved before label distributions existed: hard labels, unscored
+            saved = state["meta"].get(key)
+            self._meta[key] = (saved.to("cpu", torch.float32).clone() if saved is not None
+                               else torch.full((self.capacity,), _DEFAULTS[key], dtype=torch.float32))
         self._next_seq = int(state["next_seq"])
         self._counts = {key: int(v) for key, v in state["counts"].items()}
         self._rng.set_state(state["rng_state"].to("cpu"))

@@ -14,7 +14,9 @@ Metric = Literal["cosine", "l2"]
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
 WorkerBackend = Literal["thread", "process"]
 MixMode = Literal["append", "substitute"]
-Schedule = Literal["constant", "linear", "cosine", "step", "adaptive", "ada"]
+Schedule = Literal["constant", "linear", "cosine", "step", "adaptive", "ada", "band"]
+LabelMode = Literal["hard", "soft-r", "teacher"]
+TeacherKind = Literal["none", "ema", "model"]
 
 
 class ConfigError(ValueError):
@@ -27,8 +29,18 @@ class HardNegConfig:
 
     Groups: embedding bank (``metric`` .. ``use_gpu_index``), confusion mining (``knn_k`` ..
     ``sources_per_pair``), generation (``generator`` .. ``max_restarts``), synthetic buffer and
-    mixing (``buffer_size`` .. ``separate_synthetic_loss``) and the noise-ratio curriculum
-    (``curriculum`` .. ``ada_grid``).
+    mixing (``buffer_size`` .. ``separate_synthetic_loss``), the noise-ratio curriculum
+    (``curriculum`` .. ``difficulty_band``) and label trust (``label_mode`` .. ``score_batch``).
+
+    Label trust: every generated image carries a target weight w (its label is
+    ``w * onehot(target) + (1 - w) * onehot(source)``): ``label_mode="hard"`` w = 1 (GeNIe as
+    published), ``"soft-r"`` w = r ** label_gamma, ``"teacher"`` w = the teacher's posterior of
+    the target restricted to {source, target}. ``filter_min_target`` / ``filter_max_target`` drop
+    arriving images whose teacher posterior is below / above them. The teacher is an EMA copy of
+    the classifier (``teacher="ema"``) or a model you pass (``teacher="model"`` with
+    ``HardNeg(..., teacher_model=m)``); the teacher label mode, filtering and the ``"band"``
+    curriculum need one, and a config asking for them with ``teacher="none"`` is an error (no
+    silent default: which teacher judges the labels is a choice worth writing down).
     """
 
     num_classes: int
@@ -83,6 +95,18 @@ class HardNegConfig:
     adaptive_step: float = 0.05
     adaptive_min_samples: int = 8  # feedback samples needed before a pair's r moves
     ada_grid: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    # "band": per pair, the mean teacher posterior of fresh images below the band -> raise r, above -> lower r
+    difficulty_band: tuple[float, float] = (0.6, 0.9)
+    # --- label trust and arrival scoring --------------------------------------------------
+    label_mode: LabelMode = "hard"  # target weight: 1 | r ** label_gamma | teacher posterior
+    label_gamma: float = 0.5  # exponent of r in the "soft-r" target weight (Diff-Mix style)
+    teacher: TeacherKind = "none"  # who scores arriving images: an EMA of the classifier or a given model
+    teacher_decay: float = 0.99  # EMA decay of teacher="ema" (per observed step)
+    teacher_warmup: bool = True  # EMA decay ramps up from 0 over the first steps (timm ModelEmaV3 warmup)
+    filter_min_target: Optional[float] = None  # drop arriving images whose teacher posterior is below this
+    filter_max_target: Optional[float] = None  # ... or above this (too easy)
+    min_pair_share: float = 0.0  # pairs scoring below this share of the top pair's score get no images
+    score_batch: int = 256  # images per forward when scoring arrivals
     # --- misc -----------------------------------------------------------------------------
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -125,7 +149,7 @@ class HardNegConfig:
         _in_range(self, "synthetic_weight", 0.0, float("inf"))
         _int_at_least(self, "freshness_half_life", 1)
         _int_at_least(self, "max_uses", 1)
-        _choice(self, "curriculum", ("constant", "linear", "cosine", "step", "adaptive", "ada"))
+        _choice(self, "curriculum", ("constant", "linear", "cosine", "step", "adaptive", "ada", "band"))
         for name in ("r_start", "r_end", "r_min", "r_max"):
             _in_range(self, name, 0.0, 1.0, low_open=True)
         if self.r_min > self.r_max:
@@ -148,12 +172,51 @@ class HardNegConfig:
             raise ConfigError(f"ada_grid needs >= 2 ratios in (0, 1], got {self.ada_grid}")
         if list(self.ada_grid) != sorted(self.ada_grid):
             raise ConfigError(f"ada_grid must be increasing, got {self.ada_grid}")
+        self._validate_label_trust()
+
+    def _validate_label_trust(self) -> None:
+        band = tuple(self.difficulty_band) if isinstance(self.difficulty_band, (tuple, list)) else None
+        if band is None or len(band) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                 for v in band):
+            raise ConfigError(f"difficulty_band must be a (low, high) pair of numbers, got {self.difficulty_band!r}")
+        self.difficulty_band = (float(band[0]), float(band[1]))
+        low, high = self.difficulty_band
+        if not 0.0 <= low < high <= 1.0:
+            raise ConfigError(f"difficulty_band must satisfy 0 <= low < high <= 1, got {self.difficulty_band}")
+        _choice(self, "label_mode", ("hard", "soft-r", "teacher"))
+        _in_range(self, "label_gamma", 0.0, float("inf"), low_open=True, high_open=True)
+        _choice(self, "teacher", ("none", "ema", "model"))
+        _in_range(self, "teacher_decay", 0.0, 1.0, high_open=True)
+        if not isinstance(self.teacher_warmup, bool):
+            raise ConfigError(f"teacher_warmup must be True or False, got {self.teacher_warmup!r}")
+        for name in ("filter_min_target", "filter_max_target"):
+            if getattr(self, name) is not None:
+                _in_range(self, name, 0.0, 1.0)
+        lo, hi = self.filter_min_target, self.filter_max_target
+        if lo is not None and hi is not None and lo >= hi:
+            raise ConfigError(f"filter_min_target ({lo}) must be below filter_max_target ({hi}): every image "
+                              "would be dropped")
+        _in_range(self, "min_pair_share", 0.0, 1.0)
+        _int_at_least(self, "score_batch", 1)
+        needs = [why for why, on in (
+            ("label_mode='teacher'", self.label_mode == "teacher"),
+            ("filter_min_target", lo is not None),
+            ("filter_max_target", hi is not None),
+            ("curriculum='band'", self.curriculum == "band"),
+        ) if on]
+        if needs and self.teacher == "none":
+            raise ConfigError(
+                f"{', '.join(needs)} needs a teacher to score arriving images, but teacher='none': set "
+                "teacher='ema' (an EMA copy of the classifier kept by the engine) or teacher='model' (pass "
+                "HardNeg(..., teacher_model=m))"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict of every field (round-trips through :meth:`from_dict`)."""
         d = dataclasses.asdict(self)
         d["step_milestones"] = list(self.step_milestones)
         d["ada_grid"] = list(self.ada_grid)
+        d["difficulty_band"] = list(self.difficulty_band)
         return d
 
     @classmethod
@@ -164,7 +227,7 @@ class HardNegConfig:
         if unknown:
             raise ConfigError(f"unknown HardNegConfig field(s): {unknown}; known: {sorted(names)}")
         d = dict(d)
-        for key in ("step_milestones", "ada_grid"):
+        for key in ("step_milestones", "ada_grid", "difficulty_band"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)

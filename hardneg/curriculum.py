@@ -10,7 +10,11 @@ low and the label is wrong). A curriculum starts easy and moves towards hard:
   easy for the model (accuracy above ``adaptive_high``) -> lower r, too hard (below
   ``adaptive_low``) -> higher r, clamped to ``[r_min, r_max]``;
 * ``ada`` (GeNIe-Ada) lets the engine pick r per source from a grid of generations and records
-  the choices here (:meth:`AdaCurriculum.record_choice`).
+  the choices here (:meth:`AdaCurriculum.record_choice`);
+* ``band`` moves each pair's r from the measured difficulty of its *fresh* images: the teacher's
+  posterior of the target (restricted to {source, target}) on images as they arrive, before
+  anyone trains on them. Mean below ``difficulty_band[0]`` (the images do not look like their
+  label) -> higher r; above ``difficulty_band[1]`` (too easy) -> lower r.
 
 Every curriculum keeps a ``history`` of the r it handed out per pair (:meth:`Curriculum.record`)
 for plots (:func:`hardneg.report.plot_ratio_over_time`) and a ``state_dict`` so a resumed run continues exactly.
@@ -19,7 +23,7 @@ for plots (:func:`hardneg.report.plot_ratio_over_time`) and a ``state_dict`` so 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence
 
 if TYPE_CHECKING:
     from hardneg.config import HardNegConfig
@@ -67,6 +71,13 @@ class Curriculum:
         Time schedules ignore it; :class:`AdaptiveCurriculum` moves r with it.
         """
         _check_counts(correct, total)
+
+    def arrival_feedback(self, pair: Sequence[int], p_target: Sequence[float], step: int,
+                         ratios: Optional[Sequence[float]] = None) -> None:
+        """The teacher scored fresh images of ``pair`` at arrival (``p_target`` per image, generated
+        at ``ratios``). Only :class:`BandCurriculum` uses it.
+        """
+        return None
 
     def record(self, pair: Sequence[int], step: int, r: float) -> None:
         """Log that r was used for ``pair`` at ``step`` (one entry per step: a repeat replaces it)."""
@@ -261,6 +272,110 @@ class AdaptiveCurriculum(Curriculum):
         self._counts = {(int(a), int(b)): [int(c), int(t)] for a, b, c, t in state["counts"]}
 
 
+class BandCurriculum(Curriculum):
+    """Per pair r that keeps the teacher's view of fresh images inside a difficulty band.
+
+    The engine reports the teacher posterior ``p_target = P(target | {source, target})`` of every
+    image of a pair when it arrives (:meth:`arrival_feedback`). Once ``min_samples`` scores are in,
+    their mean decides: below ``low`` the images do not look like their target (wrong label or
+    too hard) and r rises by ``step_size``; above ``high`` they are too easy and r drops; inside
+    the band r stays. Then the window starts afresh. Only images generated at the pair's current
+    r count (with ``ratios``): images requested before a move say nothing about the new r. r
+    starts at ``r_start`` and stays in ``[r_min, r_max]``. Training-time feedback (:meth:`feedback`) is ignored: reused samples say
+    how the model learnt them, not how hard they were when made.
+    """
+
+    kind = "band"
+
+    def __init__(
+        self,
+        r_start: float = 0.8,
+        r_min: float = 0.3,
+        r_max: float = 0.95,
+        band: Sequence[float] = (0.6, 0.9),
+        step_size: float = 0.05,
+        min_samples: int = 8,
+        total_steps: int = 1000,
+    ) -> None:
+        super().__init__(r_start, r_start, total_steps)
+        if not 0.0 < r_min <= r_max <= 1.0:
+            raise ValueError(f"need 0 < r_min <= r_max <= 1, got r_min={r_min}, r_max={r_max}")
+        low, high = (float(v) for v in band)
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(f"band must satisfy 0 <= low < high <= 1, got {tuple(band)}")
+        if not step_size > 0 or int(min_samples) < 1:
+            raise ValueError(f"need step_size > 0 and min_samples >= 1, got {step_size}, {min_samples}")
+        self.r_min, self.r_max = float(r_min), float(r_max)
+        self.low, self.high = low, high
+        self.step_size = float(step_size)
+        self.min_samples = int(min_samples)
+        self._r: dict[Pair, float] = {}
+        self._window: dict[Pair, list[float]] = {}  # pair -> [sum of p_target, count] since the last decision
+        self._decisions: list[tuple[int, int, int, float, float]] = []  # (a, b, step, mean p, new r)
+
+    def _clamp(self, r: float) -> float:
+        return min(max(r, self.r_min), self.r_max)
+
+    def _ratio(self, pair: Pair, step: int) -> float:
+        return self._r.get(pair, self._clamp(self.r_start))
+
+    def arrival_feedback(self, pair: Sequence[int], p_target: Sequence[float], step: int,
+                         ratios: Optional[Sequence[float]] = None) -> None:
+        """Add fresh scores for ``pair`` (non-finite ones, and with ``ratios`` those generated at
+        another r than the pair's current one, are skipped); may move its r."""
+        p = _pair(pair)
+        current = self._ratio(p, step)
+        scores = [float(v) for v in p_target]
+        if ratios is not None:
+            if len(ratios) != len(scores):
+                raise ValueError(f"got {len(ratios)} ratios for {len(scores)} scores")
+            scores = [v for v, r in zip(scores, ratios) if abs(float(r) - current) < 1e-6]
+        values = [v for v in scores if math.isfinite(v)]
+        if not values:
+            return
+        window = self._window.setdefault(p, [0.0, 0.0])
+        window[0] += sum(values)
+        window[1] += len(values)
+        if window[1] < self.min_samples:
+            return
+        mean = window[0] / window[1]
+        self._window[p] = [0.0, 0.0]
+        r = current
+        if mean < self.low:
+            new = self._clamp(r + self.step_size)
+        elif mean > self.high:
+            new = self._clamp(r - self.step_size)
+        else:
+            new = r
+        new = round(new, 10)
+        self._decisions.append((p[0], p[1], int(step), mean, new))
+        if new != r:
+            self._r[p] = new
+            self.record(p, step, new)
+
+    def window(self, pair: Sequence[int]) -> tuple[float, int]:
+        """``(mean p_target, count)`` of the scores collected for ``pair`` since its last decision."""
+        total, count = self._window.get(_pair(pair), [0.0, 0.0])
+        return (total / count if count else float("nan")), int(count)
+
+    @property
+    def decisions(self) -> list[tuple[int, int, int, float, float]]:
+        """Every decision so far: ``(a, b, step, mean p_target of the window, r after it)``."""
+        return list(self._decisions)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "r": [[a, b, r] for (a, b), r in self._r.items()],
+            "window": [[a, b, t, c] for (a, b), (t, c) in self._window.items()],
+            "decisions": [list(d) for d in self._decisions],
+        }
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._r = {(int(a), int(b)): float(r) for a, b, r in state["r"]}
+        self._window = {(int(a), int(b)): [float(t), float(c)] for a, b, t, c in state["window"]}
+        self._decisions = [(int(a), int(b), int(s), float(m), float(r)) for a, b, s, m, r in state["decisions"]]
+
+
 class AdaCurriculum(Curriculum):
     """GeNIe-Ada: r is chosen per source by the engine from generations over ``grid``.
 
@@ -315,4 +430,9 @@ def make_curriculum(config: "HardNegConfig") -> Curriculum:
         )
     if kind == "ada":
         return AdaCurriculum(config.ada_grid, config.r_start, config.total_steps)
+    if kind == "band":
+        return BandCurriculum(
+            config.r_start, config.r_min, config.r_max, config.difficulty_band, config.adaptive_step,
+            config.adaptive_min_samples, config.total_steps,
+        )
     raise ValueError(f"unknown curriculum {kind!r}")

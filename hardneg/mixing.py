@@ -5,6 +5,11 @@ Both are pure functions. ``mix_batch`` either appends the synthetic rows after t
 keeps memory and BatchNorm statistics stable). It returns per-sample loss weights (1 for real
 rows, ``synthetic_weight`` for synthetic ones) and a mask of the synthetic rows, so the loss can
 down-weight them or keep them apart (:func:`weighted_loss` with ``separate=True``).
+
+Labels: a synthetic row labelled with full weight on its target class gets that class id (or a
+one-hot row when ``y`` is soft), exactly as a hard GeNIe label. When any synthetic row carries a
+target weight w < 1 (:mod:`hardneg.labels`), ``y`` comes back as ``(N, K)`` float soft targets:
+real rows one-hot (or their own soft rows), synthetic rows ``w * onehot(B) + (1 - w) * onehot(A)``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hardneg.buffer import SyntheticSample
+from hardneg.labels import soft_targets
 
 MixMode = Literal["append", "substitute"]
 
@@ -63,6 +69,7 @@ def mix_batch(
     synthetic: Optional[SyntheticSample],
     mode: MixMode = "append",
     synthetic_weight: float = 1.0,
+    num_classes: Optional[int] = None,
 ) -> MixedBatch:
     """Put ``synthetic`` samples into the batch ``(x, y)``.
 
@@ -74,6 +81,8 @@ def mix_batch(
         mode: ``"append"`` (N + k rows) or ``"substitute"`` (the last k real rows are replaced;
             k is capped at N).
         synthetic_weight: per-sample loss weight of the synthetic rows.
+        num_classes: K of the soft targets made when ``y`` is class ids and a synthetic row has a
+            target weight below 1 (with soft ``y``, K is ``y.shape[1]``).
 
     Raises:
         ValueError: when the synthetic images do not match the batch's per-sample shape (e.g. a
@@ -108,16 +117,39 @@ def mix_batch(
             f"{tuple(x.shape[1:])}{hint}: the generator must produce images like the training data"
         )
     syn_x = images[:k].to(device=x.device, dtype=x.dtype, non_blocking=True)
-    syn_y = _synthetic_labels(synthetic.labels[:k], y)
     n_real = n if mode == "append" else n - k
     x_out = torch.cat([x[:n_real], syn_x])
-    y_out = torch.cat([y[:n_real], syn_y])
+    tw = synthetic.target_weights
+    if tw is not None and bool((tw[:k] < 1).any()):
+        y_out = _soft_batch_targets(y[:n_real], synthetic, k, num_classes)
+    else:
+        y_out = torch.cat([y[:n_real], _synthetic_labels(synthetic.labels[:k], y)])
     total = n_real + k
     weights = torch.ones(total, dtype=wdtype, device=x.device)
     weights[n_real:] = float(synthetic_weight)
     mask = torch.zeros(total, dtype=torch.bool, device=x.device)
     mask[n_real:] = True
     return MixedBatch(x_out, y_out, weights, mask, n_real)
+
+
+def _soft_batch_targets(y_real: Tensor, synthetic: SyntheticSample, k: int, num_classes: Optional[int]) -> Tensor:
+    """``(n_real + k, K)`` targets: real rows one-hot (or as given if soft), synthetic rows soft."""
+    if y_real.ndim == 2 and y_real.is_floating_point():
+        kk, dtype = int(y_real.shape[1]), y_real.dtype
+        real = y_real
+    elif y_real.ndim == 1:
+        if num_classes is None:
+            raise ValueError("synthetic rows carry soft labels but y holds class ids: pass num_classes= so "
+                             "mix_batch can build (N, K) soft targets")
+        kk, dtype = int(num_classes), torch.float32
+        real = F.one_hot(y_real.long(), kk).to(dtype)
+    else:
+        raise ValueError(f"y must be class ids (N,) or float targets (N, K), got shape {tuple(y_real.shape)} "
+                         f"{y_real.dtype}")
+    device = y_real.device
+    syn = soft_targets(synthetic.labels[:k].to(device), synthetic.source_labels[:k].to(device),
+                       synthetic.target_weights[:k].to(device), kk, dtype)
+    return torch.cat([real, syn])
 
 
 class SeparateLoss(NamedTuple):

@@ -12,6 +12,13 @@ pairs into generation requests (images per pair proportional to score, sources =
 boundary samples, r from the curriculum) and hands them to the background worker. Finished
 images land in the synthetic buffer the next ``mix`` draws from.
 
+Label trust (optional, see :mod:`hardneg.labels`): with a teacher (``config.teacher``), every
+result is scored when it ARRIVES, before it enters the buffer or is trained on: the teacher's
+posterior of the target restricted to {source, target} and the classifier's own softmax
+probability of the target are stored with each image (``buffer.provenance()``); the teacher
+posterior may set the image's soft label (``label_mode="teacher"``), drop it
+(``filter_min_target`` / ``filter_max_target``) and steer the ``"band"`` curriculum.
+
 Reproducibility: data order, model init, generation seeds and buffer sampling are seeded, but
 *when* an asynchronous refresh or a generated image becomes available depends on timing. With
 ``deterministic=True`` refreshes run inline and generated images are handed over only at refresh
@@ -39,8 +46,10 @@ from hardneg.config import HardNegConfig
 from hardneg.confusion import ConfusionGraph, PairScore, pair_weights
 from hardneg.curriculum import make_curriculum
 from hardneg.generators.base import Generator
+from hardneg.labels import filter_by_posterior, restricted_posterior, target_probability, target_weights
 from hardneg.mixing import MixedBatch, mix_batch
 from hardneg.targeting import PlannedPair, make_policy
+from hardneg.teacher import Teacher, output_logits
 from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker
 
 logger = logging.getLogger(__name__)
@@ -80,6 +89,10 @@ class HardNeg:
             factory returning one (must be picklable for the process backend), or ``None`` to
             build ``config.generator`` from ``config.generator_path``.
         embedding_layer: dotted name of the module whose output is the embedding.
+        start_worker: start the generation worker now (tests and adapters may start it later).
+        teacher_model: the classifier that scores arriving images when ``config.teacher`` is
+            ``"model"`` (eval mode, no grad; its weights are never changed). ``config.teacher ==
+            "ema"`` builds an EMA copy of ``model`` instead.
     """
 
     def __init__(
@@ -91,6 +104,7 @@ class HardNeg:
         generator: GeneratorLike = None,
         embedding_layer: Optional[str] = None,
         start_worker: bool = True,
+        teacher_model: Optional[nn.Module] = None,
     ) -> None:
         if not isinstance(config, HardNegConfig):
             raise HardNegError(f"config must be a HardNegConfig, got {type(config).__name__}")
@@ -112,8 +126,11 @@ class HardNeg:
         self.targeting = make_policy(config)
         self.buffer = SyntheticBuffer(
             config.buffer_size, seed=config.seed, freshness_half_life=config.freshness_half_life,
-            max_uses=config.max_uses,
+            max_uses=config.max_uses, arrival_scores=config.teacher != "none",
         )
+        # Built before the capture hooks exist (and stripped of any hardneg hooks the model already
+        # carries), so the EMA copy's forwards never overwrite the training step's capture.
+        self.teacher: Optional[Teacher] = self._make_teacher(model, teacher_model)
         self.step = 0
         self._pairs: list[PairScore] = []
         self._pair_weights: dict[tuple[int, int], float] = {}
@@ -125,6 +142,7 @@ class HardNeg:
             "observed": 0, "synthetic_used": 0, "synthetic_feedback": 0, "synthetic_correct": 0,
             "requests_made": 0, "images_requested": 0, "images_received": 0, "images_rejected": 0, "engine_seconds": 0.0,
             "refreshes": 0, "refreshes_skipped": 0, "zero_embeddings_skipped": 0,
+            "images_scored": 0, "images_filtered_low": 0, "images_filtered_high": 0,
         }
         self._wall_start: Optional[float] = None
         self._refresh_pool: Optional[ThreadPoolExecutor] = None
@@ -132,6 +150,7 @@ class HardNeg:
         self._captured_embeddings: Optional[Tensor] = None
         self._captured_logits: Optional[Tensor] = None
         self._capture_always = False
+        self._suppress_capture = False  # set while the engine itself runs the model (arrival scoring)
         self._hooks: list[Any] = []
         if model is not None:
             self._install_hooks(model, embedding_layer)
@@ -186,6 +205,7 @@ class HardNeg:
             )
         if logits is None:
             logits = self._captured_logits
+        labels = self._labels_as_ids(labels, emb, synthetic_pairs)
         emb, labels, logits, ids_t = self._validate_observation(emb, labels, logits, ids)
         if synthetic_pairs is not None:
             n_syn = len(synthetic_pairs)
@@ -214,6 +234,8 @@ class HardNeg:
             if synth:
                 self._curriculum_feedback(logits[n_real:], labels[n_real:], synth)
         self._counters["observed"] += n_real
+        if self.teacher is not None and self.model is not None:
+            self.teacher.update(self.model)
         self._captured_embeddings = self._captured_logits = None
         self._last_mix = None
         self.step += 1
@@ -248,7 +270,8 @@ class HardNeg:
         sample = None
         if k > 0 and len(self.buffer) > 0:
             sample = self.buffer.sample(k, step=self.step, pair_weights=self._pair_weights or None)
-        mixed = mix_batch(x, y, sample, mode=self.config.mix_mode, synthetic_weight=self.config.synthetic_weight)
+        mixed = mix_batch(x, y, sample, mode=self.config.mix_mode, synthetic_weight=self.config.synthetic_weight,
+                          num_classes=self.config.num_classes)
         n_syn = int(mixed.synthetic_mask.sum())
         pairs = [tuple(int(v) for v in p) for p in sample.pairs] if sample is not None and n_syn else []
         self._last_mix = _MixRecord(n_in=n, n_total=mixed.x.shape[0], n_real=mixed.n_real, synthetic_pairs=pairs)
@@ -326,16 +349,72 @@ class HardNeg:
         return self._accept(self.worker.poll())
 
     def _accept(self, results: Iterable[GenerationResult]) -> int:
-        """Put finished results into the buffer (GeNIe-Ada picks its ratio first); returns images added."""
+        """Put finished results into the buffer; returns images added.
+
+        On arrival, in order: GeNIe-Ada picks its ratio; with a teacher, every image is scored
+        (teacher posterior of the target within {source, target}, the classifier's probability of
+        the target), the scores feed the curriculum (``"band"``), and the filter drops images on
+        the wrong side of ``filter_min_target`` / ``filter_max_target``; the label mode sets each
+        kept image's target weight.
+        """
+        cfg = self.config
         added = 0
         for result in results:
             self._counters["images_received"] += len(result.images)
             if result.request_id in self._ada_requests:
                 result = self._select_ada(result, self._ada_requests.pop(result.request_id))
-            n = self.buffer.add(result, step=self.step)
+            teacher_p = model_p = None
+            if self.teacher is not None and len(result):
+                teacher_p, model_p = self._score_arrivals(result)
+                scored = torch.isfinite(teacher_p)
+                self._counters["images_scored"] += int(scored.sum())
+                self.curriculum.arrival_feedback(result.pair, teacher_p[scored].tolist(), self.step,
+                                                 ratios=result.ratios.cpu()[scored].tolist())
+                kept = filter_by_posterior(teacher_p, cfg.filter_min_target, cfg.filter_max_target)
+                if kept.low or kept.high:
+                    self._counters["images_filtered_low"] += kept.low
+                    self._counters["images_filtered_high"] += kept.high
+                    index = kept.keep.nonzero().flatten()
+                    result, teacher_p, model_p = result.select(index), teacher_p[index], model_p[index]
+            weights = None
+            if cfg.label_mode != "hard":
+                weights = target_weights(cfg.label_mode, result.ratios, cfg.label_gamma, teacher_p)
+            n = self.buffer.add(result, step=self.step, target_weight=weights, teacher_p_target=teacher_p,
+                                model_p_target=model_p)
             added += n
             self._counters["images_rejected"] += len(result.images) - n
         return added
+
+    @torch.no_grad()
+    def _score_arrivals(self, result: GenerationResult) -> tuple[Tensor, Tensor]:
+        """Per fresh image: the teacher's ``P(target | {source, target})`` and the classifier's softmax
+        probability of the target (NaN without a model), both float32 on the CPU."""
+        assert self.teacher is not None
+        images, src, tgt = result.images, result.source_labels.cpu(), result.target_labels.cpu()
+        batch = self.config.score_batch
+        teacher_p = restricted_posterior(self.teacher.logits(images, batch), src, tgt).float()
+        model_p = torch.full((len(result),), float("nan"))
+        if self.model is not None:
+            model_p = target_probability(self._model_logits(images, batch), tgt).float()
+        return teacher_p, model_p
+
+    @torch.no_grad()
+    def _model_logits(self, images: Tensor, batch_size: int) -> Tensor:
+        """The classifier's logits of ``images`` in eval mode, with the capture hooks silenced."""
+        assert self.model is not None
+        model = self.model
+        was_training = model.training
+        device = _module_device(model)
+        model.eval()
+        self._suppress_capture = True
+        out = []
+        try:
+            for start in range(0, images.shape[0], batch_size):
+                out.append(output_logits(model(images[start : start + batch_size].to(device))).float().cpu())
+        finally:
+            self._suppress_capture = False
+            model.train(was_training)
+        return torch.cat(out)
 
     @torch.no_grad()
     def embed(self, images: Tensor, batch_size: int = 256) -> Tensor:
@@ -418,6 +497,7 @@ class HardNeg:
             "next_request_id": self._next_request_id,
             "counters": dict(self._counters),
             "targeting": self.targeting.state_dict(),
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -443,6 +523,8 @@ class HardNeg:
         self._next_request_id = int(state["next_request_id"])
         self._counters.update(state["counters"])
         self.targeting.load_state_dict(state.get("targeting", {}))
+        if self.teacher is not None and state.get("teacher") is not None:
+            self.teacher.load_state_dict(state["teacher"])
         self._last_mix = None
 
     def save(self, path: str) -> None:
@@ -489,6 +571,41 @@ class HardNeg:
         if callable(generator):
             return generator
         raise HardNegError(f"generator must be a Generator, a factory or None, got {type(generator).__name__}")
+
+    def _make_teacher(self, model: Optional[nn.Module], teacher_model: Optional[nn.Module]) -> Optional[Teacher]:
+        kind = self.config.teacher
+        if teacher_model is not None and kind != "model":
+            raise HardNegError(f"teacher_model was given but config.teacher is {kind!r}: set teacher='model' to "
+                               "score arriving images with it")
+        if kind == "none":
+            return None
+        if kind == "model" and not isinstance(teacher_model, nn.Module):
+            raise HardNegError("config.teacher='model' needs the teacher: HardNeg(config, ..., teacher_model=m) "
+                               "with an nn.Module classifier over the same classes")
+        if kind == "ema" and model is None:
+            raise HardNegError("config.teacher='ema' keeps an EMA copy of the classifier: pass HardNeg(config, "
+                               "model=...), or use teacher='model' with teacher_model=")
+        return Teacher(kind, model=model, teacher_model=teacher_model, decay=self.config.teacher_decay,
+                       warmup=self.config.teacher_warmup)
+
+    def _labels_as_ids(self, labels: Any, emb: Any,
+                       synthetic_pairs: Optional[Sequence[tuple[int, int]]]) -> Any:
+        """Class ids from ``(N, K)`` soft targets (what :meth:`mix` returns with soft labels): real
+        rows their argmax, synthetic rows their target class; anything else is returned as is."""
+        y = torch.as_tensor(labels)
+        if y.ndim != 2 or not y.is_floating_point():
+            return labels
+        ids = y.detach().argmax(1).cpu()
+        m = self._last_mix
+        if synthetic_pairs is not None:
+            pairs, n_real = list(synthetic_pairs), ids.shape[0] - len(synthetic_pairs)
+        elif m is not None and ids.shape[0] == m.n_total and getattr(emb, "shape", (None,))[0] == m.n_total:
+            pairs, n_real = m.synthetic_pairs, m.n_real
+        else:
+            pairs, n_real = [], ids.shape[0]
+        if pairs and n_real >= 0:
+            ids[n_real:] = torch.tensor([int(b) for _, b in pairs], dtype=ids.dtype)
+        return ids
 
     def _validate_observation(
         self, emb: Tensor, labels: Any, logits: Optional[Tensor], ids: Any
@@ -620,6 +737,8 @@ class HardNeg:
 
     def _install_hooks(self, model: nn.Module, embedding_layer: Optional[str]) -> None:
         def keep(tensor: Tensor) -> None:
+            if self._suppress_capture:
+                return
             if model.training or self._capture_always:
                 self._captured_embeddings = tensor.detach().flatten(1)
 
@@ -627,6 +746,8 @@ class HardNeg:
 
         def keep_logits(m: nn.Module, i: Any, out: Any) -> None:
             logits = getattr(out, "logits", out)
+            if self._suppress_capture:
+                return
             if (model.training or self._capture_always) and isinstance(logits, Tensor) and logits.ndim == 2 \
                     and logits.shape[1] == self.config.num_classes:
                 self._captured_logits = logits.detach()

@@ -5,7 +5,8 @@ a list of :class:`PlannedPair` (pair, how many images, candidate source ids, opt
 The engine turns the plan into worker requests with r from the curriculum. Policies:
 
 * ``"confusion"`` (default, hardneg's method): the top confused pairs, images in proportion to
-  their scores, sources = the A samples closest to B. A pair whose target B is much more frequent
+  their scores (a pair scoring below ``min_pair_share`` times the top pair's score gets none: it
+  is no longer confused enough to pay for images), sources = the A samples closest to B. A pair whose target B is much more frequent
   than its source A is generated the other way (B -> A, labelled A), so on a long-tailed set the
   rare class gains images instead of lending its few samples to a head class
   (``extra={"confusion_direction": ...}``: ``"auto"``, the default, turns a pair when B has at least
@@ -85,6 +86,9 @@ class ConfusionTargeting(TargetingPolicy):
             when B has more samples in the bank than A; ``"auto"`` (default) turns it only when B
             has at least ``AUTO_TURN_RATIO`` (2) times A's samples, so balanced data is generated
             as mined. A pair whose reverse has no sources is generated as mined.
+        min_pair_share: a pair whose score is below this share of the top pair's score gets no
+            images; the budget goes to the others, still in proportion to score (0: every listed
+            pair gets its share).
 
     Why turn pairs: on a long-tailed set the mined pairs are mostly tail -> head (the few tail
     samples sit among head samples). Generated as mined they relabel tail-like images as head
@@ -94,10 +98,13 @@ class ConfusionTargeting(TargetingPolicy):
 
     name = "confusion"
 
-    def __init__(self, direction: str = "auto") -> None:
+    def __init__(self, direction: str = "auto", min_pair_share: float = 0.0) -> None:
         if direction not in CONFUSION_DIRECTIONS:
             raise ValueError(f"direction must be one of {CONFUSION_DIRECTIONS}, got {direction!r}")
+        if not 0.0 <= float(min_pair_share) <= 1.0:
+            raise ValueError(f"min_pair_share must lie in [0, 1], got {min_pair_share!r}")
         self.direction = direction
+        self.min_pair_share = float(min_pair_share)
 
     def _turns(self, counts: Any, a: int, b: int) -> bool:
         if self.direction == "to-rarer":
@@ -106,6 +113,9 @@ class ConfusionTargeting(TargetingPolicy):
 
     def plan(self, engine: "HardNeg", budget: int) -> list[PlannedPair]:
         pairs = engine.confusions()
+        if self.min_pair_share > 0 and pairs:
+            floor = self.min_pair_share * max(p.score for p in pairs)
+            pairs = [p for p in pairs if p.score >= floor]
         planned: dict[tuple[int, int], PlannedPair] = {}
         turning = self.direction != "as-mined" and engine.bank is not None
         class_counts = engine.bank.class_counts() if turning else None
@@ -200,7 +210,8 @@ class RandomPairsTargeting(_RandomSourcesMixin, TargetingPolicy):
 
 
 POLICIES: dict[str, Callable[..., TargetingPolicy]] = {
-    "confusion": lambda cfg: ConfusionTargeting(direction=cfg.extra.get("confusion_direction", "auto")),
+    "confusion": lambda cfg: ConfusionTargeting(direction=cfg.extra.get("confusion_direction", "auto"),
+                                                min_pair_share=getattr(cfg, "min_pair_share", 0.0)),
     "same-class": lambda cfg: SameClassTargeting(
         strength=cfg.extra.get("same_class_strength", 0.5), seed=cfg.seed),
     "random-pairs": lambda cfg: RandomPairsTargeting(seed=cfg.seed),

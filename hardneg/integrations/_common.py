@@ -94,11 +94,25 @@ class BatchLayout:
         return type(batch)(items) if isinstance(batch, (tuple, list)) else items
 
 
-def hard_labels(y: Tensor) -> Tensor:
-    """Class ids ``(N,)`` of class ids or of soft / one-hot targets ``(N, K)`` (argmax)."""
+def hard_labels(y: Tensor, synthetic_pairs: Optional[Sequence[tuple[int, int]]] = None) -> Tensor:
+    """Class ids ``(N,)`` of class ids or of soft / one-hot targets ``(N, K)`` (argmax).
+
+    ``synthetic_pairs`` (``engine.last_mix_pairs``): the last ``len(synthetic_pairs)`` rows are
+    generated and get their target class, whatever their soft label's argmax (a generated image
+    labelled 0.4 target / 0.6 source is still a negative *for* the target: that is what the
+    curriculum's feedback asks about).
+    """
     y = torch.as_tensor(y)
     if y.ndim == 2 and y.is_floating_point():
-        return y.argmax(1)
+        ids = y.argmax(1)
+        if synthetic_pairs:
+            n_syn = len(synthetic_pairs)
+            if n_syn > ids.shape[0]:
+                raise HardNegError(f"{n_syn} synthetic pairs for a batch of {ids.shape[0]} rows")
+            ids = ids.clone()
+            ids[ids.shape[0] - n_syn :] = torch.tensor([int(b) for _, b in synthetic_pairs], dtype=ids.dtype,
+                                                       device=ids.device)
+        return ids
     return y
 
 

@@ -31,6 +31,11 @@ generated images are handed over only at refreshes: every rank waits there for i
 finish what was requested, then the results are shared, so a seeded multi-process run repeats
 exactly (``engine.wait_for_generation()`` is then collective too). ``register_for_checkpointing``
 saves the main process's state; every rank loads it on ``load_state``.
+
+Label trust: with a teacher (``config.teacher``) every rank scores the shared results itself; an
+EMA teacher follows the unwrapped model, identical on every rank, so the ranks agree on scores,
+filtered images and the ``"band"`` curriculum. Soft labels from ``mix`` are ``(N, K)`` targets;
+``observe`` takes them (generated rows are observed as their target class).
 """
 
 from __future__ import annotations
@@ -166,6 +171,8 @@ class HardNegAccelerate:
         generate_on: ``"main"`` (one generator, results broadcast; other ranks may pass
             ``generator=None`` and skip loading it) or ``"all"`` (one per process, requests split
             between them, results gathered).
+        teacher_model: the classifier that scores arriving images when ``config.teacher="model"``
+            (on every rank: each rank scores the shared results itself, identically).
 
     Construction is collective (the ranks agree on whether generation is on).
     """
@@ -180,6 +187,7 @@ class HardNegAccelerate:
         generator: GeneratorLike = None,
         embedding_layer: Optional[str] = None,
         generate_on: GenerateOn = "main",
+        teacher_model: Optional[nn.Module] = None,
     ) -> None:
         if generate_on not in ("main", "all"):
             raise HardNegError(f"generate_on must be 'main' or 'all', got {generate_on!r}")
@@ -204,6 +212,7 @@ class HardNegAccelerate:
         self.engine = HardNeg(
             config if here else config.replace(generator=None), model=inner, class_names=class_names,
             dataset=dataset, generator=generator if here else None, embedding_layer=embedding_layer,
+            teacher_model=teacher_model,
         )
         self.engine.dataset = dataset
         self._shared: Optional[_SharedWorker] = None
@@ -248,11 +257,12 @@ class HardNegAccelerate:
         emb = embeddings if embeddings is not None else (self._capture.pop() if self._capture else None)
         if emb is None:
             raise HardNegError("no embeddings: pass embeddings=, or give HardNegAccelerate the model")
-        labels = hard_labels(torch.as_tensor(labels)).reshape(-1)
         ids_t = torch.as_tensor(ids).reshape(-1)
         n = int(emb.shape[0])
         local, self._local = self._local, None
-        if local is not None and n == local.n_total:
+        mixed_here = local is not None and n == local.n_total
+        labels = hard_labels(torch.as_tensor(labels), local.pairs if mixed_here else None).reshape(-1)
+        if mixed_here:
             n_real, pairs = local.n_real, local.pairs
             if ids_t.numel() not in (local.n_in, local.n_real, local.n_total):
                 raise HardNegError(f"got {ids_t.numel()} ids for a mixed batch of {n} rows ({n_real} real)")

@@ -22,6 +22,11 @@ Training events used, one engine (:class:`hardneg.HardNeg`) behind them:
   buffer) rides in Lightning checkpoints; ``trainer.fit(ckpt_path=...)`` continues from it.
 - ``on_fit_end``/``on_exception``/``teardown``: stop the generation worker.
 
+Soft labels: with ``config.label_mode`` other than ``"hard"`` the mixed batch's labels are
+``(N, K)`` float targets (generated rows ``w * target + (1 - w) * source``), so ``training_step``
+needs a loss that takes them: ``F.cross_entropy(logits, y)`` does (probability targets). The
+engine still observes class ids (generated rows: their target class).
+
 Per-sample loss weights (synthetic rows weigh ``config.synthetic_weight``) are
 ``callback.weights`` / ``self.hardneg_weights`` in a module with the mixin; ``self.hardneg_loss``
 reduces a per-sample loss with them. With the default ``synthetic_weight=1.0`` the plain mean
@@ -76,6 +81,7 @@ class HardNegCallback(L.Callback):
             output is the embedding; default the input of the last ``nn.Linear``.
         batch_keys: ``(images, labels, ids)`` keys of a dict batch when they are not the usual names.
         log_every_n_steps: log engine counters (``hardneg/...``) this often; 0 turns logging off.
+        teacher_model: the classifier that scores arriving images when ``config.teacher="model"``.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class HardNegCallback(L.Callback):
         embedding_layer: Optional[str] = None,
         batch_keys: Optional[Sequence[str]] = None,
         log_every_n_steps: int = 50,
+        teacher_model: Optional[nn.Module] = None,
     ) -> None:
         if not isinstance(config, HardNegConfig):
             raise HardNegError(f"config must be a HardNegConfig, got {type(config).__name__}")
@@ -97,6 +104,7 @@ class HardNegCallback(L.Callback):
         self.embedding_layer = embedding_layer
         self.batch_keys = tuple(batch_keys) if batch_keys is not None else None
         self.log_every_n_steps = int(log_every_n_steps)
+        self.teacher_model = teacher_model
         self.engine: Optional[HardNeg] = None
         self._closed = False
         self._pending_state: Optional[dict[str, Any]] = None
@@ -150,8 +158,8 @@ class HardNegCallback(L.Callback):
         mixed = engine.mix_batch(x, y)
         if mixed.n_synthetic or mixed.n_real != x.shape[0]:
             batch = self._layout.write(batch, mixed.x, mixed.y, in_place=in_place)
-        self._record = _BatchRecord(batch, hard_labels(mixed.y), ids, mixed.weights, mixed.synthetic_mask,
-                                    from_mixin)
+        self._record = _BatchRecord(batch, hard_labels(mixed.y, engine.last_mix_pairs), ids, mixed.weights,
+                                    mixed.synthetic_mask, from_mixin)
         return batch
 
     # ------------------------------------------------------------------ lifecycle
@@ -220,7 +228,8 @@ class HardNegCallback(L.Callback):
             return
         previous = self.engine.state_dict() if self.engine is not None else None
         self.engine = HardNeg(self.config, model=pl_module, class_names=self.class_names, dataset=dataset,
-                              generator=self.generator, embedding_layer=self.embedding_layer)
+                              generator=self.generator, embedding_layer=self.embedding_layer,
+                              teacher_model=self.teacher_model)
         self._closed = False
         state = self._pending_state if self._pending_state is not None else previous
         if state is not None:

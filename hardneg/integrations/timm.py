@@ -19,7 +19,13 @@ only takes pairs, and with it ``mixup_fn`` is never called) and unpack
 Order inside ``__call__``: timm's mixup/cutmix first (on the real batch, whose size stays even),
 then the ready hard negatives are appended with one-hot targets, so generated images are never
 blended and their logits give clean curriculum feedback. The embedding is captured by the
-engine's hook on the classifier input (``forward_head(pre_logits=True)``). timm's losses average
+engine's hook on the classifier input (``forward_head(pre_logits=True)``).
+
+Soft labels (``config.label_mode`` other than ``"hard"``): a generated row's target is
+``w * onehot(target) + (1 - w) * onehot(source)``, so whenever the batch holds one with w < 1 the
+targets are ``(N, K)`` even without mixup. timm's ``SoftTargetCrossEntropy`` (train.py's loss with
+mixup) and ``nn.CrossEntropyLoss`` take them; ``LabelSmoothingCrossEntropy`` (``--smoothing``
+without mixup) does not: use :meth:`HardNegTimm.soft_loss` there. timm's losses average
 over the batch: per-sample weights (``config.synthetic_weight`` != 1) need :meth:`HardNegTimm.loss`
 with a per-sample loss. Under distributed training each rank runs its own engine on its shard.
 """
@@ -75,13 +81,15 @@ class HardNegTimm:
         hard = hard_labels(y)
         if self.mixup_fn is not None:
             x, y = self.mixup_fn(x, y)
-        # The engine mixes class ids; soft targets (mixup) keep their real rows, synthetic rows get one-hot.
+        # The engine mixes class ids; soft targets (mixup) keep their real rows, synthetic rows get
+        # their label distribution (one-hot for hard labels).
         mixed = self.engine.mix_batch(x, hard if y.ndim == 2 else y)
         n = mixed.n_real
-        labels = hard_labels(mixed.y)
+        labels = hard_labels(mixed.y, self.engine.last_mix_pairs)
         y_out = mixed.y
         if y.ndim == 2:
-            y_out = torch.cat([y[:n], F.one_hot(labels[n:].to(y.device), y.shape[1]).to(y.dtype)])
+            syn = mixed.y[n:] if mixed.y.ndim == 2 else F.one_hot(labels[n:].to(y.device), y.shape[1])
+            y_out = torch.cat([y[:n], syn.to(y.device, y.dtype)])
         self.weights, self.synthetic_mask = mixed.weights, mixed.synthetic_mask
         self._labels = labels
         return mixed.x, y_out
@@ -95,6 +103,17 @@ class HardNegTimm:
             labels = hard_labels(target)
         self._labels = None
         self.engine.observe(labels=labels, logits=logits.detach(), ids=ids)
+
+    def soft_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Cross entropy for class-id or ``(N, K)`` soft targets, reduced with the last batch's weights.
+
+        A drop-in ``loss_fn(output, target)`` for train.py when its own loss cannot take soft targets.
+        """
+        if target.ndim == 1:
+            per_sample = F.cross_entropy(output, target, reduction="none")
+        else:
+            per_sample = -(target * F.log_softmax(output, dim=1)).sum(1)
+        return self.loss(per_sample)
 
     def loss(self, per_sample_loss: Tensor) -> Tensor:
         """Reduce a per-sample loss with the weights of the last batch (their mean when unset)."""

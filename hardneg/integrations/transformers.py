@@ -21,6 +21,10 @@ A ``TrainerCallback`` never sees a batch, so the work is split:
   ``on_save`` (next to the Trainer's own files) and reloads it when training resumes from that
   checkpoint (``train(resume_from_checkpoint=...)``); ``on_train_end`` stops the worker.
 
+Soft labels (``config.label_mode`` other than ``"hard"``): the mixed labels are ``(N, K)`` soft
+targets and the mixin's loss is the soft cross entropy (label smoothing still applied); the engine
+observes class ids (generated rows: their target class).
+
 Not used by the mixin's training loss: ``compute_loss_func`` (label smoothing via
 ``args.label_smoothing_factor`` is honoured). Under multi-process training every rank runs its own
 engine on its shard; the main process saves its state and every rank reloads it on resume.
@@ -63,6 +67,7 @@ class HardNegTrainerCallback(T.TrainerCallback):
             the model's last ``nn.Linear`` (the classifier of ``*ForImageClassification``).
         id_column: the inputs key holding dataset sample ids.
         state_file: file name of the engine state inside each checkpoint folder.
+        teacher_model: the classifier that scores arriving images when ``config.teacher="model"``.
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class HardNegTrainerCallback(T.TrainerCallback):
         embedding_layer: Optional[str] = None,
         id_column: str = "sample_id",
         state_file: str = STATE_FILE,
+        teacher_model: Any = None,
     ) -> None:
         if not isinstance(config, HardNegConfig):
             raise HardNegError(f"config must be a HardNegConfig, got {type(config).__name__}")
@@ -84,6 +90,7 @@ class HardNegTrainerCallback(T.TrainerCallback):
         self.embedding_layer = embedding_layer
         self.id_column = id_column
         self.state_file = state_file
+        self.teacher_model = teacher_model
         self.engine: Optional[HardNeg] = None
         self.resume_from_checkpoint: Optional[str] = None  # set by HardNegTrainerMixin.train
         self.restored_from: Optional[str] = None
@@ -99,7 +106,8 @@ class HardNegTrainerCallback(T.TrainerCallback):
             raise HardNegError("HardNegTrainerCallback needs the Trainer's model (on_train_begin got none)")
         names = self.class_names or _model_class_names(model, self.config.num_classes)
         self.engine = HardNeg(self.config, model=model, class_names=names, dataset=self.dataset,
-                              generator=self.generator, embedding_layer=self.embedding_layer)
+                              generator=self.generator, embedding_layer=self.embedding_layer,
+                              teacher_model=self.teacher_model)
         self._closed = False
         self.restored_from = None
         folder = self._resume_folder(args, state)
@@ -201,16 +209,19 @@ class HardNegTrainerMixin:
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         labels = mixed.y
+        smoothing = float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0)  # type: ignore
         if labels.ndim == 1:
-            smoothing = float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0)  # type: ignore
             per_sample = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=smoothing)
+        elif smoothing:
+            per_sample = F.cross_entropy(logits.float(), labels.float(), reduction="none",
+                                         label_smoothing=smoothing)
         else:
             per_sample = -(labels * F.log_softmax(logits.float(), dim=1)).sum(1)
         separate = engine.config.separate_synthetic_loss
         loss = weighted_loss(per_sample, mixed.weights, mixed.synthetic_mask, separate)
         if separate:
             loss = loss.loss  # type: ignore[union-attr]
-        engine.observe(labels=hard_labels(labels), logits=logits.detach(), ids=ids)
+        engine.observe(labels=hard_labels(labels, engine.last_mix_pairs), logits=logits.detach(), ids=ids)
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
