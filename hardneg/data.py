@@ -134,13 +134,24 @@ def load_digits(
     return train, test
 
 
-def long_tail_subset(data: ImageDataset, imbalance_ratio: float, seed: int = 0) -> ImageDataset:
-    """Keep n_c = n_max * ratio^(-c / (K-1)) samples of class c (class 0 the head)."""
+def long_tail_subset(data: ImageDataset, imbalance_ratio: float, seed: int = 0,
+                     max_per_class: Optional[int] = None) -> ImageDataset:
+    """Keep n_c = n_max * (1 / ratio)^(c / (K-1)) samples of class c (class 0 the head).
+
+    The CIFAR-10-LT construction of Cao et al. 2019 (LDAM). ``n_max`` is ``max_per_class`` when
+    given (it must not exceed the smallest class), else the smallest class's count.
+    """
     if imbalance_ratio < 1:
         raise DataError(f"imbalance_ratio must be >= 1, got {imbalance_ratio}")
     counts = data.class_counts()
     k = data.num_classes
     n_max = min(counts)
+    if max_per_class is not None:
+        if max_per_class < 1:
+            raise DataError(f"max_per_class must be >= 1, got {max_per_class}")
+        if max_per_class > n_max:
+            raise DataError(f"max_per_class={max_per_class} but the smallest class has only {n_max} samples")
+        n_max = int(max_per_class)
     g = np.random.default_rng(seed)
     keep: list[int] = []
     for c in range(k):
@@ -189,6 +200,43 @@ def load_image_folder(path: str, size: int = 32, channels: int = 3) -> ImageData
             images.append(arr.unsqueeze(0) if channels == 1 else arr.permute(2, 0, 1))
             labels.append(c)
     return ImageDataset(torch.stack(images), torch.tensor(labels), class_names)
+
+
+def stratified_split(data: ImageDataset, test_fraction: float = 0.2, seed: int = 0
+                     ) -> tuple[ImageDataset, ImageDataset]:
+    """Split ``data`` into (train, test) with ``test_fraction`` of every class held out (seeded)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    g = np.random.default_rng(seed)
+    train_idx: list[int] = []
+    test_idx: list[int] = []
+    for c in range(data.num_classes):
+        idx = (data.labels == c).nonzero().flatten().numpy()
+        if len(idx) < 2:
+            raise DataError(f"class {data.class_names[c]!r} has {len(idx)} sample(s): a hold-out split needs >= 2")
+        g.shuffle(idx)
+        n_test = min(len(idx) - 1, max(1, int(round(len(idx) * test_fraction))))
+        test_idx += idx[:n_test].tolist()
+        train_idx += idx[n_test:].tolist()
+    return data.subset(sorted(train_idx)), data.subset(sorted(test_idx))
+
+
+def load_train_test_folder(path: str, size: int = 32, channels: int = 3, seed: int = 0,
+                           test_fraction: float = 0.2) -> tuple[ImageDataset, ImageDataset]:
+    """A user's image data as (train, test).
+
+    ``path/train/<class>/*`` and ``path/test/<class>/*`` are read as given (the class folders must
+    match); a plain ``path/<class>/*`` folder is split by :func:`stratified_split`.
+    """
+    tr_dir, te_dir = os.path.join(path, "train"), os.path.join(path, "test")
+    if os.path.isdir(tr_dir) and os.path.isdir(te_dir):
+        train = load_image_folder(tr_dir, size=size, channels=channels)
+        test = load_image_folder(te_dir, size=size, channels=channels)
+        if train.class_names != test.class_names:
+            raise DataError(f"{tr_dir!r} and {te_dir!r} hold different class folders: "
+                            f"{train.class_names} vs {test.class_names}")
+        return train, test
+    return stratified_split(load_image_folder(path, size=size, channels=channels), test_fraction, seed)
 
 
 def load_data(spec: str, size: int = 32, channels: Optional[int] = None, seed: int = 0,

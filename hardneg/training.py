@@ -116,16 +116,24 @@ def train(
     progress: bool = True,
     on_epoch: Optional[Callable[[EpochMetrics], None]] = None,
     extra_data: Optional[ImageDataset] = None,
+    extra_targets: Optional[Tensor] = None,
 ) -> list[EpochMetrics]:
-    """Train ``model`` with AdamW + cosine decay, optionally with a :class:`hardneg.HardNeg` engine.
+    """Train ``model`` with AdamW + one-cycle decay, optionally with a :class:`hardneg.HardNeg` engine.
 
     Args:
         engine: a HardNeg engine (``mix`` before, ``observe`` after each forward) or None.
-        batch_transform: a batch augmentation ``(x, y) -> (x, y or soft y)`` (e.g. mixup) for
-            baselines; not combined with an engine.
+        batch_transform: a batch augmentation ``(x, y) -> (x, y or soft y)``: the base
+            augmentation every practitioner already has (crop + flip, shifts), or mixup/cutmix.
+            With an engine it is applied to the **real rows only**, before ``mix`` adds the
+            generated ones: generated images already vary, and a label-mixing transform (mixup)
+            would blur their carefully chosen labels. The engine observes the real rows with
+            their original class ids.
         max_steps: stop after this many optimiser steps (equal-step comparisons).
         extra_data: a fixed synthetic set mixed into the training set (offline baselines); its
             samples get ids after the real ones and are not observed by an engine.
+        extra_targets: ``(len(extra_data), K)`` soft targets of ``extra_data`` (e.g. Diff-Mix's
+            ``s^gamma`` target / ``1 - s^gamma`` source labels); real rows then train on one-hot
+            targets. Default: ``extra_data``'s hard labels.
         on_epoch: called with each epoch's metrics (the demo prints them).
     """
     from tqdm.auto import tqdm
@@ -133,6 +141,19 @@ def train(
     generator = set_seed(seed)
     model.to(device).train()
     dataset: Any = train_data
+    soft_targets = None
+    if extra_targets is not None:
+        if extra_data is None:
+            raise ValueError("extra_targets needs extra_data (the images they label)")
+        k = train_data.num_classes
+        extra_targets = torch.as_tensor(extra_targets, dtype=torch.float32)
+        if extra_targets.shape != (len(extra_data), k):
+            raise ValueError(f"extra_targets must be ({len(extra_data)}, {k}), got {tuple(extra_targets.shape)}")
+        if not torch.isfinite(extra_targets).all() or bool((extra_targets < 0).any()):
+            raise ValueError("extra_targets must be finite and non-negative")
+        if not torch.allclose(extra_targets.sum(1), torch.ones(len(extra_data)), atol=1e-4):
+            raise ValueError("every row of extra_targets must sum to 1 (a label distribution)")
+        soft_targets = torch.cat([F.one_hot(train_data.labels, k).float(), extra_targets])
     if extra_data is not None:
         dataset = torch.utils.data.ConcatDataset([train_data, _offset_ids(extra_data, len(train_data))])
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
@@ -152,9 +173,14 @@ def train(
             for x, y, idx in loader:
                 if step >= total:
                     break
+                if soft_targets is not None:
+                    y = soft_targets[idx]
                 x, y = x.to(device), y.to(device)
+                real_labels = y if y.ndim == 1 else y.argmax(1)
                 if batch_transform is not None:
                     x, y = batch_transform(x, y)
+                    if x.shape[0] != real_labels.shape[0]:  # mixup drops the odd last sample
+                        real_labels, idx = real_labels[: x.shape[0]], idx[: x.shape[0]]
                 w = torch.ones(x.shape[0], device=device)
                 if engine is not None:
                     x, y, w = engine.mix(x, y)
@@ -171,7 +197,7 @@ def train(
                     real = idx < len(train_data)
                     if not bool(real.all()):
                         raise ValueError("extra_data batches cannot be observed by an engine")
-                    engine.observe(labels=y, logits=logits.detach(), ids=idx)
+                    engine.observe(labels=_observed_labels(engine, real_labels, y), logits=logits.detach(), ids=idx)
                 losses.append(loss.item())
                 step += 1
                 bar.update(1)
@@ -208,6 +234,20 @@ def _epoch_metrics(
         if s.get("worker"):
             m.worker_images_per_s = s["worker"].get("images_per_s")
     return m
+
+
+def _observed_labels(engine: Any, real_labels: Tensor, y: Tensor) -> Tensor:
+    """Class ids of a mixed batch for ``observe``: real rows' own labels, synthetic rows' targets.
+
+    ``mix`` appends synthetic rows or substitutes the last rows; either way they are the last
+    ``len(engine.last_mix_pairs)`` rows. An engine without that record gets ``argmax`` labels.
+    """
+    pairs = getattr(engine, "last_mix_pairs", None)
+    if pairs is None:
+        return y if y.ndim == 1 else y.argmax(1)
+    n_real = y.shape[0] - len(pairs)
+    synthetic = torch.tensor([int(b) for _, b in pairs], dtype=torch.long, device=y.device)
+    return torch.cat([real_labels[:n_real].long(), synthetic])
 
 
 def _offset_ids(data: ImageDataset, offset: int) -> torch.utils.data.Dataset:

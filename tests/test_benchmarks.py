@@ -108,33 +108,50 @@ def test_overhead_quick_with_own_core_placement(tmp_path):
 def _check_accuracy(data: dict, regimes: list[str], methods: list[str]) -> None:
     assert list(data["regimes"]) == regimes
     for regime, reg in data["regimes"].items():
-        only_long_tail = ("long-tail", "hardneg-to-rarer", "long-tail-fusion", "hardneg-as-mined")  # no tail if balanced
-        expected = [m for m in methods if m not in only_long_tail or regime == "long-tail"]
-        assert list(reg["summary"]) == expected
+        assert list(reg["summary"]) == methods
         assert len(reg["confused_pairs"]) == 3
+        # the confused pairs come from base runs with their own seeds, not from the compared runs
+        assert reg["pair_seeds"] == data["settings"]["pair_seeds"]
+        assert not set(reg["pair_seeds"]) & set(data["settings"]["seeds"])
         for m, e in reg["summary"].items():
             assert 0.0 <= e["accuracy"]["mean"] <= 1.0 and e["accuracy"]["std"] >= 0.0
             assert 0.0 <= e["pair_accuracy"]["mean"] <= 1.0
+            diff = e["accuracy"]["vs_base"]
+            assert diff["n"] == len(data["settings"]["seeds"])
+            assert diff["mean"] == pytest.approx(e["accuracy"]["mean"] - reg["summary"]["base"]["accuracy"]["mean"])
             if regime == "long-tail":
                 assert 0.0 <= e["tail_accuracy"]["mean"] <= 1.0
+            assert len(e["per_class"]) == 10
         for r in reg["runs"]:
-            if r["method"] in ("offline-genie", "auggen"):  # generated up front: exactly the budget
-                assert r["images_requested"] == r["generated_images"] == data["settings"]["images"]
-            elif "generated_images" in r:  # engine methods: plans ask for at most the budget
-                assert r["images_budget"] == data["settings"]["images"]
-                assert 0 <= r["generated_images"] <= r["images_requested"] <= r["images_budget"]
-    assert "accuracy %" in data["table_markdown"]
+            if r["method"] in ("offline-genie", "diff-mix"):  # generated up front: exactly the budget
+                assert r["images_requested"] == r["generated_images"] == reg["images"]
+            elif "images_budget" in r:  # engine methods: plans ask for at most the budget, all of it arrives
+                assert r["images_budget"] == reg["images"]
+                assert 0 < r["images_kept"] <= r["images_received"] <= r["images_requested"] <= r["images_budget"]
+            if "images_requested" in r:
+                q = r["label_quality"]
+                assert q["n"] == r["images_kept"]
+                assert q["as_given"] + q["as_source"] + q["other"] == pytest.approx(1.0)
+    assert "overall %" in data["table_markdown"] and "Label quality" in data["table_markdown"]
 
 
-def test_accuracy_smoke(tmp_path):
-    methods = ["none", "offline-genie", "hardneg"]
-    data = _run_cli(["bench", "accuracy", "--quick", "--out", str(tmp_path), "--regimes", "few-shot",
-                     "--methods", ",".join(methods), "--steps", "3"])
-    _check_accuracy(data, ["few-shot"], methods)
+def test_accuracy_quick_base_plus_x(tmp_path):
+    methods = ["none", "base", "mixup", "da-fusion", "offline-genie", "diff-mix", "hardneg"]
+    data = _run_cli(["bench", "accuracy", "--quick", "--out", str(tmp_path), "--methods", ",".join(methods),
+                     "--seeds", "0,1", "--steps", "3", "--curve-steps", "2,3"])
+    _check_accuracy(data, ["long-tail", "few-shot"], methods)
+    lt = data["regimes"]["long-tail"]
+    assert lt["class_counts"][0] / lt["class_counts"][-1] >= 20  # imbalance ratio of the long-tail regime
+    assert lt["groups"]["few_accuracy"] == [c for c, n in enumerate(lt["class_counts"]) if n < 20]
+    assert list(lt["convergence"]) == ["2", "3"]
+    assert max(data["regimes"]["few-shot"]["class_counts"]) <= 10
+    diffmix = next(r for r in lt["runs"] if r["method"] == "diff-mix")
+    assert 0.5 < diffmix["label_quality"]["mean_target_weight"] < 1.0  # soft labels s^0.5 for s in {.3,...,.9}
+    assert os.path.isfile(tmp_path / "per_class.png") and os.path.isfile(tmp_path / "convergence.png")
 
 
 def test_accuracy_deterministic_runs_repeat_and_receive_every_requested_image(tmp_path):
-    methods = ["same-class", "hardneg"]
+    methods = ["da-fusion", "hardneg"]
     args = ["bench", "accuracy", "--quick", "--regimes", "few-shot", "--methods", ",".join(methods),
             "--steps", "6", "--deterministic"]
     first = _run_cli(args + ["--out", str(tmp_path / "a")])
@@ -142,31 +159,80 @@ def test_accuracy_deterministic_runs_repeat_and_receive_every_requested_image(tm
     runs = [d["regimes"]["few-shot"]["runs"] for d in (first, second)]
     for a, b in zip(*runs):
         assert a["method"] == b["method"] and a["preds"] == b["preds"]
-        assert a["generated_images"] == b["generated_images"] == a["images_requested"]
+        assert a["images_received"] == b["images_received"] == a["images_requested"]
         assert a["synthetic_used"] == b["synthetic_used"] > 0
 
 
-def test_accuracy_quick_all_methods_both_regimes(tmp_path):
-    data = _run_cli(["bench", "accuracy", "--quick", "--out", str(tmp_path)])
-    _check_accuracy(data, ["long-tail", "few-shot"],
-                    ["none", "standard", "mixup-cutmix", "same-class", "offline-genie", "hardneg", "long-tail",
-                     "auggen", "hardneg-to-rarer", "long-tail-fusion", "hardneg-as-mined"])
+@pytest.mark.slow
+def test_accuracy_quick_legacy_methods(tmp_path):
+    methods = ["base", "long-tail", "long-tail-fusion", "auggen", "hardneg-as-mined", "hardneg-ada"]
+    data = _run_cli(["bench", "accuracy", "--quick", "--out", str(tmp_path), "--regimes", "long-tail",
+                     "--methods", ",".join(methods)])
     lt = data["regimes"]["long-tail"]
-    long_tail_run = next(r for r in lt["runs"] if r["method"] == "long-tail")
-    assert long_tail_run["generated_images"] > 0  # the policy found tail classes and head sources
     fusion_run = next(r for r in lt["runs"] if r["method"] == "long-tail-fusion")
-    assert fusion_run["generated_images"] > 0 and fusion_run["buffer_mean_r"] == pytest.approx(0.3)
+    assert fusion_run["images_kept"] > 0 and fusion_run["buffer_mean_r"] == pytest.approx(0.3)
     auggen_run = next(r for r in lt["runs"] if r["method"] == "auggen")
     assert len(auggen_run["mixed_pairs"]) == data["settings"]["auggen_pairs"]
     assert all(0 <= p < 10 for p in auggen_run["preds"])  # scored on the 10 real logits only
-    assert lt["class_counts"][0] / lt["class_counts"][-1] >= 20  # imbalance ratio of the long-tail regime
-    assert max(data["regimes"]["few-shot"]["class_counts"]) <= 10
+    ada = next(r for r in lt["runs"] if r["method"] == "hardneg-ada")
+    assert ada["images_requested"] == 5 * ada["images_kept"]  # one kept of five r per source
 
 
-def test_standard_augment_keeps_shape_and_range():
+def test_accuracy_runs_resume_from_their_cache(tmp_path, monkeypatch):
+    """A second invocation reuses finished runs (same settings) and reruns when a setting changes."""
+    from hardneg.benchmarks import accuracy as A
+
+    calls = []
+    real = A._one_run
+    monkeypatch.setattr(A, "_one_run", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    base = ["bench", "accuracy", "--quick", "--regimes", "few-shot", "--methods", "base,none", "--out", str(tmp_path),
+            "--images", "4"]
+    parser = build_parser()
+    args = parser.parse_args(base)
+    args.quick = False  # the cache is written outside --quick only; keep the quick sizes by hand
+    for name, value in (("steps", 2), ("seeds", "0"), ("pair_seeds", "100"), ("generator_fit_steps", "0"),
+                        ("judge_epochs", 1), ("worker", "thread"), ("generator_steps", 2)):
+        setattr(args, name, value)
+    A.run(args)
+    assert sorted(calls) == ["base", "base", "none"]  # pair-selection base, base, none
+    calls.clear()
+    A.run(args)
+    assert calls == []
+    args.steps = 3
+    A.run(args)
+    assert sorted(calls) == ["base", "base", "none"]
+
+
+def test_paired_difference_is_a_t_interval_over_seeds():
+    from hardneg.benchmarks._stats import format_difference, paired_difference, verdict
+
+    d = paired_difference([2, 4, 6, 8, 10], [1, 2, 3, 4, 5])  # differences 1..5: mean 3, sd 1.5811
+    assert d.n == 5 and d.mean == pytest.approx(3.0)
+    assert d.low == pytest.approx(3 - 2.776445 * 1.581139 / math.sqrt(5), abs=1e-5)  # t(0.975, 4) = 2.776445
+    assert d.high == pytest.approx(4.963243, abs=1e-5)
+    assert verdict(d) == "gain"
+    assert verdict(paired_difference([0.1, 0.3], [0.2, 0.2])) == "n.s."
+    assert verdict(paired_difference([0.1, 0.2, 0.15], [0.3, 0.35, 0.32])) == "loss"
+    one = paired_difference([0.5], [0.4])
+    assert one.low is None and verdict(one) == "-" and format_difference(one) == "+10.0"
+    assert paired_difference([None, 0.5, 0.7], [0.4, None, 0.6]).n == 1  # only seeds with both results count
+    with pytest.raises(ValueError):
+        paired_difference([1.0], [1.0, 2.0])
+
+
+def test_base_augmentations_keep_shape_range_and_labels():
     import torch
 
-    from hardneg.benchmarks.accuracy import mixup_cutmix, standard_augment
+    from hardneg.benchmarks.accuracy import crop_flip, mixup_cutmix, standard_augment
+
+    rgb = torch.rand(6, 3, 32, 32)
+    xc, yc = crop_flip(torch.Generator().manual_seed(0), pad=4)(rgb, torch.arange(6))
+    assert xc.shape == rgb.shape and torch.equal(yc, torch.arange(6)) and not torch.equal(xc, rgb)
+    assert float(xc.min()) >= 0.0 and float(xc.max()) <= 1.0
+    flat = torch.arange(32.0).repeat(1, 3, 32, 1) / 32  # a horizontal ramp: a flip reverses it
+    xf, _ = crop_flip(torch.Generator().manual_seed(1), pad=0)(flat.repeat(64, 1, 1, 1), torch.zeros(64))
+    flipped = (xf[:, 0, 0, 0] > xf[:, 0, 0, -1]).float().mean()
+    assert 0.25 < float(flipped) < 0.75  # about half the batch is flipped
 
     x = torch.rand(7, 1, 16, 16)
     y = torch.arange(7) % 10
