@@ -31,3 +31,44 @@ class BlendGenerator:
 def make_slow_blend_generator() -> BlendGenerator:
     """A picklable factory: a blend generator that takes 0.3 s per call."""
     return BlendGenerator(delay=0.3)
+
+
+MARKER_CODES = (0.2, 0.4, 0.6, 0.8)
+
+
+class MarkerGenerator:
+    """Marks each output so a fake teacher can read its posterior: pixel (0, 0, 0) holds a code from
+    ``codes`` (row i gets ``codes[i % len(codes)]``), pixel (0, 0, 1) the target class / 10."""
+
+    num_classes = 10
+
+    def __init__(self, codes=MARKER_CODES):
+        self.codes = tuple(float(c) for c in codes)
+
+    def generate(self, sources, source_labels, target_labels, ratios, seed=None):
+        out = sources.clone().float()
+        n = out.shape[0]
+        out[:, 0, 0, 0] = torch.tensor([self.codes[i % len(self.codes)] for i in range(n)])
+        out[:, 0, 0, 1] = torch.as_tensor(target_labels).float() / 10
+        return out
+
+
+class MarkerTeacher(torch.nn.Module):
+    """Fake teacher over ``k`` classes: logit z on the target class read from pixel (0, 0, 1), 0 elsewhere,
+    so ``P(target | {source, target}) = sigmoid(z) = p``; p is the image's marker code, or ``fixed_p``."""
+
+    def __init__(self, k=4, fixed_p=None):
+        super().__init__()
+        self.k, self.fixed_p = k, fixed_p
+        self.scale = torch.nn.Parameter(torch.ones(()))  # a parameter, so it has a device
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        p = x[:, 0, 0, 0].double() if self.fixed_p is None else torch.full((x.shape[0],), float(self.fixed_p),
+                                                                         dtype=torch.float64)
+        z = torch.log(p / (1 - p)).float() * self.scale
+        target = torch.round(x[:, 0, 0, 1].double() * 10).long().clamp(0, self.k - 1)
+        logits = torch.zeros(x.shape[0], self.k)
+        logits[torch.arange(x.shape[0]), target] = z
+        return logits
