@@ -192,3 +192,69 @@ def test_ratio_history_plot_writes_a_png(tmp_path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     empty = plot_ratio_over_time({}, tmp_path / "empty.png")
     assert (tmp_path / "empty.png").read_bytes()[:4] == b"\x89PNG" and empty.endswith("empty.png")
+
+
+# ---------------------------------------------------------------------- band (measured difficulty)
+def _band(**kw):
+    from hardneg.curriculum import BandCurriculum
+
+    base = dict(r_start=0.8, r_min=0.6, r_max=0.9, band=(0.6, 0.9), step_size=0.05, min_samples=4)
+    base.update(kw)
+    return BandCurriculum(**base)
+
+
+def test_make_curriculum_builds_band_from_the_config() -> None:
+    from hardneg.curriculum import BandCurriculum
+
+    c = make_curriculum(cfg(curriculum="band", teacher="ema", difficulty_band=(0.5, 0.7), adaptive_min_samples=3))
+    assert type(c) is BandCurriculum and (c.low, c.high, c.min_samples) == (0.5, 0.7, 3)
+
+
+def test_band_raises_r_below_the_band_lowers_it_above_and_keeps_it_inside() -> None:
+    c = _band()
+    low, high, inside = (0, 1), (2, 3), (4, 5)
+    for step in range(6):
+        c.arrival_feedback(low, [0.3] * 4, step, ratios=[c.ratio(low, step)] * 4)
+        c.arrival_feedback(high, [0.95] * 4, step, ratios=[c.ratio(high, step)] * 4)
+        c.arrival_feedback(inside, [0.7, 0.8, 0.65, 0.85], step)
+    assert c.ratio(low, 6) == 0.9  # up by 0.05 per decision, clamped at r_max
+    assert c.ratio(high, 6) == 0.6  # down to r_min
+    assert c.ratio(inside, 6) == 0.8
+    assert [r for _, r in c.history[low]] == [0.85, 0.9]
+    assert len(c.decisions) == 18 and c.decisions[0][:3] == (0, 1, 0) and c.decisions[0][3] == pytest.approx(0.3)
+
+
+def test_band_waits_for_min_samples_and_skips_stale_and_unscored_images() -> None:
+    c = _band()
+    c.arrival_feedback((0, 1), [0.1, 0.1, float("nan")], 0)
+    assert c.ratio((0, 1), 0) == 0.8 and c.window((0, 1))[1] == 2
+    c.arrival_feedback((0, 1), [0.1, 0.1, 0.1], 1, ratios=[0.7, 0.7, 0.8])  # two made at an older r
+    assert c.window((0, 1)) == (pytest.approx(0.1), 3)
+    c.arrival_feedback((0, 1), [0.1], 2)
+    assert c.ratio((0, 1), 2) == 0.85
+    c.feedback((0, 1), 0, 100, 3)  # training-time accuracy: ignored by this curriculum
+    c.feedback((0, 1), 100, 100, 4)
+    assert c.ratio((0, 1), 5) == 0.85 and c.window((0, 1))[1] == 0
+
+
+def test_band_state_round_trip_continues_identically() -> None:
+    a = _band()
+    for step in range(5):
+        a.arrival_feedback((3, 8), [0.2, 0.3], step)
+    a.arrival_feedback((4, 9), [0.99], 5)  # half a window pending
+    b = _band()
+    b.load_state_dict(a.state_dict())
+    assert b.history == a.history and b.decisions == a.decisions and b.window((4, 9)) == a.window((4, 9))
+    for step in range(6, 20):
+        for cur in (a, b):
+            cur.arrival_feedback((4, 9), [0.95, 0.97], step)
+            cur.arrival_feedback((3, 8), [0.1, 0.2], step)
+        assert b.ratio((4, 9), step) == a.ratio((4, 9), step) and b.ratio((3, 8), step) == a.ratio((3, 8), step)
+    assert a.ratio((4, 9), 20) == 0.6
+
+
+def test_band_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="band"):
+        _band(band=(0.9, 0.5))
+    with pytest.raises(ValueError, match="r_min"):
+        _band(r_min=0.95)

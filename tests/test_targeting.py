@@ -95,3 +95,22 @@ def test_to_rarer_direction_turns_pairs_towards_the_rarer_class():
     engine = SimpleNamespace(bank=bank, confusion=graph, confusions=lambda: graph.top_pairs(2))
     assert {p.pair for p in ConfusionTargeting().plan(engine, 20)} == {(3, 8), (8, 3)}
     assert [p.pair for p in ConfusionTargeting(direction="to-rarer").plan(engine, 20)] == [(8, 3)]
+
+
+def test_min_pair_share_gives_low_scoring_pairs_nothing():
+    from types import SimpleNamespace
+
+    from hardneg.confusion import PairScore
+    from hardneg.targeting import ConfusionTargeting
+
+    pairs = [PairScore(0, 1, 0.6, [1, 2]), PairScore(2, 3, 0.3, [3, 4]), PairScore(4, 5, 0.05, [5, 6])]
+    engine = SimpleNamespace(bank=None, confusion=None, confusions=lambda: pairs)
+    every = ConfusionTargeting(direction="as-mined").plan(engine, 19)
+    assert [(p.pair, p.count) for p in every] == [((0, 1), 12), ((2, 3), 6), ((4, 5), 1)]  # proportional to score
+    share = ConfusionTargeting(direction="as-mined", min_pair_share=0.25).plan(engine, 19)
+    assert [(p.pair, p.count) for p in share] == [((0, 1), 13), ((2, 3), 6)]  # 0.05 < 0.25 * 0.6: dropped
+    assert [p.pair for p in ConfusionTargeting(direction="as-mined", min_pair_share=0.6).plan(engine, 19)] == [(0, 1)]
+    policy = make_policy(HardNegConfig(num_classes=6, min_pair_share=0.25))
+    assert policy.min_pair_share == 0.25 and make_policy(HardNegConfig(num_classes=6)).min_pair_share == 0.0
+    with pytest.raises(ValueError, match="min_pair_share"):
+        ConfusionTargeting(min_pair_share=2.0)
