@@ -267,3 +267,29 @@ def test_script_wrapper_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["sizes"][0]["n"] == 1000
+
+
+def test_accuracy_on_an_image_folder_with_stable_diffusion_weights(tmp_path):
+    """The benchmark on a user's RGB folder with their own (here: tiny, random) SD weights by path."""
+    import torch
+
+    from hardneg.benchmarks._tiny_sd import tiny_sd_pipeline
+    from hardneg.data import save_image_folder
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("test", 3)):
+        images = torch.rand(3 * n, 3, 16, 16, generator=g)
+        save_image_folder(images, torch.arange(3).repeat_interleave(n).tolist(), ["cat", "dog", "fox"],
+                          str(tmp_path / "data" / split))
+    tiny_sd_pipeline(tmp_path / "sd").save_pretrained(str(tmp_path / "sd"))
+    methods = ["base", "diff-mix", "hardneg"]
+    data = _run_cli(["bench", "accuracy", "--quick", "--data", str(tmp_path / "data"), "--image-size", "16",
+                     "--regimes", "balanced", "--methods", ",".join(methods), "--steps", "3", "--model", "test_resnet",
+                     "--generator-backend", "stable-diffusion", "--generator", str(tmp_path / "sd"),
+                     "--generator-steps", "2", "--images", "4", "--deterministic", "--out", str(tmp_path / "out")])
+    reg = data["regimes"]["balanced"]
+    assert reg["class_counts"] == [8, 8, 8] and reg["test_size"] == 9
+    assert "Stable Diffusion" in reg["generator"]["what"]
+    runs = {r["method"]: r for r in reg["runs"]}
+    assert runs["diff-mix"]["images_kept"] == 4 and runs["hardneg"]["images_kept"] > 0
+    assert len(runs["base"]["per_class"]) == 3

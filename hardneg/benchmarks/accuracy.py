@@ -139,7 +139,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=None, help="generated images per run (overrides --budget)")
     p.add_argument("--refreshes", type=int, default=None, help="engine refreshes per run (default 5; quick 2)")
     p.add_argument("--generator", default="regime",
-                   help="'regime' (fitted on each regime's training split, cached), 'shipped', or a generator folder")
+                   help="class-conditional: 'regime' (fitted on each regime's training split, cached), 'shipped', or "
+                        "a folder; stable-diffusion: a hub id or local folder")
+    p.add_argument("--generator-backend", choices=["class-conditional", "stable-diffusion"],
+                   default="class-conditional", help="stable-diffusion: your own SD weights (--generator ID_OR_PATH)")
+    p.add_argument("--device", default="cpu", help="device of the classifier and the generator (e.g. cuda)")
     p.add_argument("--generator-fit-steps", default=None,
                    help="fit steps, or a list of stages (fidelity after each), e.g. 400,800 (default 500 digits, 800 "
                         "folder; quick 0)")
@@ -281,7 +285,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "lr": args.lr, "model": args.model or ("resnet10t" if digits else "test_resnet"),
         "budget": args.budget, "images_override": args.images if args.images else (8 if q else None),
         "refreshes": args.refreshes or (2 if q else 5),
-        "generator": args.generator, "generator_fit_stages": stages,
+        "generator": args.generator, "generator_fit_stages": stages, "generator_backend": args.generator_backend,
+        "device": args.device,
         "generator_size": args.generator_size or min(image_size, 16),
         "generator_steps": args.generator_steps or (4 if q else 20),
         "judge_epochs": args.judge_epochs or (1 if q else (15 if digits else 6)),
@@ -379,6 +384,10 @@ def _generator_folder(s: dict[str, Any], regime: str, train: Any, judge: Any, ou
     )
     from hardneg.judge import class_fidelity
 
+    if s["generator_backend"] == "stable-diffusion":
+        if s["generator"] in ("regime", "shipped"):
+            raise SystemExit("--generator-backend stable-diffusion needs --generator HUB_ID_OR_FOLDER")
+        return s["generator"], {"what": f"Stable Diffusion {s['generator']} (prompts 'a photo of a {{class}}.')"}
     if s["generator"] == "shipped":
         path = default_digits_generator_path()
         return path, {"what": f"shipped digits generator ({path}; trained on the full balanced training split)"}
@@ -425,6 +434,18 @@ def _generator_folder(s: dict[str, Any], regime: str, train: Any, judge: Any, ou
     return folder, meta
 
 
+def generator_factory(ctx: dict[str, Any], s: dict[str, Any]) -> Any:
+    """A picklable zero-argument factory of the run's generator (the worker process builds its own)."""
+    from hardneg.generators import load_generator
+
+    if s["generator_backend"] == "stable-diffusion":
+        return functools.partial(load_generator, "stable-diffusion", ctx["generator_path"],
+                                 class_names=list(ctx["train"].class_names), device=s["device"],
+                                 num_inference_steps=s["generator_steps"])
+    return functools.partial(load_generator, "class-conditional", ctx["generator_path"],
+                             num_inference_steps=s["generator_steps"], device=s["device"])
+
+
 # ---------------------------------------------------------------------------------- generated sets up front
 def _random_pair_sources(train: Any, n: int, seed: int) -> tuple[Any, Any, Any]:
     """``n`` (source index, source class, target class) over random ordered pairs A != B, cycling."""
@@ -445,14 +466,11 @@ def _random_pair_sources(train: Any, n: int, seed: int) -> tuple[Any, Any, Any]:
     return torch.tensor(src_idx), torch.tensor(src_lab), torch.tensor(tgt)
 
 
-def _translated_set(gen_folder: str, train: Any, n: int, seed: int, s: dict[str, Any], strengths: Any
-                    ) -> dict[str, Any]:
+def _translated_set(factory: Any, train: Any, n: int, seed: int, strengths: Any) -> dict[str, Any]:
     """Random sources of class A turned towards random B (offline GeNIe, Diff-Mix), generated up front."""
     import torch
 
-    from hardneg.generators import load_generator
-
-    gen = load_generator("class-conditional", gen_folder, num_inference_steps=s["generator_steps"])
+    gen = factory()
     src_idx, src_lab, tgt = _random_pair_sources(train, n, seed)
     g = torch.Generator().manual_seed(30_000 + seed)
     if isinstance(strengths, float):
@@ -463,20 +481,19 @@ def _translated_set(gen_folder: str, train: Any, n: int, seed: int, s: dict[str,
     for start in range(0, n, 32):
         sel = slice(start, start + 32)
         chunks.append(gen.generate(train.images[src_idx[sel]], src_lab[sel], tgt[sel], ratios[sel],
-                                   seed=seed * 1000 + start))
+                                   seed=seed * 1000 + start).cpu())
     return {"images": torch.cat(chunks).clamp(0, 1), "source_labels": src_lab, "labels": tgt, "ratios": ratios}
 
 
-def _auggen_set(gen_folder: str, train: Any, n: int, s: dict[str, Any], seed: int) -> Any:
+def _auggen_set(factory: Any, train: Any, n: int, s: dict[str, Any], seed: int) -> Any:
     """AugGen expansion: ``n`` images over random class pairs, each mix a new label K + m."""
     import torch
 
     from hardneg.data import ImageDataset
-    from hardneg.generators import load_generator
     from hardneg.methods.auggen import auggen_expand
 
     k = train.num_classes
-    gen = load_generator("class-conditional", gen_folder, num_inference_steps=s["generator_steps"])
+    gen = factory()
     g = torch.Generator().manual_seed(20_000 + seed)
     pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
     chosen = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[: s["auggen_pairs"]].tolist()]
@@ -511,7 +528,7 @@ def _engine_config(method: Method, s: dict[str, Any], seed: int, k: int, images:
         refresh_every=10**9, images_per_refresh=per_refresh, generation_batch=16, worker_backend=s["worker"],
         worker_threads=1, queue_size=max(64, per_refresh), buffer_size=max(1024, 2 * images), seed=seed,
         total_steps=steps, deterministic=s["deterministic"], freshness_half_life=max(1, steps // 4),
-        use_gpu_index=False,
+        use_gpu_index=False, worker_device=s["device"],
     )
     over = dict(method.engine)
     policy = over.pop("policy", "confusion")
@@ -575,11 +592,11 @@ def _engine_generated(engine: Any) -> dict[str, Any]:
 def _one_run(key: str, regime: str, seed: int, ctx: dict[str, Any], s: dict[str, Any], steps: int) -> dict[str, Any]:
     import torch
 
-    from hardneg.generators import load_generator
     from hardneg.plugin import HardNeg
     from hardneg.training import make_classifier, predict, train
 
     method = METHODS[key]
+    factory: Any = generator_factory(ctx, s) if method.generates else None
     tr, te = ctx["train"], ctx["test"]
     k, channels = tr.num_classes, tr.images.shape[1]
     images = ctx["images"]
@@ -590,9 +607,9 @@ def _one_run(key: str, regime: str, seed: int, ctx: dict[str, Any], s: dict[str,
         from hardneg.data import ImageDataset
 
         if method.kind == "offline-genie":
-            g = _translated_set(ctx["generator_path"], tr, images, seed, s, 0.8)
+            g = _translated_set(factory, tr, images, seed, 0.8)
         else:
-            g = _translated_set(ctx["generator_path"], tr, images, seed, s, DIFF_MIX_STRENGTHS)
+            g = _translated_set(factory, tr, images, seed, DIFF_MIX_STRENGTHS)
             w = g["ratios"] ** s["diffmix_gamma"]
             extra_targets = torch.zeros(images, k)
             extra_targets[torch.arange(images), g["labels"]] = w
@@ -601,13 +618,13 @@ def _one_run(key: str, regime: str, seed: int, ctx: dict[str, Any], s: dict[str,
         extra = ImageDataset(g["images"], g["labels"], list(tr.class_names))
         generated = g
     elif method.kind == "auggen":
-        extra, mixed_pairs = _auggen_set(ctx["generator_path"], tr, images, s, seed)
+        extra, mixed_pairs = _auggen_set(factory, tr, images, s, seed)
         outputs = extra.num_classes
     gen_s = time.perf_counter() - t0
     torch.manual_seed(seed)  # the same initial weights as every other method (generating drew from the RNG)
     model = make_classifier(s["model"], num_classes=outputs, in_chans=channels)
     kw: dict[str, Any] = dict(epochs=10**6, batch_size=s["batch_size"], lr=s["lr"], seed=seed, max_steps=steps,
-                              progress=False, extra_data=extra, extra_targets=extra_targets)
+                              progress=False, extra_data=extra, extra_targets=extra_targets, device=s["device"])
     transforms = [_base_transform(s, seed)] if method.augment else []
     if method.kind == "mixup":
         transforms.append(mixup_cutmix(k))
@@ -616,8 +633,6 @@ def _one_run(key: str, regime: str, seed: int, ctx: dict[str, Any], s: dict[str,
     engine = cfg = None
     if method.kind == "engine":
         cfg = _engine_config(method, s, seed, k, images, steps)
-        factory: Any = functools.partial(load_generator, "class-conditional", ctx["generator_path"],
-                                         num_inference_steps=s["generator_steps"])
         if method.engine.get("policy") == "long-tail-fusion":
             factory = _fusion_generator(factory(), tr, te, seed, s)
         engine = HardNeg(cfg, model=model, class_names=tr.class_names, dataset=tr, generator=factory)
@@ -630,7 +645,7 @@ def _one_run(key: str, regime: str, seed: int, ctx: dict[str, Any], s: dict[str,
     finally:
         if engine is not None:
             engine.close(timeout=10)
-    preds = predict(model, te, num_classes=k)
+    preds = predict(model, te, num_classes=k, device=s["device"])
     res: dict[str, Any] = {
         "method": key, "regime": regime, "seed": seed, "steps": steps,
         "accuracy": float((preds == te.labels).float().mean()),
@@ -667,9 +682,14 @@ def generated_mean_r(engine: Any) -> Optional[float]:
 
 
 # ---------------------------------------------------------------------------------- cache
+FINGERPRINT_DEFAULTS = {"generator_backend": "class-conditional", "device": "cpu"}
+
 def _fingerprint(s: dict[str, Any], regime: str, key: str, steps: int) -> str:
     skip = {"methods", "seeds", "regimes", "pair_seeds", "curve_steps", "steps", "no_progress"}
     relevant = {k: v for k, v in s.items() if k not in skip}
+    for name, default in FINGERPRINT_DEFAULTS.items():  # settings added later: their defaults keep old caches valid
+        if relevant.get(name) == default:
+            relevant.pop(name)
     relevant.update(regime=regime, method=METHODS[key].label, engine=METHODS[key].engine, steps=steps)
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
