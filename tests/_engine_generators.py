@@ -72,3 +72,28 @@ class MarkerTeacher(torch.nn.Module):
         logits = torch.zeros(x.shape[0], self.k)
         logits[torch.arange(x.shape[0]), target] = z
         return logits
+
+
+def make_result(images, pair, ratio, request_id=0):
+    """A finished generation result holding ``images`` for ``pair`` at noise ratio ``ratio``."""
+    from hardneg.worker import GenerationRequest, GenerationResult
+
+    n = images.shape[0]
+    req = GenerationRequest(request_id=request_id, pair=pair, source_ids=torch.arange(n), sources=None,
+                            source_labels=torch.full((n,), pair[0]), target_labels=torch.full((n,), pair[1]),
+                            ratios=torch.full((n,), float(ratio)))
+    return GenerationResult(req, images.detach().clone().float())
+
+
+def spy_observe(engine):
+    """Record the labels every ``engine.observe`` call receives (the list is returned)."""
+    seen = []
+    inner = engine.observe
+
+    def observe(*args, **kwargs):
+        labels = kwargs.get("labels", args[1] if len(args) > 1 else None)
+        seen.append(torch.as_tensor(labels).detach().clone())
+        return inner(*args, **kwargs)
+
+    engine.observe = observe
+    return seen

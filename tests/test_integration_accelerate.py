@@ -239,3 +239,27 @@ def test_checkpointing_round_trips_through_accelerator_state(tmp_path, single_pr
     assert len(restored.engine.bank) == 64
     assert [(p.a, p.b) for p in restored.confusions()] == pairs
     restored.close()
+
+
+def test_soft_synthetic_labels_reach_the_loss_and_observe_gets_class_ids(single_process_accelerator):
+    import torch.nn.functional as F
+
+    from _engine_generators import make_result, spy_observe
+    from hardneg.integrations.accelerate import HardNegAccelerate
+
+    data = _toy_data()
+    model = TinyNet()
+    hn = HardNegAccelerate(single_process_accelerator, _cfg(label_mode="soft-r", label_gamma=2.0), model=model)
+    hn.engine._accept([make_result(data.images[:4], (0, 1), 0.5)])
+    seen = spy_observe(hn.engine)
+    idx = torch.arange(16, 32)
+    x, y, w = hn.mix(data.images[idx], data.labels[idx])
+    assert y.shape == (20, K)
+    torch.testing.assert_close(y[16:], torch.tensor([[0.75, 0.25, 0.0, 0.0]] * 4))
+    logits = model(x)
+    loss = (w * F.cross_entropy(logits, y, reduction="none")).sum() / w.sum()  # the documented loop's loss
+    torch.testing.assert_close(loss, -(y * F.log_softmax(logits, dim=1)).sum(1).mean())
+    hn.observe(labels=y, logits=logits, ids=idx)
+    assert seen[0].dtype == torch.int64 and seen[0][16:].tolist() == [1] * 4
+    assert hn.stats()["synthetic_feedback"] == 4 and len(hn.engine.bank) == 16
+    hn.close()

@@ -179,3 +179,43 @@ def test_resumed_fit_continues_from_the_saved_engine_state(tmp_path):
     assert seen["bank_ids"] == sorted(saved["bank"]["ids"].tolist())
     assert seen["buffer"] == len(first.engine.buffer)
     assert second.engine.step == 10  # 6 restored + 4 new steps
+
+
+def test_soft_synthetic_labels_reach_the_loss_and_observe_gets_class_ids(tmp_path):
+    from _engine_generators import make_result, spy_observe
+
+    torch.manual_seed(0)
+    data = _toy_data()
+    seen_labels = []
+
+    class Prefilled(HardNegCallback):
+        """Puts 4 finished images of pair 0 -> 1 at r = 0.5 into the engine as soon as it is built."""
+
+        def _build(self, pl_module, dataset):
+            super()._build(pl_module, dataset)
+            self.engine._accept([make_result(data.images[:4], (0, 1), 0.5)])
+            seen_labels.append(spy_observe(self.engine))
+
+    class SoftNet(Net):
+        def training_step(self, batch, batch_idx):
+            x, y = batch[0], batch[1]
+            logits = self(x)
+            loss = F.cross_entropy(logits, y)  # takes (N, K) probability targets
+            self.seen_weights.append((y.detach().clone(), logits.detach().clone(), loss.detach().clone()))
+            return {"loss": loss, "logits": logits}
+
+    # teacher="ema" too: the engine deep-copies the LightningModule inside a real fit and scores arrivals
+    cb = Prefilled(_cfg(label_mode="soft-r", label_gamma=2.0, teacher="ema"), dataset=data)
+    model = SoftNet()
+    _trainer(tmp_path, max_steps=1, callbacks=[cb], limit_val_batches=0).fit(model, _loader(data))
+    (y, logits, loss), = model.seen_weights
+    assert y.shape == (20, K) and y.dtype == torch.float32
+    assert bool(((y[:16] == 0) | (y[:16] == 1)).all()) and torch.equal(y[:16].sum(1), torch.ones(16))  # one-hot
+    torch.testing.assert_close(y[16:], torch.tensor([[0.75, 0.25, 0.0, 0.0]] * 4))  # 0.5 ** 2 on the target
+    torch.testing.assert_close(loss, -(y * F.log_softmax(logits, dim=1)).sum(1).mean())
+    observed = seen_labels[0][0]
+    assert observed.dtype == torch.int64 and observed[16:].tolist() == [1] * 4
+    prov = cb.engine.buffer.provenance()
+    assert bool(torch.isfinite(prov["teacher_p_target"]).all() & torch.isfinite(prov["model_p_target"]).all())
+    assert cb.engine.stats()["synthetic_feedback"] == 4 and cb.engine.teacher.updates == 1
+    assert getattr(cb.engine.teacher.module, "_trainer", None) is None  # the copy holds no trainer

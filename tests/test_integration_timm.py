@@ -115,3 +115,32 @@ def test_indexed_dataset_forwards_transform_like_timm_create_loader_sets_it():
     ds.transform = lambda i: i * 10  # what timm.data.create_loader does
     assert ds.dataset.transform is ds.transform
     assert [ds[i] for i in range(3)] == [(0, 0, 0), (10, 1, 1), (20, 0, 2)]
+
+
+def test_soft_synthetic_labels_reach_the_loss_and_observe_gets_class_ids():
+    from _engine_generators import make_result, spy_observe
+
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = timm.create_model("test_resnet", num_classes=K, in_chans=1)
+    engine = HardNeg(HardNegConfig(num_classes=K, label_mode="soft-r", label_gamma=2.0, synthetic_fraction=0.25,
+                                   buffer_size=16, seed=0), model=model, dataset=data)
+    seen = spy_observe(engine)
+    ids = torch.arange(0, 64, 4)
+    x, y = data.images[ids], data.labels[ids]
+    soft_row = torch.tensor([0.75, 0.25, 0.0, 0.0])  # w = 0.5 ** 2 on target 1, the rest on source 0
+    model.train()
+    for mixup in (None, Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=K)):
+        engine._accept([make_result(data.images[:4], (0, 1), 0.5)])
+        mixup_fn = HardNegTimm(engine, mixup)
+        xm, ym = mixup_fn(x, y)
+        assert xm.shape[0] == 20 and ym.shape == (20, K)
+        torch.testing.assert_close(ym[16:], soft_row.expand(4, K))
+        output = model(xm)
+        want = -(ym * F.log_softmax(output, dim=1)).sum(1).mean()
+        torch.testing.assert_close(SoftTargetCrossEntropy()(output, ym), want)  # train.py's mixup loss
+        torch.testing.assert_close(mixup_fn.soft_loss(output, ym), want)
+        mixup_fn.after_forward(output, ym, ids)
+        assert seen[-1].dtype == torch.int64 and seen[-1][16:].tolist() == [1] * 4  # the target, not the argmax
+    engine.close()
+    assert engine.stats()["synthetic_feedback"] == 8

@@ -128,3 +128,41 @@ def test_missing_id_column_fails_with_advice(tmp_path):
                              train_dataset=DictImages(), hardneg=_cfg())
     with pytest.raises(HardNegError, match="sample ids"):
         trainer.train()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_soft_synthetic_labels_reach_the_loss_and_observe_gets_class_ids(tmp_path, smoothing):
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from _engine_generators import make_result, spy_observe
+    from hardneg.mixing import weighted_loss
+
+    train = WithSampleIds(DictImages())
+    cb = HardNegTrainerCallback(_cfg(label_mode="soft-r", label_gamma=2.0, synthetic_weight=0.5))
+    trainer = HardNegTrainer(model=_model(), args=_args(tmp_path, label_smoothing_factor=smoothing),
+                             train_dataset=train, hardneg=cb)
+    model = trainer.model
+    cb.on_train_begin(trainer.args, SimpleNamespace(global_step=0), None, model=model)
+    engine = cb.engine
+    engine._accept([make_result(train.dataset.data.images[:2], (0, 1), 0.5)])
+    mixed = []
+    mix = engine.mix_batch
+    engine.mix_batch = lambda x, y: mixed.append(mix(x, y)) or mixed[-1]
+    seen = spy_observe(engine)
+    items = [train[i] for i in range(0, 64, 8)]
+    inputs = {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
+              "labels": torch.tensor([it["labels"] for it in items]),
+              "sample_id": torch.tensor([it["sample_id"] for it in items])}
+    model.train()
+    loss = trainer.compute_loss(model, inputs)
+    m, = mixed
+    assert m.y.shape == (10, K)  # 8 real rows + round(0.25 * 8) generated ones, soft targets
+    torch.testing.assert_close(m.y[8:], torch.tensor([[0.75, 0.25, 0.0, 0.0]] * 2))
+    logits = model(pixel_values=m.x).logits.float()
+    per_sample = F.cross_entropy(logits, m.y, reduction="none", label_smoothing=smoothing)
+    torch.testing.assert_close(loss, weighted_loss(per_sample, m.weights, m.synthetic_mask))
+    assert seen[0].dtype == torch.int64 and seen[0][8:].tolist() == [1, 1]
+    assert engine.stats()["synthetic_feedback"] == 2
+    cb.close()
