@@ -278,3 +278,18 @@ def test_defaults_score_nothing_and_keep_hard_labels():
     assert torch.equal(prov["target_weight"], torch.ones(prov["slots"].numel()))
     assert s["images_scored"] == s["images_filtered_low"] == s["images_filtered_high"] == 0
     assert y.dtype == torch.int64 and y.ndim == 1 and x.shape[0] == 20
+
+
+def test_genie_ada_still_picks_one_image_per_source_and_is_scored_after_the_pick():
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = TinyNet()
+    cfg = _cfg(deterministic=True, curriculum="ada", ada_grid=(0.3, 0.6, 0.9), teacher="ema", label_mode="soft-r")
+    with HardNeg(cfg, model=model, dataset=data, generator=BlendGenerator()) as engine:
+        _run_loop(engine, model, data, steps=6)
+        prov, s = engine.buffer.provenance(), engine.stats()
+    assert prov["slots"].numel() > 0
+    assert s["images_received"] == 3 * s["images_scored"]  # scored once per source, after GeNIe-Ada's choice
+    assert {round(r, 4) for r in prov["ratios"].tolist()} <= {0.3, 0.6, 0.9}
+    assert torch.equal(prov["target_weight"], (prov["ratios"].double() ** 0.5).float())
+    assert bool(torch.isfinite(prov["teacher_p_target"]).all())
