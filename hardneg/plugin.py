@@ -375,6 +375,8 @@ class HardNeg:
                     self._counters["images_filtered_low"] += kept.low
                     self._counters["images_filtered_high"] += kept.high
                     index = kept.keep.nonzero().flatten()
+                    if index.numel() == 0:  # every image of this result was on the wrong side
+                        continue
                     result, teacher_p, model_p = result.select(index), teacher_p[index], model_p[index]
             weights = None
             if cfg.label_mode != "hard":

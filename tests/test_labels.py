@@ -174,6 +174,15 @@ def test_filter_drops_exactly_the_images_on_the_wrong_side():
     assert model.training  # scoring switched it to eval and back
 
 
+def test_filter_that_drops_a_whole_result_keeps_the_others():
+    data = _toy_data()
+    cfg = _cfg(teacher="model", filter_min_target=0.5)
+    with HardNeg(cfg, model=TinyNet(), dataset=data, teacher_model=MarkerTeacher()) as engine:
+        added = engine._accept([_result([0.1, 0.2], pair=(0, 1)), _result([0.7], pair=(2, 3), request_id=1)])
+        s = engine.stats()
+    assert added == 1 and s["images_filtered_low"] == 2 and s["buffer"]["added"] == 1
+
+
 def test_filter_in_a_deterministic_loop_stores_only_plausible_images():
     torch.manual_seed(0)
     data = _toy_data()

@@ -75,6 +75,10 @@ class Method:
 # The hardneg rows share these settings; each variant changes only what its name says.
 HARDNEG_COMMON: dict[str, Any] = dict(top_pairs=4, knn_k=10, sources_per_pair=24, synthetic_fraction=0.25)
 TEACHER = dict(teacher="ema", teacher_decay=0.99)
+# Every engine row keeps an EMA teacher so that each arriving image's difficulty (the classifier's
+# and the teacher's P(label) before it is trained on) is recorded; rows that do not use it for
+# labels, filtering or the curriculum train exactly as without it (eval-mode forwards only).
+ARRIVAL_SCORING = dict(TEACHER)
 METHODS: dict[str, Method] = {
     "none": Method("(a) no augmentation", augment=False),
     "base": Method("(b) base (standard augmentation)"),
@@ -83,11 +87,11 @@ METHODS: dict[str, Method] = {
                         engine={"policy": "same-class"}),
     "offline-genie": Method("(e) base + offline GeNIe (random pairs, r 0.8, target label)", kind="offline-genie"),
     "diff-mix": Method("(f) base + Diff-Mix-style (random pairs, s in {.3,.5,.7,.9}, soft s^0.5)", kind="diff-mix"),
-    "hardneg": Method("(g) base + hardneg (engine defaults)", kind="engine", engine={}),
+    "hardneg": Method("(g) base + hardneg (the engine's default method)", kind="engine", engine={}),
     "hardneg-hard": Method("(h) hardneg: hard target labels, adaptive r (the old default)", kind="engine",
-                           engine={"label_mode": "hard", "curriculum": "adaptive", "teacher": "none"}),
+                           engine={"label_mode": "hard", "curriculum": "adaptive"}),
     "hardneg-soft-r": Method("(i) hardneg: soft labels by r (r^0.5)", kind="engine",
-                             engine={"label_mode": "soft-r", "curriculum": "adaptive", "teacher": "none"}),
+                             engine={"label_mode": "soft-r", "curriculum": "adaptive"}),
     "hardneg-teacher": Method("(j) hardneg: soft labels by an EMA teacher", kind="engine",
                               engine={"label_mode": "teacher", "curriculum": "adaptive", **TEACHER}),
     "hardneg-filter": Method("(k) hardneg: hard labels, teacher filter P(target) >= 0.5", kind="engine",
@@ -528,7 +532,7 @@ def _engine_config(method: Method, s: dict[str, Any], seed: int, k: int, images:
         refresh_every=10**9, images_per_refresh=per_refresh, generation_batch=16, worker_backend=s["worker"],
         worker_threads=1, queue_size=max(64, per_refresh), buffer_size=max(1024, 2 * images), seed=seed,
         total_steps=steps, deterministic=s["deterministic"], freshness_half_life=max(1, steps // 4),
-        use_gpu_index=False, worker_device=s["device"],
+        use_gpu_index=False, worker_device=s["device"], **ARRIVAL_SCORING,
     )
     over = dict(method.engine)
     policy = over.pop("policy", "confusion")
@@ -544,7 +548,7 @@ def _engine_config(method: Method, s: dict[str, Any], seed: int, k: int, images:
     hardneg: dict[str, Any] = dict(HARDNEG_COMMON, r_start=max(0.7, r_min), r_end=max(0.4, r_min), r_min=r_min,
                                    r_max=0.9, adaptive_step=0.05, adaptive_min_samples=16)
     hardneg.update(over)
-    return HardNegConfig(num_classes=k, **hardneg, **common)
+    return HardNegConfig(num_classes=k, **{**common, **hardneg})
 
 
 # ---------------------------------------------------------------------------------- one run
@@ -555,8 +559,18 @@ def _base_transform(s: dict[str, Any], seed: int) -> Any:
     return standard_augment(g) if s["data"] == "digits" else crop_flip(g, pad=max(1, s["image_size"] // 8))
 
 
+def _finite_mean(values: Any) -> Optional[float]:
+    import torch
+
+    if values is None:
+        return None
+    v = torch.as_tensor(values, dtype=torch.float32)
+    v = v[torch.isfinite(v)]
+    return float(v.mean()) if v.numel() else None
+
+
 def _label_quality(judge: Any, images: Any, given: Any, source: Any, target_weight: Any = None,
-                   model_p: Any = None) -> dict[str, Any]:
+                   model_p: Any = None, teacher_p: Any = None) -> dict[str, Any]:
     """What the judge reads in generated images: their given label, their source class, or other."""
     import torch
 
@@ -571,12 +585,9 @@ def _label_quality(judge: Any, images: Any, given: Any, source: Any, target_weig
     res = {"n": n, "as_given": float(as_given.float().mean()), "as_source": float(as_source.float().mean()),
            "other": float((~as_given & ~as_source).float().mean()),
            "same_class": bool((given == source).all())}
-    if target_weight is not None:
-        tw = torch.as_tensor(target_weight, dtype=torch.float32)
-        res["mean_target_weight"] = float(tw[torch.isfinite(tw)].mean()) if torch.isfinite(tw).any() else None
-    if model_p is not None:
-        mp = torch.as_tensor(model_p, dtype=torch.float32)
-        res["model_p_label_at_arrival"] = float(mp[torch.isfinite(mp)].mean()) if torch.isfinite(mp).any() else None
+    res["mean_target_weight"] = _finite_mean(target_weight)
+    res["model_p_label_at_arrival"] = _finite_mean(model_p)
+    res["teacher_p_target_at_arrival"] = _finite_mean(teacher_p)
     return res
 
 
@@ -586,6 +597,7 @@ def _engine_generated(engine: Any) -> dict[str, Any]:
     prov = engine.buffer.provenance()
     return {"images": state["images"], "labels": prov["target_labels"], "source_labels": prov["source_labels"],
             "target_weight": prov.get("target_weight"), "model_p": prov.get("model_p_target"),
+            "teacher_p": prov.get("teacher_p_target"),
             "evicted": engine.buffer.stats()["evicted"]}
 
 
@@ -671,7 +683,7 @@ def _one_run(key: str, regime: str, seed: int, ctx: dict[str, Any], s: dict[str,
     if generated is not None and method.kind != "auggen":
         res["label_quality"] = _label_quality(ctx["judge"], generated["images"], generated["labels"],
                                               generated["source_labels"], generated.get("target_weight"),
-                                              generated.get("model_p"))
+                                              generated.get("model_p"), generated.get("teacher_p"))
     return res
 
 
@@ -781,7 +793,7 @@ def summarise(runs: list[dict[str, Any]], methods: list[str], base: str = "base"
             entry["label_quality"] = {f: (float(np.mean([q[f] for q in lq if q.get(f) is not None]))
                                           if any(q.get(f) is not None for q in lq) else None)
                                       for f in ("n", "as_given", "as_source", "other", "mean_target_weight",
-                                                "model_p_label_at_arrival")}
+                                                "model_p_label_at_arrival", "teacher_p_target_at_arrival")}
             entry["label_quality"]["same_class"] = all(q.get("same_class") for q in lq)
         pcs = [r["per_class"] for r in rs_present if r.get("per_class")]
         if pcs:
@@ -918,12 +930,14 @@ def table(results: dict[str, Any]) -> str:
             lq_rows.append([METHODS[m].label, f"{q['n']:.0f}", C.fmt(100 * q["as_given"], ".1f"),
                             "(= given)" if q["same_class"] else C.fmt(100 * q["as_source"], ".1f"),
                             C.fmt(100 * q["other"], ".1f"), C.fmt(q.get("mean_target_weight"), ".2f"),
-                            C.fmt(q.get("model_p_label_at_arrival"), ".2f")])
+                            C.fmt(q.get("model_p_label_at_arrival"), ".2f"),
+                            C.fmt(q.get("teacher_p_target_at_arrival"), ".2f")])
         if lq_rows:
             parts.append(f"Label quality ({regime}; judge test accuracy {C.fmt(results.get('judge', {}).get('test_accuracy'))}"
                          ", trained on the full real training split)\n\n" + C.markdown_table(
                              ["method", "images kept", "judge: as given %", "as source %", "other %",
-                              "mean target weight", "classifier P(label) at arrival"], lq_rows))
+                              "mean target weight", "classifier P(label) at arrival",
+                              "teacher P(target; source or target) at arrival"], lq_rows))
         if reg.get("convergence"):
             parts.append(f"Convergence of base ({regime}, seeds {reg['pair_seeds']})\n\n" + C.markdown_table(
                 ["steps", "test accuracy %"], [[st, _pm(v)] for st, v in reg["convergence"].items()]))
