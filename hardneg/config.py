@@ -103,6 +103,7 @@ class HardNegConfig:
     teacher: TeacherKind = "none"  # who scores arriving images: an EMA of the classifier or a given model
     teacher_decay: float = 0.99  # EMA decay of teacher="ema" (per observed step)
     teacher_warmup: bool = True  # EMA decay ramps up from 0 over the first steps (timm ModelEmaV3 warmup)
+    teacher_prior_correction: float = 1.0  # logit-adjust the teacher posterior by the bank's class prior (0 = off)
     filter_min_target: Optional[float] = None  # drop arriving images whose teacher posterior is below this
     filter_max_target: Optional[float] = None  # ... or above this (too easy)
     min_pair_share: float = 0.0  # pairs scoring below this share of the top pair's score get no images
@@ -187,6 +188,7 @@ class HardNegConfig:
         _in_range(self, "label_gamma", 0.0, float("inf"), low_open=True, high_open=True)
         _choice(self, "teacher", ("none", "ema", "model"))
         _in_range(self, "teacher_decay", 0.0, 1.0, high_open=True)
+        _in_range(self, "teacher_prior_correction", 0.0, 10.0)
         if not isinstance(self.teacher_warmup, bool):
             raise ConfigError(f"teacher_warmup must be True or False, got {self.teacher_warmup!r}")
         for name in ("filter_min_target", "filter_max_target"):

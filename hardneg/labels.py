@@ -48,6 +48,30 @@ def restricted_posterior(logits: Tensor, source: Tensor, target: Tensor) -> Tens
     return torch.where(inside, p, torch.full_like(p, float("nan")))
 
 
+def balanced_posterior(logits: Tensor, source: Tensor, target: Tensor, class_counts: Tensor,
+                       strength: float = 1.0) -> Tensor:
+    """:func:`restricted_posterior` after logit adjustment by the class prior (Menon et al., ICLR 2021).
+
+    A teacher trained on imbalanced data scores a rare class low because it is rare, not because
+    the image does not show it: ``sigmoid((l_t - l_s) - strength * log(n_t / n_s))`` is the
+    posterior a balanced training set would have given. Rows whose source or target class has no
+    samples yet are left uncorrected (there is no prior to remove); balanced counts or
+    ``strength=0`` change nothing.
+    """
+    p = restricted_posterior(logits, source, target)
+    counts = torch.as_tensor(class_counts, dtype=torch.float64, device=p.device).reshape(-1)
+    k = logits.shape[1]
+    if counts.shape[0] != k:
+        raise ValueError(f"class_counts must have one entry per class ({k}), got {counts.shape[0]}")
+    source = torch.as_tensor(source, device=p.device).long().reshape(-1).clamp(0, k - 1)
+    target = torch.as_tensor(target, device=p.device).long().reshape(-1).clamp(0, k - 1)
+    ns, nt = counts[source], counts[target]
+    known = (ns > 0) & (nt > 0) & torch.isfinite(p) & (source != target)
+    shift = float(strength) * torch.log(nt.clamp_min(1.0) / ns.clamp_min(1.0))
+    logit = torch.logit(p.double().clamp(1e-12, 1 - 1e-12)) - shift
+    return torch.where(known, torch.sigmoid(logit).to(p.dtype), p)
+
+
 def target_probability(logits: Tensor, target: Tensor) -> Tensor:
     """The softmax probability of each row's ``target`` class (NaN outside the logits' width)."""
     logits = logits.detach().float()

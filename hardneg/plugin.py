@@ -46,7 +46,8 @@ from hardneg.config import HardNegConfig
 from hardneg.confusion import ConfusionGraph, PairScore, pair_weights
 from hardneg.curriculum import make_curriculum
 from hardneg.generators.base import Generator
-from hardneg.labels import filter_by_posterior, restricted_posterior, target_probability, target_weights
+from hardneg.labels import (balanced_posterior, filter_by_posterior, restricted_posterior, target_probability,
+                            target_weights)
 from hardneg.mixing import MixedBatch, mix_batch
 from hardneg.targeting import PlannedPair, make_policy
 from hardneg.teacher import Teacher, output_logits
@@ -394,7 +395,13 @@ class HardNeg:
         assert self.teacher is not None
         images, src, tgt = result.images, result.source_labels.cpu(), result.target_labels.cpu()
         batch = self.config.score_batch
-        teacher_p = restricted_posterior(self.teacher.logits(images, batch), src, tgt).float()
+        teacher_logits = self.teacher.logits(images, batch)
+        if self.config.teacher_prior_correction > 0 and self.bank is not None:
+            # judge the image, not the class's frequency: a long-tailed teacher under-scores rare targets
+            teacher_p = balanced_posterior(teacher_logits, src, tgt, torch.as_tensor(self.bank.class_counts()),
+                                           self.config.teacher_prior_correction).float()
+        else:
+            teacher_p = restricted_posterior(teacher_logits, src, tgt).float()
         model_p = torch.full((len(result),), float("nan"))
         if self.model is not None:
             model_p = target_probability(self._model_logits(images, batch), tgt).float()

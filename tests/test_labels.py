@@ -302,3 +302,33 @@ def test_genie_ada_still_picks_one_image_per_source_and_is_scored_after_the_pick
     assert {round(r, 4) for r in prov["ratios"].tolist()} <= {0.3, 0.6, 0.9}
     assert torch.equal(prov["target_weight"], (prov["ratios"].double() ** 0.5).float())
     assert bool(torch.isfinite(prov["teacher_p_target"]).all())
+
+
+def test_balanced_posterior_removes_the_class_prior():
+    from hardneg.labels import balanced_posterior
+
+    logits = torch.zeros(3, 3)  # the teacher cannot tell the classes apart
+    src, tgt = torch.tensor([0, 1, 0]), torch.tensor([1, 0, 2])
+    p = balanced_posterior(logits, src, tgt, torch.tensor([90, 10, 0]))
+    # a tie between 90 and 10 samples favours the rare one; class 2 has no samples: left as it was
+    torch.testing.assert_close(p, torch.tensor([0.9, 0.1, 0.5]))
+    torch.testing.assert_close(balanced_posterior(logits, src, tgt, torch.tensor([5, 5, 5])), torch.full((3,), 0.5))
+    torch.testing.assert_close(balanced_posterior(logits, src, tgt, torch.tensor([90, 10, 0]), strength=0.0),
+                               torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match="class_counts"):
+        balanced_posterior(logits, src, tgt, torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("correction, expected", [(1.0, 60 / (60 + 12)), (0.0, 0.5)])
+def test_teacher_posterior_is_corrected_by_the_banks_class_prior(correction, expected):
+    """On long-tailed data the teacher's view of a rare target is not lowered by the target's rarity."""
+    labels = torch.tensor([0] * 60 + [1] * 12 + [2] * 12 + [3] * 12)
+    cfg = _cfg(teacher="model", label_mode="teacher", teacher_prior_correction=correction)
+    with HardNeg(cfg, model=TinyNet(), dataset=_toy_data(), teacher_model=MarkerTeacher(fixed_p=0.5)) as engine:
+        engine.observe(embeddings=torch.randn(len(labels), 8), labels=labels, ids=torch.arange(len(labels)))
+        assert engine.bank.class_counts()[:2].tolist() == [60, 12]
+        engine._accept([_result([0.5] * 4, pair=(0, 1))])  # source class 0 (frequent) -> target 1 (rare)
+        prov = engine.buffer.provenance()
+    # a teacher torn 50/50 between a class of 60 and one of 12 samples: balanced, it favours the rare one
+    torch.testing.assert_close(prov["teacher_p_target"], torch.full((4,), float(expected)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(prov["target_weight"], prov["teacher_p_target"])

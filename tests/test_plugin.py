@@ -146,7 +146,7 @@ def test_generation_requires_a_dataset():
         HardNeg(_cfg(), generator=BlendGenerator())
 
 
-def _wait_for_buffer(engine, n=1, timeout=20.0):
+def _wait_for_buffer(engine, n=1, timeout=120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         engine.collect()
@@ -154,6 +154,17 @@ def _wait_for_buffer(engine, n=1, timeout=20.0):
             return True
         time.sleep(0.02)
     return False
+
+
+def _wait_for_pairs(engine, timeout=120.0):
+    """The background refresh finishes when it finishes: wait on its result, with a generous deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        engine.collect()
+        if engine.confusions():
+            return engine.confusions()
+        time.sleep(0.02)
+    return []
 
 
 def test_online_loop_feeds_targeted_negatives_into_batches():
@@ -168,7 +179,7 @@ def test_online_loop_feeds_targeted_negatives_into_batches():
 
     with HardNeg(_cfg(), model=model, dataset=data, generator=gen) as engine:
         _run_loop(engine, model, data, steps=4)
-        pairs = engine.confusions()
+        pairs = _wait_for_pairs(engine)
         assert pairs, "no confused pairs after refreshes"
         assert _wait_for_buffer(engine)
         _run_loop(engine, model, data, steps=6, check_batch=check)
