@@ -191,7 +191,38 @@ class StepCurriculum(Curriculum):
 
 
 # ============================================================================ feedback-driven
-class AdaptiveCurriculum(Curriculum):
+class _SteppedCurriculum(Curriculum):
+    """Shared by the feedback curricula: a per-pair r in ``[r_min, r_max]`` moved by ``step_size``."""
+
+    def __init__(self, r_start: float, r_min: float, r_max: float, step_size: float, min_samples: int,
+                 total_steps: int) -> None:
+        super().__init__(r_start, r_start, total_steps)
+        if not 0.0 < r_min <= r_max <= 1.0:
+            raise ValueError(f"need 0 < r_min <= r_max <= 1, got r_min={r_min}, r_max={r_max}")
+        if not step_size > 0 or int(min_samples) < 1:
+            raise ValueError(f"need step_size > 0 and min_samples >= 1, got {step_size}, {min_samples}")
+        self.r_min, self.r_max = float(r_min), float(r_max)
+        self.step_size = float(step_size)
+        self.min_samples = int(min_samples)
+        self._r: dict[Pair, float] = {}
+
+    def _clamp(self, r: float) -> float:
+        return min(max(r, self.r_min), self.r_max)
+
+    def _ratio(self, pair: Pair, step: int) -> float:
+        return self._r.get(pair, self._clamp(self.r_start))
+
+    def _move(self, pair: Pair, step: int, direction: int) -> float:
+        """Step the pair's r by ``direction`` (-1 harder, +1 easier, 0 stay); logs a move; returns the new r."""
+        r = self._ratio(pair, step)
+        new = round(self._clamp(r + direction * self.step_size), 10)  # no float drift after many small steps
+        if new != r:
+            self._r[pair] = new
+            self.record(pair, step, new)
+        return new
+
+
+class AdaptiveCurriculum(_SteppedCurriculum):
     """Per pair r driven by the model's accuracy on that pair's synthetic negatives.
 
     Feedback is accumulated per pair; once ``min_samples`` have been seen the accuracy decides:
@@ -213,25 +244,11 @@ class AdaptiveCurriculum(Curriculum):
         min_samples: int = 8,
         total_steps: int = 1000,
     ) -> None:
-        super().__init__(r_start, r_start, total_steps)
-        if not 0.0 < r_min <= r_max <= 1.0:
-            raise ValueError(f"need 0 < r_min <= r_max <= 1, got r_min={r_min}, r_max={r_max}")
+        super().__init__(r_start, r_min, r_max, step_size, min_samples, total_steps)
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
-        if not step_size > 0 or int(min_samples) < 1:
-            raise ValueError(f"need step_size > 0 and min_samples >= 1, got {step_size}, {min_samples}")
-        self.r_min, self.r_max = float(r_min), float(r_max)
         self.high, self.low = float(high), float(low)
-        self.step_size = float(step_size)
-        self.min_samples = int(min_samples)
-        self._r: dict[Pair, float] = {}
         self._counts: dict[Pair, list[int]] = {}  # pair -> [correct, total] in the current window
-
-    def _clamp(self, r: float) -> float:
-        return min(max(r, self.r_min), self.r_max)
-
-    def _ratio(self, pair: Pair, step: int) -> float:
-        return self._r.get(pair, self._clamp(self.r_start))
 
     def feedback(self, pair: Sequence[int], correct: int, total: int, step: int) -> None:
         """Add a window of feedback for ``pair``; may move its r (and logs the move in history)."""
@@ -244,17 +261,7 @@ class AdaptiveCurriculum(Curriculum):
             return
         accuracy = counts[0] / counts[1]
         self._counts[p] = [0, 0]
-        r = self._ratio(p, step)
-        if accuracy > self.high:
-            new = self._clamp(r - self.step_size)
-        elif accuracy < self.low:
-            new = self._clamp(r + self.step_size)
-        else:
-            return
-        new = round(new, 10)  # no float drift after many small steps
-        if new != r:
-            self._r[p] = new
-            self.record(p, step, new)
+        self._move(p, step, -1 if accuracy > self.high else (1 if accuracy < self.low else 0))
 
     def window(self, pair: Sequence[int]) -> tuple[int, int]:
         """``(correct, total)`` feedback collected for ``pair`` since its last decision."""
@@ -272,7 +279,7 @@ class AdaptiveCurriculum(Curriculum):
         self._counts = {(int(a), int(b)): [int(c), int(t)] for a, b, c, t in state["counts"]}
 
 
-class BandCurriculum(Curriculum):
+class BandCurriculum(_SteppedCurriculum):
     """Per pair r that keeps the teacher's view of fresh images inside a difficulty band.
 
     The engine reports the teacher posterior ``p_target = P(target | {source, target})`` of every
@@ -297,27 +304,13 @@ class BandCurriculum(Curriculum):
         min_samples: int = 8,
         total_steps: int = 1000,
     ) -> None:
-        super().__init__(r_start, r_start, total_steps)
-        if not 0.0 < r_min <= r_max <= 1.0:
-            raise ValueError(f"need 0 < r_min <= r_max <= 1, got r_min={r_min}, r_max={r_max}")
+        super().__init__(r_start, r_min, r_max, step_size, min_samples, total_steps)
         low, high = (float(v) for v in band)
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"band must satisfy 0 <= low < high <= 1, got {tuple(band)}")
-        if not step_size > 0 or int(min_samples) < 1:
-            raise ValueError(f"need step_size > 0 and min_samples >= 1, got {step_size}, {min_samples}")
-        self.r_min, self.r_max = float(r_min), float(r_max)
         self.low, self.high = low, high
-        self.step_size = float(step_size)
-        self.min_samples = int(min_samples)
-        self._r: dict[Pair, float] = {}
         self._window: dict[Pair, list[float]] = {}  # pair -> [sum of p_target, count] since the last decision
         self._decisions: list[tuple[int, int, int, float, float]] = []  # (a, b, step, mean p, new r)
-
-    def _clamp(self, r: float) -> float:
-        return min(max(r, self.r_min), self.r_max)
-
-    def _ratio(self, pair: Pair, step: int) -> float:
-        return self._r.get(pair, self._clamp(self.r_start))
 
     def arrival_feedback(self, pair: Sequence[int], p_target: Sequence[float], step: int,
                          ratios: Optional[Sequence[float]] = None) -> None:
@@ -340,18 +333,8 @@ class BandCurriculum(Curriculum):
             return
         mean = window[0] / window[1]
         self._window[p] = [0.0, 0.0]
-        r = current
-        if mean < self.low:
-            new = self._clamp(r + self.step_size)
-        elif mean > self.high:
-            new = self._clamp(r - self.step_size)
-        else:
-            new = r
-        new = round(new, 10)
+        new = self._move(p, step, 1 if mean < self.low else (-1 if mean > self.high else 0))
         self._decisions.append((p[0], p[1], int(step), mean, new))
-        if new != r:
-            self._r[p] = new
-            self.record(p, step, new)
 
     def window(self, pair: Sequence[int]) -> tuple[float, int]:
         """``(mean p_target, count)`` of the scores collected for ``pair`` since its last decision."""
