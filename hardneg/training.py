@@ -117,6 +117,7 @@ def train(
     on_epoch: Optional[Callable[[EpochMetrics], None]] = None,
     extra_data: Optional[ImageDataset] = None,
     extra_targets: Optional[Tensor] = None,
+    evaluate_every_epoch: bool = True,
 ) -> list[EpochMetrics]:
     """Train ``model`` with AdamW + one-cycle decay, optionally with a :class:`hardneg.HardNeg` engine.
 
@@ -135,6 +136,9 @@ def train(
             ``s^gamma`` target / ``1 - s^gamma`` source labels); real rows then train on one-hot
             targets. Default: ``extra_data``'s hard labels.
         on_epoch: called with each epoch's metrics (the demo prints them).
+        evaluate_every_epoch: score ``test_data`` after every epoch (the metrics' accuracies);
+            ``False`` only after the last one, which keeps a many-epoch run on a small training set
+            from spending most of its time on test passes (its earlier epochs report NaN).
     """
     from tqdm.auto import tqdm
 
@@ -202,7 +206,9 @@ def train(
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch)
-            metrics = _epoch_metrics(model, test_data, engine, epoch, losses, tail if not balanced else None, device)
+            last = step >= total or epoch == epochs
+            metrics = _epoch_metrics(model, test_data, engine, epoch, losses, tail if not balanced else None, device,
+                                     evaluate=evaluate_every_epoch or last)
             metrics.seconds = time.perf_counter() - t0
             history.append(metrics)
             if on_epoch is not None:
@@ -216,16 +222,19 @@ def train(
 
 def _epoch_metrics(
     model: nn.Module, test_data: ImageDataset, engine: Any, epoch: int, losses: list[float],
-    tail: Optional[list[int]], device: str,
+    tail: Optional[list[int]], device: str, evaluate: bool = True,
 ) -> EpochMetrics:
-    preds = predict(model, test_data, device=device)
-    acc = float((preds == test_data.labels).float().mean())
-    m = EpochMetrics(epoch=epoch, loss=float(np.mean(losses)) if losses else float("nan"), test_accuracy=acc,
-                     pair_accuracy=None, tail_accuracy=class_accuracy(preds, test_data.labels, tail) if tail else None)
+    m = EpochMetrics(epoch=epoch, loss=float(np.mean(losses)) if losses else float("nan"),
+                     test_accuracy=float("nan"), pair_accuracy=None, tail_accuracy=None)
+    preds = None
+    if evaluate:
+        preds = predict(model, test_data, device=device)
+        m.test_accuracy = float((preds == test_data.labels).float().mean())
+        m.tail_accuracy = class_accuracy(preds, test_data.labels, tail) if tail else None
     if engine is not None:
         pairs = engine.confusions()
         m.top_pairs = [[p.a, p.b, round(p.score, 4)] for p in pairs]
-        if pairs:
+        if pairs and preds is not None:
             m.pair_accuracy = class_accuracy(preds, test_data.labels, sorted({c for p in pairs for c in p.pair}))
         s = engine.stats()
         m.synthetic_used = int(s["synthetic_used"])

@@ -636,7 +636,8 @@ def _one_run(key: str, regime: str, seed: int, ctx: dict[str, Any], s: dict[str,
     torch.manual_seed(seed)  # the same initial weights as every other method (generating drew from the RNG)
     model = make_classifier(s["model"], num_classes=outputs, in_chans=channels)
     kw: dict[str, Any] = dict(epochs=10**6, batch_size=s["batch_size"], lr=s["lr"], seed=seed, max_steps=steps,
-                              progress=False, extra_data=extra, extra_targets=extra_targets, device=s["device"])
+                              progress=False, extra_data=extra, extra_targets=extra_targets, device=s["device"],
+                              evaluate_every_epoch=False)
     transforms = [_base_transform(s, seed)] if method.augment else []
     if method.kind == "mixup":
         transforms.append(mixup_cutmix(k))
