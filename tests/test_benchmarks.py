@@ -198,6 +198,9 @@ def test_accuracy_runs_resume_from_their_cache(tmp_path, monkeypatch):
     calls.clear()
     A.run(args)
     assert calls == []
+    args.deterministic = True  # base and none do not read it: still cached
+    A.run(args)
+    assert calls == []
     args.steps = 3
     A.run(args)
     assert sorted(calls) == ["base", "base", "none"]

@@ -697,13 +697,29 @@ def generated_mean_r(engine: Any) -> Optional[float]:
 # ---------------------------------------------------------------------------------- cache
 FINGERPRINT_DEFAULTS = {"generator_backend": "class-conditional", "device": "cpu"}
 
-def _fingerprint(s: dict[str, Any], regime: str, key: str, steps: int) -> str:
+GENERATION_SETTINGS = ("generator", "generator_fit_stages", "generator_backend", "generator_size", "generator_steps",
+                       "budget", "images_override", "judge_epochs", "diffmix_gamma", "auggen_pairs", "auggen_alpha")
+ENGINE_SETTINGS = ("refreshes", "worker", "deterministic", "hardneg_r_min", "long_tail_ratio")
+
+
+def _fingerprint(s: dict[str, Any], regime: str, key: str, steps: int, legacy: bool = False) -> str:
+    """A hash of the settings that can change run ``key``'s result (all settings with ``legacy``).
+
+    Settings a method does not read are left out, so e.g. base runs are reused by an invocation
+    that only adds ``--deterministic`` or another budget.
+    """
     skip = {"methods", "seeds", "regimes", "pair_seeds", "curve_steps", "steps", "no_progress"}
+    method = METHODS[key]
+    if not legacy:
+        if not method.generates:
+            skip.update(GENERATION_SETTINGS)
+        if method.kind != "engine":
+            skip.update(ENGINE_SETTINGS)
     relevant = {k: v for k, v in s.items() if k not in skip}
     for name, default in FINGERPRINT_DEFAULTS.items():  # settings added later: their defaults keep old caches valid
         if relevant.get(name) == default:
             relevant.pop(name)
-    relevant.update(regime=regime, method=METHODS[key].label, engine=METHODS[key].engine, steps=steps)
+    relevant.update(regime=regime, method=method.label, engine=method.engine, steps=steps)
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -711,17 +727,21 @@ def _cached_run(key: str, regime: str, seed: int, ctx: dict[str, Any], s: dict[s
                 resume: bool, steps: Optional[int] = None) -> dict[str, Any]:
     steps = steps or s["steps"]
     fp = _fingerprint(s, regime, key, steps)
-    path = os.path.join(out, "runs", regime, f"{key}-seed{seed}-steps{steps}-{fp}.json")
-    if resume and os.path.exists(path):
-        with open(path) as f:
-            r = json.load(f)
-        r["cached"] = True
-        return r
+
+    def path_of(f: str) -> str:
+        return os.path.join(out, "runs", regime, f"{key}-seed{seed}-steps{steps}-{f}.json")
+
+    for candidate in (fp, _fingerprint(s, regime, key, steps, legacy=True)):  # runs cached before the lean hash
+        if resume and os.path.exists(path_of(candidate)):
+            with open(path_of(candidate)) as f:
+                r = json.load(f)
+            r["cached"] = True
+            return r
     r = _one_run(key, regime, seed, ctx, s, steps)
     r["fingerprint"] = fp
     if not s["quick"]:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
+        os.makedirs(os.path.dirname(path_of(fp)), exist_ok=True)
+        with open(path_of(fp), "w") as f:
             json.dump(r, f)
     return r
 
