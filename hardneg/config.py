@@ -34,7 +34,8 @@ class HardNegConfig:
 
     Label trust: every generated image carries a target weight w (its label is
     ``w * onehot(target) + (1 - w) * onehot(source)``): ``label_mode="hard"`` w = 1 (GeNIe as
-    published), ``"soft-r"`` w = r ** label_gamma, ``"teacher"`` w = the teacher's posterior of
+    published), ``"soft-r"`` (the default: the best label mode measured, benchmarks/README.md,
+    accuracy) w = r ** label_gamma, ``"teacher"`` w = the teacher's posterior of
     the target restricted to {source, target}. ``filter_min_target`` / ``filter_max_target`` drop
     arriving images whose teacher posterior is below / above them. The teacher is an EMA copy of
     the classifier (``teacher="ema"``) or a model you pass (``teacher="model"`` with
@@ -98,7 +99,7 @@ class HardNegConfig:
     # "band": per pair, the mean teacher posterior of fresh images below the band -> raise r, above -> lower r
     difficulty_band: tuple[float, float] = (0.6, 0.9)
     # --- label trust and arrival scoring --------------------------------------------------
-    label_mode: LabelMode = "hard"  # target weight: 1 | r ** label_gamma | teacher posterior
+    label_mode: LabelMode = "soft-r"  # target weight: 1 | r ** label_gamma (default) | teacher posterior
     label_gamma: float = 0.5  # exponent of r in the "soft-r" target weight (Diff-Mix style)
     teacher: TeacherKind = "none"  # who scores arriving images: an EMA of the classifier or a given model
     teacher_decay: float = 0.99  # EMA decay of teacher="ema" (per observed step)

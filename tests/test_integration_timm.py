@@ -76,14 +76,14 @@ def test_synthetic_rows_are_not_blended_and_keep_one_hot_targets():
     torch.manual_seed(0)
     data = _toy_data()
     model = timm.create_model("test_resnet", num_classes=K, in_chans=1)
-    engine = _engine(model, data, refresh_every=1, synthetic_weight=0.5)
+    engine = _engine(model, data, refresh_every=1, synthetic_weight=0.5, label_mode="hard")
     mixup = Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=K)
     mixup_fn = HardNegTimm(engine, mixup)
     ids = torch.arange(0, 64, 4)  # 4 samples of each class
     x, y = data.images[ids], data.labels[ids]
     xm, ym = mixup_fn(x, y)
     mixup_fn.after_forward(model(xm), ym, ids)  # refreshes: requests hard negatives
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait for the refresh and the worker thread to fill the buffer
         if engine.collect() or len(engine.buffer):
             break

@@ -274,7 +274,7 @@ def test_deterministic_runs_repeat_exactly_with_label_trust_on():
     assert all(torch.equal(x, y) for x, y in zip(a[3], b[3]))
 
 
-def test_defaults_score_nothing_and_keep_hard_labels():
+def test_hard_labels_score_nothing_and_keep_class_ids():
     torch.manual_seed(0)
     data = _toy_data()
     model = TinyNet()
@@ -287,6 +287,23 @@ def test_defaults_score_nothing_and_keep_hard_labels():
     assert torch.equal(prov["target_weight"], torch.ones(prov["slots"].numel()))
     assert s["images_scored"] == s["images_filtered_low"] == s["images_filtered_high"] == 0
     assert y.dtype == torch.int64 and y.ndim == 1 and x.shape[0] == 20
+
+
+def test_the_default_labels_softly_by_r_without_a_teacher():
+    """The measured best (benchmarks/README.md, accuracy): soft labels r^0.5, no teacher needed."""
+    from hardneg.config import HardNegConfig
+
+    assert HardNegConfig(num_classes=4).label_mode == "soft-r" and HardNegConfig(num_classes=4).teacher == "none"
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = TinyNet()
+    cfg = _cfg(deterministic=True, label_mode=HardNegConfig(num_classes=4).label_mode)
+    with HardNeg(cfg, model=model, dataset=data, generator=BlendGenerator()) as engine:
+        _run_loop(engine, model, data, steps=6)
+        prov = engine.buffer.provenance()
+        x, y, w = engine.mix(data.images[:16], data.labels[:16])
+    torch.testing.assert_close(prov["target_weight"], prov["ratios"].double().pow(0.5).float())
+    assert y.shape == (20, 4) and torch.allclose(y.sum(1), torch.ones(20))
 
 
 def test_genie_ada_still_picks_one_image_per_source_and_is_scored_after_the_pick():

@@ -39,7 +39,7 @@ class TinyNet(nn.Module):
 def _cfg(**kw):
     base = dict(num_classes=4, refresh_every=2, top_pairs=3, knn_k=4, sources_per_pair=6, images_per_refresh=12,
                 generation_batch=6, buffer_size=64, synthetic_fraction=0.25, curriculum="adaptive",
-                adaptive_min_samples=2, total_steps=50, seed=0)
+                adaptive_min_samples=2, total_steps=50, seed=0, label_mode="hard")  # hard: these tests check ids
     base.update(kw)
     return HardNegConfig(**base)
 

@@ -543,7 +543,8 @@ def _engine_config(method: Method, s: dict[str, Any], seed: int, k: int, images:
         if policy == "long-tail-fusion":
             common["worker_backend"] = "thread"  # the fusion generator holds the CAM classifier
         return HardNegConfig(num_classes=k, targeting="long-tail", sources_per_pair=24, synthetic_fraction=0.25,
-                             curriculum="constant", r_start=ratio, extra={"long_tail_ratio": ratio}, **common)
+                             curriculum="constant", r_start=ratio, extra={"long_tail_ratio": ratio},
+                             label_mode="hard", **common)  # as published: labelled as the tail class
     r_min = s["hardneg_r_min"]
     hardneg: dict[str, Any] = dict(HARDNEG_COMMON, r_start=max(0.7, r_min), r_end=max(0.4, r_min), r_min=r_min,
                                    r_max=0.9, adaptive_step=0.05, adaptive_min_samples=16)

@@ -48,7 +48,7 @@ def da_fusion_config(num_classes: int, p: float = 0.5, strength: Optional[float]
     """
     if strength is not None and not 0.0 < float(strength) <= 1.0:
         raise ValueError(f"strength must lie in (0, 1] or be None (sampled), got {strength!r}")
-    for name in ("targeting", "mix_mode", "synthetic_fraction", "curriculum"):
+    for name in ("targeting", "mix_mode", "synthetic_fraction", "curriculum", "label_mode"):
         if name in kw:
             raise ValueError(f"da_fusion_config sets {name} itself; pass p=/strength= instead")
     extra = {**dict(kw.pop("extra", None) or {}), "same_class_strength": strength}
@@ -60,6 +60,7 @@ def da_fusion_config(num_classes: int, p: float = 0.5, strength: Optional[float]
         mix_mode="substitute",
         synthetic_fraction=float(p),
         curriculum="constant",
+        label_mode="hard",  # same-class: the label is the image's own class, whatever r
         extra=extra,
         **kw,
     )
