@@ -786,6 +786,7 @@ def _add_metrics(r: dict[str, Any], test_labels: Any, k: int, groups: dict[str, 
         r[name] = class_group_accuracy(r["preds"], test_labels, classes) if classes else None
 
 
+ALTERNATIVES = ("da-fusion", "offline-genie", "diff-mix")  # what every hardneg row is also compared with
 METRICS = (("accuracy", "overall"), ("tail_accuracy", "tail classes"), ("few_accuracy", "few classes"),
            ("pair_accuracy", "confused pairs"))
 
@@ -805,11 +806,15 @@ def summarise(runs: list[dict[str, Any]], methods: list[str], base: str = "base"
                                                "images_kept", "synthetic_used", "seconds"]:
             mean, std = C.mean_std([r.get(key) for r in rs_present])
             entry[key] = {"mean": mean, "std": std}
-            if key in dict(METRICS) and base in methods:
-                bs = [by_seed.get((base, sd)) for sd in seeds]
-                vals = [r.get(key) if r and b else None for r, b in zip(rs, bs)]
-                bvals = [b.get(key) if r and b else None for r, b in zip(rs, bs)]
-                entry[key]["vs_base"] = S.paired_difference(vals, bvals).to_dict()
+            if key in dict(METRICS):
+                for ref in [base] + [a for a in ALTERNATIVES if m.startswith("hardneg")]:
+                    if ref not in methods or ref == m:
+                        continue
+                    bs = [by_seed.get((ref, sd)) for sd in seeds]
+                    vals = [r.get(key) if r and b else None for r, b in zip(rs, bs)]
+                    bvals = [b.get(key) if r and b else None for r, b in zip(rs, bs)]
+                    name = "vs_base" if ref == base else f"vs_{ref}"
+                    entry[key][name] = S.paired_difference(vals, bvals).to_dict()
         lq = [r["label_quality"] for r in rs_present if r.get("label_quality", {}).get("n")]
         if lq:
             entry["label_quality"] = {f: (float(np.mean([q[f] for q in lq if q.get(f) is not None]))
@@ -944,6 +949,19 @@ def table(results: dict[str, Any]) -> str:
         parts.append(f"**{regime}** ({reg['train_size']} training images {reg['class_counts']}; {reg['images']} "
                      f"generated images per generating method; confused pairs fixed by base seeds "
                      f"{reg['pair_seeds']}: {pairs}; {n} paired seeds)\n\n" + C.markdown_table(headers, rows))
+        alt_rows = []
+        for m, e in summ.items():
+            for ref in ALTERNATIVES:
+                if not m.startswith("hardneg") or f"vs_{ref}" not in e["accuracy"]:
+                    continue
+                row = [METHODS[m].label, f"vs {ref}"]
+                for key, _ in keys:
+                    d = e[key].get(f"vs_{ref}")
+                    row.append("-" if not d else S.format_difference(S.PairedDifference(**d)))
+                alt_rows.append(row)
+        if alt_rows:
+            parts.append(f"hardneg against the other generating methods ({regime}; paired differences, 95% CI)\n\n"
+                         + C.markdown_table(["method", "compared with"] + [f"{lab} Δ" for _, lab in keys], alt_rows))
         lq_rows = []
         for m, e in summ.items():
             q = e.get("label_quality")
