@@ -808,7 +808,7 @@ def summarise(runs: list[dict[str, Any]], methods: list[str], base: str = "base"
             entry[key] = {"mean": mean, "std": std}
             if key in dict(METRICS):
                 for ref in [base] + [a for a in ALTERNATIVES if m.startswith("hardneg")]:
-                    if ref not in methods or ref == m:
+                    if ref not in methods or (ref == m and ref != base):
                         continue
                     bs = [by_seed.get((ref, sd)) for sd in seeds]
                     vals = [r.get(key) if r and b else None for r, b in zip(rs, bs)]
