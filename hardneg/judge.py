@@ -81,10 +81,10 @@ def train_judge(dataset: Any, epochs: int = 15, seed: int = 0, batch_size: int =
     return model.eval()
 
 
-def random_shift(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
-    """Shift each image by its own random offset in [-pad, pad] px (edges replicated)."""
+def random_shift(x: Tensor, pad: int, generator: torch.Generator, mode: str = "replicate") -> Tensor:
+    """Shift each image by its own random offset in [-pad, pad] px (edges ``mode``-padded: a random crop)."""
     b, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    padded = F.pad(x, (pad, pad, pad, pad), mode=mode)
     oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
     ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
     rows = (oy[:, None] + torch.arange(h)[None])[:, None, :, None]

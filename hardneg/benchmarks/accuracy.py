@@ -194,16 +194,12 @@ def standard_augment(generator: Any, max_shift: float = 2.0, max_degrees: float 
 def crop_flip(generator: Any, pad: int = 4) -> Any:
     """Natural-image base: random crop after ``pad`` px reflection padding, and horizontal flip (p 0.5)."""
     import torch
-    import torch.nn.functional as F
+
+    from hardneg.judge import random_shift
 
     def transform(x: Any, y: Any) -> tuple[Any, Any]:
-        n, _, h, w = x.shape
-        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-        ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-        rows = (oy[:, None] + torch.arange(h)[None])[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w)[None])[:, None, None, :]
-        out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+        n = x.shape[0]
+        out = random_shift(x, pad, generator, mode="reflect")
         flip = torch.rand(n, generator=generator) < 0.5
         out[flip] = out[flip].flip(-1)
         return out, y
