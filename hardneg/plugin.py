@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from hardneg.bank import EmbeddingBank
 from hardneg.buffer import SyntheticBuffer
+from hardneg.checkpoint import CheckpointError, load_safe, save_atomic
 from hardneg.config import HardNegConfig
 from hardneg.confusion import ConfusionGraph, PairScore, pair_weights
 from hardneg.curriculum import make_curriculum
@@ -537,12 +538,21 @@ class HardNeg:
         self._last_mix = None
 
     def save(self, path: str) -> None:
-        """Write :meth:`state_dict` to ``path`` with ``torch.save``."""
-        torch.save(self.state_dict(), path)
+        """Write :meth:`state_dict` to ``path`` atomically (a crash mid-write keeps the previous file)."""
+        save_atomic(self.state_dict(), path)
 
     def load(self, path: str) -> None:
-        """Read a file written by :meth:`save` into this engine."""
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        """Read a file written by :meth:`save` into this engine.
+
+        Loads with ``torch.load(weights_only=True)``: a file holding anything but plain tensors,
+        numbers and strings is refused, never executed. Raises :class:`CheckpointError` naming the
+        file when it is missing, empty, truncated, corrupt, unsafe or does not fit this engine.
+        """
+        state = load_safe(path, what="hardneg engine state (HardNeg.save)", keys=("format", "config"))
+        try:
+            self.load_state_dict(state)
+        except HardNegError as exc:
+            raise CheckpointError(path, f"does not fit this engine: {exc}") from None
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the worker and the refresh thread, remove the hooks. Safe to call twice."""

@@ -53,6 +53,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from hardneg.checkpoint import load_safe, save_atomic
     from hardneg.config import HardNegConfig
     from hardneg.confusion import describe_pairs
     from hardneg.data import load_digits
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     engine = HardNeg(cfg, model=model, class_names=names, dataset=train_data, generator=generator)
     ckpt = os.path.join(args.out, "checkpoint.pt")
     if args.resume and os.path.exists(ckpt):
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_safe(ckpt, what="hardneg demo checkpoint", keys=("engine", "model", "epoch"))
         engine.load_state_dict(state["engine"])
         print(f"resumed engine state from {ckpt} at step {engine.step}")
     epochs_log: list[dict[str, Any]] = []
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
               f"synthetic used {m.synthetic_used:4d} | mean r {r} | worker img/s {ips} | "
               f"engine {100 * (m.engine_fraction or 0):.1f}% of step time", flush=True)
         print(f"          confused: {describe_pairs(pairs, names)}", flush=True)
-        torch.save({"engine": engine.state_dict(), "model": model.state_dict(), "epoch": m.epoch}, ckpt)
+        save_atomic({"engine": engine.state_dict(), "model": model.state_dict(), "epoch": m.epoch}, ckpt)
 
     try:
         train(model, train_data, test_data, engine=engine, epochs=args.epochs, batch_size=args.batch_size,
