@@ -106,11 +106,12 @@ def load_safe(path: PathLike, what: str = "checkpoint", keys: Iterable[str] = ()
                       f"unpickling could run arbitrary code ({_reason(msg)}). A {what} written by hardneg never "
                       "holds such objects; if you made this file yourself and trust it, load it with torch.load("
                       "weights_only=False) and save plain tensors instead") from None
-        raise CheckpointError(path, f"is corrupt or not a torch file ({_reason(msg)}); expected a {what}") from None
+        raise CheckpointError(path, f"is truncated, corrupt or not a torch file ({_reason(msg)}); expected a {what}"
+                              ) from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError,
             AttributeError, TypeError, UnicodeDecodeError) as exc:
         raise CheckpointError(
-            path, f"is truncated or corrupt (torch.load: {type(exc).__name__}: {_reason(str(exc))}); "
+            path, f"is truncated, corrupt or not a torch file ({type(exc).__name__}: {_reason(str(exc))}); "
                   f"expected a {what}") from None
     keys = list(keys)
     if keys:

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -81,9 +82,9 @@ def _truncated(path):
 @pytest.mark.parametrize("make, match", [
     (lambda p: None, "no such file"),
     (lambda p: p.write_bytes(b""), "is empty"),
-    (_truncated, "truncated or corrupt"),
-    (lambda p: p.write_bytes(os.urandom(4096)), "corrupt or not a torch file"),
-    (lambda p: p.write_bytes(pickle.dumps({"config": {}})), "corrupt or not a torch file"),
+    (_truncated, "truncated, corrupt or not a torch file"),
+    (lambda p: p.write_bytes(random.Random(0).randbytes(4096)), "truncated, corrupt or not a torch file"),
+    (lambda p: p.write_bytes(pickle.dumps({"config": {}})), "truncated, corrupt or not a torch file"),
     (lambda p: torch.save({"weights": torch.zeros(2)}, p), r"lacks \['format', 'config'\]"),
     (lambda p: torch.save([1, 2], p), "holds a list"),
     (lambda p: p.mkdir(), "is a folder"),
