@@ -13,6 +13,8 @@ import os
 import time
 from typing import Any
 
+from hardneg.commands._args import positive_int
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -22,27 +24,27 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", default="hardneg-out/demo", help="output folder for plots, JSON and checkpoints")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many training steps (quick look)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=positive_int, default=8)
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many training steps (quick look)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--model", default="resnet10t", help="timm model name (built from config, no download)")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=positive_int, default=32)
     p.add_argument("--regime", choices=["balanced", "long-tail", "few-shot"], default="balanced",
                    help="long-tail: imbalance 20 (class 0 head, 9 tail); few-shot: 10 per class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--generator-dir", default=None,
                    help="class-conditional generator folder (default: the one shipped with hardneg; "
                         "trained into this folder first if it holds none)")
-    p.add_argument("--fit-steps", type=int, default=1500, help="generator training steps if it must be trained")
+    p.add_argument("--fit-steps", type=positive_int, default=1500, help="generator training steps if it must be trained")
     p.add_argument("--no-generation", action="store_true", help="only mine confusion, generate nothing")
     p.add_argument("--curriculum", default="adaptive",
                    choices=["constant", "linear", "cosine", "step", "adaptive", "ada"])
     p.add_argument("--worker", choices=["process", "thread"], default="process")
-    p.add_argument("--worker-threads", type=int, default=1)
+    p.add_argument("--worker-threads", type=positive_int, default=1)
     p.add_argument("--synthetic-fraction", type=float, default=0.25)
-    p.add_argument("--refresh-every", type=int, default=10)
-    p.add_argument("--images-per-refresh", type=int, default=48)
+    p.add_argument("--refresh-every", type=positive_int, default=10)
+    p.add_argument("--images-per-refresh", type=positive_int, default=48)
     p.add_argument("--deterministic", action="store_true",
                    help="repeat a seeded run exactly: refresh inline, hand images over only at refresh boundaries")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
