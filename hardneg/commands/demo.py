@@ -55,16 +55,20 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from hardneg.checkpoint import load_safe, save_atomic
+    from hardneg.checkpoint import CheckpointError, load_safe, save_atomic
     from hardneg.config import HardNegConfig
     from hardneg.confusion import describe_pairs
     from hardneg.data import load_digits
-    from hardneg.plugin import HardNeg
+    from hardneg.plugin import HardNeg, HardNegError
     from hardneg import report
     from hardneg.training import make_classifier, set_seed, train
 
     t_start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
+    ckpt = os.path.join(args.out, "checkpoint.pt")
+    state = None
+    if args.resume and os.path.exists(ckpt):  # read (and check) it before any work: a bad file fails at once
+        state = load_safe(ckpt, what="hardneg demo checkpoint", keys=("engine", "model", "epoch"))
     set_seed(args.seed)
     train_data, test_data = load_digits(size=args.image_size, seed=args.seed, regime=args.regime)
     names = train_data.class_names
@@ -85,10 +89,12 @@ def run(args: argparse.Namespace) -> int:
     )
     model = make_classifier(args.model, num_classes=train_data.num_classes, in_chans=train_data.image_shape[0])
     engine = HardNeg(cfg, model=model, class_names=names, dataset=train_data, generator=generator)
-    ckpt = os.path.join(args.out, "checkpoint.pt")
-    if args.resume and os.path.exists(ckpt):
-        state = load_safe(ckpt, what="hardneg demo checkpoint", keys=("engine", "model", "epoch"))
-        engine.load_state_dict(state["engine"])
+    if state is not None:
+        try:
+            engine.load_state_dict(state["engine"])
+        except HardNegError as exc:
+            engine.close()
+            raise CheckpointError(ckpt, f"does not fit this run: {exc}") from None
         print(f"resumed engine state from {ckpt} at step {engine.step}")
     epochs_log: list[dict[str, Any]] = []
 
