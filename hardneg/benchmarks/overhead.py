@@ -271,7 +271,8 @@ def _one_size(n: int, placement: str, s: dict[str, Any], ctx: dict[str, Any]) ->
                 if kind == "engine+refresh":
                     if rep >= refresh_blocks:
                         continue
-                    engine.config = engine.config.replace(refresh_every=1)  # a background refresh in flight for the whole block
+                    # a background refresh in flight for the whole block (the config is read-only: swap it)
+                    engine.config = engine.config.replace(refresh_every=1)
                 before = engine.worker.stats()["images_produced"]
                 tb = time.perf_counter()
                 steps = [engine_step() for _ in range(s["steps"])]
