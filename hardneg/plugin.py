@@ -29,6 +29,7 @@ cost of those waits.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import time
@@ -51,6 +52,7 @@ from hardneg.labels import (balanced_posterior, filter_by_posterior, restricted_
 from hardneg.mixing import MixedBatch, mix_batch
 from hardneg.targeting import PlannedPair, make_policy
 from hardneg.teacher import Teacher, output_logits
+from hardneg.value_space import ValueSpace, ValueSpaceError
 from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,8 @@ class HardNeg:
             config.buffer_size, seed=config.seed, freshness_half_life=config.freshness_half_life,
             max_uses=config.max_uses, arrival_scores=config.teacher != "none",
         )
+        # Sources leave the pipeline's space for the generator's; generated images come back into it.
+        self.value_space = ValueSpace(config.data_mean, config.data_std, config.pixel_range)
         # Built before the capture hooks exist (and stripped of any hardneg hooks the model already
         # carries), so the EMA copy's forwards never overwrite the training step's capture.
         self.teacher: Optional[Teacher] = self._make_teacher(model, teacher_model)
@@ -163,6 +167,7 @@ class HardNeg:
                     "generation is on but no dataset was given: pass dataset= (indexable, item i starts "
                     "with the image of sample id i) so the engine can fetch GeNIe source images"
                 )
+            self._check_value_space()
             self.worker = GenerationWorker(
                 factory, backend=config.worker_backend, queue_size=config.queue_size,
                 max_restarts=config.max_restarts, num_threads=config.worker_threads, device=config.worker_device,
@@ -362,6 +367,7 @@ class HardNeg:
         added = 0
         for result in results:
             self._counters["images_received"] += len(result.images)
+            result = dataclasses.replace(result, images=self.value_space.from_pixels(result.images))
             if result.request_id in self._ada_requests:
                 result = self._select_ada(result, self._ada_requests.pop(result.request_id))
             teacher_p = model_p = None
@@ -568,6 +574,24 @@ class HardNeg:
             raise HardNegError(f"embeddings have dimension {dim}, config.embedding_dim is {c.embedding_dim}")
         return EmbeddingBank(dim, c.num_classes, c.metric, c.index, c.ivf_threshold, c.nprobe, c.use_gpu_index)
 
+    def _generator_space(self, images: Tensor, ids: Sequence[int]) -> Tensor:
+        """Dataset (pipeline-space) images -> the generator's pixels; a clear error when out of range."""
+        try:
+            return self.value_space.to_pixels(images, ids)
+        except ValueSpaceError as exc:
+            raise HardNegError(str(exc)) from None
+
+    def _check_value_space(self) -> None:
+        """Fail at construction, not at the first refresh, when the first source is out of range."""
+        try:
+            n = len(self.dataset)
+        except TypeError:
+            return
+        if n > 0:
+            image = _item_image(self.dataset[0])
+            if image.is_floating_point() or image.dtype == torch.uint8:
+                self._generator_space(image.float().cpu().unsqueeze(0) if image.ndim == 3 else image.float().cpu(), [0])
+
     def _generator_factory(self, generator: GeneratorLike) -> Optional[Callable[[], Generator]]:
         if generator is None:
             if self.config.generator is None:
@@ -700,7 +724,8 @@ class HardNeg:
             label = planned.label if planned.label is not None else pair[1]
             for c0 in range(0, len(chosen), per_request):
                 ids = chosen[c0 : c0 + per_request]
-                sources = torch.stack([_item_image(self.dataset[i]).float().cpu() for i in ids])
+                sources = self._generator_space(torch.stack([_item_image(self.dataset[i]).float().cpu() for i in ids]),
+                                                ids)
                 m = len(ids)
                 ratios = torch.tensor(ratios_all[c0 : c0 + m], dtype=torch.float32)
                 src_ids = torch.as_tensor(ids, dtype=torch.long)
