@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 Metric = Literal["cosine", "l2"]
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
@@ -17,6 +17,12 @@ MixMode = Literal["append", "substitute"]
 Schedule = Literal["constant", "linear", "cosine", "step", "adaptive", "ada", "band"]
 LabelMode = Literal["hard", "soft-r", "teacher"]
 TeacherKind = Literal["none", "ema", "model"]
+
+
+# refresh_every="auto": refresh about this many times per epoch (steps per epoch from the dataset length
+# and the first observed batch), never less often than every AUTO_REFRESH_MAX steps.
+AUTO_REFRESHES_PER_EPOCH = 4
+AUTO_REFRESH_MAX = 50
 
 
 class ConfigError(ValueError):
@@ -57,7 +63,8 @@ class HardNegConfig:
     use_gpu_index: bool = True  # only used when a FAISS GPU build and a GPU are present
     # --- confusion mining -----------------------------------------------------------------
     knn_k: int = 10
-    refresh_every: int = 50  # steps between confusion refreshes (and generation requests)
+    # steps between confusion refreshes (and generation requests); "auto": a quarter epoch, at most 50
+    refresh_every: Union[int, Literal["auto"]] = "auto"
     confusion_ema: float = 0.5  # weight of the newest refresh in the exponential moving average
     logit_weight: float = 0.5  # share of softmax confusion vs kNN disagreement in the score
     top_pairs: int = 5
@@ -136,7 +143,10 @@ class HardNegConfig:
         _int_at_least(self, "ivf_threshold", 1)
         _int_at_least(self, "nprobe", 1)
         _int_at_least(self, "knn_k", 1)
-        _int_at_least(self, "refresh_every", 1)
+        if self.refresh_every != "auto":
+            if isinstance(self.refresh_every, str):
+                raise ConfigError(f"refresh_every must be 'auto' or an integer >= 1, got {self.refresh_every!r}")
+            _int_at_least(self, "refresh_every", 1)
         _in_range(self, "confusion_ema", 0.0, 1.0, low_open=True)
         _in_range(self, "logit_weight", 0.0, 1.0)
         _int_at_least(self, "top_pairs", 1)

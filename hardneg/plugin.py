@@ -6,8 +6,9 @@ Training events it uses (one direction of data flow)::
     logits = model(x)               # forward: a hook captures the embeddings
     hn.observe(labels=y, logits=logits, ids=idx)   # after forward: bank, confusion, curriculum
 
-Every ``refresh_every`` observed steps the engine re-mines confusion over the whole bank (on a
-background thread by default: the kNN pass is O(bank) and must stay off the step), turns the top
+Every ``refresh_every`` observed steps (``"auto"``, the default: a quarter epoch, at most 50) the
+engine re-mines confusion over the whole bank (on a background thread by default: the kNN pass
+is O(bank) and must stay off the step), turns the top
 pairs into generation requests (images per pair proportional to score, sources = the pair's
 boundary samples, r from the curriculum) and hands them to the background worker. Finished
 images land in the synthetic buffer the next ``mix`` draws from.
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 
 from hardneg.bank import EmbeddingBank
 from hardneg.buffer import SyntheticBuffer
-from hardneg.config import HardNegConfig
+from hardneg.config import AUTO_REFRESH_MAX, AUTO_REFRESHES_PER_EPOCH, HardNegConfig
 from hardneg.confusion import ConfusionGraph, PairScore, pair_weights
 from hardneg.curriculum import make_curriculum
 from hardneg.generators.base import Generator
@@ -150,6 +151,8 @@ class HardNeg:
             "images_scored": 0, "images_filtered_low": 0, "images_filtered_high": 0,
         }
         self._wall_start: Optional[float] = None
+        self._refresh_every: Optional[int] = None  # resolved on the first observe ("auto" needs a batch size)
+        self._warned_nothing_generated = False
         self._refresh_pool: Optional[ThreadPoolExecutor] = None
         self._refresh_future: Optional[Future] = None
         self._captured_embeddings: Optional[Tensor] = None
@@ -245,7 +248,7 @@ class HardNeg:
         self._captured_embeddings = self._captured_logits = None
         self._last_mix = None
         self.step += 1
-        if self.step % self.config.refresh_every == 0:
+        if self.step % self._refresh_cadence(n_real) == 0:
             if self.config.async_refresh and not self.config.deterministic:
                 self._start_background_refresh()
             else:
@@ -556,6 +559,7 @@ class HardNeg:
             self._refresh_pool.shutdown(wait=True)
             self._refresh_pool, self._refresh_future = None, None
         if self.worker is not None:
+            self._warn_if_nothing_generated()
             self.worker.close(timeout=timeout)
         for h in self._hooks:
             h.remove()
@@ -567,7 +571,53 @@ class HardNeg:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    @property
+    def refresh_every(self) -> int:
+        """Steps between refreshes: ``config.refresh_every``, or what ``"auto"`` resolved to (a quarter
+        epoch, at most 50; 50 until the first observed batch or without a dataset length)."""
+        every = self.config.refresh_every
+        if isinstance(every, int):
+            return every
+        return self._refresh_every if self._refresh_every is not None else AUTO_REFRESH_MAX
+
     # ================================================================== internals
+    def _refresh_cadence(self, batch_size: int) -> int:
+        """``config.refresh_every``; ``"auto"`` is resolved once, from the first observed batch size."""
+        if isinstance(self.config.refresh_every, int):
+            return self.config.refresh_every
+        if self._refresh_every is None:
+            every = AUTO_REFRESH_MAX
+            try:
+                n = len(self.dataset) if self.dataset is not None else 0
+            except TypeError:
+                n = 0
+            if n > 0 and batch_size > 0:
+                steps_per_epoch = -(-n // batch_size)
+                every = max(1, min(AUTO_REFRESH_MAX, steps_per_epoch // AUTO_REFRESHES_PER_EPOCH))
+            self._refresh_every = every
+        return self._refresh_every
+
+    def _warn_if_nothing_generated(self) -> None:
+        """Generation was configured but no image reached the buffer: say so instead of staying silent."""
+        if self._warned_nothing_generated or self.step == 0 or self._counters["images_received"] > 0:
+            return
+        self._warned_nothing_generated = True
+        c = self._counters
+        if not c["requests_made"]:
+            logger.warning(
+                "hardneg: generation was configured but nothing was generated in %d training steps: no refresh "
+                "made a request (refresh_every=%d, %d refreshes, %d skipped; a refresh needs >= 2 classes in the "
+                "bank and a confused pair). Lower refresh_every or train longer.",
+                self.step, self.refresh_every, c["refreshes"], c["refreshes_skipped"])
+            return
+        w = self.worker.stats() if self.worker is not None else {}
+        logger.warning(
+            "hardneg: generation was configured but no generated image arrived in %d training steps (%d requests "
+            "made, worker %s%s): the generator is slower than training (wait_for_generation(), fewer "
+            "images_per_refresh, a GPU worker_device) or failing (see the worker's log).",
+            self.step, c["requests_made"], w.get("state", "?"),
+            f", last error: {w['last_error']}" if w.get("last_error") else "")
+
     def _make_bank(self, dim: int) -> EmbeddingBank:
         c = self.config
         if c.embedding_dim is not None and dim != c.embedding_dim:
