@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from hardneg._optional import require
 from hardneg.config import HardNegConfig
-from hardneg.integrations._common import IMAGE_KEYS, LABEL_KEYS, hard_labels, require_ids
+from hardneg.integrations._common import IMAGE_KEYS, LABEL_KEYS, flat_stats, hard_labels, require_ids
 from hardneg.mixing import weighted_loss
 from hardneg.plugin import GeneratorLike, HardNeg, HardNegError
 
@@ -180,6 +180,17 @@ class HardNegTrainerMixin:
         if cb.dataset is None:
             cb.dataset = getattr(self, "train_dataset", None)
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add every engine counter (``hardneg/...``, :func:`~hardneg.integrations._common.flat_stats`)
+        to the Trainer's training logs, so ``state.log_history`` and every ``report_to`` logger
+        (TensorBoard, CSV/JSON, W&B ...) get them on the Trainer's ``logging_steps``. (A callback's
+        ``on_log`` comes too late: the Trainer has stored the entry and run the reporting callbacks,
+        which are registered before user callbacks, by then.)"""
+        engine = self.hardneg_callback.engine
+        if engine is not None and not any(str(k).startswith(("eval_", "test_")) for k in logs):
+            logs = {**logs, **flat_stats(engine.stats())}
+        return super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
     def _set_signature_columns_if_needed(self) -> None:
         # Keep the id column through remove_unused_columns: compute_loss takes it out again.
