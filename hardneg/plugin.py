@@ -490,6 +490,7 @@ class HardNeg:
         c["synthetic_accuracy"] = c["synthetic_correct"] / c["synthetic_feedback"] if c["synthetic_feedback"] else None
         c["step"] = self.step
         c["bank_size"] = len(self.bank) if self.bank is not None else 0
+        c["bank_on_gpu"] = bool(self.bank is not None and self.bank.on_gpu)
         c["buffer"] = self.buffer.stats()
         c["worker"] = self.worker.stats() if self.worker is not None else None
         ratios = [self.curriculum.ratio(p.pair, self.step) for p in self._pairs]
