@@ -161,3 +161,17 @@ def test_config_validates_the_value_space():
         HardNegConfig(num_classes=K, data_mean=(0.5,), data_std=(0.0,))
     with pytest.raises(ConfigError, match="pixel_range"):
         HardNegConfig(num_classes=K, pixel_range=(1.0, 0.0))
+
+
+def test_transformers_callback_takes_the_value_space_from_the_trainers_image_processor():
+    transformers = pytest.importorskip("transformers")
+    from hardneg.integrations.transformers import _with_processor_normalization
+
+    proc = transformers.ViTImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
+    cfg = _with_processor_normalization(HardNegConfig(num_classes=K), proc)  # Trainer(processing_class=proc)
+    assert cfg.data_mean == (0.5, 0.5, 0.5) and cfg.data_std == (0.25, 0.25, 0.25)
+    explicit = HardNegConfig(num_classes=K, data_mean=(0.1,), data_std=(0.2,))
+    assert _with_processor_normalization(explicit, proc) is explicit  # the user's own setting wins
+    proc.do_normalize = False
+    assert _with_processor_normalization(HardNegConfig(num_classes=K), proc).data_mean is None
+    assert _with_processor_normalization(HardNegConfig(num_classes=K), None).data_mean is None

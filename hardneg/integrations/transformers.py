@@ -44,6 +44,7 @@ from hardneg.config import HardNegConfig
 from hardneg.integrations._common import IMAGE_KEYS, LABEL_KEYS, flat_stats, hard_labels, require_ids
 from hardneg.mixing import weighted_loss
 from hardneg.plugin import GeneratorLike, HardNeg, HardNegError
+from hardneg.value_space import normalization_from
 
 T = require("transformers", "transformers")
 
@@ -105,6 +106,7 @@ class HardNegTrainerCallback(T.TrainerCallback):
         if model is None:
             raise HardNegError("HardNegTrainerCallback needs the Trainer's model (on_train_begin got none)")
         names = self.class_names or _model_class_names(model, self.config.num_classes)
+        self.config = _with_processor_normalization(self.config, kwargs.get("processing_class"))
         self.engine = HardNeg(self.config, model=model, class_names=names, dataset=self.dataset,
                               generator=self.generator, embedding_layer=self.embedding_layer,
                               teacher_model=self.teacher_model)
@@ -265,6 +267,23 @@ class WithSampleIds(Dataset):
             raise HardNegError(f"WithSampleIds wraps datasets of dict items; item {index} is a "
                                f"{type(item).__name__}")
         return {**item, self.id_column: int(index)}
+
+
+def _with_processor_normalization(config: HardNegConfig, processor: Any) -> HardNegConfig:
+    """``config`` with the image processor's ``image_mean``/``image_std`` (the pipeline's value space)
+    when it normalises and the config names no normalisation of its own."""
+    if config.data_mean is not None or processor is None:
+        return config
+    processor = getattr(processor, "image_processor", processor)  # a multimodal processor wraps one
+    if not getattr(processor, "do_normalize", False):
+        return config
+    try:
+        found = normalization_from(processor)
+    except ValueError:
+        return config
+    logger.info("hardneg: value space from the image processor: mean %s, std %s", found["data_mean"],
+                found["data_std"])
+    return config.replace(**found)
 
 
 def _checkpoint_folder(args: Any, state: Any) -> str:
