@@ -635,13 +635,11 @@ class HardNeg:
     def _check_value_space(self) -> None:
         """Fail at construction, not at the first refresh, when the first source is out of range."""
         try:
-            n = len(self.dataset)
-        except TypeError:
+            image = _item_image(self.dataset[0]) if len(self.dataset) > 0 else None
+        except Exception:  # noqa: BLE001 - an item the engine cannot read fails where it is used, at a refresh
             return
-        if n > 0:
-            image = _item_image(self.dataset[0])
-            if image.is_floating_point() or image.dtype == torch.uint8:
-                self._generator_space(image.float().cpu().unsqueeze(0) if image.ndim == 3 else image.float().cpu(), [0])
+        if image is not None and image.ndim == 3 and (image.is_floating_point() or image.dtype == torch.uint8):
+            self._generator_space(image.float().cpu().unsqueeze(0), [0])
 
     def _generator_factory(self, generator: GeneratorLike) -> Optional[Callable[[], Generator]]:
         if generator is None:
