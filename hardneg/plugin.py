@@ -613,10 +613,10 @@ class HardNeg:
             return
         w = self.worker.stats() if self.worker is not None else {}
         logger.warning(
-            "hardneg: generation was configured but no generated image arrived in %d training steps (%d requests "
-            "made, worker %s%s): the generator is slower than training (wait_for_generation(), fewer "
-            "images_per_refresh, a GPU worker_device) or failing (see the worker's log).",
-            self.step, c["requests_made"], w.get("state", "?"),
+            "hardneg: generation was configured but no generated image reached training in %d steps (%d requests "
+            "made; worker %s, %d image(s) produced%s): the generator is slower than training "
+            "(wait_for_generation(), fewer images_per_refresh, a GPU worker_device) or failing (see the worker's "
+            "log).", self.step, c["requests_made"], w.get("state", "?"), int(w.get("images_produced", 0) or 0),
             f", last error: {w['last_error']}" if w.get("last_error") else "")
 
     def _make_bank(self, dim: int) -> EmbeddingBank:

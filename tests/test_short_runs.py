@@ -92,3 +92,17 @@ def test_close_is_quiet_when_images_arrived_or_generation_is_off(caplog):
         engine.close()
         off.close()
     assert not [r for r in caplog.records if "generat" in r.getMessage()]
+
+
+def test_close_warns_when_requests_were_made_but_no_image_arrived(caplog):
+    data = _data()
+    model = _model()
+    cfg = HardNegConfig(num_classes=K, refresh_every=2, images_per_refresh=8, async_refresh=False, seed=0)
+    failing = BlendGenerator(num_classes=K, fail_every=1)  # every request raises in the worker
+    engine = HardNeg(cfg, model=model, dataset=data, generator=failing)
+    _one_epoch(engine, model, data)
+    assert engine.wait_for_generation(timeout=60) == 0 and engine.stats()["requests_made"] > 0
+    with caplog.at_level(logging.WARNING, logger="hardneg.plugin"):
+        engine.close()
+    msg = [r.getMessage() for r in caplog.records if "reached training" in r.getMessage()]
+    assert len(msg) == 1 and "0 image(s) produced" in msg[0] and "deliberate failure" in msg[0]
