@@ -121,8 +121,8 @@ def normalization_from(source: Any) -> dict[str, tuple[float, ...]]:
     ``std``), a Hugging Face image processor (``image_mean`` / ``image_std``), a torchvision
     ``Normalize`` (``mean`` / ``std``) or a transform pipeline holding one (``Compose`` and
     anything with a ``transforms`` list, searched in order; what timm's ``create_transform``
-    returns), a timm ``PrefetchLoader`` (its ``mean`` / ``std`` are in 0..255 units... scaled
-    back to ``[0, 1]``) or a ``(mean, std)`` pair. Pass the result to :class:`HardNegConfig`.
+    returns), a timm ``PrefetchLoader`` (which keeps them in 0..255 units; scaled back to
+    ``[0, 1]`` here) or a ``(mean, std)`` pair. Pass the result to :class:`HardNegConfig`.
     """
     found = _find_normalization(source, depth=0)
     if found is None:
@@ -159,9 +159,10 @@ def _find_normalization(source: Any, depth: int) -> Optional[tuple[tuple[float, 
                 mean, std = _floats(source[km]), _floats(source[ks])
                 return (mean, std) if mean is not None and std is not None else None
         return None
-    if isinstance(source, (tuple, list)) and len(source) == 2 and all(_floats(v) is not None for v in source):
-        if not any(hasattr(v, "__call__") for v in source):
-            return _floats(source[0]), _floats(source[1])  # type: ignore[return-value]
+    if isinstance(source, (tuple, list)) and len(source) == 2:
+        mean, std = _floats(source[0]), _floats(source[1])
+        if mean is not None and std is not None:
+            return mean, std
     for km, ks in (("image_mean", "image_std"), ("mean", "std")):
         mean, std = _floats(getattr(source, km, None)), _floats(getattr(source, ks, None))
         if mean is not None and std is not None:
