@@ -12,7 +12,8 @@ from typing import Any
 from hardneg.config import ConfigError, HardNegConfig
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "ConfigError", "HardNeg", "HardNegConfig", "HardNegError", "__version__"]
+__all__ = ["CheckpointError", "ConfigError", "HardNeg", "HardNegConfig", "HardNegError", "normalization_from",
+           "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,4 +25,8 @@ def __getattr__(name: str) -> Any:
         from hardneg.checkpoint import CheckpointError
 
         return CheckpointError
+    if name == "normalization_from":
+        from hardneg.value_space import normalization_from
+
+        return normalization_from
     raise AttributeError(f"module 'hardneg' has no attribute {name!r}")

@@ -6,7 +6,11 @@ Why it is built this way:
   a slot, and re-observing a sample overwrites its slot in place. FAISS's ``remove_ids`` compacts
   storage (O(N) per call), which would put O(bank) work on every training step.
 * **Exact search by default** with FAISS's brute-force kernel (``faiss.knn``) over that slot
-  array (or ``faiss.knn_gpu`` when a FAISS GPU build and a GPU are present).
+  array, or ``faiss.knn_gpu`` when a FAISS GPU build (``pip install 'hardneg[gpu]'``) sees a GPU
+  and ``use_gpu`` is on: one ``StandardGpuResources`` per bank, its scratch memory capped at
+  :data:`GPU_TEMP_MEMORY` so the bank leaves the training job's GPU memory alone, and GPU searches
+  serialised (a ``StandardGpuResources`` must not be used from two threads at once). The IVF and
+  HNSW indexes stay on the CPU (IVF's in-place ``update_vectors`` is CPU-only).
 * **IVF past a size threshold** (``index="auto"``): an ``IndexIVFFlat`` with ~4*sqrt(N) lists,
   trained once when the bank first crosses ``ivf_threshold``; FAISS ids are the slots and an
   array direct map lets ``update_vectors`` replace vectors. Those updates (a coarse assignment
@@ -33,6 +37,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 Metric = Literal["cosine", "l2"]
+GPU_TEMP_MEMORY = 256 * 1024 * 1024  # bytes of FAISS GPU scratch memory (FAISS's default is up to 1.5 GiB)
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
 
 
@@ -151,6 +156,7 @@ class EmbeddingBank:
         self._ivf_pending: set[int] = set()  # slots whose new vectors the IVF index has not seen yet
         self._ivf_count = 0  # slots [0, _ivf_count) have been added to the IVF index
         self._gpu_res = self._make_gpu_resources() if use_gpu else None
+        self._gpu_lock = threading.Lock()
 
     # ------------------------------------------------------------------ properties
     def __len__(self) -> int:
@@ -176,6 +182,7 @@ class EmbeddingBank:
 
     @property
     def on_gpu(self) -> bool:
+        """Whether exact searches run on the GPU (``faiss.knn_gpu``)."""
         return self._gpu_res is not None
 
     # ------------------------------------------------------------------ writing
@@ -552,7 +559,8 @@ class EmbeddingBank:
         kk = min(k, n)
         xb = self._vectors[:n]
         if self._gpu_res is not None:
-            scores, slots = faiss.knn_gpu(self._gpu_res, q, xb, kk, metric=self._faiss_metric)
+            with self._gpu_lock:
+                scores, slots = faiss.knn_gpu(self._gpu_res, q, xb, kk, metric=self._faiss_metric)
         else:
             scores, slots = faiss.knn(q, xb, kk, metric=self._faiss_metric)
         if kk < k:
@@ -565,7 +573,11 @@ class EmbeddingBank:
     def _make_gpu_resources() -> Any:
         try:
             if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-                return faiss.StandardGpuResources()
-        except Exception as exc:  # pragma: no cover - GPU builds only
+                res = faiss.StandardGpuResources()
+                res.setTempMemory(GPU_TEMP_MEMORY)
+                logger.info("hardneg: exact bank search runs on the GPU (FAISS GPU build, %d GPU(s))",
+                            faiss.get_num_gpus())
+                return res
+        except Exception as exc:  # GPU builds only (tests mock it)
             logger.warning("FAISS GPU resources unavailable (%s); searching on the CPU", exc)
         return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 Metric = Literal["cosine", "l2"]
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
@@ -17,6 +17,12 @@ MixMode = Literal["append", "substitute"]
 Schedule = Literal["constant", "linear", "cosine", "step", "adaptive", "ada", "band"]
 LabelMode = Literal["hard", "soft-r", "teacher"]
 TeacherKind = Literal["none", "ema", "model"]
+
+
+# refresh_every="auto": refresh about this many times per epoch (steps per epoch from the dataset length
+# and the first observed batch), never less often than every AUTO_REFRESH_MAX steps.
+AUTO_REFRESHES_PER_EPOCH = 4
+AUTO_REFRESH_MAX = 50
 
 
 class ConfigError(ValueError):
@@ -30,7 +36,10 @@ class HardNegConfig:
     Groups: embedding bank (``metric`` .. ``use_gpu_index``), confusion mining (``knn_k`` ..
     ``sources_per_pair``), generation (``generator`` .. ``max_restarts``), synthetic buffer and
     mixing (``buffer_size`` .. ``separate_synthetic_loss``), the noise-ratio curriculum
-    (``curriculum`` .. ``difficulty_band``) and label trust (``label_mode`` .. ``score_batch``).
+    (``curriculum`` .. ``difficulty_band``), label trust (``label_mode`` .. ``score_batch``) and the
+    value space (``data_mean``, ``data_std``, ``pixel_range``: how the pipeline normalises its
+    pixels, so generated images match the real ones; :func:`hardneg.value_space.normalization_from`
+    reads them from a timm data config, an image processor or a transform).
 
     Label trust: every generated image carries a target weight w (its label is
     ``w * onehot(target) + (1 - w) * onehot(source)``): ``label_mode="hard"`` w = 1 (GeNIe as
@@ -57,7 +66,8 @@ class HardNegConfig:
     use_gpu_index: bool = True  # only used when a FAISS GPU build and a GPU are present
     # --- confusion mining -----------------------------------------------------------------
     knn_k: int = 10
-    refresh_every: int = 50  # steps between confusion refreshes (and generation requests)
+    # steps between confusion refreshes (and generation requests); "auto": a quarter epoch, at most 50
+    refresh_every: Union[int, Literal["auto"]] = "auto"
     confusion_ema: float = 0.5  # weight of the newest refresh in the exponential moving average
     logit_weight: float = 0.5  # share of softmax confusion vs kNN disagreement in the score
     top_pairs: int = 5
@@ -112,6 +122,12 @@ class HardNegConfig:
     filter_max_target: Optional[float] = None  # ... or above this (too easy)
     min_pair_share: float = 0.0  # pairs scoring below this share of the top pair's score get no images
     score_batch: int = 256  # images per forward when scoring arrivals
+    # --- value space (see hardneg.value_space) ---------------------------------------------
+    # The pipeline normalises pixels as (x - data_mean) / data_std per channel (None: plain pixels);
+    # sources are un-normalised for the generator and its images normalised before mix.
+    data_mean: Optional[tuple[float, ...]] = None
+    data_std: Optional[tuple[float, ...]] = None
+    pixel_range: tuple[float, float] = (0.0, 1.0)  # un-normalised pixels (the generator's space)
     # --- misc -----------------------------------------------------------------------------
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -143,7 +159,10 @@ class HardNegConfig:
         _int_at_least(self, "ivf_threshold", 1)
         _int_at_least(self, "nprobe", 1)
         _int_at_least(self, "knn_k", 1)
-        _int_at_least(self, "refresh_every", 1)
+        if self.refresh_every != "auto":
+            if isinstance(self.refresh_every, str):
+                raise ConfigError(f"refresh_every must be 'auto' or an integer >= 1, got {self.refresh_every!r}")
+            _int_at_least(self, "refresh_every", 1)
         _in_range(self, "confusion_ema", 0.0, 1.0, low_open=True)
         _in_range(self, "logit_weight", 0.0, 1.0)
         _int_at_least(self, "top_pairs", 1)
@@ -191,6 +210,34 @@ class HardNegConfig:
         if list(self.ada_grid) != sorted(self.ada_grid):
             raise ConfigError(f"ada_grid must be increasing, got {self.ada_grid}")
         self._validate_label_trust()
+        self._validate_value_space()
+
+    def _validate_value_space(self) -> None:
+        for name in ("data_mean", "data_std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                values = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be a sequence of numbers (one per channel), got {value!r}") from None
+            if not values or any(v != v or v in (float("inf"), float("-inf")) for v in values):
+                raise ConfigError(f"{name} must hold one finite number per channel, got {value!r}")
+            setattr(self, name, values)
+        mean, std = self.data_mean, self.data_std
+        if (mean is None) != (std is None):
+            raise ConfigError("data_mean and data_std go together: give both (the pipeline's normalisation) or "
+                              "neither (plain pixels)")
+        if mean is not None and std is not None:
+            if len(mean) != len(std):
+                raise ConfigError(f"data_mean has {len(mean)} channel(s) but data_std has {len(std)}")
+            if any(v <= 0 for v in std):
+                raise ConfigError(f"data_std must be positive, got {std}")
+        pr = self.pixel_range
+        if (not isinstance(pr, (tuple, list)) or len(pr) != 2
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in pr) or not pr[0] < pr[1]):
+            raise ConfigError(f"pixel_range must be (low, high) with low < high, got {pr!r}")
+        self.pixel_range = (float(pr[0]), float(pr[1]))
 
     def _validate_label_trust(self) -> None:
         band = tuple(self.difficulty_band) if isinstance(self.difficulty_band, (tuple, list)) else None
@@ -236,6 +283,9 @@ class HardNegConfig:
         d["step_milestones"] = list(self.step_milestones)
         d["ada_grid"] = list(self.ada_grid)
         d["difficulty_band"] = list(self.difficulty_band)
+        d["pixel_range"] = list(self.pixel_range)
+        for key in ("data_mean", "data_std"):
+            d[key] = list(d[key]) if d[key] is not None else None
         return d
 
     @classmethod

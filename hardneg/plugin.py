@@ -6,8 +6,9 @@ Training events it uses (one direction of data flow)::
     logits = model(x)               # forward: a hook captures the embeddings
     hn.observe(labels=y, logits=logits, ids=idx)   # after forward: bank, confusion, curriculum
 
-Every ``refresh_every`` observed steps the engine re-mines confusion over the whole bank (on a
-background thread by default: the kNN pass is O(bank) and must stay off the step), turns the top
+Every ``refresh_every`` observed steps (``"auto"``, the default: a quarter epoch, at most 50) the
+engine re-mines confusion over the whole bank (on a background thread by default: the kNN pass
+is O(bank) and must stay off the step), turns the top
 pairs into generation requests (images per pair proportional to score, sources = the pair's
 boundary samples, r from the curriculum) and hands them to the background worker. Finished
 images land in the synthetic buffer the next ``mix`` draws from.
@@ -29,6 +30,7 @@ cost of those waits.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import time
@@ -43,7 +45,7 @@ from torch import Tensor, nn
 from hardneg.bank import EmbeddingBank
 from hardneg.buffer import SyntheticBuffer
 from hardneg.checkpoint import CheckpointError, load_safe, save_atomic
-from hardneg.config import HardNegConfig
+from hardneg.config import AUTO_REFRESH_MAX, AUTO_REFRESHES_PER_EPOCH, HardNegConfig
 from hardneg.confusion import ConfusionGraph, PairScore, pair_weights
 from hardneg.curriculum import make_curriculum
 from hardneg.generators.base import Generator
@@ -52,6 +54,7 @@ from hardneg.labels import (balanced_posterior, filter_by_posterior, restricted_
 from hardneg.mixing import MixedBatch, mix_batch
 from hardneg.targeting import PlannedPair, make_policy
 from hardneg.teacher import Teacher, output_logits
+from hardneg.value_space import ValueSpace, ValueSpaceError
 from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker
 
 logger = logging.getLogger(__name__)
@@ -130,6 +133,8 @@ class HardNeg:
             config.buffer_size, seed=config.seed, freshness_half_life=config.freshness_half_life,
             max_uses=config.max_uses, arrival_scores=config.teacher != "none",
         )
+        # Sources leave the pipeline's space for the generator's; generated images come back into it.
+        self.value_space = ValueSpace(config.data_mean, config.data_std, config.pixel_range)
         # Built before the capture hooks exist (and stripped of any hardneg hooks the model already
         # carries), so the EMA copy's forwards never overwrite the training step's capture.
         self.teacher: Optional[Teacher] = self._make_teacher(model, teacher_model)
@@ -149,6 +154,8 @@ class HardNeg:
         }
         self._source_range: Optional[tuple[float, float]] = None  # value range of every source sent out
         self._wall_start: Optional[float] = None
+        self._refresh_every: Optional[int] = None  # resolved on the first observe ("auto" needs a batch size)
+        self._warned_nothing_generated = False
         self._refresh_pool: Optional[ThreadPoolExecutor] = None
         self._refresh_future: Optional[Future] = None
         self._captured_embeddings: Optional[Tensor] = None
@@ -166,6 +173,7 @@ class HardNeg:
                     "generation is on but no dataset was given: pass dataset= (indexable, item i starts "
                     "with the image of sample id i) so the engine can fetch GeNIe source images"
                 )
+            self._check_value_space()
             self.worker = GenerationWorker(
                 factory, backend=config.worker_backend, queue_size=config.queue_size,
                 max_restarts=config.max_restarts, num_threads=config.worker_threads, device=config.worker_device,
@@ -244,7 +252,7 @@ class HardNeg:
         self._captured_embeddings = self._captured_logits = None
         self._last_mix = None
         self.step += 1
-        if self.step % self.config.refresh_every == 0:
+        if self.step % self._refresh_cadence(n_real) == 0:
             if self.config.async_refresh and not self.config.deterministic:
                 self._start_background_refresh()
             else:
@@ -364,6 +372,7 @@ class HardNeg:
         added = 0
         for result in results:
             self._counters["images_received"] += len(result.images)
+            result = dataclasses.replace(result, images=self.value_space.from_pixels(result.images))
             if result.request_id in self._ada_requests:
                 result = self._select_ada(result, self._ada_requests.pop(result.request_id))
             result = self._drop_out_of_range(result)
@@ -515,6 +524,7 @@ class HardNeg:
         c["synthetic_accuracy"] = c["synthetic_correct"] / c["synthetic_feedback"] if c["synthetic_feedback"] else None
         c["step"] = self.step
         c["bank_size"] = len(self.bank) if self.bank is not None else 0
+        c["bank_on_gpu"] = bool(self.bank is not None and self.bank.on_gpu)
         c["buffer"] = self.buffer.stats()
         c["worker"] = self.worker.stats() if self.worker is not None else None
         ratios = [self.curriculum.ratio(p.pair, self.step) for p in self._pairs]
@@ -644,6 +654,7 @@ class HardNeg:
             self._refresh_pool.shutdown(wait=True)
             self._refresh_pool, self._refresh_future = None, None
         if self.worker is not None:
+            self._warn_if_nothing_generated()
             self.worker.close(timeout=timeout)
         for h in self._hooks:
             h.remove()
@@ -655,12 +666,74 @@ class HardNeg:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    @property
+    def refresh_every(self) -> int:
+        """Steps between refreshes: ``config.refresh_every``, or what ``"auto"`` resolved to (a quarter
+        epoch, at most 50; 50 until the first observed batch or without a dataset length)."""
+        every = self.config.refresh_every
+        if isinstance(every, int):
+            return every
+        return self._refresh_every if self._refresh_every is not None else AUTO_REFRESH_MAX
+
     # ================================================================== internals
+    def _refresh_cadence(self, batch_size: int) -> int:
+        """``config.refresh_every``; ``"auto"`` is resolved once, from the first observed batch size."""
+        if isinstance(self.config.refresh_every, int):
+            return self.config.refresh_every
+        if self._refresh_every is None:
+            every = AUTO_REFRESH_MAX
+            try:
+                n = len(self.dataset) if self.dataset is not None else 0
+            except TypeError:
+                n = 0
+            if n > 0 and batch_size > 0:
+                steps_per_epoch = -(-n // batch_size)
+                every = max(1, min(AUTO_REFRESH_MAX, steps_per_epoch // AUTO_REFRESHES_PER_EPOCH))
+            self._refresh_every = every
+        return self._refresh_every
+
+    def _warn_if_nothing_generated(self) -> None:
+        """Generation was configured but no image reached the buffer: say so instead of staying silent."""
+        if self._warned_nothing_generated or self.step == 0 or self._counters["images_received"] > 0:
+            return
+        self._warned_nothing_generated = True
+        c = self._counters
+        if not c["requests_made"]:
+            logger.warning(
+                "hardneg: generation was configured but nothing was generated in %d training steps: no refresh "
+                "made a request (refresh_every=%d, %d refreshes, %d skipped; a refresh needs >= 2 classes in the "
+                "bank and a confused pair). Lower refresh_every or train longer.",
+                self.step, self.refresh_every, c["refreshes"], c["refreshes_skipped"])
+            return
+        w = self.worker.stats() if self.worker is not None else {}
+        logger.warning(
+            "hardneg: generation was configured but no generated image reached training in %d steps (%d requests "
+            "made; worker %s, %d image(s) produced%s): the generator is slower than training "
+            "(wait_for_generation(), fewer images_per_refresh, a GPU worker_device) or failing (see the worker's "
+            "log).", self.step, c["requests_made"], w.get("state", "?"), int(w.get("images_produced", 0) or 0),
+            f", last error: {w['last_error']}" if w.get("last_error") else "")
+
     def _make_bank(self, dim: int) -> EmbeddingBank:
         c = self.config
         if c.embedding_dim is not None and dim != c.embedding_dim:
             raise HardNegError(f"embeddings have dimension {dim}, config.embedding_dim is {c.embedding_dim}")
         return EmbeddingBank(dim, c.num_classes, c.metric, c.index, c.ivf_threshold, c.nprobe, c.use_gpu_index)
+
+    def _generator_space(self, images: Tensor, ids: Sequence[int]) -> Tensor:
+        """Dataset (pipeline-space) images -> the generator's pixels; a clear error when out of range."""
+        try:
+            return self.value_space.to_pixels(images, ids)
+        except ValueSpaceError as exc:
+            raise HardNegError(str(exc)) from None
+
+    def _check_value_space(self) -> None:
+        """Fail at construction, not at the first refresh, when the first source is out of range."""
+        try:
+            image = _item_image(self.dataset[0]) if len(self.dataset) > 0 else None
+        except Exception:  # noqa: BLE001 - an item the engine cannot read fails where it is used, at a refresh
+            return
+        if image is not None and image.ndim == 3 and (image.is_floating_point() or image.dtype == torch.uint8):
+            self._generator_space(image.float().cpu().unsqueeze(0), [0])
 
     def _generator_factory(self, generator: GeneratorLike) -> Optional[Callable[[], Generator]]:
         if generator is None:
@@ -850,7 +923,8 @@ class HardNeg:
             for c0 in range(0, len(chosen), per_request):
                 ids = chosen[c0 : c0 + per_request]
                 sources = torch.stack([_item_image(self.dataset[i]).float().cpu() for i in ids])
-                self._note_source_range(sources)
+                self._note_source_range(sources)  # in the pipeline's space, as generated rows are checked
+                sources = self._generator_space(sources, ids)
                 m = len(ids)
                 ratios = torch.tensor(ratios_all[c0 : c0 + m], dtype=torch.float32)
                 src_ids = torch.as_tensor(ids, dtype=torch.long)

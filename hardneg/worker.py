@@ -10,7 +10,8 @@ worker) and runs it in
 * a **child process** (``backend="process"``, ``spawn`` start method): isolates crashes and leaks
   and gets its own ``torch.set_num_threads`` budget so a CPU box keeps training responsive. The
   factory must be picklable (a module-level function, class or ``functools.partial`` of one) and
-  the training script needs the usual ``if __name__ == "__main__":`` guard.
+  the training script needs the usual ``if __name__ == "__main__":`` guard (starting it from
+  unguarded module-level code raises :class:`hardneg._spawn.SpawnGuardError` naming the fix).
 
 The pending queue is bounded: when it is full the *oldest* pending request is dropped, because the
 newest request reflects the model's current confusions. A request that raises or returns
@@ -39,6 +40,7 @@ import torch
 import torch.multiprocessing as torch_mp
 from torch import Tensor
 
+from hardneg._spawn import check_spawn_safe
 from hardneg.generators.base import Generator, GeneratorError, check_output
 
 logger = logging.getLogger(__name__)
@@ -559,6 +561,7 @@ class GenerationWorker:
             )
             self._thread.start()
             return
+        check_spawn_safe()  # a module-level start in an unguarded script would kill the child at birth
         ctx = torch_mp.get_context("spawn")
         self._in_q, self._out_q, self._proc_stop = ctx.Queue(), ctx.Queue(), ctx.Event()
         proc = ctx.Process(

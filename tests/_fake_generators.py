@@ -104,3 +104,21 @@ class WrongShapeGenerator(FakeGenerator):
 
     def generate(self, sources, source_labels, target_labels, ratios, seed=None):  # type: ignore[override]
         return super().generate(sources, source_labels, target_labels, ratios, seed)[:, :, ::2, ::2]
+
+
+class PixelIdentityGenerator:
+    """Returns its sources as they are, clamped to ``[0, 1]`` like a real generator's pixel space.
+
+    A source outside ``[0, 1]`` raises (a real generator would silently produce wrong images),
+    so a test sees whether the engine handed it plain pixels.
+    """
+
+    def __init__(self, num_classes: int = 4) -> None:
+        self.num_classes = num_classes
+
+    def generate(self, sources: Tensor, source_labels: Tensor, target_labels: Tensor, ratios: object,
+                 seed: Optional[int] = None) -> Tensor:
+        as_ratio_tensor(ratios, sources.shape[0])
+        if sources.min() < -1e-4 or sources.max() > 1 + 1e-4:
+            raise ValueError(f"sources outside [0, 1]: [{float(sources.min())}, {float(sources.max())}]")
+        return sources.clamp(0.0, 1.0)

@@ -352,7 +352,7 @@ def _one_size(n: int, placement: str, s: dict[str, Any], ctx: dict[str, Any]) ->
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from hardneg.config import HardNegConfig
+    from hardneg.config import AUTO_REFRESH_MAX, HardNegConfig
     from hardneg.data import load_digits
     from hardneg.training import make_classifier
 
@@ -363,7 +363,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "image_size": args.image_size,
         "steps": args.steps or (2 if q else 6), "repeats": args.repeats or (2 if q else 3),
         "train_threads": args.train_threads, "worker_threads": args.worker_threads,
-        "refresh_every": args.refresh_every or HardNegConfig(num_classes=2).refresh_every,
+        "refresh_every": args.refresh_every or AUTO_REFRESH_MAX,  # the "auto" cadence on a large dataset
         "refresh_queries_default": HardNegConfig(num_classes=2).refresh_queries,
         "refresh_repeats": 1 if q else 2, "feed_images": 16 if q else 512, "generation_batch": 4 if q else 16,
         "worker_wait_s": 120 if q else 300, "profile": not args.no_profile, "seed": args.seed,

@@ -130,3 +130,23 @@ def require_ids(ids: Optional[Tensor], where: str) -> Tensor:
 def generation_on(config: Any, generator: Any) -> bool:
     """Whether an engine built from ``config``/``generator`` will run a generation worker."""
     return generator is not None or getattr(config, "generator", None) is not None
+
+
+def flat_stats(stats: Mapping[str, Any], prefix: str = "hardneg/") -> dict[str, float]:
+    """Every numeric counter of ``engine.stats()`` as one flat ``{prefix + name: float}`` dict, for
+    trainer loggers (TensorBoard, CSV, W&B ...): nested dicts become ``buffer/size``,
+    ``worker/images_produced``...; booleans become 0/1. Left out: ``None`` (not measured yet),
+    strings (``worker/state``, ``last_error``) and the per-pair maps (``pair_r``,
+    ``buffer/pairs``), whose keys change from refresh to refresh."""
+    out: dict[str, float] = {}
+    for key, value in stats.items():
+        if key in ("pair_r", "pairs"):
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_stats(value, prefix=f"{name}/"))
+        elif isinstance(value, bool):
+            out[name] = float(value)
+        elif isinstance(value, (int, float)) and value == value:
+            out[name] = float(value)
+    return out

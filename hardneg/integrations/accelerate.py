@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from hardneg._optional import require
 from hardneg.config import HardNegConfig
 from hardneg.confusion import PairScore
-from hardneg.integrations._common import generation_on, hard_labels
+from hardneg.integrations._common import flat_stats, generation_on, hard_labels
 from hardneg.mixing import MixedBatch
 from hardneg.plugin import GeneratorLike, HardNeg, HardNegError, register_embedding_hook
 from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker
@@ -173,6 +173,9 @@ class HardNegAccelerate:
             between them, results gathered).
         teacher_model: the classifier that scores arriving images when ``config.teacher="model"``
             (on every rank: each rank scores the shared results itself, identically).
+        log_every_n_steps: every this many engine steps, when the accelerator has trackers
+            (``accelerator.init_trackers``), send every counter of :meth:`stats` (``hardneg/...``)
+            through ``accelerator.log(..., step=engine step)``; 0 turns it off.
 
     Construction is collective (the ranks agree on whether generation is on).
     """
@@ -188,6 +191,7 @@ class HardNegAccelerate:
         embedding_layer: Optional[str] = None,
         generate_on: GenerateOn = "main",
         teacher_model: Optional[nn.Module] = None,
+        log_every_n_steps: int = 50,
     ) -> None:
         if generate_on not in ("main", "all"):
             raise HardNegError(f"generate_on must be 'main' or 'all', got {generate_on!r}")
@@ -222,6 +226,7 @@ class HardNegAccelerate:
         self._capture = _EmbeddingCapture(inner, embedding_layer) if inner is not None else None
         self._local: Optional[_LocalMix] = None
         self._reseed_buffer()
+        self.log_every_n_steps = int(log_every_n_steps)
 
     # ------------------------------------------------------------------ training events
     def mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -287,6 +292,9 @@ class HardNegAccelerate:
         # The gathered batch is one mixed batch: its synthetic rows (at the end) are of these pairs.
         self.engine.observe(embeddings=emb_all, labels=labels_all, logits=logits_all, ids=ids_all,
                             synthetic_pairs=all_pairs)
+        n_log = self.log_every_n_steps
+        if n_log > 0 and self.engine.step % n_log == 0 and getattr(self.accelerator, "trackers", None):
+            self.accelerator.log(flat_stats(self.stats()), step=self.engine.step)  # main process only
 
     # ------------------------------------------------------------------ engine passthrough
     def confusions(self, n: Optional[int] = None) -> list[PairScore]:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from hardneg._optional import require
 from hardneg.config import HardNegConfig
-from hardneg.integrations._common import BatchLayout, generation_on, hard_labels, require_ids
+from hardneg.integrations._common import BatchLayout, flat_stats, generation_on, hard_labels, require_ids
 from hardneg.mixing import weighted_loss
 from hardneg.plugin import GeneratorLike, HardNeg, HardNegError
 
@@ -80,7 +80,9 @@ class HardNegCallback(L.Callback):
         embedding_layer: dotted name (relative to the LightningModule) of the module whose
             output is the embedding; default the input of the last ``nn.Linear``.
         batch_keys: ``(images, labels, ids)`` keys of a dict batch when they are not the usual names.
-        log_every_n_steps: log engine counters (``hardneg/...``) this often; 0 turns logging off.
+        log_every_n_steps: log every counter of ``engine.stats()`` (``hardneg/...``, see
+            :func:`hardneg.integrations._common.flat_stats`) this often; ``None`` (default): on the
+            Trainer's own ``log_every_n_steps``; 0 turns logging off.
         teacher_model: the classifier that scores arriving images when ``config.teacher="model"``.
     """
 
@@ -92,7 +94,7 @@ class HardNegCallback(L.Callback):
         generator: GeneratorLike = None,
         embedding_layer: Optional[str] = None,
         batch_keys: Optional[Sequence[str]] = None,
-        log_every_n_steps: int = 50,
+        log_every_n_steps: Optional[int] = None,
         teacher_model: Optional[nn.Module] = None,
     ) -> None:
         if not isinstance(config, HardNegConfig):
@@ -103,7 +105,7 @@ class HardNegCallback(L.Callback):
         self.generator = generator
         self.embedding_layer = embedding_layer
         self.batch_keys = tuple(batch_keys) if batch_keys is not None else None
-        self.log_every_n_steps = int(log_every_n_steps)
+        self.log_every_n_steps = int(log_every_n_steps) if log_every_n_steps is not None else None
         self.teacher_model = teacher_model
         self.engine: Optional[HardNeg] = None
         self._closed = False
@@ -186,8 +188,7 @@ class HardNegCallback(L.Callback):
             return
         logits = outputs.get("logits") if isinstance(outputs, Mapping) else None
         self.engine.observe(labels=rec.labels, logits=logits, ids=rec.ids)
-        n = self.log_every_n_steps
-        if n > 0 and self.engine.step % n == 0:
+        if self._should_log(trainer):
             self._log(pl_module)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -241,16 +242,23 @@ class HardNegCallback(L.Callback):
             raise HardNegError("HardNegCallback has no running engine: it is built when trainer.fit() starts")
         return self.engine
 
+    def _should_log(self, trainer: Any) -> bool:
+        """Explicit ``log_every_n_steps``: every n engine steps; default: on the steps the Trainer
+        writes its logs (``Trainer(log_every_n_steps=...)``), where values logged on other steps
+        would be dropped."""
+        n = self.log_every_n_steps
+        if n is not None:
+            return n > 0 and self.engine is not None and self.engine.step % n == 0
+        connector = getattr(trainer, "_logger_connector", None)
+        will_write = getattr(connector, "should_update_logs", None)
+        if isinstance(will_write, bool):
+            return will_write
+        every = getattr(trainer, "log_every_n_steps", 50) or 0
+        return every > 0 and self.engine is not None and self.engine.step % every == 0
+
     def _log(self, pl_module: Any) -> None:
         s = self.engine.stats() if self.engine is not None else {}
-        values = {
-            "hardneg/bank_size": float(s.get("bank_size", 0)),
-            "hardneg/synthetic_used": float(s.get("synthetic_used", 0)),
-            "hardneg/buffer_size": float((s.get("buffer") or {}).get("size", 0)),
-            "hardneg/engine_fraction": float(s.get("engine_fraction", 0.0)),
-        }
-        if s.get("mean_r") is not None:
-            values["hardneg/mean_r"] = float(s["mean_r"])
+        values = flat_stats(s)
         try:
             pl_module.log_dict(values, on_step=True, on_epoch=False)
         except Exception as exc:  # logging must never break training (e.g. no logger attached)

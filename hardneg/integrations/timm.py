@@ -1,20 +1,23 @@
 """timm adapter: :class:`HardNegTimm`, shaped like timm's ``mixup_fn`` plus an observe hook.
 
-In timm's ``train.py`` (``train_one_epoch``), after ``mixup_fn`` is created, wrap it (the wrapper
-is never ``None``, so the ``if mixup_fn is not None`` branch always runs)::
+In timm's ``train.py`` (v1.0.23+, where ``train_one_epoch``'s ``_forward()`` computes the loss with
+``result = task(input, target)``), docs/integrations.md lists the exact edits; in short::
 
-    engine = HardNeg(cfg, model=model, dataset=dataset_train, class_names=...)
-    mixup_fn = HardNegTimm(engine, mixup_fn)                          # line 1
+    dataset_train = IndexedDataset(dataset_train)                     # after create_dataset(...)
+    engine = HardNeg(HardNegConfig(num_classes=..., **normalization_from(data_config)),
+                     model=model, dataset=dataset_train)              # after create_loader(...)
+    mixup_fn = HardNegTimm(engine, mixup_fn)       # never None, so train_one_epoch always calls it
 
-and inside ``_forward()``, right after ``loss = loss_fn(output, target)``::
+and in ``train_one_epoch``: ``for batch_idx, (input, target, ids) in enumerate(loader):`` and,
+inside ``_forward()`` right after ``result = task(input, target)``::
 
-    mixup_fn.after_forward(output, target, ids)                       # line 2
+    mixup_fn.after_forward(result['output'], target, ids)
 
-Sample ids: timm's loaders yield ``(input, target)`` only. Wrap the training dataset in
-:class:`IndexedDataset` (items become ``(input, target, index)``, ``transform`` still reaches the
-wrapped dataset), run ``train.py`` with ``--no-prefetcher`` (the prefetcher's ``fast_collate``
-only takes pairs, and with it ``mixup_fn`` is never called) and unpack
-``for batch_idx, (input, target, ids) in enumerate(loader):``.
+Sample ids: timm's loaders yield ``(input, target)`` only; :class:`IndexedDataset` makes items
+``(input, target, index)`` (``transform`` still reaches the wrapped dataset). Run ``train.py``
+with ``--no-prefetcher``: the prefetcher's ``fast_collate`` keeps two fields (the ids are lost),
+it normalises on the device and ``mixup_fn`` is never called with it; :class:`IndexedDataset`
+recognises its uint8 images and raises :class:`HardNegError` saying so.
 
 Order inside ``__call__``: timm's mixup/cutmix first (on the real batch, whose size stays even),
 then the ready hard negatives are appended with one-hot targets, so generated images are never
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -130,10 +134,20 @@ class HardNegTimm:
         self.engine.close()
 
 
+PREFETCHER_ERROR = (
+    "IndexedDataset got a uint8 image: that is what timm's transforms produce for the prefetcher "
+    "(train.py without --no-prefetcher, or create_loader(use_prefetcher=True)). The prefetcher's "
+    "fast_collate drops the sample ids hardneg needs, normalises on the device out of hardneg's sight, "
+    "and train.py then never calls mixup_fn. Run train.py with --no-prefetcher "
+    "(create_loader(..., use_prefetcher=False)).")
+
+
 class IndexedDataset(Dataset):
     """``(input, target)`` items become ``(input, target, index)``: the sample ids hardneg needs.
 
-    Attribute writes such as timm's ``dataset.transform = ...`` go to the wrapped dataset.
+    Attribute writes such as timm's ``dataset.transform = ...`` go to the wrapped dataset. An item
+    whose image is uint8 (timm's prefetcher transforms) raises :class:`HardNegError` saying to turn
+    the prefetcher off: with it on, the ids never reach the loop (``fast_collate`` keeps two fields).
     """
 
     def __init__(self, dataset: Any) -> None:
@@ -144,7 +158,10 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Any, int]:
         item = self.dataset[index]
-        return item[0], item[1], int(index)
+        image = item[0]
+        if getattr(image, "dtype", None) in (torch.uint8, np.uint8):
+            raise HardNegError(PREFETCHER_ERROR)
+        return image, item[1], int(index)
 
     def __getattr__(self, name: str) -> Any:
         if name == "dataset":

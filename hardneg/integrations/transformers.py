@@ -41,9 +41,10 @@ from torch.utils.data import Dataset
 
 from hardneg._optional import require
 from hardneg.config import HardNegConfig
-from hardneg.integrations._common import IMAGE_KEYS, LABEL_KEYS, hard_labels, require_ids
+from hardneg.integrations._common import IMAGE_KEYS, LABEL_KEYS, flat_stats, hard_labels, require_ids
 from hardneg.mixing import weighted_loss
 from hardneg.plugin import GeneratorLike, HardNeg, HardNegError
+from hardneg.value_space import normalization_from
 
 T = require("transformers", "transformers")
 
@@ -105,6 +106,7 @@ class HardNegTrainerCallback(T.TrainerCallback):
         if model is None:
             raise HardNegError("HardNegTrainerCallback needs the Trainer's model (on_train_begin got none)")
         names = self.class_names or _model_class_names(model, self.config.num_classes)
+        self.config = _with_processor_normalization(self.config, kwargs.get("processing_class"))
         self.engine = HardNeg(self.config, model=model, class_names=names, dataset=self.dataset,
                               generator=self.generator, embedding_layer=self.embedding_layer,
                               teacher_model=self.teacher_model)
@@ -181,6 +183,17 @@ class HardNegTrainerMixin:
             cb.dataset = getattr(self, "train_dataset", None)
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add every engine counter (``hardneg/...``, :func:`~hardneg.integrations._common.flat_stats`)
+        to the Trainer's training logs, so ``state.log_history`` and every ``report_to`` logger
+        (TensorBoard, CSV/JSON, W&B ...) get them on the Trainer's ``logging_steps``. (A callback's
+        ``on_log`` comes too late: the Trainer has stored the entry and run the reporting callbacks,
+        which are registered before user callbacks, by then.)"""
+        engine = self.hardneg_callback.engine
+        if engine is not None and not any(str(k).startswith(("eval_", "test_")) for k in logs):
+            logs = {**logs, **flat_stats(engine.stats())}
+        return super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
     def _set_signature_columns_if_needed(self) -> None:
         # Keep the id column through remove_unused_columns: compute_loss takes it out again.
         super()._set_signature_columns_if_needed()  # type: ignore[misc]
@@ -254,6 +267,23 @@ class WithSampleIds(Dataset):
             raise HardNegError(f"WithSampleIds wraps datasets of dict items; item {index} is a "
                                f"{type(item).__name__}")
         return {**item, self.id_column: int(index)}
+
+
+def _with_processor_normalization(config: HardNegConfig, processor: Any) -> HardNegConfig:
+    """``config`` with the image processor's ``image_mean``/``image_std`` (the pipeline's value space)
+    when it normalises and the config names no normalisation of its own."""
+    if config.data_mean is not None or processor is None:
+        return config
+    processor = getattr(processor, "image_processor", processor)  # a multimodal processor wraps one
+    if not getattr(processor, "do_normalize", False):
+        return config
+    try:
+        found = normalization_from(processor)
+    except ValueError:
+        return config
+    logger.info("hardneg: value space from the image processor: mean %s, std %s", found["data_mean"],
+                found["data_std"])
+    return config.replace(**found)
 
 
 def _checkpoint_folder(args: Any, state: Any) -> str:

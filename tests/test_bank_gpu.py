@@ -1,0 +1,143 @@
+"""The bank's FAISS GPU path, exercised on the CPU by standing in for the GPU build's functions.
+
+What this does NOT exercise (needs a FAISS GPU build and a GPU): that ``faiss.knn_gpu`` itself
+returns the same neighbours as ``faiss.knn`` and that the scratch-memory cap is honoured on the
+device. It does check that the path is chosen when a GPU build sees a GPU, not otherwise, and that
+it is called with the bank's vectors, k and metric, serialised across threads.
+"""
+
+import sys
+import threading
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from hardneg import HardNeg, HardNegConfig
+from hardneg.bank import GPU_TEMP_MEMORY, EmbeddingBank
+
+
+class FakeGpuResources:
+    created = 0
+
+    def __init__(self):
+        FakeGpuResources.created += 1
+        self.temp_memory = None
+
+    def setTempMemory(self, size):
+        self.temp_memory = size
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A FAISS 'GPU build' with one GPU whose knn_gpu records its calls and answers with faiss.knn."""
+    calls = []
+    active = []
+
+    def knn_gpu(res, xq, xb, k, D=None, I=None, metric=faiss.METRIC_L2, device=-1, **kw):
+        active.append(1)
+        assert len(active) == 1, "two threads used one StandardGpuResources at once"
+        try:
+            calls.append({"res": res, "xq": xq.copy(), "xb_rows": xb.shape[0], "k": k, "metric": metric,
+                          "contiguous": xq.flags.c_contiguous and xb.flags.c_contiguous,
+                          "dtype": (xq.dtype, xb.dtype)})
+            return faiss.knn(xq, xb, k, metric=metric)
+        finally:
+            active.pop()
+
+    FakeGpuResources.created = 0
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "StandardGpuResources", FakeGpuResources, raising=False)
+    monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
+    return calls
+
+
+def _vectors(n=200, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.arange(n) % 5
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_gpu_build_with_a_gpu_searches_with_knn_gpu(fake_gpu, metric):
+    x, y = _vectors()
+    bank = EmbeddingBank(16, 5, metric=metric, index="flat", use_gpu=True)
+    assert bank.on_gpu and FakeGpuResources.created == 1
+    assert bank._gpu_res.temp_memory == GPU_TEMP_MEMORY  # scratch memory capped
+    bank.upsert(torch.arange(200), x, y)
+    scores, ids = bank.search(x[:7], k=5)
+    assert len(fake_gpu) == 1
+    call = fake_gpu[0]
+    assert call["res"] is bank._gpu_res and call["k"] == 5 and call["xb_rows"] == 200
+    want_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    assert call["metric"] == want_metric and call["contiguous"] and call["dtype"] == (np.float32, np.float32)
+    cpu = EmbeddingBank(16, 5, metric=metric, index="flat", use_gpu=False)
+    cpu.upsert(torch.arange(200), x, y)
+    cpu_scores, cpu_ids = cpu.search(x[:7], k=5)
+    np.testing.assert_array_equal(ids, cpu_ids)
+    np.testing.assert_allclose(scores, cpu_scores, rtol=1e-5, atol=1e-5)
+    assert len(fake_gpu) == 1  # the use_gpu=False bank never touched the GPU path
+
+
+def test_no_gpu_or_use_gpu_off_stays_on_the_cpu(fake_gpu, monkeypatch):
+    x, y = _vectors()
+    off = EmbeddingBank(16, 5, index="flat", use_gpu=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    no_gpu = EmbeddingBank(16, 5, index="flat", use_gpu=True)
+    for bank in (off, no_gpu):
+        bank.upsert(torch.arange(200), x, y)
+        bank.search(x[:3], k=4)
+        assert not bank.on_gpu
+    assert fake_gpu == [] and FakeGpuResources.created == 0
+
+
+def test_cpu_only_build_has_no_gpu_path(monkeypatch):
+    monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)
+    bank = EmbeddingBank(4, 2, use_gpu=True)
+    assert not bank.on_gpu
+
+
+def test_engine_bank_follows_use_gpu_index(fake_gpu):
+    emb, y = _vectors(n=16, d=8)
+    for flag in (True, False):
+        engine = HardNeg(HardNegConfig(num_classes=5, use_gpu_index=flag, refresh_every=1, async_refresh=False,
+                                       knn_k=3))
+        engine.observe(embeddings=emb, labels=y, ids=torch.arange(16))  # refreshes: a kNN pass over the bank
+        assert engine.bank.on_gpu is flag and engine.stats()["bank_on_gpu"] is flag
+        restored = HardNeg(HardNegConfig(num_classes=5, use_gpu_index=flag))
+        restored.load_state_dict(engine.state_dict())
+        assert restored.bank.on_gpu is flag
+        engine.close()
+        restored.close()
+    assert fake_gpu and all(c["k"] >= 3 for c in fake_gpu)
+
+
+def test_gpu_searches_from_two_threads_are_serialised(fake_gpu):
+    x, y = _vectors()
+    bank = EmbeddingBank(16, 5, index="flat", use_gpu=True)
+    bank.upsert(torch.arange(200), x, y)
+    errors = []
+
+    def search():
+        try:
+            for _ in range(20):
+                bank.search(x[:50], k=5)
+        except AssertionError as exc:  # raised by the fake when two calls overlap
+            errors.append(exc)
+
+    threads = [threading.Thread(target=search) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(fake_gpu) == 80
+
+
+def test_gpu_extra_installs_a_faiss_gpu_build():
+    tomllib = pytest.importorskip("tomllib") if sys.version_info >= (3, 11) else pytest.importorskip("tomli")
+    from pathlib import Path
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    gpu = meta["project"]["optional-dependencies"]["gpu"]
+    assert any(dep.startswith("faiss-gpu") for dep in gpu)
+    assert "gpu" not in " ".join(meta["project"]["optional-dependencies"]["all"])  # CPU boxes keep faiss-cpu
