@@ -18,6 +18,14 @@ def test_allocate_is_proportional_and_exact():
     assert allocate(4, [0, 0]) == [2, 2]
 
 
+def test_allocate_gives_leftover_images_to_the_largest_remainders():
+    """Unequal remainders: not the largest scores, not the smallest remainders, not the first pairs."""
+    assert allocate(3, [0.45, 0.35, 0.2]) == [1, 1, 1]  # raw 1.35, 1.05, 0.6: the 0.6 gets the leftover
+    assert allocate(4, [0.3, 0.5, 0.2]) == [1, 2, 1]  # raw 1.2, 2.0, 0.8
+    assert allocate(7, [0.15, 0.6, 0.25]) == [1, 4, 2]  # raw 1.05, 4.2, 1.75
+    assert allocate(5, [3, 2, 2, 1]) == [2, 1, 1, 1]  # raw 1.875, 1.25, 1.25, 0.625: two leftovers
+
+
 def _collect_all(engine, timeout=20):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
