@@ -154,3 +154,14 @@ def test_confusion_ema_weights_the_newest_refresh_by_ema():
     np.testing.assert_allclose(graph.refresh(_hand_built_bank(), step=1), first)  # the first refresh: no blend
     second = graph.refresh(_hand_built_bank(moved), step=2)
     np.testing.assert_allclose(second, 0.7 * first + 0.3 * fresh, rtol=1e-6, atol=1e-9)
+
+
+def test_classes_without_logits_this_window_keep_their_knn_scores():
+    """logit_weight 0.3 with logits for class 2 only: rows 0 and 1 are pure kNN, row 2 is 0.7 kNN + 0.3 softmax."""
+    knn = ConfusionGraph(3, knn_k=2, logit_weight=0.0).refresh(_hand_built_bank(), step=1)
+    graph = ConfusionGraph(3, knn_k=2, logit_weight=0.3)
+    logits = torch.tensor([[0.0, math.log(3.0), math.log(6.0)]] * 2)  # class 2 puts 0.3 on class 1, 0.1 on class 0
+    graph.accumulate_logits(torch.tensor([2, 2]), logits)
+    m = graph.refresh(_hand_built_bank(), step=1)
+    np.testing.assert_allclose(m[:2], knn[:2], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(m[2], [0.7 * knn[2, 0] + 0.3 * 0.1, 0.7 * knn[2, 1] + 0.3 * 0.3, 0.0], rtol=1e-6)
