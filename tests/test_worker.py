@@ -296,17 +296,11 @@ def test_process_that_dies_is_restarted_then_reported_failed(caplog: pytest.LogC
     caplog.set_level(logging.ERROR, logger="hardneg.worker")
     factory = functools.partial(fakes.FakeGenerator, exit_on_call=1)  # os._exit in the child
     w = GenerationWorker(factory, backend="process", max_restarts=1, name="hn-p-exit")
-    i = 0
     try:
-
-        def failed() -> bool:
-            nonlocal i
-            w.submit(make_request(i))
-            w.poll()
-            i += 1
-            return w.failed
-
-        wait_until(failed, timeout=120)
+        for i in range(2):  # one death at a time: restart 1 of 1, then it gives up
+            assert not w.failed and w.submit(make_request(i))
+            wait_until(lambda: (w.poll(), w.stats()["crashes"] > i)[1], timeout=120)
+            assert (w.stats()["restarts"], w.failed) == (1, i == 1), w.stats()
         st = w.stats()
         assert st["crashes"] == 2 and st["restarts"] == 1 and st["failed"] and not st["alive"]
         assert "exit" in st["last_error"] and "3" in st["last_error"]
