@@ -210,6 +210,29 @@ def test_make_curriculum_builds_band_from_the_config() -> None:
     assert type(c) is BandCurriculum and (c.low, c.high, c.min_samples) == (0.5, 0.7, 3)
 
 
+def test_make_curriculum_passes_every_knob_to_its_field() -> None:
+    """Distinct values for every r setting, so two swapped arguments cannot cancel out."""
+    from hardneg.curriculum import BandCurriculum
+
+    knobs = dict(r_start=0.7, r_end=0.45, r_min=0.2, r_max=0.9, adaptive_high=0.85, adaptive_low=0.35,
+                 adaptive_step=0.07, adaptive_min_samples=5, total_steps=321, step_milestones=(0.3, 0.6),
+                 ada_grid=(0.4, 0.55, 0.95), difficulty_band=(0.55, 0.75))
+    a = make_curriculum(cfg(curriculum="adaptive", **knobs))
+    assert (a.r_start, a.r_min, a.r_max, a.high, a.low, a.step_size, a.min_samples, a.total_steps) == (
+        0.7, 0.2, 0.9, 0.85, 0.35, 0.07, 5, 321)
+    b = make_curriculum(cfg(curriculum="band", teacher="ema", **knobs))
+    assert isinstance(b, BandCurriculum)
+    assert (b.r_start, b.r_min, b.r_max, b.low, b.high, b.step_size, b.min_samples, b.total_steps) == (
+        0.7, 0.2, 0.9, 0.55, 0.75, 0.07, 5, 321)
+    for kind in ("linear", "cosine", "step"):
+        t = make_curriculum(cfg(curriculum=kind, **knobs))
+        assert (t.r_start, t.r_end, t.total_steps) == (0.7, 0.45, 321), kind
+    assert make_curriculum(cfg(curriculum="step", **knobs)).milestones == (0.3, 0.6)
+    ada = make_curriculum(cfg(curriculum="ada", **knobs))
+    assert (ada.grid, ada.r_start, ada.total_steps) == ((0.4, 0.55, 0.95), 0.7, 321)
+    assert make_curriculum(cfg(curriculum="constant", **knobs)).ratio((0, 1), 300) == 0.7
+
+
 def test_band_raises_r_below_the_band_lowers_it_above_and_keeps_it_inside() -> None:
     c = _band()
     low, high, inside = (0, 1), (2, 3), (4, 5)
