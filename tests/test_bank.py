@@ -225,3 +225,24 @@ def test_engine_mixed_steps_store_only_the_real_rows():
     handle.remove()
     ids = torch.cat(all_ids)
     assert_bank_holds_only_real_rows(engine.bank, ids, torch.cat(real_rows), data.labels[ids])
+
+
+def test_engine_substitute_mode_stores_only_the_rows_that_stayed_real():
+    """mix_mode="substitute" replaces the last rows: their ids (and the generated rows) stay out of the bank."""
+    from _bank_checks import assert_bank_holds_only_real_rows, record_head_inputs
+    from _engine_generators import make_result
+    from hardneg import HardNeg
+    from test_plugin import TinyNet, _cfg, _toy_data
+
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = TinyNet()
+    engine = HardNeg(_cfg(refresh_every=1000, mix_mode="substitute"), model=model)
+    engine._accept([make_result(1 - data.images[:4], (0, 1), 0.5)])
+    seen, handle = record_head_inputs(model.head)
+    ids = torch.arange(0, 96, 6)
+    x, y, w = engine.mix(data.images[ids], data.labels[ids])
+    assert x.shape[0] == 16 and engine.last_mix_pairs == [(0, 1)] * 4
+    engine.observe(labels=y, logits=model(x), ids=ids)
+    handle.remove()
+    assert_bank_holds_only_real_rows(engine.bank, ids[:12], seen[-1][:12], data.labels[ids[:12]])
