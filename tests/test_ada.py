@@ -123,3 +123,36 @@ def test_ada_with_the_class_conditional_generator():
     for i in range(2):
         j = GRID.index(round(float(res.ratios[i]), 6))
         torch.testing.assert_close(res.images[i], every[i, j])
+
+
+# --------------------------------------------------------------------------- through the engine
+def test_engine_ada_keeps_each_sources_image_after_its_own_jump_towards_the_target():
+    """Two sources of class 0 whose images jump onto class 3 at different r (0.75 and 0.45): the engine
+    keeps r = 0.9 for the first and 0.6 for the second (a projection on source - target, the wrong
+    way round, picks them the other way)."""
+    from hardneg import HardNeg, HardNegConfig
+    from hardneg.data import from_tensors
+    from hardneg.targeting import PlannedPair
+
+    images = torch.zeros(6, 1, 4, 4)
+    images[1] = 10.0  # source 1's images are 10 + r, source 0's are r
+    data = from_tensors(images, torch.tensor([0, 0, 3, 3, 3, 3]))
+    jumps = {0: 0.75, 1: 0.45}
+
+    def embed(batch, batch_size=256):  # at the source (1, 0) before the jump, at class 3 (0, 1) after it
+        value = batch.flatten(1).mean(1)
+        base = torch.round(value / 10)
+        after = torch.tensor([float(v - 10 * b) >= jumps[int(b)] for v, b in zip(value, base)])
+        return torch.stack([(~after).float(), after.float()], dim=1)
+
+    cfg = HardNegConfig(num_classes=4, curriculum="ada", ada_grid=(0.3, 0.6, 0.9), generation_batch=6,
+                        refresh_every=1000, label_mode="hard", seed=0)
+    with HardNeg(cfg, dataset=data, generator=FillGenerator()) as engine:
+        engine.embed = embed
+        engine.observe(embeddings=torch.tensor([[1.0, 0.0]] * 2 + [[0.0, 1.0]] * 4), labels=data.labels,
+                       ids=torch.arange(6))
+        engine._request_generation([PlannedPair((0, 3), 2, [0, 1])])
+        engine.wait_for_generation()
+        prov = engine.buffer.provenance()
+    chosen = dict(zip(prov["source_ids"].tolist(), [round(r, 4) for r in prov["ratios"].tolist()]))
+    assert chosen == {0: 0.9, 1: 0.6}

@@ -200,3 +200,49 @@ def test_lookup_skips_unknown_ids_and_scan_visits_every_sample_once_in_chunks():
     assert sorted(seen) == list(range(100, 110)) and sizes == [4, 4, 2]
     with pytest.raises(BankError, match="chunk"):
         bank.scan(lambda *a: None, chunk=0)
+
+
+def test_engine_mixed_steps_store_only_the_real_rows():
+    """Generated rows appended by mix never enter the bank nor overwrite a real sample's vector or label."""
+    from _bank_checks import assert_bank_holds_only_real_rows, record_head_inputs
+    from _engine_generators import make_result
+    from hardneg import HardNeg
+    from test_plugin import TinyNet, _cfg, _toy_data
+
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = TinyNet()
+    engine = HardNeg(_cfg(refresh_every=1000), model=model)
+    engine._accept([make_result(1 - data.images[:4], (0, 1), 0.5)])  # unlike any real image; source ids 0-3
+    seen, handle = record_head_inputs(model.head)
+    all_ids, real_rows = [], []
+    for ids in (torch.arange(0, 96, 6), torch.arange(1, 96, 6)):  # id 0 among the real rows
+        x, y, w = engine.mix(data.images[ids], data.labels[ids])
+        assert x.shape[0] == 20 and engine.last_mix_pairs == [(0, 1)] * 4
+        engine.observe(labels=y, logits=model(x), ids=ids)
+        all_ids.append(ids)
+        real_rows.append(seen[-1][:16])
+    handle.remove()
+    ids = torch.cat(all_ids)
+    assert_bank_holds_only_real_rows(engine.bank, ids, torch.cat(real_rows), data.labels[ids])
+
+
+def test_engine_substitute_mode_stores_only_the_rows_that_stayed_real():
+    """mix_mode="substitute" replaces the last rows: their ids (and the generated rows) stay out of the bank."""
+    from _bank_checks import assert_bank_holds_only_real_rows, record_head_inputs
+    from _engine_generators import make_result
+    from hardneg import HardNeg
+    from test_plugin import TinyNet, _cfg, _toy_data
+
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = TinyNet()
+    engine = HardNeg(_cfg(refresh_every=1000, mix_mode="substitute"), model=model)
+    engine._accept([make_result(1 - data.images[:4], (0, 1), 0.5)])
+    seen, handle = record_head_inputs(model.head)
+    ids = torch.arange(0, 96, 6)
+    x, y, w = engine.mix(data.images[ids], data.labels[ids])
+    assert x.shape[0] == 16 and engine.last_mix_pairs == [(0, 1)] * 4
+    engine.observe(labels=y, logits=model(x), ids=ids)
+    handle.remove()
+    assert_bank_holds_only_real_rows(engine.bank, ids[:12], seen[-1][:12], data.labels[ids[:12]])

@@ -188,3 +188,16 @@ def test_invalid_arguments() -> None:
         SyntheticBuffer(4, max_uses=0)
     with pytest.raises(ValueError):
         SyntheticBuffer(4, freshness_half_life=0)
+
+
+def test_pair_weights_are_relative_scores_of_directed_pairs() -> None:
+    """Two listed pairs at 0.6 and 0.3 (not one at 1.0, where any favouring looks right), and the
+    reverse (8, 3) of a listed pair counts as unlisted: the draw weights are 1, 0.5 and 0.05."""
+    buf = SyntheticBuffer(20, seed=0)
+    buf.add(result(2, pair=(3, 8)), step=0)
+    buf.add(result(2, pair=(4, 9), first_id=10), step=0)
+    buf.add(result(2, pair=(8, 3), first_id=20), step=0)
+    w = buf.sampling_weights(step=0, pair_weights={(3, 8): 0.6, (4, 9): 0.3})
+    slots = buf.provenance()["slots"]
+    by_source = dict(zip(buf.provenance()["source_ids"].tolist(), w[slots].tolist()))
+    assert by_source == pytest.approx({0: 1.0, 1: 1.0, 10: 0.5, 11: 0.5, 20: 0.05, 21: 0.05})

@@ -155,6 +155,62 @@ def test_conditioned_on_target_with_null_class_for_guidance(gen):
     assert seen and all(labels == [2, 1, 3, 3] for labels in seen)  # targets, then the null class
 
 
+# r on both sides of every scheduled timestep t (T = 1000): r = t / T runs t, r = (t - 0.5) / T does
+# not; 1 - 0.201 etc. are the float-error cases (T * r = 798.9999999999999 must still run 799).
+RATIO_GRID = [t / 1000 for t in TIMESTEPS] + [(t - 0.5) / 1000 for t in TIMESTEPS] + [(t + 0.5) / 1000 for t in TIMESTEPS]
+FLOAT_ERROR_RATIOS = [1 - 0.201, 1 - 0.801, 1 - 0.901]  # 0.799, 0.199, 0.099 from below
+
+
+def _expected_steps(r: float) -> int:
+    """Scheduled timesteps are 99, 199, ..., 999: those at or below T * r, counted by hand."""
+    limit = round(1000 * r, 6)  # 798.9999999999999 is 799
+    return sum(1 for i in range(10) if 100 * i + 99 <= limit)
+
+
+class _StubUNet(torch.nn.Module):
+    """eps = 0.1 z + (label + 1) * pattern: the conditional and null (label K) predictions differ."""
+
+    def __init__(self, guided_scale=None, num_classes=3):
+        super().__init__()
+        self.pattern = torch.nn.Parameter(torch.linspace(-1, 1, 64).view(1, 1, 8, 8), requires_grad=False)
+        self.guided_scale, self.num_classes = guided_scale, num_classes
+
+    def forward(self, z, t, class_labels):
+        c = class_labels.float().view(-1, 1, 1, 1) + 1
+        if self.guided_scale is not None:  # what a correctly guided conditional prediction is
+            null = float(self.num_classes + 1)
+            c = null + self.guided_scale * (c - null)
+        return type("Out", (), {"sample": 0.1 * z + c * self.pattern})()
+
+
+def test_unet_calls_on_a_grid_of_r_around_every_timestep():
+    assert _expected_steps(0.999) == 10 and _expected_steps(0.9985) == 9 and _expected_steps(0.0985) == 0
+    g = ClassConditionalGenerator(tiny_config(), seed=0)
+    g.unet = _StubUNet()  # the schedule is the generator's; a stub keeps ~180 UNet calls instant
+    for r in RATIO_GRID + FLOAT_ERROR_RATIOS:
+        with CallCounter(g.unet) as calls:
+            g.generate(sources(1), torch.tensor([0]), torch.tensor([1]), r, seed=0)
+        n = _expected_steps(r)
+        assert calls.timesteps == TIMESTEPS[10 - n:], r  # the n smallest timesteps, largest first
+        assert g.steps_for_ratio(r) == n, r
+
+
+@pytest.mark.parametrize("scale", [0.0, 3.0, 7.5])
+def test_classifier_free_guidance_pushes_towards_the_target_class(scale):
+    g = ClassConditionalGenerator(tiny_config(guidance_scale=scale), seed=0)
+    g.unet = _StubUNet()
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2])
+    eps_cond = 0.1 * z + (labels.float().view(-1, 1, 1, 1) + 1) * g.unet.pattern
+    eps_null = 0.1 * z + 4.0 * g.unet.pattern  # the null class is K = 3
+    torch.testing.assert_close(g._guided_eps(z, 500, labels), eps_null + scale * (eps_cond - eps_null))
+    # through a whole GeNIe run: the same images as an unguided UNet that predicts the guided eps
+    ref = ClassConditionalGenerator(tiny_config(guidance_scale=1.0), seed=0)
+    ref.unet = _StubUNet(guided_scale=scale)
+    x, src, tgt = sources(2), torch.tensor([1, 1]), labels
+    torch.testing.assert_close(g.generate(x, src, tgt, 0.7, seed=4), ref.generate(x, src, tgt, 0.7, seed=4))
+
+
 # --------------------------------------------------------------------------- determinism, shapes
 def test_same_seed_reproduces_different_seed_differs(gen):
     x, s, t = sources(3), torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])

@@ -1,5 +1,7 @@
 """ConfusionGraph: finds the overlapping pair and its boundary samples."""
 
+import math
+
 import numpy as np
 import torch
 
@@ -95,3 +97,71 @@ def test_sources_are_kept_for_the_reverse_of_every_candidate_pair():
     reverse = graph.sources_of(b, a)
     assert len(reverse) == 10 and set(y[reverse].tolist()) == {b}
     assert graph.sources_of(0, 1) == []  # neither a candidate nor a reverse of one
+
+
+# --------------------------------------------------------------------------- a hand-built bank
+# Unit vectors in 2D at these angles (degrees), cosine metric, knn_k = 2. Class 0 has one sample
+# (85 deg) deep inside class 1's region; class 1 does not reach back except for its edge sample.
+# Neighbours, by hand (the query itself never counts):
+#   0 deg (c0): 4 (c0), 85 (c0)              4 deg (c0): 0 (c0), 85 (c0)
+#   85 deg (c0): 88 (c1, 3 away), 90 (c1)    -> class 0 leaks into class 1
+#   88 deg (c1): 90 (c1, 2 away), 85 (c0, 3 away)
+#   90, 92, 94 deg (c1): only class 1        180 deg (c2): 176 (c2), 94 (c1, 86 away)
+#   176 deg (c2): 180 (c2), 94 (c1, 82 away)
+_ANGLES = [(0, 0), (4, 0), (85, 0), (88, 1), (90, 1), (92, 1), (94, 1), (180, 2), (176, 2)]
+
+
+def _hand_built_bank(angles=_ANGLES):
+    rad = torch.tensor([math.radians(a) for a, _ in angles], dtype=torch.float64)
+    x = torch.stack([torch.cos(rad), torch.sin(rad)], dim=1).float()
+    y = torch.tensor([c for _, c in angles])
+    bank = EmbeddingBank(dim=2, num_classes=3)
+    bank.upsert(torch.arange(len(y)), x, y)
+    return bank
+
+
+def _cos(deg):
+    return math.cos(math.radians(deg))
+
+
+def test_knn_scores_on_a_hand_built_bank_are_exact():
+    graph = ConfusionGraph(3, knn_k=2, logit_weight=0.0)
+    m = graph.refresh(_hand_built_bank(), step=1)
+    expected = np.zeros((3, 3))
+    expected[0, 1] = (0 + 0 + 1) / 3  # only the 85 deg sample, whose 2 neighbours are both class 1
+    expected[1, 0] = (_cos(3) / (_cos(2) + _cos(3)) + 0 + 0 + 0) / 4
+    expected[2, 1] = (_cos(86) / (_cos(4) + _cos(86)) + _cos(82) / (_cos(4) + _cos(82))) / 2
+    np.testing.assert_allclose(m, expected, rtol=1e-5, atol=1e-7)
+    acc = [d.knn_accuracy for d in graph.class_difficulty()]
+    np.testing.assert_allclose(acc, [2 / 3, 1 - expected[1, 0], 1 - expected[2, 1]], rtol=1e-5)
+
+
+def test_confusion_direction_comes_from_knn_alone_on_an_asymmetric_bank():
+    graph = ConfusionGraph(3, knn_k=2, logit_weight=0.0)
+    m = graph.refresh(_hand_built_bank(), step=1)
+    assert m[0, 1] > 2 * m[1, 0] > 0  # class 0 leaks into class 1 much more than back
+    assert graph.top_pairs(1)[0].pair == (0, 1)
+    assert graph.top_pairs(1)[0].source_ids[0] == 2  # the class-0 sample closest to class 1's centre
+
+
+def test_confusion_ema_weights_the_newest_refresh_by_ema():
+    """ema = 0.3 (not 0.5, where an inverted blend gives the same numbers): new = 0.7 old + 0.3 fresh."""
+    moved = [(a if i != 2 else 2, c) for i, (a, c) in enumerate(_ANGLES)]  # the 85 deg sample goes home
+    first = ConfusionGraph(3, knn_k=2, logit_weight=0.0).refresh(_hand_built_bank(), step=1)
+    fresh = ConfusionGraph(3, knn_k=2, logit_weight=0.0).refresh(_hand_built_bank(moved), step=1)
+    assert np.abs(first - fresh).max() > 0.2
+    graph = ConfusionGraph(3, knn_k=2, ema=0.3, logit_weight=0.0)
+    np.testing.assert_allclose(graph.refresh(_hand_built_bank(), step=1), first)  # the first refresh: no blend
+    second = graph.refresh(_hand_built_bank(moved), step=2)
+    np.testing.assert_allclose(second, 0.7 * first + 0.3 * fresh, rtol=1e-6, atol=1e-9)
+
+
+def test_classes_without_logits_this_window_keep_their_knn_scores():
+    """logit_weight 0.3 with logits for class 2 only: rows 0 and 1 are pure kNN, row 2 is 0.7 kNN + 0.3 softmax."""
+    knn = ConfusionGraph(3, knn_k=2, logit_weight=0.0).refresh(_hand_built_bank(), step=1)
+    graph = ConfusionGraph(3, knn_k=2, logit_weight=0.3)
+    logits = torch.tensor([[0.0, math.log(3.0), math.log(6.0)]] * 2)  # class 2 puts 0.3 on class 1, 0.1 on class 0
+    graph.accumulate_logits(torch.tensor([2, 2]), logits)
+    m = graph.refresh(_hand_built_bank(), step=1)
+    np.testing.assert_allclose(m[:2], knn[:2], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(m[2], [0.7 * knn[2, 0] + 0.3 * 0.1, 0.7 * knn[2, 1] + 0.3 * 0.3, 0.0], rtol=1e-6)

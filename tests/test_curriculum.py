@@ -210,6 +210,29 @@ def test_make_curriculum_builds_band_from_the_config() -> None:
     assert type(c) is BandCurriculum and (c.low, c.high, c.min_samples) == (0.5, 0.7, 3)
 
 
+def test_make_curriculum_passes_every_knob_to_its_field() -> None:
+    """Distinct values for every r setting, so two swapped arguments cannot cancel out."""
+    from hardneg.curriculum import BandCurriculum
+
+    knobs = dict(r_start=0.7, r_end=0.45, r_min=0.2, r_max=0.9, adaptive_high=0.85, adaptive_low=0.35,
+                 adaptive_step=0.07, adaptive_min_samples=5, total_steps=321, step_milestones=(0.3, 0.6),
+                 ada_grid=(0.4, 0.55, 0.95), difficulty_band=(0.55, 0.75))
+    a = make_curriculum(cfg(curriculum="adaptive", **knobs))
+    assert (a.r_start, a.r_min, a.r_max, a.high, a.low, a.step_size, a.min_samples, a.total_steps) == (
+        0.7, 0.2, 0.9, 0.85, 0.35, 0.07, 5, 321)
+    b = make_curriculum(cfg(curriculum="band", teacher="ema", **knobs))
+    assert isinstance(b, BandCurriculum)
+    assert (b.r_start, b.r_min, b.r_max, b.low, b.high, b.step_size, b.min_samples, b.total_steps) == (
+        0.7, 0.2, 0.9, 0.55, 0.75, 0.07, 5, 321)
+    for kind in ("linear", "cosine", "step"):
+        t = make_curriculum(cfg(curriculum=kind, **knobs))
+        assert (t.r_start, t.r_end, t.total_steps) == (0.7, 0.45, 321), kind
+    assert make_curriculum(cfg(curriculum="step", **knobs)).milestones == (0.3, 0.6)
+    ada = make_curriculum(cfg(curriculum="ada", **knobs))
+    assert (ada.grid, ada.r_start, ada.total_steps) == ((0.4, 0.55, 0.95), 0.7, 321)
+    assert make_curriculum(cfg(curriculum="constant", **knobs)).ratio((0, 1), 300) == 0.7
+
+
 def test_band_raises_r_below_the_band_lowers_it_above_and_keeps_it_inside() -> None:
     c = _band()
     low, high, inside = (0, 1), (2, 3), (4, 5)
@@ -258,3 +281,33 @@ def test_band_rejects_bad_settings() -> None:
         _band(band=(0.9, 0.5))
     with pytest.raises(ValueError, match="r_min"):
         _band(r_min=0.95)
+
+
+# ---------------------------------------------------------------------------- through the engine
+@pytest.mark.parametrize("classified_as, r_after", [("target", 0.65), ("source", 0.75), ("other", 0.75)])
+def test_engine_moves_adaptive_r_by_how_the_model_classifies_fresh_negatives(classified_as, r_after) -> None:
+    """Fresh negatives of (0, 3) classified as their label 3: too easy, r drops; as anything else, r rises."""
+    import torch
+
+    from _engine_generators import make_result
+    from hardneg import HardNeg
+
+    pair = (0, 3)
+    cfg = HardNegConfig(num_classes=4, curriculum="adaptive", r_start=0.7, r_min=0.3, r_max=0.95, adaptive_step=0.05,
+                        adaptive_high=0.8, adaptive_low=0.4, adaptive_min_samples=4, synthetic_fraction=0.5,
+                        label_mode="hard", refresh_every=1000, seed=0)
+    engine = HardNeg(cfg)
+    engine.buffer.add(make_result(torch.rand(4, 1, 4, 4), pair, 0.7), step=0)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    xm, ym, w = engine.mix(torch.rand(8, 1, 4, 4), y)
+    assert engine.last_mix_pairs == [pair] * 4 and ym[8:].tolist() == [3] * 4
+    predicted = {"target": 3, "source": 0, "other": 1}[classified_as]
+    logits = torch.full((12, 4), -5.0)
+    logits[torch.arange(8), y] = 5.0  # the real rows are right either way
+    logits[8:, predicted] = 5.0
+    engine.observe(embeddings=torch.randn(12, 6, generator=torch.Generator().manual_seed(0)), labels=ym,
+                   logits=logits, ids=torch.arange(8))
+    assert engine.curriculum.ratio(pair, engine.step) == pytest.approx(r_after)
+    s = engine.stats()
+    assert s["synthetic_feedback"] == 4 and s["synthetic_correct"] == (4 if classified_as == "target" else 0)
+    assert len(engine.bank) == 8  # the 4 generated rows fed the curriculum, not the bank

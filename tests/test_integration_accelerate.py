@@ -263,3 +263,27 @@ def test_soft_synthetic_labels_reach_the_loss_and_observe_gets_class_ids(single_
     assert seen[0].dtype == torch.int64 and seen[0][16:].tolist() == [1] * 4
     assert hn.stats()["synthetic_feedback"] == 4 and len(hn.engine.bank) == 16
     hn.close()
+
+
+def test_generated_rows_never_enter_or_overwrite_the_bank(single_process_accelerator):
+    from _bank_checks import assert_bank_holds_only_real_rows, record_head_inputs
+    from _engine_generators import make_result
+    from hardneg.integrations.accelerate import HardNegAccelerate
+
+    data = _toy_data()
+    model = TinyNet()
+    hn = HardNegAccelerate(single_process_accelerator, _cfg(refresh_every=1000, label_mode="hard"), model=model)
+    hn.engine._accept([make_result(1 - data.images[:4], (0, 1), 0.5)])  # unlike any real image; source ids 0-3
+    seen, handle = record_head_inputs(model.head)
+    all_ids, real_rows = [], []
+    for ids in (torch.arange(0, 96, 6), torch.arange(1, 96, 6)):  # id 0 among the real rows
+        x, y, w = hn.mix(data.images[ids], data.labels[ids])
+        assert x.shape[0] == 20
+        hn.observe(labels=y, logits=model(x), ids=ids)
+        all_ids.append(ids)
+        real_rows.append(seen[-1][:16])
+    handle.remove()
+    ids = torch.cat(all_ids)
+    assert_bank_holds_only_real_rows(hn.engine.bank, ids, torch.cat(real_rows), data.labels[ids])
+    assert hn.stats()["synthetic_feedback"] == 8  # the generated rows were observed as such
+    hn.close()

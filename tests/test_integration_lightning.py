@@ -219,3 +219,31 @@ def test_soft_synthetic_labels_reach_the_loss_and_observe_gets_class_ids(tmp_pat
     assert bool(torch.isfinite(prov["teacher_p_target"]).all() & torch.isfinite(prov["model_p_target"]).all())
     assert cb.engine.stats()["synthetic_feedback"] == 4 and cb.engine.teacher.updates == 1
     assert getattr(cb.engine.teacher.module, "_trainer", None) is None  # the copy holds no trainer
+
+
+def test_generated_rows_never_enter_or_overwrite_the_bank(tmp_path):
+    from _bank_checks import assert_bank_holds_only_real_rows, record_head_inputs
+    from _engine_generators import make_result
+
+    torch.manual_seed(0)
+    data = _toy_data()
+
+    class Prefilled(HardNegCallback):
+        def _build(self, pl_module, dataset):
+            super()._build(pl_module, dataset)  # 4 images unlike any real one; their source ids are 0-3
+            self.engine._accept([make_result(1 - data.images[:4], (0, 1), 0.5)])
+
+    class IdNet(Net):
+        def training_step(self, batch, batch_idx):
+            self.seen_weights.append(batch[2].clone())  # the real rows' ids of this step
+            return super().training_step(batch, batch_idx)
+
+    cb = Prefilled(_cfg(label_mode="hard", refresh_every=1000), dataset=data)
+    model = IdNet()
+    seen, handle = record_head_inputs(model.head)
+    _trainer(tmp_path, max_steps=2, callbacks=[cb], limit_val_batches=0).fit(model, _loader(data))
+    handle.remove()
+    assert model.seen_sizes == [20, 20]
+    ids = torch.cat(model.seen_weights)
+    assert_bank_holds_only_real_rows(cb.engine.bank, ids, torch.cat([e[:16] for e in seen]), data.labels[ids])
+    assert cb.engine.stats()["synthetic_feedback"] == 8

@@ -144,3 +144,29 @@ def test_soft_synthetic_labels_reach_the_loss_and_observe_gets_class_ids():
         assert seen[-1].dtype == torch.int64 and seen[-1][16:].tolist() == [1] * 4  # the target, not the argmax
     engine.close()
     assert engine.stats()["synthetic_feedback"] == 8
+
+
+def test_generated_rows_never_enter_or_overwrite_the_bank():
+    from _bank_checks import assert_bank_holds_only_real_rows, record_head_inputs
+    from _engine_generators import make_result
+
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = timm.create_model("test_resnet", num_classes=K, in_chans=1)
+    engine = HardNeg(HardNegConfig(num_classes=K, label_mode="hard", synthetic_fraction=0.25, refresh_every=1000,
+                                   seed=0), model=model, dataset=data)
+    engine._accept([make_result(1 - data.images[:4], (0, 1), 0.5)])  # unlike any real image; source ids 0-3
+    mixup_fn = HardNegTimm(engine)
+    seen, handle = record_head_inputs(model.get_classifier())
+    model.train()
+    all_ids = []
+    for ids in (torch.arange(0, 64, 4), torch.arange(1, 64, 4)):  # two mixed steps; id 0 among the real rows
+        xm, ym = mixup_fn(data.images[ids], data.labels[ids])
+        assert xm.shape[0] == 20
+        mixup_fn.after_forward(model(xm), ym, ids)
+        all_ids.append(ids)
+    handle.remove()
+    ids = torch.cat(all_ids)
+    assert_bank_holds_only_real_rows(engine.bank, ids, torch.cat([e[:16] for e in seen]), data.labels[ids])
+    assert engine.stats()["synthetic_feedback"] == 8
+    engine.close()

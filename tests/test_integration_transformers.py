@@ -166,3 +166,35 @@ def test_soft_synthetic_labels_reach_the_loss_and_observe_gets_class_ids(tmp_pat
     assert seen[0].dtype == torch.int64 and seen[0][8:].tolist() == [1, 1]
     assert engine.stats()["synthetic_feedback"] == 2
     cb.close()
+
+
+def test_generated_rows_never_enter_or_overwrite_the_bank(tmp_path):
+    from types import SimpleNamespace
+
+    from _bank_checks import assert_bank_holds_only_real_rows, record_head_inputs
+    from _engine_generators import make_result
+
+    train = WithSampleIds(DictImages())
+    cb = HardNegTrainerCallback(_cfg(label_mode="hard", refresh_every=1000))
+    trainer = HardNegTrainer(model=_model(), args=_args(tmp_path), train_dataset=train, hardneg=cb)
+    model = trainer.model
+    cb.on_train_begin(trainer.args, SimpleNamespace(global_step=0), None, model=model)
+    images = train.dataset.data.images
+    cb.engine._accept([make_result(1 - images[:2], (0, 1), 0.5)])  # unlike any real image; source ids 0-1
+    seen, handle = record_head_inputs(model.classifier)
+    model.train()
+    all_ids = []
+    for start in (0, 1):  # two mixed steps; id 0 among the real rows
+        items = [train[i] for i in range(start, 64, 8)]
+        inputs = {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
+                  "labels": torch.tensor([it["labels"] for it in items]),
+                  "sample_id": torch.tensor([it["sample_id"] for it in items])}
+        all_ids.append(inputs["sample_id"])
+        trainer.compute_loss(model, inputs)
+        assert seen[-1].shape[0] == 10  # 8 real rows + 2 generated ones
+    handle.remove()
+    ids = torch.cat(all_ids)
+    assert_bank_holds_only_real_rows(cb.engine.bank, ids, torch.cat([e[:8] for e in seen]),
+                                     train.dataset.data.labels[ids])
+    assert cb.engine.stats()["synthetic_feedback"] == 4
+    cb.close()

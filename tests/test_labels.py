@@ -336,6 +336,18 @@ def test_balanced_posterior_removes_the_class_prior():
         balanced_posterior(logits, src, tgt, torch.tensor([1, 2]))
 
 
+def test_balanced_posterior_at_half_strength_with_a_teacher_that_has_an_opinion():
+    """strength 0.5 (0 and 1 are where strength**2 or an on/off switch also pass) and logits that are not a tie."""
+    from hardneg.labels import balanced_posterior
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    src, tgt = torch.tensor([0, 0]), torch.tensor([1, 1])
+    p = balanced_posterior(logits, src, tgt, torch.tensor([90, 10, 5]), strength=0.5)
+    # sigmoid((l_t - l_s) - 0.5 * log(10 / 90)) = sigmoid(l_t - l_s + log 3)
+    expected = torch.sigmoid(torch.tensor([-2.0, 1.0]) + math.log(3.0))
+    torch.testing.assert_close(p, expected)
+
+
 @pytest.mark.parametrize("correction, expected", [(1.0, 60 / (60 + 12)), (0.0, 0.5)])
 def test_teacher_posterior_is_corrected_by_the_banks_class_prior(correction, expected):
     """On long-tailed data the teacher's view of a rare target is not lowered by the target's rarity."""

@@ -141,3 +141,29 @@ def test_end_to_end_with_cross_entropy() -> None:
     assert weighted_loss(per, m.weights, m.synthetic_mask).item() == pytest.approx(real_only.item(), rel=1e-6)
     with pytest.raises(ValueError):
         weighted_loss(per, m.weights[:-1], m.synthetic_mask)
+
+
+# --------------------------------------------------------------------------- through the engine
+def test_engine_mix_favours_the_currently_confused_pairs() -> None:
+    """Equal numbers of stored images of a mined pair (0, 1) and an unmined one (2, 3): mix draws
+    mostly the mined pair (the engine passes its pair scores into the buffer draw)."""
+    from _engine_generators import make_result
+    from hardneg import HardNeg, HardNegConfig
+
+    cfg = HardNegConfig(num_classes=4, top_pairs=2, knn_k=4, refresh_every=1000, synthetic_fraction=0.5,
+                        label_mode="hard", async_refresh=False, seed=0)
+    engine = HardNeg(cfg)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(6)[[0, 0, 1, 2]] * 5.0  # classes 0 and 1 share a cluster; 2 and 3 are apart
+    y = torch.arange(4).repeat_interleave(10)
+    engine.observe(embeddings=centres[y] + torch.randn(40, 6, generator=g), labels=y, ids=torch.arange(40))
+    pairs = {p.pair for p in engine.refresh()}
+    assert pairs == {(0, 1), (1, 0)}
+    engine.buffer.add(make_result(torch.rand(10, 1, 4, 4, generator=g), (2, 3), 0.7), step=0)
+    engine.buffer.add(make_result(torch.rand(10, 1, 4, 4, generator=g), (0, 1), 0.7), step=0)
+    drawn = []
+    for _ in range(3):
+        engine.mix(torch.rand(8, 1, 4, 4), torch.zeros(8, dtype=torch.long))
+        drawn += engine.last_mix_pairs
+    assert len(drawn) == 12
+    assert drawn.count((0, 1)) >= 10, drawn  # a plain uniform draw gives about 6

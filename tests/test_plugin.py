@@ -256,7 +256,9 @@ def test_resumed_run_continues_where_it_stopped(tmp_path):
     with HardNeg(_cfg(), model=model, dataset=data, generator=BlendGenerator()) as resumed:
         resumed.load(str(tmp_path / "engine.pt"))
         assert resumed.step == 8 and len(resumed.buffer) == len(engine.buffer)
-        assert resumed.curriculum.state_dict() == state["curriculum"] or resumed.curriculum.history == engine.curriculum.history
+        saved = torch.load(str(tmp_path / "engine.pt"), weights_only=False)["curriculum"]
+        assert saved["r"] or saved["counts"]  # the adaptive curriculum had learnt something to restore
+        assert resumed.curriculum.state_dict() == saved  # all of it came back, not just the history
         x, y, w = resumed.mix(torch.rand(16, 1, 8, 8), torch.randint(0, 4, (16,)))
         assert x.shape[0] == 20  # the buffer came back: synthetic rows available at once
         _run_loop(resumed, model, data, steps=2)

@@ -18,6 +18,14 @@ def test_allocate_is_proportional_and_exact():
     assert allocate(4, [0, 0]) == [2, 2]
 
 
+def test_allocate_gives_leftover_images_to_the_largest_remainders():
+    """Unequal remainders: not the largest scores, not the smallest remainders, not the first pairs."""
+    assert allocate(3, [0.45, 0.35, 0.2]) == [1, 1, 1]  # raw 1.35, 1.05, 0.6: the 0.6 gets the leftover
+    assert allocate(4, [0.3, 0.5, 0.2]) == [1, 2, 1]  # raw 1.2, 2.0, 0.8
+    assert allocate(7, [0.15, 0.6, 0.25]) == [1, 4, 2]  # raw 1.05, 4.2, 1.75
+    assert allocate(5, [3, 2, 2, 1]) == [2, 1, 1, 1]  # raw 1.875, 1.25, 1.25, 0.625: two leftovers
+
+
 def _collect_all(engine, timeout=20):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -114,3 +122,59 @@ def test_min_pair_share_gives_low_scoring_pairs_nothing():
     assert policy.min_pair_share == 0.25 and make_policy(HardNegConfig(num_classes=6)).min_pair_share == 0.0
     with pytest.raises(ValueError, match="min_pair_share"):
         ConfusionTargeting(min_pair_share=2.0)
+
+
+class SeedNoiseGenerator:
+    """Output = half the source + half noise drawn from ``seed``: the images depend on the seed
+    (``seed=None`` draws fresh noise, so an unseeded request never repeats)."""
+
+    def generate(self, sources, source_labels, target_labels, ratios, seed=None):
+        g = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        return 0.5 * sources + 0.5 * torch.rand(sources.shape, generator=g)
+
+
+def _generated_images(seed):
+    """Two requests (ids 0 and 1) of the same two sources; the images in arrival order."""
+    from hardneg.targeting import PlannedPair
+
+    data = _toy_data()
+    i = int((data.labels == 0).nonzero()[0])
+    with HardNeg(_cfg(seed=seed, generation_batch=2), dataset=data, generator=SeedNoiseGenerator()) as engine:
+        engine._request_generation([PlannedPair((0, 3), 4, [i, i])])
+        engine.wait_for_generation()
+        state = engine.buffer.state_dict()
+    assert state["meta"]["source_ids"][state["slots"]].tolist() == [i] * 4
+    return state["images"]
+
+
+def test_generation_seeds_come_from_the_config_seed_and_the_request_id():
+    a, again, other = _generated_images(0), _generated_images(0), _generated_images(1)
+    assert a.shape[0] == 4
+    assert torch.equal(a, again)  # a seeded run repeats its images
+    assert not torch.equal(a, other)  # another config seed gives other images
+    assert not torch.equal(a[:2], a[2:])  # two requests of the same sources differ (their ids differ)
+
+
+def test_successive_refreshes_rotate_through_each_pairs_sources():
+    """Each refresh takes the next ``count`` sources of a pair, wrapping around, not the same first ones."""
+    data = _toy_data()
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(6)[[0, 0, 1, 2]] * 3.0  # 0 and 1 overlap: the mined pairs
+    emb = centres[data.labels] + torch.randn(len(data), 6, generator=g)
+    cfg = _cfg(refresh_every=1000, top_pairs=2, sources_per_pair=5, images_per_refresh=6, generation_batch=16,
+               async_refresh=False, extra={"confusion_direction": "as-mined"})
+    with HardNeg(cfg, dataset=data, generator=BlendGenerator(), start_worker=False) as engine:
+        requests = []
+        engine.worker.submit = lambda req: requests.append(req) or True  # record, generate nothing
+        engine.observe(embeddings=emb, labels=data.labels, ids=torch.arange(len(data)))
+        used = []  # per refresh: {pair: source ids requested}
+        for _ in range(3):
+            requests.clear()
+            engine.refresh()
+            used.append({r.pair: r.source_ids.tolist() for r in requests})
+            plan = {p.pair: (p.count, p.source_ids) for p in engine.targeting.plan(engine, cfg.images_per_refresh)}
+    assert set(plan) == {(0, 1), (1, 0)} and all(c == 3 for c, _ in plan.values())
+    for pair, (count, sources) in plan.items():
+        assert len(sources) == 5
+        for j in range(3):  # sources 0-2, then 3, 4, 0, then 1-3
+            assert used[j][pair] == [sources[(j * count + i) % 5] for i in range(count)], (pair, j)

@@ -156,3 +156,22 @@ def test_teacher_state_round_trips():
     assert b.updates == 3 and torch.equal(_flat(b.module), _flat(a.module))
     with pytest.raises(ValueError, match="'model'"):
         b.load_state_dict({"kind": "model", "updates": 0})
+
+
+def test_ema_teacher_keeps_decay_of_its_own_weights_at_each_step():
+    """teacher_decay = 0.8 (at 0.5 a decay applied the wrong way round gives the same weights): after one
+    step the teacher has closed 20 % of its gap to the model."""
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = TinyNet()
+    engine = HardNeg(_cfg(teacher="ema", teacher_decay=0.8, teacher_warmup=False, refresh_every=100), model=model)
+    teacher = engine.teacher.module
+    ids = torch.arange(16)
+    _observe(engine, model, data, ids)  # timm's first update copies the model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    gap_before = _flat(model) - _flat(teacher)
+    _observe(engine, model, data, ids)
+    torch.testing.assert_close(_flat(model) - _flat(teacher), gap_before * 0.8, rtol=0, atol=1e-6)
+    engine.close()

@@ -184,17 +184,11 @@ def test_dead_thread_is_restarted_then_reported_failed(caplog: pytest.LogCapture
     caplog.set_level(logging.ERROR, logger="hardneg.worker")
     dies = functools.partial(fakes.FakeGenerator, die_on_call=1)
     w = GenerationWorker(dies, max_restarts=2, name="hn-t-die")
-    i = 0
     try:
-
-        def failed() -> bool:
-            nonlocal i
-            w.submit(make_request(i))  # every new thread dies on its first request
-            w.poll()
-            i += 1
-            return w.failed
-
-        wait_until(failed)
+        for i in range(3):  # one death at a time: restart 1 of 2, restart 2 of 2, then it gives up
+            assert not w.failed and w.submit(make_request(i))  # every new thread dies on its first request
+            wait_until(lambda: (w.poll(), w.stats()["crashes"] > i)[1])
+            assert (w.stats()["restarts"], w.failed) == (min(i + 1, 2), i == 2), w.stats()
         st = w.stats()
         assert st["crashes"] == 3 and st["restarts"] == 2
         assert st["state"] == "failed" and not st["alive"] and not w.alive
@@ -208,9 +202,9 @@ def test_dead_thread_is_restarted_then_reported_failed(caplog: pytest.LogCapture
 
 def test_factory_that_cannot_build_fails_after_restarts() -> None:
     with GenerationWorker(fakes.failing_factory, max_restarts=1, name="hn-t-fact") as w:
-        wait_until(lambda: (w.poll(), w.failed)[1])
+        wait_until(lambda: (w.poll(), w.stats()["crashes"] >= 2)[1])  # not w.failed: a broken counter never fails
         st = w.stats()
-    assert st["crashes"] == 2 and st["restarts"] == 1
+    assert st["crashes"] == 2 and st["restarts"] == 1 and st["state"] == "failed"
     assert "FileNotFoundError" in st["last_error"]
 
 
@@ -302,17 +296,11 @@ def test_process_that_dies_is_restarted_then_reported_failed(caplog: pytest.LogC
     caplog.set_level(logging.ERROR, logger="hardneg.worker")
     factory = functools.partial(fakes.FakeGenerator, exit_on_call=1)  # os._exit in the child
     w = GenerationWorker(factory, backend="process", max_restarts=1, name="hn-p-exit")
-    i = 0
     try:
-
-        def failed() -> bool:
-            nonlocal i
-            w.submit(make_request(i))
-            w.poll()
-            i += 1
-            return w.failed
-
-        wait_until(failed, timeout=120)
+        for i in range(2):  # one death at a time: restart 1 of 1, then it gives up
+            assert not w.failed and w.submit(make_request(i))
+            wait_until(lambda: (w.poll(), w.stats()["crashes"] > i)[1], timeout=120)
+            assert (w.stats()["restarts"], w.failed) == (1, i == 1), w.stats()
         st = w.stats()
         assert st["crashes"] == 2 and st["restarts"] == 1 and st["failed"] and not st["alive"]
         assert "exit" in st["last_error"] and "3" in st["last_error"]
