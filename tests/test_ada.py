@@ -146,7 +146,8 @@ def test_engine_ada_keeps_each_sources_image_after_its_own_jump_towards_the_targ
         return torch.stack([(~after).float(), after.float()], dim=1)
 
     cfg = HardNegConfig(num_classes=4, curriculum="ada", ada_grid=(0.3, 0.6, 0.9), generation_batch=6,
-                        refresh_every=1000, label_mode="hard", seed=0)
+                        refresh_every=1000, label_mode="hard", seed=0,
+                        pixel_range=(0.0, 12.0))  # source 1 lies at 10: outside the default [0, 1]
     with HardNeg(cfg, dataset=data, generator=FillGenerator()) as engine:
         engine.embed = embed
         engine.observe(embeddings=torch.tensor([[1.0, 0.0]] * 2 + [[0.0, 1.0]] * 4), labels=data.labels,
