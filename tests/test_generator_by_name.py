@@ -170,6 +170,26 @@ def test_a_bad_stable_diffusion_path_fails_construction_with_the_reason(tmp_path
     assert "model_index.json" in str(err) and "no-such-model" in str(err)
 
 
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_the_worker_reports_a_failed_first_build_without_restarting(backend):
+    import _fake_generators as fakes
+    from hardneg.worker import GenerationWorker
+
+    worker = GenerationWorker(fakes.failing_factory, backend=backend, max_restarts=3)
+    with pytest.raises(WorkerStartError, match="generator factory failed"):
+        worker.wait_until_ready(timeout=120)
+    stats = worker.stats()
+    assert stats["restarts"] == 0 and stats["state"] == "closed"
+
+
+def test_the_worker_reports_what_it_built():
+    from hardneg.worker import GenerationWorker
+
+    with GenerationWorker(functools.partial(BlendGenerator, num_classes=6)) as worker:
+        assert worker.wait_until_ready(timeout=60) == {"kind": "BlendGenerator", "num_classes": 6}
+        assert worker.generator_info["num_classes"] == 6
+
+
 def test_wrong_loader_arguments_and_missing_weights_fail_construction(tmp_path, digits):
     from hardneg.generators.class_conditional import ClassConditionalConfig, ClassConditionalGenerator
 
@@ -229,9 +249,11 @@ def test_channel_and_image_size_mismatches_are_refused(rgb):
     digits_like = from_tensors(torch.rand(20, 3, 32, 32), torch.arange(10).repeat(2))
     with pytest.raises(HardNegError, match=r"1-channel images.*3 channel.*hardneg fit-generator"):
         HardNeg(HardNegConfig(num_classes=10, generator="class-conditional"), dataset=digits_like)
-    small = from_tensors(torch.rand(20, 1, 16, 16), torch.arange(10).repeat(2))
-    with pytest.raises(HardNegError, match=r"fitted on 32x32 images but the training images are 16x16"):
-        HardNeg(HardNegConfig(num_classes=10, generator="class-conditional"), dataset=small)
+    large = from_tensors(torch.rand(20, 1, 64, 64), torch.arange(10).repeat(2))
+    with pytest.raises(HardNegError, match=r"fitted on 32x32 images but the training images are 64x64"):
+        HardNeg(HardNegConfig(num_classes=10, generator="class-conditional"), dataset=large)
+    small = from_tensors(torch.rand(20, 1, 16, 16), torch.arange(10).repeat(2))  # downsampled: fine
+    HardNeg(HardNegConfig(num_classes=10, generator="class-conditional"), dataset=small).close()
 
 
 def test_a_generator_on_another_device_than_the_worker_is_refused(digits):

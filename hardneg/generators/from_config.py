@@ -112,7 +112,8 @@ def check_compatible(info: dict[str, Any], num_classes: int, image_shape: Option
                      device: Any = None, what: str = "the generator") -> None:
     """Raise ``ValueError`` (with how to fix it) when ``info`` does not fit the data or the device.
 
-    ``image_shape`` is one training image's ``(C, H, W)`` (skipped when None); ``device`` the
+    Checked: the class count, the channels of a generator built for fixed channels, images larger
+    than those it was fitted on, and the device. ``image_shape`` is one training image's ``(C, H, W)`` (skipped when None); ``device`` the
     worker's device (skipped when None).
     """
     name = what + (f" ({info['path']})" if "path" in info else "")
@@ -124,10 +125,11 @@ def check_compatible(info: dict[str, Any], num_classes: int, image_shape: Option
         if info.get("channels") is not None and info["channels"] != c:
             raise ValueError(f"{name} was built for {info['channels']}-channel images but the training data has "
                              f"{c} channel(s); {FIT_HINT}")
-        if info.get("data_size") is not None and tuple(info["data_size"]) != (h, w):
+        if info.get("data_size") is not None:
             fh, fw = info["data_size"]
-            raise ValueError(f"{name} was fitted on {fh}x{fw} images but the training images are {h}x{w}; "
-                             f"{FIT_HINT}")
+            if h > fh or w > fw:  # smaller data is fine (downsampled); larger would get upsampled blurs
+                raise ValueError(f"{name} was fitted on {fh}x{fw} images but the training images are {h}x{w}: "
+                                 f"its images would be upsampled, without the detail of your data; {FIT_HINT}")
     if device is not None and info.get("device") is not None and not same_device(info["device"], device):
         raise ValueError(f"{name} is on {info['device']} but worker_device is {device}: set "
                          f"HardNegConfig(worker_device={info['device']!r}) or move the generator "
