@@ -719,7 +719,7 @@ def _fingerprint(s: dict[str, Any], regime: str, key: str, steps: int, legacy: b
     relevant = {k: v for k, v in s.items() if k not in skip}
     for name, default in FINGERPRINT_DEFAULTS.items():  # settings added later: their defaults keep old caches valid
         if relevant.get(name) == default:
-            relevant.pop(name)
+            relevant.pop(name, None)
     relevant.update(regime=regime, method=method.label, engine=method.engine, steps=steps)
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
