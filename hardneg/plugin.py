@@ -575,6 +575,7 @@ class HardNeg:
             from hardneg.generators.from_config import factory_from_config, require_generator_extras
 
             require_generator_extras(self.config.generator)
+            self._named_generator = True
             return factory_from_config(self.config, self.class_names)
         if hasattr(generator, "generate"):
             return functools.partial(copy.deepcopy, generator)
@@ -595,8 +596,11 @@ class HardNeg:
             self.worker.start()
             info = self.worker.wait_until_ready(self.config.worker_start_timeout)
             what = f"generator={self.config.generator!r}" if self.config.generator else "the generator"
+            # a named generator must know exactly the config's classes (the shipped 10-class digits model
+            # does not serve a 5-class config); a generator of the user's may know a superset of the ids
             check_compatible(info, self.config.num_classes, self._dataset_image_shape(),
-                             device=self.config.worker_device, what=what)
+                             device=self.config.worker_device, what=what,
+                             exact_classes=getattr(self, "_named_generator", False))
         except ValueError as exc:
             self.close()
             raise HardNegError(str(exc)) from exc

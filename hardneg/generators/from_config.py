@@ -109,16 +109,17 @@ def same_device(a: Any, b: Any) -> bool:
 
 
 def check_compatible(info: dict[str, Any], num_classes: int, image_shape: Optional[Sequence[int]] = None,
-                     device: Any = None, what: str = "the generator") -> None:
+                     device: Any = None, what: str = "the generator", exact_classes: bool = True) -> None:
     """Raise ``ValueError`` (with how to fix it) when ``info`` does not fit the data or the device.
 
     Checked: the class count, the channels of a generator built for fixed channels, images larger
     than those it was fitted on, and the device. ``image_shape`` is one training image's ``(C, H, W)`` (skipped when None); ``device`` the
-    worker's device (skipped when None).
+    worker's device (skipped when None). ``exact_classes=False`` (a generator object or factory of
+    the user's) accepts a generator knowing more classes than the config (ids 0..K-1 are a subset).
     """
     name = what + (f" ({info['path']})" if "path" in info else "")
     k = info.get("num_classes")
-    if k is not None and k != num_classes:
+    if k is not None and (k < num_classes or (exact_classes and k != num_classes)):
         raise ValueError(f"{name} knows {k} classes but the config has num_classes={num_classes}; {FIT_HINT}")
     if image_shape is not None and len(image_shape) == 3:
         c, h, w = (int(v) for v in image_shape)
