@@ -3,8 +3,8 @@
 A timm classifier trains on the data while the engine mines its confused pairs; a background
 worker (its own process with a bounded thread budget) turns boundary samples of those pairs into
 hard negatives with a class-conditional diffusion model of the data (digits: shipped with the
-package; ``--data PATH``: fitted on your images first, its class fidelity printed) or with your
-Stable Diffusion weights (``--generator stable-diffusion --generator-path FOLDER``); an adaptive
+package; --data PATH: fitted on your images first, its class fidelity printed) or with your
+Stable Diffusion weights (--generator stable-diffusion --generator-path FOLDER); an adaptive
 curriculum moves r.
 """
 
