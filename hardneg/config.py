@@ -263,8 +263,8 @@ def _validate_targeting(cfg: HardNegConfig) -> None:
         except ImportError:  # pragma: no cover - an optional dependency of a method module
             pass
     if cfg.targeting not in POLICIES:
-        raise ConfigError(f"targeting must be one of {sorted(POLICIES)} (or a name given to "
-                          f"hardneg.targeting.register_policy first), got {cfg.targeting!r}")
+        raise ConfigError(f"unknown targeting policy {cfg.targeting!r}; known: {sorted(POLICIES)} (a policy of "
+                          "your own: hardneg.targeting.register_policy(name, factory) before making the config)")
 
 
 _SD_ONLY = ("prompt_template", "prompts", "generator_scheduler", "generator_resolution")

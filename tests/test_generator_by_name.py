@@ -270,7 +270,7 @@ def test_a_generator_object_with_the_wrong_class_count_is_refused(digits):
 # --- names checked when the config is made ---------------------------------------------------
 @pytest.mark.parametrize("kwargs, match", [
     ({"generator": "stable-difusion"}, "generator must be one of"),
-    ({"targeting": "confusoin"}, "targeting must be one of"),
+    ({"targeting": "confusoin"}, "unknown targeting policy 'confusoin'"),
     ({"curriculum": "adaptiv"}, "curriculum must be one of"),
     ({"generator": "class-conditional", "prompt_template": "a {class_name}"}, "only apply to generator='stable"),
     ({"generator": "class-conditional", "generator_dtype": "fp16"}, "runs in float32"),
