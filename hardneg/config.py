@@ -88,6 +88,18 @@ class HardNegConfig:
     images_per_refresh: int = 32  # generated images requested per refresh, split over pairs
     generation_batch: int = 16  # images per generation request
     max_restarts: int = 3
+    # settings handed to the generator the engine builds from ``generator`` (None: the backend's default)
+    generator_steps: Optional[int] = None  # denoising steps of a full (r = 1) schedule
+    guidance_scale: Optional[float] = None  # classifier-free guidance weight (SDXL-turbo: 0)
+    generator_dtype: Optional[str] = None  # "fp16" | "bf16" | "fp32"; stable-diffusion default: fp16 on CUDA
+    generator_compile: bool = False  # torch.compile the UNet in the worker
+    generator_max_batch: Optional[int] = None  # samples per UNet call (bounds the worker's memory)
+    prompt_template: Optional[str] = None  # stable-diffusion: e.g. "a photo of a {class_name}."
+    prompts: Optional[Any] = None  # stable-diffusion: one prompt per class (list) or {class name: prompt}
+    generator_scheduler: Optional[str] = None  # stable-diffusion: "dpm++" (default), "ddim", "euler", ...
+    generator_resolution: Optional[Any] = None  # stable-diffusion model input size: int or (height, width)
+    generator_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for the loader
+    worker_start_timeout: float = 600.0  # seconds HardNeg(...) waits for the generator to load
     # --- synthetic buffer and mixing ------------------------------------------------------
     buffer_size: int = 2048
     synthetic_fraction: float = 0.25
@@ -171,8 +183,8 @@ class HardNegConfig:
         _int_at_least(self, "refresh_queries", 1)
         if not isinstance(self.targeting, str) or not self.targeting:
             raise ConfigError(f"targeting must be a policy name (e.g. 'confusion'), got {self.targeting!r}")
-        if self.generator is not None and not isinstance(self.generator, str):
-            raise ConfigError(f"generator must be a backend name or None, got {self.generator!r}")
+        _validate_targeting(self)
+        _validate_generator(self)
         _choice(self, "worker_backend", ("thread", "process"))
         _int_at_least(self, "worker_threads", 1)
         _int_at_least(self, "refresh_threads", 0)
@@ -307,6 +319,79 @@ class HardNegConfig:
 
 
 # --- validation helpers -------------------------------------------------------------------
+def _validate_targeting(cfg: HardNegConfig) -> None:
+    """An unknown policy name fails here, not at the first refresh (method modules register theirs)."""
+    from hardneg.targeting import POLICIES
+
+    if cfg.targeting not in POLICIES:
+        try:  # the policies of hardneg.methods register themselves on import
+            import hardneg.methods  # noqa: F401
+        except ImportError:  # pragma: no cover - an optional dependency of a method module
+            pass
+    if cfg.targeting not in POLICIES:
+        raise ConfigError(f"unknown targeting policy {cfg.targeting!r}; known: {sorted(POLICIES)} (a policy of "
+                          "your own: hardneg.targeting.register_policy(name, factory) before making the config)")
+
+
+_SD_ONLY = ("prompt_template", "prompts", "generator_scheduler", "generator_resolution")
+
+
+def _validate_generator(cfg: HardNegConfig) -> None:
+    """The generator name and the settings the engine hands to the generator it builds."""
+    from hardneg.generators import GENERATORS
+
+    if cfg.generator is not None and cfg.generator not in GENERATORS:
+        raise ConfigError(f"generator must be one of {list(GENERATORS)} or None (mining only), got "
+                          f"{cfg.generator!r}; a generator of your own goes to HardNeg(..., generator=obj_or_factory)")
+    if cfg.generator_path is not None and not isinstance(cfg.generator_path, str):
+        cfg.generator_path = str(cfg.generator_path)  # a pathlib.Path is fine
+    if cfg.generator_steps is not None:
+        _int_at_least(cfg, "generator_steps", 1)
+    if cfg.guidance_scale is not None:
+        _in_range(cfg, "guidance_scale", 0.0, float("inf"), high_open=True)
+    if cfg.generator_max_batch is not None:
+        _int_at_least(cfg, "generator_max_batch", 1)
+    if not isinstance(cfg.generator_compile, bool):
+        raise ConfigError(f"generator_compile must be True or False, got {cfg.generator_compile!r}")
+    dtypes = ("fp16", "float16", "bf16", "bfloat16", "fp32", "float32")
+    if cfg.generator_dtype is not None and cfg.generator_dtype not in dtypes:
+        raise ConfigError(f"generator_dtype must be one of {dtypes} or None, got {cfg.generator_dtype!r}")
+    if cfg.generator == "class-conditional" and cfg.generator_dtype not in (None, "fp32", "float32"):
+        raise ConfigError(f"generator_dtype={cfg.generator_dtype!r}: the class-conditional generator runs in "
+                          "float32 (leave generator_dtype None)")
+    if cfg.generator == "class-conditional":
+        used = [name for name in _SD_ONLY if getattr(cfg, name) is not None]
+        if used:
+            raise ConfigError(f"{', '.join(used)} only apply to generator='stable-diffusion' (the "
+                              "class-conditional generator is conditioned on class ids, not text)")
+    if cfg.prompt_template is not None and (not isinstance(cfg.prompt_template, str)
+                                            or "{class_name}" not in cfg.prompt_template):
+        raise ConfigError(f"prompt_template must be a string with a {{class_name}} field, got {cfg.prompt_template!r}")
+    if cfg.prompts is not None:
+        if isinstance(cfg.prompts, dict):
+            cfg.prompts = dict(cfg.prompts)
+        elif isinstance(cfg.prompts, (list, tuple)) and len(cfg.prompts) == cfg.num_classes:
+            cfg.prompts = [str(p) for p in cfg.prompts]
+        else:
+            raise ConfigError(f"prompts must be a list with one prompt per class ({cfg.num_classes}) or a "
+                              f"{{class name: prompt}} dict, got {cfg.prompts!r}")
+    if cfg.generator_scheduler is not None:
+        from hardneg.generators.stable_diffusion import SCHEDULERS
+
+        if cfg.generator_scheduler not in SCHEDULERS:
+            raise ConfigError(f"generator_scheduler must be one of {sorted(SCHEDULERS)} or None, got "
+                              f"{cfg.generator_scheduler!r}")
+    res = cfg.generator_resolution
+    if res is not None:
+        pair = (res, res) if isinstance(res, int) else tuple(res) if isinstance(res, (list, tuple)) else ()
+        if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 8 for v in pair):
+            raise ConfigError(f"generator_resolution must be an int or (height, width) of ints >= 8, got {res!r}")
+        cfg.generator_resolution = res if isinstance(res, int) else (int(pair[0]), int(pair[1]))
+    if not isinstance(cfg.generator_options, dict):
+        raise ConfigError(f"generator_options must be a dict of keyword arguments, got {cfg.generator_options!r}")
+    _in_range(cfg, "worker_start_timeout", 0.0, float("inf"), low_open=True, high_open=True)
+
+
 def _int_at_least(cfg: HardNegConfig, name: str, low: int) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:

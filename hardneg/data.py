@@ -262,3 +262,24 @@ def save_image_folder(images: Tensor, labels: Sequence[int], class_names: Sequen
         pil.save(p)
         paths.append(p)
     return paths
+
+
+def detect_channels(path: str, per_class: int = 8) -> int:
+    """1 when the first images of every class of an image folder (``path/<class>/*`` or
+    ``path/train/<class>/*``) are grayscale, else 3; a folder without images gives 3 (the loader
+    then says what is missing)."""
+    from PIL import Image
+
+    root = os.path.join(path, "train") if os.path.isdir(os.path.join(path, "train")) else path
+    seen = 0
+    for cls in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        folder = os.path.join(root, cls)
+        if not os.path.isdir(folder):
+            continue
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))[:per_class]
+        for f in files:
+            with Image.open(os.path.join(folder, f)) as im:
+                if im.mode not in ("1", "L", "LA", "I", "I;16", "F"):
+                    return 3
+            seen += 1
+    return 1 if seen else 3

@@ -179,7 +179,7 @@ class HardNeg:
                 max_restarts=config.max_restarts, num_threads=config.worker_threads, device=config.worker_device,
             )
             if start_worker:
-                self.worker.start()
+                self._start_worker_checked()
 
     # ================================================================== public API
     def observe(
@@ -739,14 +739,49 @@ class HardNeg:
         if generator is None:
             if self.config.generator is None:
                 return None
-            from hardneg.generators import load_generator
+            from hardneg.generators.from_config import factory_from_config, require_generator_extras
 
-            return functools.partial(load_generator, self.config.generator, self.config.generator_path)
+            require_generator_extras(self.config.generator)
+            self._named_generator = True
+            return factory_from_config(self.config, self.class_names)
         if hasattr(generator, "generate"):
             return functools.partial(copy.deepcopy, generator)
         if callable(generator):
             return generator
         raise HardNegError(f"generator must be a Generator, a factory or None, got {type(generator).__name__}")
+
+    def _start_worker_checked(self) -> None:
+        """Start the worker and wait until its generator is built, then check it fits the data.
+
+        A generator that cannot start (bad path, wrong arguments, missing weights) or does not fit
+        (classes, channels, fitted image size, device) fails here with the reason, with the hooks
+        removed and the worker closed, instead of failing in the background after the restarts.
+        """
+        from hardneg.generators.from_config import check_compatible
+
+        try:
+            self.worker.start()
+            info = self.worker.wait_until_ready(self.config.worker_start_timeout)
+            what = f"generator={self.config.generator!r}" if self.config.generator else "the generator"
+            # a named generator must know exactly the config's classes (the shipped 10-class digits model
+            # does not serve a 5-class config); a generator of the user's may know a superset of the ids
+            check_compatible(info, self.config.num_classes, self._dataset_image_shape(),
+                             device=self.config.worker_device, what=what,
+                             exact_classes=getattr(self, "_named_generator", False))
+        except ValueError as exc:
+            self.close()
+            raise HardNegError(str(exc)) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _dataset_image_shape(self) -> Optional[tuple[int, ...]]:
+        """``(C, H, W)`` of the dataset's first image, or None when it has no tensor image there."""
+        try:
+            image = _item_image(self.dataset[0])
+        except Exception:  # noqa: BLE001 - e.g. PIL images before a transform: nothing to check
+            return None
+        return tuple(int(v) for v in image.shape) if image.ndim == 3 else None
 
     def _make_teacher(self, model: Optional[nn.Module], teacher_model: Optional[nn.Module]) -> Optional[Teacher]:
         kind = self.config.teacher

@@ -42,12 +42,17 @@ from torch import Tensor
 
 from hardneg._spawn import check_spawn_safe
 from hardneg.generators.base import Generator, GeneratorError, check_output
+from hardneg.generators.from_config import generator_info
 
 logger = logging.getLogger(__name__)
 
 Backend = Literal["thread", "process"]
 GeneratorFactory = Callable[[], Generator]
 _ERROR_CHARS = 2000  # error text sent back from a child is cut to keep each pipe message atomic
+
+
+class WorkerStartError(RuntimeError):
+    """The generator could not be built in the worker (bad path, wrong arguments, missing weights)."""
 
 
 # ============================================================================ data
@@ -277,9 +282,11 @@ def _child_main(
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)
         gen = _build_generator(factory, device)
+        info = generator_info(gen)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, then this child exits
         out_q.put(("fatal", -1, f"generator factory failed: {type(exc).__name__}: {exc}"[:_ERROR_CHARS]))
         raise SystemExit(1)
+    out_q.put(("ready", -1, info))  # the parent checks the generator fits the data (wait_until_ready)
     out_q.cancel_join_thread()  # exiting must never wait on a parent that stopped reading
     parent = torch_mp.parent_process()
     while not stop.is_set():
@@ -388,6 +395,7 @@ class GenerationWorker:
         self._failures = self._crashes = self._restarts = self._lost = 0
         self._wait_total = self._busy_total = 0.0
         self._last_error: Optional[str] = None
+        self._generator_info: Optional[dict[str, Any]] = None  # set once a generator was built
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "GenerationWorker":
@@ -433,6 +441,50 @@ class GenerationWorker:
                 self._stop_process(proc, timeout)
         finally:
             _LIVE_WORKERS.discard(self)
+
+    def wait_until_ready(self, timeout: float = 600.0) -> dict[str, Any]:
+        """Block until the worker has built its generator; return :attr:`generator_info`.
+
+        Raises :class:`WorkerStartError` with the factory's error when the first build fails (a
+        bad path or missing weights do not heal, so no restart is tried), when the worker dies
+        before it is ready, or after ``timeout`` seconds; the worker is closed first. Failures
+        after a successful start stay isolated and counted as before.
+        """
+        deadline = time.monotonic() + timeout
+        reason: Optional[str] = None
+        while reason is None:
+            with self._lock:
+                if self._state == "new":
+                    self.start()
+                if self.backend == "process" and self._state == "running":
+                    self._drain()
+                if self._generator_info is not None:
+                    return dict(self._generator_info)
+                if self._state != "running":
+                    reason = f"the worker is {self._state}"
+                elif self.backend == "thread":
+                    if self._thread is None or not self._thread.is_alive():
+                        reason = self._thread_error or "the worker thread exited"
+                elif self._last_error and self._last_error.startswith("generator factory failed"):
+                    reason = self._last_error
+                elif self._proc is None or not self._proc.is_alive():
+                    self._drain()
+                    if self._generator_info is not None:
+                        return dict(self._generator_info)
+                    reason = self._last_error or (
+                        f"the worker process exited with code {getattr(self._proc, 'exitcode', None)}")
+            if reason is None and time.monotonic() > deadline:
+                reason = (f"the generator was not ready after {timeout:g} s (raise "
+                          "HardNegConfig.worker_start_timeout for a large model on a slow disk)")
+            if reason is None:
+                time.sleep(0.02)
+        self.close(timeout=5.0)
+        raise WorkerStartError(f"the generation worker could not start: {reason}")
+
+    @property
+    def generator_info(self) -> Optional[dict[str, Any]]:
+        """What the built generator reported (classes, channels, fitted size, device); None before."""
+        return None if self._generator_info is None else dict(self._generator_info)
 
     def __enter__(self) -> "GenerationWorker":
         return self.start()
@@ -620,6 +672,9 @@ class GenerationWorker:
             if kind == "fatal":
                 self._last_error = msg[2]
                 continue
+            if kind == "ready":
+                self._generator_info = dict(msg[2])
+                continue
             req = self._in_flight.pop(ticket, None)
             if req is None:
                 continue
@@ -738,6 +793,7 @@ class GenerationWorker:
             with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
                 gen = _build_generator(self._factory, self.device)
                 built = True
+                self._generator_info = generator_info(gen)
                 stream = torch.cuda.Stream(device=self.device) if cuda else None
                 while True:
                     with self._lock:

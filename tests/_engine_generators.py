@@ -97,3 +97,9 @@ def spy_observe(engine):
 
     engine.observe = observe
     return seen
+
+
+class OnDeviceGenerator(BlendGenerator):
+    """A blend generator that says it lives on another device than the worker's (no real GPU needed)."""
+
+    device = "cuda:1"

@@ -154,6 +154,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generator-size", type=int, default=None,
                    help="the generator's internal resolution (default: the image size up to 16 px on a CPU)")
     p.add_argument("--generator-steps", type=int, default=None, help="DDIM steps of a full schedule (default 20)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance of the generator (default: its own; SDXL-turbo: 0)")
     p.add_argument("--judge-epochs", type=int, default=None, help="judge training epochs (default 15 digits, 6 folder)")
     p.add_argument("--long-tail-ratio", type=float, default=0.7, help="r of the long-tail method")
     p.add_argument("--hardneg-r-min", type=float, default=0.3, help="floor of r for the hardneg rows")
@@ -289,6 +291,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "generator_size": args.generator_size or min(image_size, 16),
         "generator_steps": args.generator_steps or (4 if q else 20),
+        "guidance_scale": args.guidance_scale,
         "judge_epochs": args.judge_epochs or (1 if q else (15 if digits else 6)),
         "long_tail_ratio": args.long_tail_ratio, "hardneg_r_min": args.hardneg_r_min,
         "diffmix_gamma": args.diffmix_gamma, "auggen_pairs": args.auggen_pairs, "auggen_alpha": args.auggen_alpha,
@@ -451,12 +454,13 @@ def generator_factory(ctx: dict[str, Any], s: dict[str, Any]) -> Any:
     """A picklable zero-argument factory of the run's generator (the worker process builds its own)."""
     from hardneg.generators import load_generator
 
+    guidance = {} if s.get("guidance_scale") is None else {"guidance_scale": s["guidance_scale"]}
     if s["generator_backend"] == "stable-diffusion":
         return functools.partial(load_generator, "stable-diffusion", ctx["generator_path"],
                                  class_names=list(ctx["train"].class_names), device=s["device"],
-                                 num_inference_steps=s["generator_steps"])
+                                 num_inference_steps=s["generator_steps"], **guidance)
     return functools.partial(load_generator, "class-conditional", ctx["generator_path"],
-                             num_inference_steps=s["generator_steps"], device=s["device"])
+                             num_inference_steps=s["generator_steps"], device=s["device"], **guidance)
 
 
 # ---------------------------------------------------------------------------------- generated sets up front
@@ -705,10 +709,10 @@ def generated_mean_r(engine: Any) -> Optional[float]:
 
 
 # ---------------------------------------------------------------------------------- cache
-FINGERPRINT_DEFAULTS = {"generator_backend": "class-conditional", "device": "cpu"}
+FINGERPRINT_DEFAULTS = {"generator_backend": "class-conditional", "device": "cpu", "guidance_scale": None}
 
 GENERATION_SETTINGS = ("generator", "generator_fit_stages", "generator_backend", "generator_size", "generator_steps",
-                       "budget", "images_override", "judge_epochs", "diffmix_gamma", "auggen_pairs", "auggen_alpha")
+                       "guidance_scale", "budget", "images_override", "judge_epochs", "diffmix_gamma", "auggen_pairs", "auggen_alpha")
 ENGINE_SETTINGS = ("refreshes", "worker", "deterministic", "hardneg_r_min", "long_tail_ratio")
 
 
@@ -728,7 +732,7 @@ def _fingerprint(s: dict[str, Any], regime: str, key: str, steps: int, legacy: b
     relevant = {k: v for k, v in s.items() if k not in skip}
     for name, default in FINGERPRINT_DEFAULTS.items():  # settings added later: their defaults keep old caches valid
         if relevant.get(name) == default:
-            relevant.pop(name)
+            relevant.pop(name, None)
     relevant.update(regime=regime, method=method.label, engine=method.engine, steps=steps)
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -1,17 +1,20 @@
-"""``hardneg demo``: the whole online GeNIe loop on the built-in scikit-learn digits.
+"""``hardneg demo``: the whole online GeNIe loop on the built-in digits or on your image folder.
 
-A timm classifier trains on the digits while the engine mines its confused pairs; a background
+A timm classifier trains on the data while the engine mines its confused pairs; a background
 worker (its own process with a bounded thread budget) turns boundary samples of those pairs into
-hard negatives with the class-conditional diffusion model trained on the digits (shipped with
-the package, or trained first / loaded from a cache folder); an adaptive curriculum moves r.
+hard negatives with a class-conditional diffusion model of the data (digits: shipped with the
+package; --data PATH: fitted on your images first, its class fidelity printed) or with your
+Stable Diffusion weights (--generator stable-diffusion --generator-path FOLDER); an adaptive
+curriculum moves r.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 from hardneg.commands._args import positive_int
 
@@ -24,6 +27,27 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", default="hardneg-out/demo", help="output folder for plots, JSON and checkpoints")
+    p.add_argument("--data", default="digits",
+                   help="'digits' (built in) or your image folder: PATH/train/<class>/* with PATH/test/<class>/*, "
+                        "or PATH/<class>/* (a stratified 20%% of every class is held out for testing)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="channels of an image folder (default: 1 when its images are grayscale, else 3)")
+    p.add_argument("--generator", choices=["class-conditional", "stable-diffusion"], default="class-conditional",
+                   help="class-conditional: a small diffusion model of the data; stable-diffusion: your weights")
+    p.add_argument("--generator-path", default=None,
+                   help="stable-diffusion: a local diffusers folder or hub id (required); class-conditional: a "
+                        "folder written by fit-generator (default: shipped for digits, fitted for --data)")
+    p.add_argument("--generator-steps", type=positive_int, default=None,
+                   help="denoising steps of a full schedule (default: the generator's own)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance weight (default: the generator's own; SDXL-turbo: 0)")
+    p.add_argument("--prompt-template", default=None,
+                   help="stable-diffusion prompt with a {class_name} field (default 'a photo of a {class_name}.')")
+    p.add_argument("--generator-size", type=int, default=None,
+                   help="resolution a generator fitted on --data works at (default: the image size, at most 16)")
+    p.add_argument("--fidelity-per-class", type=int, default=20,
+                   help="samples per class scored by the judge after fitting a generator on --data")
+    p.add_argument("--device", default="cpu", help="device of the classifier and the generator (e.g. cuda)")
     p.add_argument("--epochs", type=positive_int, default=8)
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many training steps (quick look)")
     p.add_argument("--batch-size", type=positive_int, default=64)
@@ -56,9 +80,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hardneg.checkpoint import CheckpointError, load_safe, save_atomic
-    from hardneg.config import HardNegConfig
+    from hardneg.config import ConfigError, HardNegConfig
     from hardneg.confusion import describe_pairs
-    from hardneg.data import load_digits
+    from hardneg.data import DataError, detect_channels, load_digits, load_train_test_folder
+    from hardneg._optional import MissingExtraError
+    from hardneg.worker import WorkerStartError
     from hardneg.plugin import HardNeg, HardNegError
     from hardneg import report
     from hardneg.training import make_classifier, set_seed, train
@@ -70,13 +96,48 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and os.path.exists(ckpt):  # read (and check) it before any work: a bad file fails at once
         state = load_safe(ckpt, what="hardneg demo checkpoint", keys=("engine", "model", "epoch"))
     set_seed(args.seed)
-    train_data, test_data = load_digits(size=args.image_size, seed=args.seed, regime=args.regime)
+    try:
+        if args.data == "digits":
+            train_data, test_data = load_digits(size=args.image_size, seed=args.seed, regime=args.regime)
+        else:
+            if args.regime != "balanced":
+                raise DataError("--regime applies to the built-in digits; an image folder is used as it is")
+            channels = args.channels or detect_channels(args.data)
+            train_data, test_data = load_train_test_folder(args.data, size=args.image_size, channels=channels,
+                                                           seed=args.seed)
+    except (DataError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     names = train_data.class_names
-    print(f"digits ({args.regime}): {len(train_data)} train / {len(test_data)} test, "
-          f"class counts {train_data.class_counts()}")
+    label = f"digits ({args.regime})" if args.data == "digits" else args.data
+    print(f"{label}: {len(train_data)} train / {len(test_data)} test, {train_data.num_classes} classes "
+          f"{tuple(train_data.image_shape)}, class counts {train_data.class_counts()}")
     generator = None
+    by_name: dict[str, Any] = {}  # a generator the engine builds in its worker from the config
+    generator_report: dict[str, Any] = {}
     if not args.no_generation:
-        generator = _load_or_fit_generator(args, train_data)
+        if args.generator == "stable-diffusion":
+            if args.generator_path is None:
+                print("error: --generator stable-diffusion needs --generator-path (a local diffusers folder or hub "
+                      "id)", file=sys.stderr)
+                return 2
+            by_name = dict(generator="stable-diffusion", generator_path=args.generator_path,
+                           prompt_template=args.prompt_template)
+            print(f"generator: Stable Diffusion from {args.generator_path}")
+        elif args.generator_path is not None:
+            by_name = dict(generator="class-conditional", generator_path=args.generator_path)
+            print(f"generator: loading {args.generator_path}")
+        elif args.data == "digits":
+            generator = _load_or_fit_generator(args, train_data)
+        else:
+            folder = args.generator_dir or os.path.join(args.out, "generator")
+            if not os.path.exists(os.path.join(folder, "config.json")):
+                generator_report = _fit_for_folder(args, train_data, test_data, folder)
+            else:
+                print(f"generator: loading {folder}")
+            by_name = dict(generator="class-conditional", generator_path=folder)
+        if by_name:
+            by_name.update(generator_steps=args.generator_steps, guidance_scale=args.guidance_scale)
     steps_per_epoch = -(-len(train_data) // args.batch_size)
     cfg = HardNegConfig(
         num_classes=train_data.num_classes, refresh_every=args.refresh_every, top_pairs=4, knn_k=10,
@@ -85,10 +146,14 @@ def run(args: argparse.Namespace) -> int:
         synthetic_fraction=args.synthetic_fraction, buffer_size=1024, curriculum=args.curriculum,
         r_start=0.7, r_end=0.4, r_min=0.3, r_max=0.9, adaptive_step=0.05, adaptive_min_samples=16,
         total_steps=args.epochs * steps_per_epoch, freshness_half_life=4 * steps_per_epoch, seed=args.seed,
-        deterministic=args.deterministic,
+        deterministic=args.deterministic, worker_device=args.device, **by_name,
     )
     model = make_classifier(args.model, num_classes=train_data.num_classes, in_chans=train_data.image_shape[0])
-    engine = HardNeg(cfg, model=model, class_names=names, dataset=train_data, generator=generator)
+    try:
+        engine = HardNeg(cfg, model=model, class_names=names, dataset=train_data, generator=generator)
+    except (ConfigError, HardNegError, WorkerStartError, MissingExtraError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if state is not None:
         try:
             engine.load_state_dict(state["engine"])
@@ -114,12 +179,26 @@ def run(args: argparse.Namespace) -> int:
     try:
         train(model, train_data, test_data, engine=engine, epochs=args.epochs, batch_size=args.batch_size,
               lr=args.lr, seed=args.seed, progress=not args.no_progress, on_epoch=on_epoch,
-              max_steps=args.max_steps)
+              max_steps=args.max_steps, device=args.device)
         engine.collect()
     finally:
         engine.close()
-    _write_outputs(args, engine, epochs_log, names, time.perf_counter() - t_start, report)
+    _write_outputs(args, engine, epochs_log, names, time.perf_counter() - t_start, report, generator_report)
     return 0
+
+
+def _fit_for_folder(args: argparse.Namespace, train_data: Any, test_data: Any, folder: str) -> dict[str, Any]:
+    """Fit a class-conditional generator on the user's training split (as fit-generator does), score it."""
+    from hardneg.commands.fit_generator import fit_for_data, score_fidelity
+
+    size = args.generator_size or min(min(train_data.image_shape[1:]), 16)
+    print(f"generator: none in {folder}; fitting one on {len(train_data)} training images "
+          f"({args.fit_steps} steps at {size} px)", flush=True)
+    gen = fit_for_data(train_data, folder, steps=args.fit_steps, image_size=size, seed=args.seed, device=args.device,
+                       progress=not args.no_progress, inference_steps=args.generator_steps or 25)
+    scores = score_fidelity(gen, train_data, test_data, per_class=args.fidelity_per_class, seed=args.seed,
+                            device=args.device)
+    return {"folder": folder, **scores}
 
 
 def _load_or_fit_generator(args: argparse.Namespace, train_data: Any) -> Any:
@@ -137,7 +216,7 @@ def _load_or_fit_generator(args: argparse.Namespace, train_data: Any) -> Any:
 
 
 def _write_outputs(args: argparse.Namespace, engine: Any, epochs_log: list, names: list, seconds: float,
-                   report: Any) -> None:
+                   report: Any, generator_report: Optional[dict] = None) -> None:
     out = args.out
     stats = engine.stats()
     files = [report.plot_confusion_over_time(engine.confusion.history, os.path.join(out, "confusion_over_time.png"), names),
@@ -157,6 +236,7 @@ def _write_outputs(args: argparse.Namespace, engine: Any, epochs_log: list, name
         "final_test_accuracy": epochs_log[-1]["test_accuracy"] if epochs_log else None,
         "top_pairs": [[p.a, p.b, p.score] for p in engine.confusions(8)],
         "stats": stats,
+        "generator": generator_report or None,
         "files": files,
     }
     files.append(report.write_json(summary, os.path.join(out, "summary.json")))

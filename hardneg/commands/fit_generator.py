@@ -162,3 +162,50 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
             continue
         flags += [f"--{key.replace('_', '-')}", str(value)]
     return flags
+
+
+# Below this class fidelity (share of plain samples a judge trained on the real data reads as the
+# class they were asked for) a generator's hard negatives are more label noise than signal.
+LOW_FIDELITY = 0.5
+
+
+def fit_for_data(train: Any, out: str, steps: int, image_size: int, seed: int = 0, device: str = "cpu",
+                 progress: bool = True, inference_steps: int = 25, block_channels: tuple[int, ...] = (32, 64, 64),
+                 batch_size: int = 128, lr: float = 2e-3) -> Any:
+    """Fit a class-conditional generator on ``train`` as ``fit-generator`` does and save it to ``out``."""
+    from hardneg.generators.class_conditional import ClassConditionalGenerator
+
+    gen = ClassConditionalGenerator.for_dataset(
+        train, seed=seed, image_size=image_size, block_out_channels=block_channels,
+        num_inference_steps=inference_steps,
+        norm_num_groups=max(d for d in range(1, 17) if all(c % d == 0 for c in block_channels)),
+    ).to(device)
+    result = gen.fit(train, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    print(f"generator: trained {steps} steps in {result.seconds:.0f} s, final loss "
+          f"{gen.training_info['final_loss']:.4f}; saved to {gen.save(out)}")
+    return gen
+
+
+def score_fidelity(gen: Any, train: Any, test: Any = None, per_class: int = 50, judge_epochs: int = 12,
+                   seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+    """Class fidelity of ``gen`` by a judge CNN trained on ``train``; printed, with a warning when low.
+
+    Returns ``{"judge_accuracy", "class_fidelity", "class_fidelity_per_class", "low"}``.
+    """
+    from hardneg.judge import class_fidelity, judge_accuracy, train_judge
+
+    judge = train_judge(train, epochs=judge_epochs, seed=seed, device=device)
+    acc = judge_accuracy(judge, test if test is not None else train)
+    fidelity, per = class_fidelity(gen, judge, per_class, seed=seed, per_class=True)
+    print(f"generator: class fidelity {fidelity:.3f} (per class: {', '.join(f'{p:.2f}' for p in per)}); "
+          f"judge accuracy on real {'test' if test is not None else 'training'} images {acc:.3f}")
+    low = fidelity < LOW_FIDELITY
+    if low:
+        import sys
+
+        print(f"warning: class fidelity {fidelity:.2f} is low (< {LOW_FIDELITY}): a judge trained on your data "
+              "recognises few of the generator's samples as their class, so its hard negatives may carry wrong "
+              "labels. Fit longer (--fit-steps), give it more images per class, use a Stable Diffusion generator "
+              "(--generator stable-diffusion --generator-path FOLDER), or train without generation "
+              "(--no-generation).", file=sys.stderr, flush=True)
+    return {"judge_accuracy": acc, "class_fidelity": fidelity, "class_fidelity_per_class": per, "low": low}

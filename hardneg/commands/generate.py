@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
 from typing import Any, Optional, Sequence
 
 from hardneg.commands._args import UsageError, device, positive_int, ratio_list
@@ -39,6 +40,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32, help="generation batch size")
     p.add_argument("--prompt-template", default="a photo of a {class_name}.", help="stable-diffusion only")
     p.add_argument("--steps", type=positive_int, default=None, help="stable-diffusion inference steps")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance weight (default: the generator's own; SDXL-turbo: 0)")
     p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder")
@@ -103,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
 
     from hardneg import report
     from hardneg.data import load_data, save_image_folder
-    from hardneg.generators import load_generator
+    from hardneg.generators import GeneratorError, load_generator
+    from hardneg.generators.from_config import check_compatible, generator_info
 
     ratio = parse_ratio(args.ratio)
     train_data, _ = load_data(args.data, size=args.image_size, channels=args.channels, seed=args.seed)
@@ -116,9 +120,16 @@ def run(args: argparse.Namespace) -> int:
         kwargs.update(class_names=names, prompt_template=args.prompt_template, device=args.device)
         if args.steps:
             kwargs["num_inference_steps"] = args.steps
-    generator = load_generator(args.generator, args.generator_path, **kwargs)
-    if args.generator == "class-conditional" and args.device != "cpu":
-        generator = generator.to(args.device)  # --device was ignored for it before
+    if args.guidance_scale is not None:
+        kwargs["guidance_scale"] = args.guidance_scale
+    kwargs["device"] = args.device
+    try:  # the generator must fit the data: classes, channels, the image size it was fitted on
+        generator = load_generator(args.generator, args.generator_path, **kwargs)
+        check_compatible(generator_info(generator), train_data.num_classes, train_data.image_shape,
+                         what=f"--generator {args.generator}")
+    except (GeneratorError, OSError, ValueError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     engine = None
     if explicit is None or ratio is None:
         engine = mine_pairs(train_data, args.classifier, args.classifier_epochs, args.top_pairs, args.seed,

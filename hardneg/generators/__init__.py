@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Optional
 
+import torch
+
 from hardneg.generators.base import Generator, GeneratorError
 
 __all__ = [
@@ -50,8 +52,10 @@ def load_generator(name: str, path: Optional[str] = None, **kwargs: Any) -> Gene
 
     ``"class-conditional"``: :meth:`ClassConditionalGenerator.load(path, **kwargs)
     <hardneg.generators.class_conditional.ClassConditionalGenerator.load>`; ``path=None`` loads the
-    digits generator shipped with hardneg. ``"stable-diffusion"``:
+    digits generator shipped with hardneg; it also takes ``compile`` (``torch.compile`` the UNet),
+    ``max_batch_size`` (samples per UNet call) and ``dtype`` (float32 only). ``"stable-diffusion"``:
     ``StableDiffusionGenerator.from_pretrained(path, **kwargs)`` (a local folder or hub id).
+    The returned generator's ``source_path`` is the folder or id it came from.
     """
     if name == "class-conditional":
         from hardneg.generators.class_conditional import (
@@ -60,12 +64,25 @@ def load_generator(name: str, path: Optional[str] = None, **kwargs: Any) -> Gene
         )
 
         folder = path if path is not None else default_digits_generator_path()
-        return ClassConditionalGenerator.load(folder, **kwargs)
+        compile_ = kwargs.pop("compile", False)
+        max_batch = kwargs.pop("max_batch_size", None)
+        dtype = kwargs.pop("dtype", None)
+        if dtype not in (None, "fp32", "float32", "float") and dtype is not torch.float32:
+            raise GeneratorError(f"the class-conditional generator runs in float32, got dtype={dtype!r}")
+        gen = ClassConditionalGenerator.load(folder, **kwargs)
+        if max_batch is not None:
+            gen.max_batch = int(max_batch)
+        if compile_:
+            gen.unet.compile()
+        gen.source_path = str(folder)
+        return gen
     if name == "stable-diffusion":
         if path is None:
             raise GeneratorError(
                 "the stable-diffusion generator needs a path: a local model folder or hub id")
         from hardneg.generators.stable_diffusion import StableDiffusionGenerator
 
-        return StableDiffusionGenerator.from_pretrained(path, **kwargs)
+        sd = StableDiffusionGenerator.from_pretrained(path, **kwargs)
+        sd.source_path = str(path)
+        return sd
     raise GeneratorError(f"unknown generator {name!r}; choose one of {list(GENERATORS)}")

@@ -451,6 +451,7 @@ class ClassConditionalGenerator:
                 f"training images span [{float(images.min()):.3g}, {float(images.max()):.3g}] but "
                 f"data_range is {self.config.data_range}; set ClassConditionalConfig.data_range to your "
                 f"data's value range")
+        self._fit_data_size = [int(v) for v in images.shape[-2:]]  # recorded: the size this model serves
         x = torch.cat([self._to_model_space(chunk) for chunk in images.split(self.max_batch)])
         if self.vae is not None and self.config.latent_scale is None:
             # scale latents to unit variance, as latent diffusion does (x was encoded with scale 1)
@@ -546,7 +547,7 @@ class ClassConditionalGenerator:
             "steps": previous + steps, "batch_size": batch_size, "lr": lr, "seed": seed,
             "ema_decay": ema_decay,
             "final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": round(seconds, 1),
-            "num_train_images": n,
+            "num_train_images": n, "data_size": self._fit_data_size,
         }
         return FitResult(losses=losses, seconds=seconds, steps=steps, batch_size=batch_size)
 

@@ -293,6 +293,26 @@ class StableDiffusionGenerator:
         )
 
     # ------------------------------------------------------------------------------------
+    def to(self, device: Union[str, torch.device, None] = None, dtype: DType = None) -> "StableDiffusionGenerator":
+        """Move the pipeline to ``device`` and / or cast it to ``dtype``; returns ``self``.
+
+        An fp16 VAE that overflows (``force_upcast``, SDXL) stays in float32, as at construction.
+        """
+        if device is not None:
+            self.pipeline.to(torch.device(device))
+        if dtype is not None:
+            self.pipeline.to(_resolve_dtype(dtype, self.pipeline.device))
+            vae = self.pipeline.vae
+            if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+                vae.to(torch.float32)
+        self.device = self.pipeline.unet.device
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's precision."""
+        return self.pipeline.unet.dtype
+
     def timesteps_for_ratio(self, r: float) -> list[int]:
         """The denoising timesteps a noise ratio ``r`` runs: the schedule's t with ``t <= T * r``.
 

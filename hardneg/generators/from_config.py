@@ -1,0 +1,137 @@
+"""The generator a :class:`~hardneg.config.HardNegConfig` names: its factory and its fit to the data.
+
+:func:`factory_from_config` turns ``config.generator`` / ``config.generator_path`` plus what the
+engine knows (class names, ``worker_device``, dtype, steps, prompts, scheduler, resolution,
+compile, max batch) into a picklable zero-argument factory, so the thread and the process worker
+build the same generator. :func:`generator_info` describes a built generator in a small picklable
+dict (the worker sends it back once the generator is loaded) and :func:`check_compatible` compares
+that description with the data and the config, so a generator that cannot serve this data fails
+``HardNeg(...)`` with how to get a matching one instead of producing wrong images in the background.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from hardneg._optional import MissingExtraError
+
+__all__ = ["check_compatible", "factory_from_config", "generator_info", "require_generator_extras"]
+
+FIT_HINT = ("fit one on your data: hardneg fit-generator --data PATH --out FOLDER (add --channels / "
+            "--data-size to match your images) and use FOLDER as the generator path")
+
+# extras each backend needs, as (module, pip extra)
+_EXTRAS = {"class-conditional": (("diffusers", "diffusers"),),
+           "stable-diffusion": (("diffusers", "diffusers"), ("transformers", "diffusers"))}
+
+
+def require_generator_extras(name: str) -> None:
+    """Raise :class:`MissingExtraError` with the install command when backend ``name`` lacks a package.
+
+    Checked without importing the package (the worker imports it), so building an engine in the
+    training process stays cheap.
+    """
+    for module, extra in _EXTRAS.get(name, ()):
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtraError(
+                f"generator={name!r} needs {module!r}, which is not installed. Install it with: "
+                f"pip install 'hardneg[{extra}]'")
+
+
+def factory_from_config(config: Any, class_names: Sequence[str]) -> Callable[[], Any]:
+    """A picklable factory building ``config.generator`` with every setting the config holds.
+
+    ``config.generator_options`` are passed last, so they can override or add loader arguments
+    (e.g. ``{"variant": "fp16", "local_files_only": True}`` for Stable Diffusion).
+    """
+    from hardneg.generators import load_generator
+
+    name = config.generator
+    kwargs: dict[str, Any] = {"device": str(config.worker_device)}
+    if config.generator_steps is not None:
+        kwargs["num_inference_steps"] = int(config.generator_steps)
+    if config.guidance_scale is not None:
+        kwargs["guidance_scale"] = float(config.guidance_scale)
+    if config.generator_compile:
+        kwargs["compile"] = True
+    if config.generator_max_batch is not None:
+        kwargs["max_batch_size"] = int(config.generator_max_batch)
+    if config.generator_dtype is not None:
+        kwargs["dtype"] = config.generator_dtype
+    if name == "stable-diffusion":
+        kwargs["class_names"] = list(class_names)
+        for field, key in (("prompt_template", "prompt_template"), ("prompts", "prompts"),
+                           ("generator_scheduler", "scheduler"), ("generator_resolution", "resolution")):
+            value = getattr(config, field)
+            if value is not None:
+                kwargs[key] = value
+    kwargs.update(config.generator_options)
+    return functools.partial(load_generator, name, config.generator_path, **kwargs)
+
+
+def generator_info(gen: Any) -> dict[str, Any]:
+    """What the engine checks about a built generator: classes, channels, fitted size, device.
+
+    Keys are present only when the generator tells: ``num_classes``; ``channels`` (the image
+    channels it was built for; absent for backends that take 1 or 3); ``data_size`` ((H, W) of the
+    images it was fitted on); ``device`` (str); ``kind`` (the class name) and ``path``.
+    """
+    info: dict[str, Any] = {"kind": type(gen).__name__}
+    k = getattr(gen, "num_classes", None)
+    if isinstance(k, int):
+        info["num_classes"] = int(k)
+    cfg = getattr(gen, "config", None)
+    channels = getattr(cfg, "in_channels", None) if cfg is not None else None
+    if isinstance(channels, int):
+        info["channels"] = channels
+    training = getattr(gen, "training_info", None)
+    if isinstance(training, dict) and training.get("data_size") is not None:
+        info["data_size"] = tuple(int(v) for v in training["data_size"])
+    device = getattr(gen, "device", None)
+    if isinstance(device, (str, torch.device)):
+        info["device"] = str(device)
+    path = getattr(gen, "source_path", None)
+    if path is not None:
+        info["path"] = str(path)
+    return info
+
+
+def same_device(a: Any, b: Any) -> bool:
+    """Whether two devices are the same; a device without an index matches any index of its type."""
+    da, db = torch.device(a), torch.device(b)
+    if da.type != db.type:
+        return False
+    return da.index is None or db.index is None or da.index == db.index
+
+
+def check_compatible(info: dict[str, Any], num_classes: int, image_shape: Optional[Sequence[int]] = None,
+                     device: Any = None, what: str = "the generator", exact_classes: bool = True) -> None:
+    """Raise ``ValueError`` (with how to fix it) when ``info`` does not fit the data or the device.
+
+    Checked: the class count, the channels of a generator built for fixed channels, images larger
+    than those it was fitted on, and the device. ``image_shape`` is one training image's ``(C, H, W)`` (skipped when None); ``device`` the
+    worker's device (skipped when None). ``exact_classes=False`` (a generator object or factory of
+    the user's) accepts a generator knowing more classes than the config (ids 0..K-1 are a subset).
+    """
+    name = what + (f" ({info['path']})" if "path" in info else "")
+    k = info.get("num_classes")
+    if k is not None and (k < num_classes or (exact_classes and k != num_classes)):
+        raise ValueError(f"{name} knows {k} classes but the config has num_classes={num_classes}; {FIT_HINT}")
+    if image_shape is not None and len(image_shape) == 3:
+        c, h, w = (int(v) for v in image_shape)
+        if info.get("channels") is not None and info["channels"] != c:
+            raise ValueError(f"{name} was built for {info['channels']}-channel images but the training data has "
+                             f"{c} channel(s); {FIT_HINT}")
+        if info.get("data_size") is not None:
+            fh, fw = info["data_size"]
+            if h > fh or w > fw:  # smaller data is fine (downsampled); larger would get upsampled blurs
+                raise ValueError(f"{name} was fitted on {fh}x{fw} images but the training images are {h}x{w}: "
+                                 f"its images would be upsampled, without the detail of your data; {FIT_HINT}")
+    if device is not None and info.get("device") is not None and not same_device(info["device"], device):
+        raise ValueError(f"{name} is on {info['device']} but worker_device is {device}: set "
+                         f"HardNegConfig(worker_device={info['device']!r}) or move the generator "
+                         f"(generator.to({str(device)!r}))")
