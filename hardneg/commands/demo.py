@@ -45,7 +45,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--images-per-refresh", type=int, default=48)
     p.add_argument("--deterministic", action="store_true",
                    help="repeat a seeded run exactly: refresh inline, hand images over only at refresh boundaries")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run from OUT/checkpoint.pt (if it exists) up to --epochs: model, "
+                        "optimiser, LR schedule, data order and engine; give the same arguments as that run")
+    p.add_argument("--stop-after-epochs", type=int, default=None,
+                   help="stop after this many epochs as if interrupted (checkpoint kept; finish with --resume)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -83,11 +87,16 @@ def run(args: argparse.Namespace) -> int:
     model = make_classifier(args.model, num_classes=train_data.num_classes, in_chans=train_data.image_shape[0])
     engine = HardNeg(cfg, model=model, class_names=names, dataset=train_data, generator=generator)
     ckpt = os.path.join(args.out, "checkpoint.pt")
-    if args.resume and os.path.exists(ckpt):
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        engine.load_state_dict(state["engine"])
-        print(f"resumed engine state from {ckpt} at step {engine.step}")
     epochs_log: list[dict[str, Any]] = []
+    resume_state = None
+    seconds_before = 0.0
+    if args.resume and os.path.exists(ckpt):
+        state = _load_checkpoint(ckpt, args)
+        engine.load_state_dict(state["engine"])
+        resume_state = state["training"]
+        epochs_log = list(resume_state["history"])
+        seconds_before = float(state.get("seconds", 0.0))
+        print(f"resumed from {ckpt}: epoch {resume_state['epoch']}, step {resume_state['step']}", flush=True)
 
     def on_epoch(m: Any) -> None:
         epochs_log.append(m.to_dict())
@@ -100,17 +109,65 @@ def run(args: argparse.Namespace) -> int:
               f"synthetic used {m.synthetic_used:4d} | mean r {r} | worker img/s {ips} | "
               f"engine {100 * (m.engine_fraction or 0):.1f}% of step time", flush=True)
         print(f"          confused: {describe_pairs(pairs, names)}", flush=True)
-        torch.save({"engine": engine.state_dict(), "model": model.state_dict(), "epoch": m.epoch}, ckpt)
+
+    def on_checkpoint(training: dict[str, Any]) -> None:
+        _save_checkpoint({"format": CHECKPOINT_FORMAT, "args": _run_args(args), "training": training,
+                          "engine": engine.state_dict(), "seconds": seconds_before + time.perf_counter() - t_start},
+                         ckpt)
 
     try:
         train(model, train_data, test_data, engine=engine, epochs=args.epochs, batch_size=args.batch_size,
               lr=args.lr, seed=args.seed, progress=not args.no_progress, on_epoch=on_epoch,
-              max_steps=args.max_steps)
+              max_steps=args.max_steps, on_checkpoint=on_checkpoint, resume_state=resume_state,
+              stop_after_epoch=args.stop_after_epochs)
         engine.collect()
     finally:
         engine.close()
-    _write_outputs(args, engine, epochs_log, names, time.perf_counter() - t_start, report)
+    _write_outputs(args, engine, epochs_log, names, seconds_before + time.perf_counter() - t_start, report)
     return 0
+
+
+CHECKPOINT_FORMAT = 2
+# Arguments a resumed run must share with the interrupted one (they shape the schedule, data and engine).
+_RESUME_ARGS = ("epochs", "max_steps", "batch_size", "lr", "model", "image_size", "regime", "seed", "no_generation",
+                "curriculum", "synthetic_fraction", "refresh_every", "images_per_refresh", "deterministic")
+
+
+def _run_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k, None) for k in _RESUME_ARGS}
+
+
+def _save_checkpoint(state: dict[str, Any], path: str) -> None:
+    """Write the demo checkpoint atomically (a kill mid-write keeps the previous one)."""
+    import torch
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Read a demo checkpoint (tensors and numbers only) and check it belongs to this run's arguments."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - one message naming the file, whatever torch raised
+        raise ValueError(f"cannot resume from {path}: not a readable hardneg demo checkpoint "
+                         f"({type(exc).__name__}: {exc}); delete it or choose another --out") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"cannot resume from {path}: it was written by an older hardneg demo (format "
+                         f"{state.get('format') if isinstance(state, dict) else None!r}, expected "
+                         f"{CHECKPOINT_FORMAT}) that saved no optimiser or schedule; start afresh without --resume")
+    saved, now = state.get("args", {}), _run_args(args)
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in _RESUME_ARGS if saved.get(k) != now[k]]
+    if differ:
+        raise ValueError(f"cannot resume from {path}: the interrupted run used " + ", ".join(differ)
+                         + "; resume with the same arguments")
+    return state
 
 
 def _load_or_fit_generator(args: argparse.Namespace, train_data: Any) -> Any:
