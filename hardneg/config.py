@@ -75,6 +75,9 @@ class HardNegConfig:
     images_per_refresh: int = 32  # generated images requested per refresh, split over pairs
     generation_batch: int = 16  # images per generation request
     max_restarts: int = 3
+    # seconds one generation request may run; a request past it fails (reason in worker stats) and the
+    # worker is replaced within max_restarts. None: no deadline. Generous: a cold CPU diffusion call is slow.
+    request_timeout: Optional[float] = 600.0
     # --- synthetic buffer and mixing ------------------------------------------------------
     buffer_size: int = 2048
     synthetic_fraction: float = 0.25
@@ -145,6 +148,8 @@ class HardNegConfig:
         _int_at_least(self, "images_per_refresh", 1)
         _int_at_least(self, "generation_batch", 1)
         _int_at_least(self, "max_restarts", 0)
+        if self.request_timeout is not None:
+            _in_range(self, "request_timeout", 0.0, float("inf"), low_open=True, high_open=True)
         _int_at_least(self, "buffer_size", 1)
         _in_range(self, "synthetic_fraction", 0.0, 1.0, high_open=True)
         _choice(self, "mix_mode", ("append", "substitute"))

@@ -171,6 +171,7 @@ class HardNeg:
             self.worker = GenerationWorker(
                 factory, backend=config.worker_backend, queue_size=config.queue_size,
                 max_restarts=config.max_restarts, num_threads=config.worker_threads, device=config.worker_device,
+                request_timeout=config.request_timeout,
             )
             if start_worker:
                 self.worker.start()

@@ -104,3 +104,24 @@ class WrongShapeGenerator(FakeGenerator):
 
     def generate(self, sources, source_labels, target_labels, ratios, seed=None):  # type: ignore[override]
         return super().generate(sources, source_labels, target_labels, ratios, seed)[:, :, ::2, ::2]
+
+
+class HangingGenerator(FakeGenerator):
+    """A generator whose ``generate`` never returns (a hung backend): it sleeps forever.
+
+    ``release`` (thread backend only) lets a test end the call at teardown; it then raises.
+    """
+
+    def __init__(self, release: Optional[threading.Event] = None) -> None:
+        super().__init__()
+        self.release = release
+
+    def generate(self, sources, source_labels, target_labels, ratios, seed=None):  # type: ignore[override]
+        while self.release is None or not self.release.is_set():
+            time.sleep(0.05)
+        raise RuntimeError("hanging generator released")
+
+
+def hanging_factory() -> HangingGenerator:
+    """A picklable factory (process backend): a generator that sleeps forever on every call."""
+    return HangingGenerator()
