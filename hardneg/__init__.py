@@ -12,7 +12,7 @@ from typing import Any
 from hardneg.config import ConfigError, HardNegConfig
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "HardNeg", "HardNegConfig", "HardNegError", "__version__"]
+__all__ = ["CheckpointError", "ConfigError", "HardNeg", "HardNegConfig", "HardNegError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +20,8 @@ def __getattr__(name: str) -> Any:
         from hardneg import plugin
 
         return getattr(plugin, name)
+    if name == "CheckpointError":
+        from hardneg.checkpoint import CheckpointError
+
+        return CheckpointError
     raise AttributeError(f"module 'hardneg' has no attribute {name!r}")

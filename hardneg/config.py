@@ -42,6 +42,9 @@ class HardNegConfig:
     ``HardNeg(..., teacher_model=m)``); the teacher label mode, filtering and the ``"band"``
     curriculum need one, and a config asking for them with ``teacher="none"`` is an error (no
     silent default: which teacher judges the labels is a choice worth writing down).
+
+    A config is read-only once constructed (assigning a field raises :class:`ConfigError`): change
+    settings with :meth:`replace` (or ``dataclasses.replace``), which validates the copy.
     """
 
     num_classes: int
@@ -118,6 +121,19 @@ class HardNegConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Frozen once validated: the engine reads fields live and its parts were built from them, so
+        # `cfg.refresh_every = 0` would bypass validation (ZeroDivisionError later) or silently not apply.
+        if self.__dict__.get("_frozen", False):
+            raise ConfigError(
+                f"HardNegConfig is read-only after construction (tried to set {name}={value!r}): make a "
+                f"validated copy with cfg.replace({name}=...) and build the engine with it")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise ConfigError(f"HardNegConfig is read-only after construction (tried to delete {name})")
 
     # ------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -162,7 +178,7 @@ class HardNegConfig:
         if self.r_min > self.r_max:
             raise ConfigError(f"r_min ({self.r_min}) must not exceed r_max ({self.r_max})")
         _int_at_least(self, "total_steps", 1)
-        self.step_milestones = tuple(float(m) for m in self.step_milestones)
+        object.__setattr__(self, "step_milestones", tuple(float(m) for m in self.step_milestones))
         for m in self.step_milestones:
             if not 0.0 < m < 1.0:
                 raise ConfigError(f"step_milestones entries must lie in (0, 1), got {m}")
@@ -174,7 +190,7 @@ class HardNegConfig:
             )
         _in_range(self, "adaptive_step", 0.0, 1.0, low_open=True)
         _int_at_least(self, "adaptive_min_samples", 1)
-        self.ada_grid = tuple(float(r) for r in self.ada_grid)
+        object.__setattr__(self, "ada_grid", tuple(float(r) for r in self.ada_grid))
         if len(self.ada_grid) < 2 or any(not 0.0 < r <= 1.0 for r in self.ada_grid):
             raise ConfigError(f"ada_grid needs >= 2 ratios in (0, 1], got {self.ada_grid}")
         if list(self.ada_grid) != sorted(self.ada_grid):
@@ -186,7 +202,7 @@ class HardNegConfig:
         if band is None or len(band) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
                                                  for v in band):
             raise ConfigError(f"difficulty_band must be a (low, high) pair of numbers, got {self.difficulty_band!r}")
-        self.difficulty_band = (float(band[0]), float(band[1]))
+        object.__setattr__(self, "difficulty_band", (float(band[0]), float(band[1])))
         low, high = self.difficulty_band
         if not 0.0 <= low < high <= 1.0:
             raise ConfigError(f"difficulty_band must satisfy 0 <= low < high <= 1, got {self.difficulty_band}")

@@ -86,7 +86,8 @@ def mix_batch(
 
     Raises:
         ValueError: when the synthetic images do not match the batch's per-sample shape (e.g. a
-            3-channel generator feeding a 1-channel classifier) or ``y`` does not match ``x``.
+            3-channel generator feeding a 1-channel classifier), ``x`` is not floating point (uint8
+            images would turn the generated rows into zeros) or ``y`` does not match ``x``.
     """
     if mode not in ("append", "substitute"):
         raise ValueError(f"mode must be 'append' or 'substitute', got {mode!r}")
@@ -116,6 +117,9 @@ def mix_batch(
             f"synthetic images have per-sample shape {tuple(images.shape[1:])} but the batch has "
             f"{tuple(x.shape[1:])}{hint}: the generator must produce images like the training data"
         )
+    if not x.is_floating_point():  # casting [0, 1] floats to uint8 would turn every generated row into zeros
+        raise ValueError(f"x must be floating point to take generated images, got {x.dtype}: convert the batch "
+                         "first (e.g. x.float() / 255 for uint8 images) to the range the generator was trained on")
     syn_x = images[:k].to(device=x.device, dtype=x.dtype, non_blocking=True)
     n_real = n if mode == "append" else n - k
     x_out = torch.cat([x[:n_real], syn_x])

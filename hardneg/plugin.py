@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from hardneg.bank import EmbeddingBank
 from hardneg.buffer import SyntheticBuffer
+from hardneg.checkpoint import CheckpointError, load_safe, save_atomic
 from hardneg.config import HardNegConfig
 from hardneg.confusion import ConfusionGraph, PairScore, pair_weights
 from hardneg.curriculum import make_curriculum
@@ -144,7 +145,9 @@ class HardNeg:
             "requests_made": 0, "images_requested": 0, "images_received": 0, "images_rejected": 0, "engine_seconds": 0.0,
             "refreshes": 0, "refreshes_skipped": 0, "zero_embeddings_skipped": 0,
             "images_scored": 0, "images_filtered_low": 0, "images_filtered_high": 0,
+            "images_out_of_range": 0,
         }
+        self._source_range: Optional[tuple[float, float]] = None  # value range of every source sent out
         self._wall_start: Optional[float] = None
         self._wall_offset = 0.0  # wall seconds of the run before a resume (stats' engine_fraction)
         # Finished results taken out of the worker by state_dict() (deterministic mode waits for them
@@ -214,12 +217,13 @@ class HardNeg:
             logits = self._captured_logits
         labels = self._labels_as_ids(labels, emb, synthetic_pairs)
         emb, labels, logits, ids_t = self._validate_observation(emb, labels, logits, ids)
+        record = None
         if synthetic_pairs is not None:
-            n_syn = len(synthetic_pairs)
-            self._last_mix = _MixRecord(n_in=emb.shape[0] - n_syn, n_total=emb.shape[0],
-                                        n_real=emb.shape[0] - n_syn,
-                                        synthetic_pairs=[(int(a), int(b)) for a, b in synthetic_pairs])
-        n_real, synth = self._split_real_synthetic(emb.shape[0], ids_t.shape[0])
+            pairs = self._validate_synthetic_pairs(synthetic_pairs, emb.shape[0])
+            n_syn = len(pairs)
+            record = _MixRecord(n_in=emb.shape[0] - n_syn, n_total=emb.shape[0], n_real=emb.shape[0] - n_syn,
+                                synthetic_pairs=pairs)
+        n_real, synth = self._split_real_synthetic(emb.shape[0], ids_t.shape[0], record)
         self._finish_background_refresh()
         if self.bank is None:
             self.bank = self._make_bank(emb.shape[1])
@@ -265,10 +269,7 @@ class HardNeg:
         t0 = time.perf_counter()
         if self._wall_start is None:
             self._wall_start = t0
-        if x.ndim < 1 or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
-            raise HardNegError(
-                f"mix() needs x (N, ...) and y (N,) labels or (N, K) soft targets, got {tuple(x.shape)} and "
-                f"{tuple(y.shape)}")
+        self._validate_mix_input(x, y)
         self._finish_background_refresh()
         if not self.config.deterministic:
             self.collect()
@@ -276,6 +277,7 @@ class HardNeg:
         k = int(round(self.config.synthetic_fraction * n))
         sample = None
         if k > 0 and len(self.buffer) > 0:
+            self._check_mix_shape(x)  # before the draw: a rejected mix leaves use counts and the RNG alone
             sample = self.buffer.sample(k, step=self.step, pair_weights=self._pair_weights or None)
         mixed = mix_batch(x, y, sample, mode=self.config.mix_mode, synthetic_weight=self.config.synthetic_weight,
                           num_classes=self.config.num_classes)
@@ -403,6 +405,9 @@ class HardNeg:
             self._counters["images_received"] += len(result.images)
             if result.request_id in self._ada_requests:
                 result = self._select_ada(result, self._ada_requests.pop(result.request_id))
+            result = self._drop_out_of_range(result)
+            if not len(result):
+                continue
             teacher_p = model_p = None
             if self.teacher is not None and len(result):
                 teacher_p, model_p = self._score_arrivals(result)
@@ -426,6 +431,35 @@ class HardNeg:
             added += n
             self._counters["images_rejected"] += len(result.images) - n
         return added
+
+    def _note_source_range(self, sources: Tensor) -> None:
+        lo, hi = float(sources.min()), float(sources.max())
+        if self._source_range is not None:
+            lo, hi = min(lo, self._source_range[0]), max(hi, self._source_range[1])
+        self._source_range = (lo, hi)
+
+    def _drop_out_of_range(self, result: GenerationResult) -> GenerationResult:
+        """Drop generated rows far outside the value range of the sources (e.g. a generator that
+        forgot to rescale its output): more than one data span below the smallest or above the
+        largest source value. Counted in ``stats()["images_out_of_range"]``, warned about once.
+        NaN/inf rows are left to the buffer, which rejects them."""
+        if self._source_range is None or not len(result):
+            return result
+        lo, hi = self._source_range
+        span = max(hi - lo, abs(lo), abs(hi), 1.0)
+        flat = torch.nan_to_num(result.images.detach().flatten(1).float(), nan=lo, posinf=hi, neginf=lo)
+        ok = ((flat.amin(1) >= lo - span) & (flat.amax(1) <= hi + span)).cpu()
+        n_bad = int((~ok).sum())
+        if n_bad == 0:
+            return result
+        if not self._counters["images_out_of_range"]:
+            logger.warning(
+                "hardneg: dropped %d generated image(s) of pair %s with values in [%.3g, %.3g], far outside the "
+                "sources' range [%.3g, %.3g]: the generator must return images in the training data's range "
+                "(counted in stats()['images_out_of_range'])", n_bad, result.pair, float(flat.min()),
+                float(flat.max()), lo, hi)
+        self._counters["images_out_of_range"] += n_bad
+        return result.select(ok.nonzero().flatten())
 
     @torch.no_grad()
     def _score_arrivals(self, result: GenerationResult) -> tuple[Tensor, Tensor]:
@@ -566,14 +600,65 @@ class HardNeg:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; the config's class count must match."""
+        """Restore :meth:`state_dict` output into this engine, all or nothing.
+
+        The whole state is checked first (format, keys, class count, embedding dimension, buffer
+        capacity, teacher kind) and a :class:`HardNegError` says what does not fit before anything
+        changes; should applying it still fail, the engine is put back as it was, so a failed load
+        never leaves a half-loaded engine.
+        """
+        self._check_state(state)
+        backup = self.state_dict()
+        try:
+            self._apply_state(state)
+        except Exception as exc:
+            self._apply_state(backup)
+            if isinstance(exc, HardNegError):
+                raise
+            raise HardNegError(f"the state does not fit this engine ({type(exc).__name__}: {exc}); the engine is "
+                               "unchanged") from exc
+
+    _STATE_KEYS = ("format", "config", "class_names", "step", "bank", "confusion", "curriculum", "buffer", "pairs",
+                   "source_cursor", "next_request_id", "counters")
+
+    def _check_state(self, state: Any) -> None:
+        """Raise :class:`HardNegError` when ``state`` cannot be loaded into this engine (changes nothing)."""
+        if not isinstance(state, dict):
+            raise HardNegError(f"a HardNeg state is a dict (from state_dict()), got {type(state).__name__}")
         if state.get("format") != STATE_FORMAT:
             raise HardNegError(f"unknown HardNeg state format {state.get('format')!r} (expected {STATE_FORMAT})")
-        saved = HardNegConfig.from_dict(state["config"])
+        missing = [key for key in self._STATE_KEYS if key not in state]
+        if missing:
+            raise HardNegError(f"the state lacks {missing}: not written by HardNeg.state_dict()")
+        try:
+            saved = HardNegConfig.from_dict(state["config"])
+        except (ValueError, TypeError) as exc:
+            raise HardNegError(f"the state's config is invalid: {exc}") from None
         if saved.num_classes != self.config.num_classes:
             raise HardNegError(
                 f"state was saved with num_classes={saved.num_classes}, this engine has {self.config.num_classes}"
             )
+        bank = state["bank"]
+        if bank is not None:
+            dim = int(bank["dim"])
+            want = self.config.embedding_dim if self.config.embedding_dim is not None else (
+                self.bank.dim if self.bank is not None and len(self.bank) else None)
+            if want is not None and dim != want:
+                raise HardNegError(f"state holds {dim}-dimensional embeddings, this engine's are {want}-dimensional "
+                                   "(config.embedding_dim or its bank): was it saved with another model?")
+            vectors = bank["vectors"]
+            if tuple(vectors.shape[1:]) != (dim,) or len(bank["ids"]) != vectors.shape[0]:
+                raise HardNegError(f"the state's bank is inconsistent: dim {dim}, vectors {tuple(vectors.shape)}, "
+                                   f"{len(bank['ids'])} ids")
+        capacity = int(state["buffer"]["capacity"])
+        if capacity != self.config.buffer_size:
+            raise HardNegError(f"state was saved with buffer_size={capacity}, this engine has "
+                               f"{self.config.buffer_size}: build it with config.replace(buffer_size={capacity})")
+        teacher = state.get("teacher")
+        if self.teacher is not None and teacher is not None and teacher.get("kind") != self.teacher.kind:
+            raise HardNegError(f"state holds a {teacher.get('kind')!r} teacher, this engine's is {self.teacher.kind!r}")
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         if state["bank"] is not None:
             self.bank = EmbeddingBank.from_state_dict(state["bank"], use_gpu=self.config.use_gpu_index)
@@ -597,12 +682,21 @@ class HardNeg:
         self._last_mix = None
 
     def save(self, path: str) -> None:
-        """Write :meth:`state_dict` to ``path`` with ``torch.save``."""
-        torch.save(self.state_dict(), path)
+        """Write :meth:`state_dict` to ``path`` atomically (a crash mid-write keeps the previous file)."""
+        save_atomic(self.state_dict(), path)
 
     def load(self, path: str) -> None:
-        """Read a file written by :meth:`save` into this engine."""
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        """Read a file written by :meth:`save` into this engine.
+
+        Loads with ``torch.load(weights_only=True)``: a file holding anything but plain tensors,
+        numbers and strings is refused, never executed. Raises :class:`CheckpointError` naming the
+        file when it is missing, empty, truncated, corrupt, unsafe or does not fit this engine.
+        """
+        state = load_safe(path, what="hardneg engine state (HardNeg.save)", keys=("format", "config"))
+        try:
+            self.load_state_dict(state)
+        except HardNegError as exc:
+            raise CheckpointError(path, f"does not fit this engine: {exc}") from None
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the worker and the refresh thread, remove the hooks. Safe to call twice."""
@@ -661,7 +755,10 @@ class HardNeg:
                        synthetic_pairs: Optional[Sequence[tuple[int, int]]]) -> Any:
         """Class ids from ``(N, K)`` soft targets (what :meth:`mix` returns with soft labels): real
         rows their argmax, synthetic rows their target class; anything else is returned as is."""
-        y = torch.as_tensor(labels)
+        try:
+            y = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError):
+            return labels  # _validate_observation says what is wrong with it
         if y.ndim != 2 or not y.is_floating_point():
             return labels
         ids = y.detach().argmax(1).cpu()
@@ -684,7 +781,10 @@ class HardNeg:
             raise HardNegError(f"embeddings must be a (N, D) tensor, got {getattr(emb, 'shape', type(emb))}")
         if not emb.is_floating_point():
             raise HardNegError(f"embeddings must be floating point, got dtype {emb.dtype}")
-        labels = torch.as_tensor(labels)
+        labels = _as_tensor(labels, "labels", "integer class ids (N,)")
+        if labels.dtype == torch.bool:
+            raise HardNegError("labels are bool: pass integer class ids (e.g. y.long() for a 0/1 target), so a "
+                               "mask or a True/False target is never taken for classes 0 and 1 by accident")
         if labels.is_floating_point() or labels.ndim != 1 or labels.shape[0] != emb.shape[0]:
             raise HardNegError(f"labels must be integer (N,) with N={emb.shape[0]}, got {labels.dtype} {tuple(labels.shape)}")
         labels = labels.detach().cpu().long()
@@ -701,14 +801,63 @@ class HardNeg:
                 raise HardNegError(f"logits must have shape ({emb.shape[0]}, {k}), got {tuple(logits.shape)}")
             if not torch.isfinite(logits).all():
                 raise HardNegError("logits contain NaN/inf; nothing was recorded for this step")
-        ids_t = torch.as_tensor(ids).detach().cpu()
-        if ids_t.is_floating_point() or ids_t.ndim != 1:
+        ids_t = _as_tensor(ids, "ids", "integer dataset indices (N,)").detach().cpu()
+        if ids_t.is_floating_point() or ids_t.dtype == torch.bool or ids_t.ndim != 1:
             raise HardNegError(f"ids must be an integer (N,) tensor of sample ids, got {ids_t.dtype} {tuple(ids_t.shape)}")
+        if ids_t.numel() and int(ids_t.min()) < 0:
+            raise HardNegError(f"ids must be dataset indices >= 0, got min {int(ids_t.min())}")
         return emb, labels, logits, ids_t.long()
 
-    def _split_real_synthetic(self, n_rows: int, n_ids: int) -> tuple[int, list[tuple[int, int]]]:
-        """How many leading rows are real, and the pairs of the synthetic rows after them."""
-        m = self._last_mix
+    def _validate_synthetic_pairs(self, synthetic_pairs: Any, n_rows: int) -> list[tuple[int, int]]:
+        k = self.config.num_classes
+        try:
+            pairs = [(int(a), int(b)) for a, b in synthetic_pairs]
+        except (TypeError, ValueError):
+            raise HardNegError("synthetic_pairs must be a sequence of (source class, target class) integer pairs, "
+                               f"got {synthetic_pairs!r:.200}") from None
+        if len(pairs) > n_rows:
+            raise HardNegError(f"synthetic_pairs has {len(pairs)} pairs but the batch has only {n_rows} rows: it "
+                               "describes the LAST rows of the batch, so it cannot be longer than the batch")
+        bad = [p for p in pairs if not (0 <= p[0] < k and 0 <= p[1] < k)]
+        if bad:
+            raise HardNegError(f"synthetic_pairs holds classes outside [0, {k}): {bad[:5]}")
+        return pairs
+
+    def _validate_mix_input(self, x: Any, y: Any) -> None:
+        """Everything about ``mix``'s arguments that can be checked before the engine changes state."""
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise HardNegError(f"mix() needs tensors x and y, got {type(x).__name__} and {type(y).__name__}")
+        if x.ndim < 1 or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
+            raise HardNegError(
+                f"mix() needs x (N, ...) and y (N,) labels or (N, K) soft targets, got {tuple(x.shape)} and "
+                f"{tuple(y.shape)}")
+        if not x.is_floating_point():
+            raise HardNegError(
+                f"mix() needs floating-point images (generated rows are float, in the value range of the training "
+                f"data), got {x.dtype}: convert the batch first, e.g. x.float() / 255 for uint8 images, and train "
+                "the generator on the same range")
+        if y.dtype == torch.bool or (y.ndim == 2 and not y.is_floating_point()):
+            raise HardNegError(f"mix() needs y as integer class ids (N,) or float soft targets (N, K), got {y.dtype} "
+                               f"{tuple(y.shape)}")
+        if y.ndim == 2 and y.shape[1] != self.config.num_classes:
+            raise HardNegError(f"soft targets y have {y.shape[1]} classes, config.num_classes is "
+                               f"{self.config.num_classes}")
+
+    def _check_mix_shape(self, x: Tensor) -> None:
+        shape = self.buffer.image_shape
+        if shape is not None and tuple(x.shape[1:]) != shape:
+            hint = ""
+            if x.ndim == 4 and len(shape) == 3 and x.shape[1] != shape[0]:
+                hint = f" (channels: generator {shape[0]}, batch {x.shape[1]})"
+            raise HardNegError(
+                f"the batch has per-sample shape {tuple(x.shape[1:])} but the generated images are {shape}{hint}: "
+                "the generator must produce images like the training data (same channels and size)")
+
+    def _split_real_synthetic(self, n_rows: int, n_ids: int,
+                              record: Optional[_MixRecord] = None) -> tuple[int, list[tuple[int, int]]]:
+        """How many leading rows are real, and the pairs of the synthetic rows after them (from
+        ``record`` when given, else from the last ``mix``)."""
+        m = record if record is not None else self._last_mix
         if m is not None and n_rows == m.n_total:
             if n_ids not in (m.n_in, m.n_real, m.n_total):
                 raise HardNegError(
@@ -761,6 +910,7 @@ class HardNeg:
             for c0 in range(0, len(chosen), per_request):
                 ids = chosen[c0 : c0 + per_request]
                 sources = torch.stack([_item_image(self.dataset[i]).float().cpu() for i in ids])
+                self._note_source_range(sources)
                 m = len(ids)
                 ratios = torch.tensor(ratios_all[c0 : c0 + m], dtype=torch.float32)
                 src_ids = torch.as_tensor(ids, dtype=torch.long)
@@ -871,6 +1021,16 @@ def _result_from_state(state: dict[str, Any]) -> GenerationResult:
         step=state["step"], seed=state["seed"],
     )
     return GenerationResult(req, state["images"].to("cpu"), float(state["seconds"]), float(state["queue_wait"]))
+
+
+def _as_tensor(value: Any, name: str, expected: str) -> Tensor:
+    """``torch.as_tensor`` with an error naming the argument (strings, ragged lists, objects)."""
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        first = next(iter(value), None) if isinstance(value, (list, tuple)) else value
+        raise HardNegError(f"{name} must be {expected}, got a {type(value).__name__} of "
+                           f"{type(first).__name__} ({value!r:.80}); map them to integers first") from None
 
 
 def _item_image(item: Any) -> Tensor:

@@ -314,16 +314,16 @@ def _data_key(s: dict[str, Any]) -> str:
 
 def _load_full(s: dict[str, Any], out: str) -> tuple[Any, Any]:
     """(full real training split, test split); folders are read once and cached as tensors."""
-    import torch
-
+    from hardneg.checkpoint import save_atomic
     from hardneg.data import ImageDataset, few_shot_subset, load_digits, load_train_test_folder
 
     if s["data"] == "digits":
         train, test = load_digits(size=s["image_size"], seed=s["data_seed"], regime="balanced")
     else:
         cache = os.path.join(out, "data", _data_key(s) + ".pt")
-        if os.path.exists(cache):
-            d = torch.load(cache, weights_only=True)
+        d = _read_cache(cache, "dataset cache", ("train_images", "train_labels", "test_images", "test_labels",
+                                                 "class_names"))
+        if d is not None:
             train = ImageDataset(d["train_images"], d["train_labels"], list(d["class_names"]))
             test = ImageDataset(d["test_images"], d["test_labels"], list(d["class_names"]))
         else:
@@ -331,11 +331,24 @@ def _load_full(s: dict[str, Any], out: str) -> tuple[Any, Any]:
             train, test = load_train_test_folder(s["data"], size=s["image_size"], channels=s["channels"],
                                                  seed=s["data_seed"], test_fraction=s["test_fraction"])
             os.makedirs(os.path.dirname(cache), exist_ok=True)
-            torch.save({"train_images": train.images, "train_labels": train.labels, "test_images": test.images,
-                        "test_labels": test.labels, "class_names": list(train.class_names)}, cache)
+            save_atomic({"train_images": train.images, "train_labels": train.labels, "test_images": test.images,
+                         "test_labels": test.labels, "class_names": list(train.class_names)}, cache)
     if s["test_per_class"]:
         test = few_shot_subset(test, s["test_per_class"], s["data_seed"])
     return train, test
+
+
+def _read_cache(path: str, what: str, keys: tuple[str, ...] = ()) -> Any:
+    """A cache file's content (safe load), or None when absent or unreadable (then it is rebuilt)."""
+    from hardneg.checkpoint import CheckpointError, load_safe
+
+    if not os.path.exists(path):
+        return None
+    try:
+        return load_safe(path, what=what, keys=keys)
+    except CheckpointError as exc:
+        print(f"ignoring the {what}, rebuilding it: {exc}", flush=True)
+        return None
 
 
 def _regime_train(full: Any, regime: str, s: dict[str, Any]) -> Any:
@@ -355,22 +368,22 @@ def _images_for(train: Any, s: dict[str, Any]) -> int:
 # ---------------------------------------------------------------------------------- judge and generators
 def _judge(s: dict[str, Any], full: Any, test: Any, out: str) -> tuple[Any, dict[str, Any]]:
     """The label-quality judge, trained on the full real training split (cached)."""
-    import torch
-
+    from hardneg.checkpoint import save_atomic
     from hardneg.judge import JudgeNet, judge_accuracy, train_judge
 
     path = os.path.join(out, "judges", f"{_data_key(s)}-e{s['judge_epochs']}.pt")
     t0 = time.perf_counter()
-    if os.path.exists(path) and not s["quick"]:
+    cached = _read_cache(path, "judge weights cache") if not s["quick"] else None
+    if cached is not None:
         judge = JudgeNet(full.num_classes, full.images.shape[1], full.images.shape[-1])
-        judge.load_state_dict(torch.load(path, weights_only=True))
+        judge.load_state_dict(cached)
         judge.eval()
     else:
         print(f"training the judge on the full training split ({len(full)} images, {s['judge_epochs']} epochs)",
               flush=True)
         judge = train_judge(full, epochs=s["judge_epochs"], seed=0)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(judge.state_dict(), path)
+        save_atomic(judge.state_dict(), path)
     info = {"train_images": len(full), "epochs": s["judge_epochs"], "test_accuracy": judge_accuracy(judge, test),
             "seconds": time.perf_counter() - t0}
     print(f"judge: test accuracy {info['test_accuracy']:.3f} (trained on {len(full)} images)", flush=True)

@@ -271,7 +271,7 @@ def _one_size(n: int, placement: str, s: dict[str, Any], ctx: dict[str, Any]) ->
                 if kind == "engine+refresh":
                     if rep >= refresh_blocks:
                         continue
-                    engine.config.refresh_every = 1  # a background refresh in flight for the whole block
+                    engine.config = engine.config.replace(refresh_every=1)  # a background refresh in flight for the whole block
                 before = engine.worker.stats()["images_produced"]
                 tb = time.perf_counter()
                 steps = [engine_step() for _ in range(s["steps"])]
@@ -281,7 +281,7 @@ def _one_size(n: int, placement: str, s: dict[str, Any], ctx: dict[str, Any]) ->
                     eng += steps
                 else:
                     eng_refresh += steps
-                    engine.config.refresh_every = 10**9
+                    engine.config = engine.config.replace(refresh_every=10**9)
                     wait_background_refresh()  # nothing may run behind the next block
 
         # ---------------------------------------------------------------- more inline refreshes

@@ -13,6 +13,8 @@ import os
 import time
 from typing import Any
 
+from hardneg.commands._args import UsageError, positive_int
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -22,41 +24,40 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", default="hardneg-out/demo", help="output folder for plots, JSON and checkpoints")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many training steps (quick look)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=positive_int, default=8)
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many training steps (quick look)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--model", default="resnet10t", help="timm model name (built from config, no download)")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=positive_int, default=32)
     p.add_argument("--regime", choices=["balanced", "long-tail", "few-shot"], default="balanced",
                    help="long-tail: imbalance 20 (class 0 head, 9 tail); few-shot: 10 per class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--generator-dir", default=None,
                    help="class-conditional generator folder (default: the one shipped with hardneg; "
                         "trained into this folder first if it holds none)")
-    p.add_argument("--fit-steps", type=int, default=1500, help="generator training steps if it must be trained")
+    p.add_argument("--fit-steps", type=positive_int, default=1500, help="generator training steps if it must be trained")
     p.add_argument("--no-generation", action="store_true", help="only mine confusion, generate nothing")
     p.add_argument("--curriculum", default="adaptive",
                    choices=["constant", "linear", "cosine", "step", "adaptive", "ada"])
     p.add_argument("--worker", choices=["process", "thread"], default="process")
-    p.add_argument("--worker-threads", type=int, default=1)
+    p.add_argument("--worker-threads", type=positive_int, default=1)
     p.add_argument("--synthetic-fraction", type=float, default=0.25)
-    p.add_argument("--refresh-every", type=int, default=10)
-    p.add_argument("--images-per-refresh", type=int, default=48)
+    p.add_argument("--refresh-every", type=positive_int, default=10)
+    p.add_argument("--images-per-refresh", type=positive_int, default=48)
     p.add_argument("--deterministic", action="store_true",
                    help="repeat a seeded run exactly: refresh inline, hand images over only at refresh boundaries")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run from OUT/checkpoint.pt (if it exists) up to --epochs: model, "
                         "optimiser, LR schedule, data order and engine; give the same arguments as that run")
-    p.add_argument("--stop-after-epochs", type=int, default=None,
+    p.add_argument("--stop-after-epochs", type=positive_int, default=None,
                    help="stop after this many epochs as if interrupted (checkpoint kept; finish with --resume)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from hardneg.checkpoint import save_atomic
     from hardneg.config import HardNegConfig
     from hardneg.confusion import describe_pairs
     from hardneg.data import load_digits
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"          confused: {describe_pairs(pairs, names)}", flush=True)
 
     def on_checkpoint(training: dict[str, Any]) -> None:
-        _save_checkpoint({"format": CHECKPOINT_FORMAT, "args": _run_args(args), "training": training,
+        save_atomic({"format": CHECKPOINT_FORMAT, "args": _run_args(args), "training": training,
                           "engine": engine.state_dict(), "seconds": seconds_before + time.perf_counter() - t_start},
                          ckpt)
 
@@ -137,35 +138,19 @@ def _run_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k, None) for k in _RESUME_ARGS}
 
 
-def _save_checkpoint(state: dict[str, Any], path: str) -> None:
-    """Write the demo checkpoint atomically (a kill mid-write keeps the previous one)."""
-    import torch
-
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _load_checkpoint(path: str, args: argparse.Namespace) -> dict[str, Any]:
     """Read a demo checkpoint (tensors and numbers only) and check it belongs to this run's arguments."""
-    import torch
+    from hardneg.checkpoint import CheckpointError, load_safe
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - one message naming the file, whatever torch raised
-        raise ValueError(f"cannot resume from {path}: not a readable hardneg demo checkpoint "
-                         f"({type(exc).__name__}: {exc}); delete it or choose another --out") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"cannot resume from {path}: it was written by an older hardneg demo (format "
-                         f"{state.get('format') if isinstance(state, dict) else None!r}, expected "
-                         f"{CHECKPOINT_FORMAT}) that saved no optimiser or schedule; start afresh without --resume")
+    state = load_safe(path, what="hardneg demo checkpoint", keys=("engine",))
+    if state.get("format") != CHECKPOINT_FORMAT or "training" not in state:
+        raise CheckpointError(path, f"was written by an older hardneg demo (format {state.get('format')!r}, expected "
+                                    f"{CHECKPOINT_FORMAT}) that saved no optimiser or LR schedule, so training cannot "
+                                    "continue from it; start afresh without --resume")
     saved, now = state.get("args", {}), _run_args(args)
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in _RESUME_ARGS if saved.get(k) != now[k]]
     if differ:
-        raise ValueError(f"cannot resume from {path}: the interrupted run used " + ", ".join(differ)
+        raise UsageError(f"cannot resume from {path}: the interrupted run used " + ", ".join(differ)
                          + "; resume with the same arguments")
     return state
 

@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any, Optional
 
+from hardneg.commands._args import device, positive_int
 from hardneg.generators.base import GeneratorError
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
@@ -30,28 +31,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True,
                    help="'digits' (built in) or an image folder PATH/<class>/<image>")
     p.add_argument("--out", required=True, help="folder to write the generator (and report.json) to")
-    p.add_argument("--steps", type=int, default=500, help="training steps")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=positive_int, default=500, help="training steps")
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warm-up, then cosine decay)")
     p.add_argument("--ema-decay", type=float, default=0.995,
                    help="EMA of the weights kept as the model; 0 = off")
-    p.add_argument("--image-size", type=int, default=16, help="resolution the generator works at (px)")
-    p.add_argument("--data-size", type=int, default=32, help="resolution the data is loaded at (px)")
+    p.add_argument("--image-size", type=positive_int, default=16, help="resolution the generator works at (px)")
+    p.add_argument("--data-size", type=positive_int, default=32, help="resolution the data is loaded at (px)")
     p.add_argument("--channels", type=int, default=None, choices=(1, 3),
                    help="image channels of an image folder (digits: 1)")
     p.add_argument("--block-channels", default="32,64,64",
                    help="UNet channels per resolution level, comma separated")
-    p.add_argument("--layers-per-block", type=int, default=1)
+    p.add_argument("--layers-per-block", type=positive_int, default=1)
     p.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance at sampling")
-    p.add_argument("--inference-steps", type=int, default=25, help="DDIM steps of a full (r = 1) run")
+    p.add_argument("--inference-steps", type=positive_int, default=25, help="DDIM steps of a full (r = 1) run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--judge-epochs", type=int, default=12, help="epochs of the judge CNN used for scoring")
-    p.add_argument("--fidelity-per-class", type=int, default=50, help="samples per class for class fidelity")
+    p.add_argument("--judge-epochs", type=positive_int, default=12, help="epochs of the judge CNN used for scoring")
+    p.add_argument("--fidelity-per-class", type=positive_int, default=50, help="samples per class for class fidelity")
     p.add_argument("--pair", default=None,
                    help="class pair A,B for the boundary band (default 3,8 on digits, else 0,1)")
-    p.add_argument("--boundary-sources", type=int, default=32, help="source images for the boundary band")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--boundary-sources", type=positive_int, default=32, help="source images for the boundary band")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
     return p

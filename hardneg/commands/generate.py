@@ -13,6 +13,8 @@ import csv
 import os
 from typing import Any, Optional, Sequence
 
+from hardneg.commands._args import UsageError, device, positive_int, ratio_list
+
 DEFAULT_GRID_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -25,19 +27,19 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--generator-path", default=None,
                    help="generator folder or hub id (default for class-conditional: the shipped digits model)")
     p.add_argument("--data", default="digits", help="'digits' or an ImageFolder path (root/<class>/<image>)")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=positive_int, default=32)
     p.add_argument("--channels", type=int, default=None, help="1 or 3 for an ImageFolder (default 3)")
     p.add_argument("--pairs", default="auto", help="'auto' or comma-separated SOURCE:TARGET class names/indices")
-    p.add_argument("--top-pairs", type=int, default=5, help="pairs taken with --pairs auto")
+    p.add_argument("--top-pairs", type=positive_int, default=5, help="pairs taken with --pairs auto")
     p.add_argument("--ratio", default="0.8", help="noise ratio r in (0, 1], or 'ada' for GeNIe-Ada per source")
-    p.add_argument("--ada-grid", default="0.5,0.6,0.7,0.8,0.9")
-    p.add_argument("--per-pair", type=int, default=16, help="images per pair")
+    p.add_argument("--ada-grid", type=ratio_list, default="0.5,0.6,0.7,0.8,0.9")
+    p.add_argument("--per-pair", type=positive_int, default=16, help="images per pair")
     p.add_argument("--classifier", default="resnet10t", help="timm model for --pairs auto / --ratio ada")
-    p.add_argument("--classifier-epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32, help="generation batch size")
+    p.add_argument("--classifier-epochs", type=positive_int, default=3)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="generation batch size")
     p.add_argument("--prompt-template", default="a photo of a {class_name}.", help="stable-diffusion only")
-    p.add_argument("--steps", type=int, default=None, help="stable-diffusion inference steps")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=positive_int, default=None, help="stable-diffusion inference steps")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true")
@@ -49,13 +51,13 @@ def parse_pairs(spec: str, class_names: Sequence[str]) -> list[tuple[int, int]]:
     pairs = []
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
         if item.count(":") != 1:
-            raise ValueError(f"pair {item!r} must look like SOURCE:TARGET (e.g. 3:8)")
+            raise UsageError(f"pair {item!r} must look like SOURCE:TARGET (e.g. 3:8)")
         a, b = (_class_index(x.strip(), class_names) for x in item.split(":"))
         if a == b:
-            raise ValueError(f"pair {item!r} has the same source and target; GeNIe needs two classes")
+            raise UsageError(f"pair {item!r} has the same source and target; GeNIe needs two classes")
         pairs.append((a, b))
     if not pairs:
-        raise ValueError("--pairs is empty")
+        raise UsageError("--pairs is empty")
     return pairs
 
 
@@ -64,7 +66,7 @@ def _class_index(token: str, class_names: Sequence[str]) -> int:
         return list(class_names).index(token)
     if token.isdigit() and int(token) < len(class_names):
         return int(token)
-    raise ValueError(f"unknown class {token!r}; known classes: {list(class_names)}")
+    raise UsageError(f"unknown class {token!r}; known classes: {list(class_names)}")
 
 
 def parse_ratio(spec: str) -> Optional[float]:
@@ -74,9 +76,9 @@ def parse_ratio(spec: str) -> Optional[float]:
     try:
         r = float(spec)
     except ValueError:
-        raise ValueError(f"--ratio must be a number in (0, 1] or 'ada', got {spec!r}") from None
+        raise UsageError(f"--ratio must be a number in (0, 1] or 'ada', got {spec!r}") from None
     if not 0.0 < r <= 1.0:
-        raise ValueError(f"--ratio must lie in (0, 1], got {r}")
+        raise UsageError(f"--ratio must lie in (0, 1], got {r}")
     return r
 
 
@@ -110,11 +112,13 @@ def run(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {}
     if args.generator == "stable-diffusion":
         if args.generator_path is None:
-            raise SystemExit("--generator stable-diffusion needs --generator-path (a hub id or a local folder)")
+            raise UsageError("--generator stable-diffusion needs --generator-path (a hub id or a local folder)")
         kwargs.update(class_names=names, prompt_template=args.prompt_template, device=args.device)
         if args.steps:
             kwargs["num_inference_steps"] = args.steps
     generator = load_generator(args.generator, args.generator_path, **kwargs)
+    if args.generator == "class-conditional" and args.device != "cpu":
+        generator = generator.to(args.device)  # --device was ignored for it before
     engine = None
     if explicit is None or ratio is None:
         engine = mine_pairs(train_data, args.classifier, args.classifier_epochs, args.top_pairs, args.seed,
@@ -122,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if explicit is None:
         mined = engine.confusions(args.top_pairs)
         if not mined:
-            raise SystemExit("the classifier confuses no class pair; pass --pairs A:B explicitly")
+            raise UsageError("the classifier confuses no class pair; pass --pairs A:B explicitly")
         pairs = [(p.a, p.b) for p in mined]
         sources_of = {(p.a, p.b): p.source_ids for p in mined}
         print("confused pairs: " + ", ".join(f"{names[a]}->{names[b]} {p.score:.3f}" for (a, b), p in zip(pairs, mined)))
@@ -176,7 +180,7 @@ def _random_sources(data: Any, cls: int, n: int, g: Any) -> list[int]:
 
     idx = (data.labels == cls).nonzero().flatten()
     if len(idx) == 0:
-        raise SystemExit(f"class {data.class_names[cls]!r} has no samples to use as sources")
+        raise UsageError(f"class {data.class_names[cls]!r} has no samples to use as sources")
     return idx[torch.randperm(len(idx), generator=g)[:n]].tolist()
 
 
@@ -195,7 +199,7 @@ def _ada(generator: Any, engine: Any, sources: Any, src: Any, tgt: Any, args: ar
 
     from hardneg.generators.ada import genie_ada
 
-    grid = tuple(float(x) for x in args.ada_grid.split(","))
+    grid = tuple(args.ada_grid)
     b = int(tgt[0])
     target_mean = torch.as_tensor(engine.bank.class_means()[b]).unsqueeze(0).expand(len(sources), -1)
     result = genie_ada(generator, engine.embed, sources, src, tgt, target_mean, grid=grid, seed=seed)

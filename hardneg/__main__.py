@@ -1,0 +1,7 @@
+"""``python -m hardneg``: the same command line as the ``hardneg`` script."""
+
+import sys
+
+from hardneg.cli import main
+
+sys.exit(main())
