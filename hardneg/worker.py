@@ -571,7 +571,7 @@ class GenerationWorker:
         the worker failed, or ``timeout`` seconds passed; return every finished result, oldest first."""
         deadline = time.monotonic() + timeout
         out = self.poll()
-        while time.monotonic() < deadline and not self.failed:
+        while time.monotonic() < deadline and self._state == "running":  # closed or failed: nothing to wait for
             s = self.stats()
             settled = s["requests_completed"] + s["failures"] + s["requests_dropped"] + s["requests_lost"]
             if settled >= s["requests_submitted"] and s["results_ready"] == 0:

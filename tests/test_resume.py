@@ -160,3 +160,18 @@ def test_resume_state_from_another_schedule_is_refused(tmp_path, one_thread):
     data = _toy_data()
     with pytest.raises(ValueError, match="run of 24 steps, this run has 12"):
         train(TinyNet(), data, data, epochs=2, batch_size=16, progress=False, resume_state=state["training"])
+
+
+def test_resumed_engine_keeps_counting_wall_time_for_engine_fraction():
+    """engine_fraction = engine time / wall time: both clocks continue after a resume (the wall one did not)."""
+    engine = HardNeg(HardNegConfig(num_classes=4, refresh_every=100))
+    emb = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    for start in range(0, 32, 8):
+        engine.observe(emb[start:start + 8], torch.arange(8) % 4, ids=torch.arange(start, start + 8))
+    state = engine.state_dict()
+    assert state["wall_seconds"] > 0 and state["counters"]["engine_seconds"] > 0
+    resumed = HardNeg(HardNegConfig(num_classes=4, refresh_every=100))
+    resumed.load_state_dict(state)
+    s = resumed.stats()
+    assert s["wall_seconds"] >= state["wall_seconds"]  # the clock picks up where it stopped
+    assert s["engine_fraction"] <= state["counters"]["engine_seconds"] / state["wall_seconds"] + 1e-9

@@ -1,7 +1,5 @@
 """Targeting policies decide which pairs get generated; the engine follows the plan."""
 
-import time
-
 import pytest
 import torch
 
@@ -18,15 +16,10 @@ def test_allocate_is_proportional_and_exact():
     assert allocate(4, [0, 0]) == [2, 2]
 
 
-def _collect_all(engine, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        engine.collect()
-        s = engine.worker.stats()
-        if s["images_produced"] and s["requests_queued"] == 0 and s["requests_in_flight"] == 0:
-            engine.collect()
-            return
-        time.sleep(0.05)
+def _collect_all(engine, timeout=120):
+    """Wait (generous deadline) for the background refresh, then for every request it made."""
+    assert engine.wait_for_refresh(timeout), "the background refresh did not finish"
+    engine.wait_for_generation(timeout)
 
 
 @pytest.mark.parametrize("targeting", ["same-class", "random-pairs", "confusion"])
