@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import secrets
 import warnings
 import zipfile
 from typing import Any, Iterable, Union
@@ -55,7 +55,9 @@ def save_atomic(obj: Any, path: PathLike) -> None:
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 (not mkstemp's 0o600): the checkpoint gets the permissions torch.save would give it
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -108,6 +110,8 @@ def load_safe(path: PathLike, what: str = "checkpoint", keys: Iterable[str] = ()
                       "weights_only=False) and save plain tensors instead") from None
         raise CheckpointError(path, f"is truncated, corrupt or not a torch file ({_reason(msg)}); expected a {what}"
                               ) from None
+    except PermissionError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror}); check its permissions") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError,
             AttributeError, TypeError, UnicodeDecodeError) as exc:
         raise CheckpointError(

@@ -406,7 +406,7 @@ class HardNeg:
             if result.request_id in self._ada_requests:
                 result = self._select_ada(result, self._ada_requests.pop(result.request_id))
             result = self._drop_out_of_range(result)
-            if not len(result):
+            if result is None:  # every image of this result was out of range
                 continue
             teacher_p = model_p = None
             if self.teacher is not None and len(result):
@@ -438,11 +438,11 @@ class HardNeg:
             lo, hi = min(lo, self._source_range[0]), max(hi, self._source_range[1])
         self._source_range = (lo, hi)
 
-    def _drop_out_of_range(self, result: GenerationResult) -> GenerationResult:
+    def _drop_out_of_range(self, result: GenerationResult) -> Optional[GenerationResult]:
         """Drop generated rows far outside the value range of the sources (e.g. a generator that
         forgot to rescale its output): more than one data span below the smallest or above the
         largest source value. Counted in ``stats()["images_out_of_range"]``, warned about once.
-        NaN/inf rows are left to the buffer, which rejects them."""
+        NaN/inf rows are left to the buffer, which rejects them. None when no row is left."""
         if self._source_range is None or not len(result):
             return result
         lo, hi = self._source_range
@@ -459,7 +459,7 @@ class HardNeg:
                 "(counted in stats()['images_out_of_range'])", n_bad, result.pair, float(flat.min()),
                 float(flat.max()), lo, hi)
         self._counters["images_out_of_range"] += n_bad
-        return result.select(ok.nonzero().flatten())
+        return result.select(ok.nonzero().flatten()) if n_bad < len(result) else None
 
     @torch.no_grad()
     def _score_arrivals(self, result: GenerationResult) -> tuple[Tensor, Tensor]:

@@ -44,6 +44,9 @@ def test_save_atomic_round_trips_and_leaves_no_temp_file(tmp_path):
     got = load_safe(path, keys=("x", "name"))
     assert got["name"] == "b" and torch.equal(got["x"], torch.arange(6))
     assert os.listdir(tmp_path) == ["ck.pt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # what torch.save would give, not private 0o600
 
 
 def test_failed_save_keeps_the_previous_file_and_no_temp_file(tmp_path):

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 
 import pytest
 
@@ -85,7 +86,10 @@ def test_generate_auto_pairs_with_genie_ada(tmp_path, tiny_generator_dir, capsys
         (["--ratio", "zero"], "number in"),
     ],
 )
-def test_generate_rejects_bad_arguments(tmp_path, tiny_generator_dir, argv, match):
+def test_generate_rejects_bad_arguments(tmp_path, tiny_generator_dir, argv, match, capsys):
     base = ["generate", "--generator-path", tiny_generator_dir, "--out", str(tmp_path), "--pairs", "3:8"]
-    with pytest.raises(ValueError, match=match):
-        main(base + argv)
+    assert main(base + argv) == 2  # a user error: one line, exit code 2, no traceback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and re.search(match, err[0])
+    with pytest.raises(ValueError, match=match):  # --debug: the exception itself
+        main(["--debug"] + base + argv)
