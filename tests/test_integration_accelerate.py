@@ -166,7 +166,7 @@ def _generated(accelerator, mode, steps=12):
 def _as_set(gen):
     """The generated images with their provenance as a set of rows, whatever their buffer order."""
     prov = gen["provenance"]
-    keys = [k for k in sorted(prov) if k not in ("slots", "uses")]
+    keys = [k for k in sorted(prov) if k not in ("slots", "uses", "seq")]  # seq: arrival order
     rows = []
     for i in range(len(prov["slots"])):
         rows.append((tuple(round(float(prov[k][i]), 6) for k in keys), tuple(gen["images"][i].flatten().tolist())))
