@@ -33,6 +33,7 @@ import functools
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -351,7 +352,7 @@ class HardNeg:
         if fut is not None:
             try:
                 fut.exception(timeout=timeout)  # waits without raising the refresh's own error here
-            except TimeoutError:
+            except FutureTimeout:
                 return False
             self._finish_background_refresh(wait=True)
         return True
