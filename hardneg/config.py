@@ -100,6 +100,9 @@ class HardNegConfig:
     generator_resolution: Optional[Any] = None  # stable-diffusion model input size: int or (height, width)
     generator_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for the loader
     worker_start_timeout: float = 600.0  # seconds HardNeg(...) waits for the generator to load
+    # seconds one generation request may run; a request past it fails (reason in worker stats) and the
+    # worker is replaced within max_restarts. None: no deadline. Generous: a cold CPU diffusion call is slow.
+    request_timeout: Optional[float] = 600.0
     # --- synthetic buffer and mixing ------------------------------------------------------
     buffer_size: int = 2048
     synthetic_fraction: float = 0.25
@@ -192,6 +195,8 @@ class HardNegConfig:
         _int_at_least(self, "images_per_refresh", 1)
         _int_at_least(self, "generation_batch", 1)
         _int_at_least(self, "max_restarts", 0)
+        if self.request_timeout is not None:
+            _in_range(self, "request_timeout", 0.0, float("inf"), low_open=True, high_open=True)
         _int_at_least(self, "buffer_size", 1)
         _in_range(self, "synthetic_fraction", 0.0, 1.0, high_open=True)
         _choice(self, "mix_mode", ("append", "substitute"))

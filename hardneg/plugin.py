@@ -35,6 +35,7 @@ import functools
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -156,6 +157,11 @@ class HardNeg:
         self._wall_start: Optional[float] = None
         self._refresh_every: Optional[int] = None  # resolved on the first observe ("auto" needs a batch size)
         self._warned_nothing_generated = False
+        self._wall_offset = 0.0  # wall seconds of the run before a resume (stats' engine_fraction)
+        # Finished results taken out of the worker by state_dict() (deterministic mode waits for them
+        # there), accepted at the next hand-over exactly as if they had stayed in the worker.
+        self._held: list[GenerationResult] = []
+        self._unsettled = 0  # requests submitted since the worker was last drained (deterministic mode)
         self._refresh_pool: Optional[ThreadPoolExecutor] = None
         self._refresh_future: Optional[Future] = None
         self._captured_embeddings: Optional[Tensor] = None
@@ -177,6 +183,7 @@ class HardNeg:
             self.worker = GenerationWorker(
                 factory, backend=config.worker_backend, queue_size=config.queue_size,
                 max_restarts=config.max_restarts, num_threads=config.worker_threads, device=config.worker_device,
+                request_timeout=config.request_timeout,
             )
             if start_worker:
                 self._start_worker_checked()
@@ -337,9 +344,41 @@ class HardNeg:
     def wait_for_generation(self, timeout: float = 600.0) -> int:
         """Block until every submitted request has finished (or failed), collect it; returns images added."""
         if self.worker is None:
-            return 0
+            return self.collect()
         added = self.collect()
-        return added + self._accept(self.worker.drain(timeout)) + self.collect()
+        added += self._accept(self.worker.drain(timeout))
+        self._unsettled = 0
+        return added + self.collect()
+
+    def wait_for_refresh(self, timeout: float = 600.0) -> bool:
+        """Block until a background refresh in flight (if any) has finished and been acted on.
+
+        Returns False if it is still running after ``timeout`` seconds (it is then left running).
+        A test or a script that needs the mined pairs *now* waits here instead of counting steps.
+        """
+        fut = self._refresh_future
+        if fut is not None:
+            try:
+                fut.exception(timeout=timeout)  # waits without raising the refresh's own error here
+            except FutureTimeout:
+                return False
+            self._finish_background_refresh(wait=True)
+        return True
+
+    def wait_for_images(self, n: int = 1, timeout: float = 600.0) -> bool:
+        """Block until the buffer holds at least ``n`` images (collecting finished work meanwhile).
+
+        Returns False when ``timeout`` seconds passed first, or at once when the worker failed or
+        there is none. A deadline, not a step count: how soon images arrive depends on the machine.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            self.collect()
+            if len(self.buffer) >= n:
+                return True
+            if self.worker is None or self.worker.failed or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
     def known_samples(self) -> tuple[np.ndarray, np.ndarray]:
         """(sample ids, labels) of every sample in the bank, for targeting policies."""
@@ -355,9 +394,10 @@ class HardNeg:
         """Move finished work forward without blocking: act on a finished background refresh, move
         finished images from the worker into the buffer. Returns how many images were added."""
         self._finish_background_refresh()
+        held, self._held = self._held, []
         if self.worker is None:
-            return 0
-        return self._accept(self.worker.poll())
+            return self._accept(held)
+        return self._accept(held + self.worker.poll())
 
     def _accept(self, results: Iterable[GenerationResult]) -> int:
         """Put finished results into the buffer; returns images added.
@@ -518,7 +558,7 @@ class HardNeg:
     def stats(self) -> dict[str, Any]:
         """Counters for logs and plots: engine time share, synthetic use, worker and buffer state."""
         c = dict(self._counters)
-        wall = (time.perf_counter() - self._wall_start) if self._wall_start else 0.0
+        wall = self._wall_offset + ((time.perf_counter() - self._wall_start) if self._wall_start else 0.0)
         c["wall_seconds"] = wall
         c["engine_fraction"] = c["engine_seconds"] / wall if wall > 0 else 0.0
         c["synthetic_accuracy"] = c["synthetic_correct"] / c["synthetic_feedback"] if c["synthetic_feedback"] else None
@@ -534,8 +574,22 @@ class HardNeg:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """Everything the loop needs to continue after a restart (not the pending worker queue)."""
+        """Everything the loop needs to continue after a restart: plain tensors, numbers and strings
+        (loads with ``torch.load(weights_only=True)``).
+
+        Finished results not yet in the buffer are included (``held``). With ``deterministic=True``
+        this first waits for every outstanding request, so a run resumed from this state receives
+        exactly the images the uninterrupted run would have; otherwise requests still being generated
+        are not saved (the resumed run requests anew at its next refresh).
+        """
         self._finish_background_refresh(wait=True)
+        if self.worker is not None:
+            if self.config.deterministic:
+                self._held.extend(self.worker.drain())
+                self._unsettled = 0
+            else:
+                self._held.extend(self.worker.poll())
+        wall = self._wall_offset + ((time.perf_counter() - self._wall_start) if self._wall_start else 0.0)
         return {
             "format": STATE_FORMAT,
             "config": self.config.to_dict(),
@@ -551,6 +605,9 @@ class HardNeg:
             "counters": dict(self._counters),
             "targeting": self.targeting.state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            "held": [_result_state(r) for r in self._held],
+            "ada_requests": {str(k): list(v) for k, v in self._ada_requests.items()},
+            "wall_seconds": wall,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -629,6 +686,10 @@ class HardNeg:
         self.targeting.load_state_dict(state.get("targeting", {}))
         if self.teacher is not None and state.get("teacher") is not None:
             self.teacher.load_state_dict(state["teacher"])
+        self._held = [_result_from_state(r) for r in state.get("held", [])]
+        self._ada_requests = {int(k): tuple(float(r) for r in v) for k, v in state.get("ada_requests", {}).items()}
+        self._wall_offset = float(state.get("wall_seconds", 0.0))
+        self._wall_start = None  # the clock restarts at the next step; time spent down is not counted
         self._last_mix = None
 
     def save(self, path: str) -> None:
@@ -982,6 +1043,12 @@ class HardNeg:
                 self._next_request_id += 1
                 self._counters["requests_made"] += 1
                 self._counters["images_requested"] += m
+                if cfg.deterministic and self._unsettled >= cfg.queue_size:
+                    # a full queue drops its oldest request, and which one depends on timing: wait here
+                    # instead; the results are held for the next hand-over like all the others
+                    self._held.extend(self.worker.drain())
+                    self._unsettled = 0
+                self._unsettled += 1
                 self.worker.submit(req)
 
     def _select_ada(self, result: GenerationResult, grid: tuple[float, ...]) -> GenerationResult:
@@ -1048,6 +1115,24 @@ def register_embedding_hook(model: nn.Module, embedding_layer: Optional[str], ca
 
 
 # ---------------------------------------------------------------------- helpers
+def _result_state(result: GenerationResult) -> dict[str, Any]:
+    """A finished result as plain tensors and numbers (part of :meth:`HardNeg.state_dict`)."""
+    r = result.request
+    return {"request_id": r.request_id, "pair": list(r.pair), "source_ids": r.source_ids.clone(),
+            "source_labels": r.source_labels.clone(), "target_labels": r.target_labels.clone(),
+            "ratios": r.ratios.clone(), "step": r.step, "seed": r.seed, "images": result.images.clone(),
+            "seconds": float(result.seconds), "queue_wait": float(result.queue_wait)}
+
+
+def _result_from_state(state: dict[str, Any]) -> GenerationResult:
+    req = GenerationRequest(
+        request_id=state["request_id"], pair=tuple(state["pair"]), source_ids=state["source_ids"], sources=None,
+        source_labels=state["source_labels"], target_labels=state["target_labels"], ratios=state["ratios"],
+        step=state["step"], seed=state["seed"],
+    )
+    return GenerationResult(req, state["images"].to("cpu"), float(state["seconds"]), float(state["queue_wait"]))
+
+
 def _as_tensor(value: Any, name: str, expected: str) -> Tensor:
     """``torch.as_tensor`` with an error naming the argument (strings, ragged lists, objects)."""
     try:

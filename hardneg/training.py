@@ -118,6 +118,9 @@ def train(
     extra_data: Optional[ImageDataset] = None,
     extra_targets: Optional[Tensor] = None,
     evaluate_every_epoch: bool = True,
+    on_checkpoint: Optional[Callable[[dict[str, Any]], None]] = None,
+    resume_state: Optional[dict[str, Any]] = None,
+    stop_after_epoch: Optional[int] = None,
 ) -> list[EpochMetrics]:
     """Train ``model`` with AdamW + one-cycle decay, optionally with a :class:`hardneg.HardNeg` engine.
 
@@ -139,6 +142,15 @@ def train(
         evaluate_every_epoch: score ``test_data`` after every epoch (the metrics' accuracies);
             ``False`` only after the last one, which keeps a many-epoch run on a small training set
             from spending most of its time on test passes (its earlier epochs report NaN).
+        on_checkpoint: called after each epoch (after ``on_epoch``) with the loop's state
+            (:func:`training_state`: model, optimiser, LR schedule, epoch, step, data-order and torch
+            RNG states, metrics so far); plain tensors and numbers, so it saves and loads with
+            ``weights_only=True``. Save the engine's state next to it.
+        resume_state: such a state: the loop continues after its epoch with the same schedule, data
+            order and RNG, so (with a deterministic engine) it ends exactly where the uninterrupted
+            run does. The other arguments must be those of the interrupted run.
+        stop_after_epoch: return after this epoch as if interrupted (the run's schedule is still
+            the one for ``epochs``); resume it with ``resume_state``.
     """
     from tqdm.auto import tqdm
 
@@ -169,9 +181,14 @@ def train(
     balanced = bool(counts.max() <= 1.5 * counts.clamp(min=1).min())
     history: list[EpochMetrics] = []
     step = 0
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    first_epoch = 1
+    if resume_state is not None:
+        first_epoch, step = _restore_training(resume_state, model, opt, sched, generator, history, total)
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(first_epoch, epochs + 1):
+            if step >= total:
+                break
             t0 = time.perf_counter()
             losses = []
             for x, y, idx in loader:
@@ -213,11 +230,47 @@ def train(
             history.append(metrics)
             if on_epoch is not None:
                 on_epoch(metrics)
-            if step >= total:
+            if on_checkpoint is not None:
+                on_checkpoint(training_state(model, opt, sched, generator, epoch, step, history))
+            if step >= total or (stop_after_epoch is not None and epoch >= stop_after_epoch):
                 break
     finally:
         bar.close()
     return history
+
+
+TRAINING_STATE_FORMAT = 1
+
+
+def training_state(model: nn.Module, optimizer: Any, scheduler: Any, data_generator: torch.Generator, epoch: int,
+                   step: int, history: Sequence[EpochMetrics]) -> dict[str, Any]:
+    """The state of :func:`train` after ``epoch`` (what ``resume_state`` takes); plain tensors and numbers."""
+    return {
+        "format": TRAINING_STATE_FORMAT, "epoch": int(epoch), "step": int(step),
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "data_rng": data_generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "history": [m.to_dict() for m in history],
+    }
+
+
+def _restore_training(state: dict[str, Any], model: nn.Module, optimizer: Any, scheduler: Any,
+                      data_generator: torch.Generator, history: list[EpochMetrics], total: int) -> tuple[int, int]:
+    """Load a :func:`training_state` into the loop's objects; returns (first epoch to run, step)."""
+    if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
+        raise ValueError(f"resume_state is not a training state of format {TRAINING_STATE_FORMAT} (got "
+                         f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}); "
+                         "it comes from train(on_checkpoint=...)")
+    if scheduler.state_dict().get("total_steps") != state["scheduler"].get("total_steps"):
+        raise ValueError(f"resume_state was saved by a run of {state['scheduler'].get('total_steps')} steps, this "
+                         f"run has {total}: resume with the interrupted run's epochs, batch size and max_steps")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    data_generator.set_state(state["data_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    history.extend(EpochMetrics(**m) for m in state["history"])
+    return int(state["epoch"]) + 1, int(state["step"])
 
 
 def _epoch_metrics(

@@ -18,6 +18,20 @@ newest request reflects the model's current confusions. A request that raises or
 non-finite images is logged and counted and the worker goes on; a worker that dies (dead thread,
 dead child) is restarted up to ``max_restarts`` times and then reports itself failed, after which
 ``poll`` returns nothing and the training loop goes on with what it already has.
+
+Hung generators (``request_timeout``): a request still running after its deadline is booked as a
+failure (``stats()["timeouts"]``, ``last_error`` says which request and why) and the worker is
+replaced within the same ``max_restarts`` budget. A child process is killed. A thread cannot be
+killed in Python: the stuck thread is *abandoned* (a daemon; its result, if it ever returns, is
+discarded and it then exits; it keeps its generator's memory until then, and dies with the
+interpreter) and a new thread with a fresh generator takes over; ``stats()["abandoned_threads"]``
+counts them and :meth:`GenerationWorker.close` never waits on them, nor past a running request's
+deadline.
+
+Orphans: a child process exits as soon as the training process dies, even in the middle of a
+request: a watchdog thread in the child waits on the parent's sentinel, and on Linux the child also
+asks the kernel for ``SIGKILL`` on parent death (``PR_SET_PDEATHSIG``, when started from the main
+thread: the kernel ties it to the launching thread).
 """
 
 from __future__ import annotations
@@ -27,9 +41,11 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import os
 import pickle
 import queue
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -267,15 +283,45 @@ def _from_wire(msg: dict[str, Any]) -> tuple[int, GenerationRequest]:
     return int(msg["ticket"]), req
 
 
+def _exit_with_parent(use_pdeathsig: bool) -> None:
+    """Make this child process exit when its parent dies, even while a request is running.
+
+    A daemon thread waits on the parent's sentinel (portable) and ends the process with
+    ``os._exit``; on Linux, ``PR_SET_PDEATHSIG`` also has the kernel send ``SIGKILL`` (only asked for
+    when ``use_pdeathsig``: it fires when the *thread* that started us exits, so only the main thread's
+    children may use it).
+    """
+    parent = torch_mp.parent_process()
+    if use_pdeathsig and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except Exception:  # noqa: BLE001 - the watchdog below still covers it
+            pass
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns when the parent process is gone (its sentinel closes)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="hardneg-parent-watchdog", daemon=True).start()
+
+
 def _child_main(
-    factory: GeneratorFactory, in_q: Any, out_q: Any, stop: Any, num_threads: int, device_str: str
+    factory: GeneratorFactory, in_q: Any, out_q: Any, stop: Any, num_threads: int, device_str: str,
+    use_pdeathsig: bool = False,
 ) -> None:
     """Entry point of the worker process: build the generator, then serve requests until stopped.
 
     Every message it sends is small (results travel as shared-memory tensors), so a write to the
-    pipe is atomic and a child that dies mid-way never leaves half a message behind.
+    pipe is atomic and a child that dies mid-way never leaves half a message behind. Before each
+    request it sends ``("start", ticket)`` so the parent can time the request against its deadline.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
+    _exit_with_parent(use_pdeathsig)
     torch.set_num_threads(max(1, int(num_threads)))
     device = torch.device(device_str)
     try:
@@ -299,6 +345,7 @@ def _child_main(
         if msg is None:
             break
         ticket, req = _from_wire(msg)
+        out_q.put(("start", ticket))
         outcome = _execute(gen, req, device, None)
         if outcome.ok:
             out_q.put(("ok", ticket, outcome.images, outcome.seconds, outcome.queue_wait))
@@ -340,6 +387,8 @@ class GenerationWorker:
             the CPU.
         max_in_flight: process backend only: requests handed to the child ahead of time (one
             running, the rest waiting in the child's pipe) so it never idles between polls.
+        request_timeout: seconds a request may run before it is failed and the worker replaced
+            (process: killed; thread: abandoned, see the module docs); ``None``: no deadline.
     """
 
     def __init__(
@@ -352,6 +401,7 @@ class GenerationWorker:
         device: Union[str, torch.device] = "cpu",
         name: str = "hardneg-worker",
         max_in_flight: int = 2,
+        request_timeout: Optional[float] = None,
     ) -> None:
         if not callable(generator_factory):
             raise TypeError(f"generator_factory must be a zero-argument callable, got {generator_factory!r}")
@@ -363,6 +413,10 @@ class GenerationWorker:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
+        if request_timeout is not None and (isinstance(request_timeout, bool) or not isinstance(
+                request_timeout, (int, float)) or not request_timeout > 0):
+            raise ValueError(f"request_timeout must be a number of seconds > 0 or None, got {request_timeout!r}")
+        self.request_timeout = None if request_timeout is None else float(request_timeout)
         self._factory = generator_factory
         self.backend: Backend = backend
         self.queue_size = queue_size
@@ -376,6 +430,8 @@ class GenerationWorker:
         self._wakeup = threading.Condition(self._lock)
         self._pending: collections.deque[tuple[int, GenerationRequest]] = collections.deque()
         self._in_flight: dict[int, GenerationRequest] = {}  # ticket -> request (process: sources dropped)
+        self._running: dict[int, float] = {}  # ticket -> time.monotonic() its generation started
+        self._abandoned: list[threading.Thread] = []  # hung threads left behind (see module docs)
         self._ready: collections.deque[GenerationResult] = collections.deque()
         self._state = "new"  # new -> running -> (failed) -> closed
         self._next_ticket = 0
@@ -392,7 +448,7 @@ class GenerationWorker:
         # counters
         self._started_at: Optional[float] = None
         self._submitted = self._dropped = self._completed = self._images = 0
-        self._failures = self._crashes = self._restarts = self._lost = 0
+        self._failures = self._crashes = self._restarts = self._lost = self._timeouts = 0
         self._wait_total = self._busy_total = 0.0
         self._last_error: Optional[str] = None
         self._generator_info: Optional[dict[str, Any]] = None  # set once a generator was built
@@ -430,10 +486,17 @@ class GenerationWorker:
                 self._proc_stop.set()
         try:
             if thread is not None:
-                thread.join(timeout)
+                wait = timeout
+                with self._lock:
+                    if self.request_timeout is not None and self._running:
+                        # a request past its deadline is hung: do not wait on it longer than that
+                        started = min(self._running.values())
+                        wait = min(timeout, max(0.0, started + self.request_timeout - time.monotonic()))
+                thread.join(wait)
                 if thread.is_alive():  # a generate() call that does not return; the thread is a daemon
                     logger.warning(
-                        "hardneg worker %s: thread still busy %.1fs after close()", self.name, timeout
+                        "hardneg worker %s: thread still busy %.1fs after close(); left behind as a daemon "
+                        "(its result will be discarded)", self.name, wait
                     )
                 else:
                     self._thread = None
@@ -562,7 +625,7 @@ class GenerationWorker:
         the worker failed, or ``timeout`` seconds passed; return every finished result, oldest first."""
         deadline = time.monotonic() + timeout
         out = self.poll()
-        while time.monotonic() < deadline and not self.failed:
+        while time.monotonic() < deadline and self._state == "running":  # closed or failed: nothing to wait for
             s = self.stats()
             settled = s["requests_completed"] + s["failures"] + s["requests_dropped"] + s["requests_lost"]
             if settled >= s["requests_submitted"] and s["results_ready"] == 0:
@@ -596,6 +659,9 @@ class GenerationWorker:
                 "mean_queue_wait_s": self._wait_total / done if done else 0.0,
                 "mean_generation_s": self._busy_total / done if done else 0.0,
                 "failures": self._failures,
+                "timeouts": self._timeouts,
+                "running_for_s": (time.monotonic() - min(self._running.values())) if self._running else None,
+                "abandoned_threads": sum(t.is_alive() for t in self._abandoned),
                 "crashes": self._crashes,
                 "restarts": self._restarts,
                 "last_error": self._last_error,
@@ -619,7 +685,8 @@ class GenerationWorker:
         proc = ctx.Process(
             target=_child_main,
             args=(
-                self._factory, self._in_q, self._out_q, self._proc_stop, self.num_threads, str(self.device)
+                self._factory, self._in_q, self._out_q, self._proc_stop, self.num_threads, str(self.device),
+                threading.current_thread() is threading.main_thread(),
             ),
             name=f"{self.name}-{self._launches}",
             daemon=True,
@@ -644,6 +711,7 @@ class GenerationWorker:
             return
         if self.backend == "process":
             self._drain()
+        self._check_deadline()
         self._check_health()
         if self.backend == "process" and self._state == "running":
             self._pump()
@@ -675,6 +743,11 @@ class GenerationWorker:
             if kind == "ready":
                 self._generator_info = dict(msg[2])
                 continue
+            if kind == "start":  # timed by our clock: a late read only makes the deadline later
+                if ticket in self._in_flight:
+                    self._running[ticket] = time.monotonic()
+                continue
+            self._running.pop(ticket, None)
             req = self._in_flight.pop(ticket, None)
             if req is None:
                 continue
@@ -729,9 +802,42 @@ class GenerationWorker:
                 reason += f" ({self._last_error})"
             self._stop_process(self._proc, 0.0)
         self._crashes += 1
+        self._replace(reason)
+
+    def _check_deadline(self) -> None:
+        """Fail a request running past ``request_timeout`` and replace the hung thread / child."""
+        if self._state != "running" or self.request_timeout is None or not self._running:
+            return
+        now = time.monotonic()
+        ticket, started = min(self._running.items(), key=lambda kv: kv[1])
+        if now - started <= self.request_timeout:
+            return
+        self._running.pop(ticket)
+        req = self._in_flight.pop(ticket, None)
+        reason = (f"request {req.request_id if req is not None else '?'} exceeded the {self.request_timeout:g} s "
+                  "request_timeout (generator hung?)")
+        self._timeouts += 1
+        if req is not None:
+            self._record(req, _Outcome(False, None, f"RequestTimeout: {reason}", now - started, 0.0))
+        if self.backend == "thread":
+            if self._thread is not None:
+                if self._thread_stop is not None:
+                    self._thread_stop.set()  # if generate() ever returns, the thread discards it and exits
+                self._abandoned.append(self._thread)
+                self._thread = None
+            reason += "; its thread was abandoned"
+        elif self._proc is not None:
+            self._drain()  # results the child finished before the one that hung
+            self._stop_process(self._proc, 0.0)  # terminate, then kill
+            reason += "; its process was killed"
+        self._replace(reason)
+
+    def _replace(self, reason: str) -> None:
+        """The thread / child is gone (dead, killed or abandoned): restart it or give up."""
         lost = sorted(req.request_id for req in self._in_flight.values())
         self._lost += len(lost)
         self._in_flight.clear()
+        self._running.clear()
         self._last_error = reason
         if self._restarts < self.max_restarts:
             self._restarts += 1
@@ -803,9 +909,11 @@ class GenerationWorker:
                             return
                         ticket, current = self._pending.popleft()
                         self._in_flight[ticket] = current
+                        self._running[ticket] = time.monotonic()
                     outcome = _execute(gen, current, self.device, stream)
                     with self._lock:
                         if self._in_flight.pop(ticket, None) is not None and not stop.is_set():
+                            self._running.pop(ticket, None)
                             self._record(current, outcome)
                     current = None
         except BaseException as exc:  # noqa: BLE001 - the thread ends; poll() restarts or fails it

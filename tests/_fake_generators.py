@@ -122,3 +122,24 @@ class PixelIdentityGenerator:
         if sources.min() < -1e-4 or sources.max() > 1 + 1e-4:
             raise ValueError(f"sources outside [0, 1]: [{float(sources.min())}, {float(sources.max())}]")
         return sources.clamp(0.0, 1.0)
+
+
+class HangingGenerator(FakeGenerator):
+    """A generator whose ``generate`` never returns (a hung backend): it sleeps forever.
+
+    ``release`` (thread backend only) lets a test end the call at teardown; it then raises.
+    """
+
+    def __init__(self, release: Optional[threading.Event] = None) -> None:
+        super().__init__()
+        self.release = release
+
+    def generate(self, sources, source_labels, target_labels, ratios, seed=None):  # type: ignore[override]
+        while self.release is None or not self.release.is_set():
+            time.sleep(0.05)
+        raise RuntimeError("hanging generator released")
+
+
+def hanging_factory() -> HangingGenerator:
+    """A picklable factory (process backend): a generator that sleeps forever on every call."""
+    return HangingGenerator()

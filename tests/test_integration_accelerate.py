@@ -78,7 +78,7 @@ def _mine(accelerator, steps=12):
     return out
 
 
-def _generate(accelerator, mode, max_steps=150):
+def _generate(accelerator, mode, max_steps=5000):
     """Run with a generator until every rank's buffer holds images; report who generated what."""
     from hardneg.integrations.accelerate import HardNegAccelerate
 
@@ -95,7 +95,7 @@ def _generate(accelerator, mode, max_steps=150):
             mixed_rows = int(xm.shape[0] - x.shape[0])
             hn.observe(labels=ym, logits=model(xm), ids=idx)
             step += 1
-            time.sleep(0.01)  # let the worker thread run
+            time.sleep(0.01)  # let the worker thread run; the step cap is only a safety net (~a minute)
             if mixed_rows or step >= max_steps:
                 break
     # mixed_rows can differ between ranks only if their buffers differ; every rank breaks on the same step
@@ -133,6 +133,46 @@ def _deterministic_run(accelerator, steps=12):
     return out
 
 
+def _generated(accelerator, mode, steps=12):
+    """deterministic=True with a step-only curriculum; the buffer's images and provenance after ``steps``.
+
+    ``curriculum="linear"``: r follows the step alone. A feedback curriculum ("adaptive") moves r by
+    how the model does on the synthetic rows drawn, and those draws differ between a 2-process run
+    (2 rows per rank from 8-row local batches, rank-seeded) and a 1-process run (4 rows of 16), so
+    its later ratios, hence images, would too.
+    """
+    from hardneg.integrations.accelerate import HardNegAccelerate
+
+    data = _toy_data()
+    model = TinyNet()
+    loader = accelerator.prepare(torch.utils.data.DataLoader(data, batch_size=GLOBAL_BATCH, shuffle=False))
+    cfg = _cfg(deterministic=True, curriculum="linear", total_steps=steps)
+    hn = HardNegAccelerate(accelerator, cfg, model=model, dataset=data, generator=FakeGenerator(), generate_on=mode)
+    done = 0
+    while done < steps:
+        for x, y, idx in loader:
+            xm, ym, w = hn.mix(x, y)
+            hn.observe(labels=ym, logits=model(xm), ids=idx)
+            done += 1
+            if done == steps:
+                break
+    state = hn.engine.buffer.state_dict()
+    out = {"provenance": {k: v.clone() for k, v in hn.engine.buffer.provenance().items()},
+           "images": state["images"], "stored": len(hn.engine.buffer)}
+    hn.close()
+    return out
+
+
+def _as_set(gen):
+    """The generated images with their provenance as a set of rows, whatever their buffer order."""
+    prov = gen["provenance"]
+    keys = [k for k in sorted(prov) if k not in ("slots", "uses", "seq")]  # seq: arrival order
+    rows = []
+    for i in range(len(prov["slots"])):
+        rows.append((tuple(round(float(prov[k][i]), 6) for k in keys), tuple(gen["images"][i].flatten().tolist())))
+    return sorted(rows)
+
+
 def _same_provenance(a, b):
     """Same stored images and provenance; use counts may differ (each rank draws with its own seed)."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "uses")
@@ -153,7 +193,8 @@ def _rank_main(rank, world, port, out_dir):
 
     acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True))
     result = {"world": acc.num_processes, "mine": _mine(acc), "main": _generate(acc, "main"),
-              "all": _generate(acc, "all"), "det": [_deterministic_run(acc), _deterministic_run(acc)]}
+              "all": _generate(acc, "all"), "det": [_deterministic_run(acc), _deterministic_run(acc)],
+              "gen": {mode: _generated(acc, mode) for mode in ("main", "all")}}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     acc.wait_for_everyone()
     torch.distributed.destroy_process_group()
@@ -213,6 +254,25 @@ def test_two_processes_find_the_pairs_one_process_finds_and_share_generation(tmp
         assert _same_provenance(first["provenance"], second["provenance"])
         assert torch.equal(first["provenance"]["uses"], second["provenance"]["uses"])
     assert _same_provenance(ranks[0]["det"][0]["provenance"], ranks[1]["det"][0]["provenance"])
+
+    # Generation, 2 processes vs 1 over the same global batches (deterministic, step-only curriculum):
+    # the same requests (ids, sources, r, seeds) are made on every rank, so the same images come back.
+    # "main": rank 0 generates them all in request order and broadcasts them, so buffers match the
+    # single process slot for slot. "all": each rank generates its share and the results are gathered
+    # rank by rank, so the buffer ORDER differs from a single process (same set). Draws never match:
+    # each rank draws round(0.25 * 8) rows per step with its own seed, a single process 4 of 16.
+    for mode in ("main", "all"):
+        one = _generated(single_process_accelerator, mode)
+        assert one["stored"] > 0
+        for r in ranks:
+            got = r["gen"][mode]
+            assert got["stored"] == one["stored"]
+            assert _as_set(got) == _as_set(one), mode
+        assert _same_provenance(ranks[0]["gen"][mode]["provenance"], ranks[1]["gen"][mode]["provenance"])
+        assert torch.equal(ranks[0]["gen"][mode]["images"], ranks[1]["gen"][mode]["images"])
+    main_2, main_1 = ranks[0]["gen"]["main"], _generated(single_process_accelerator, "main")
+    assert _same_provenance(main_2["provenance"], main_1["provenance"])  # slot for slot
+    assert torch.equal(main_2["images"], main_1["images"])
 
 
 def test_checkpointing_round_trips_through_accelerator_state(tmp_path, single_process_accelerator):
@@ -287,3 +347,52 @@ def test_generated_rows_never_enter_or_overwrite_the_bank(single_process_acceler
     assert_bank_holds_only_real_rows(hn.engine.bank, ids, torch.cat(real_rows), data.labels[ids])
     assert hn.stats()["synthetic_feedback"] == 8  # the generated rows were observed as such
     hn.close()
+
+
+def test_load_state_resumes_a_run_exactly(tmp_path, single_process_accelerator):
+    """deterministic=True: 12 steps equal 6 steps + ``save_state`` / ``load_state`` into new objects + 6."""
+    import torch.nn.functional as F
+
+    from _state_compare import state_differences
+    from hardneg.integrations.accelerate import HardNegAccelerate
+
+    acc = single_process_accelerator
+
+    def run(save_at=None, load_from=None, steps=12):
+        for registry in (acc._models, acc._optimizers, acc._dataloaders, acc._schedulers, acc._custom_objects):
+            registry.clear()  # a fresh script: only this run's objects are registered
+        data = _toy_data()
+        model = TinyNet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loader = torch.utils.data.DataLoader(data, batch_size=GLOBAL_BATCH, shuffle=False)  # 6 batches an epoch
+        model, opt, loader = acc.prepare(model, opt, loader)
+        hn = HardNegAccelerate(acc, _cfg(deterministic=True), model=model, dataset=data, generator=FakeGenerator())
+        acc.register_for_checkpointing(hn)
+        done = 0
+        if load_from is not None:
+            acc.load_state(load_from)
+            done = hn.engine.step
+        while done < steps:
+            for x, y, idx in loader:
+                x, y, w = hn.mix(x, y)
+                logits = model(x)
+                loss = (w * F.cross_entropy(logits, y, reduction="none")).sum() / w.sum()
+                acc.backward(loss)
+                opt.step()
+                opt.zero_grad()
+                hn.observe(labels=y, logits=logits, ids=idx)
+                done += 1
+                if done == save_at:
+                    acc.save_state(str(tmp_path / "state"))
+                if done == steps:
+                    break
+        out = {"model": model.state_dict(), "optimizer": opt.state_dict(), "engine": hn.state_dict()}
+        hn.close()
+        return out
+
+    whole = run(save_at=6)
+    resumed = run(load_from=str(tmp_path / "state"))
+    assert resumed["engine"]["step"] == 12 and whole["engine"]["counters"]["synthetic_used"] > 0
+    assert state_differences(whole["model"], resumed["model"]) == []
+    assert state_differences(whole["optimizer"], resumed["optimizer"]) == []
+    assert state_differences(whole["engine"], resumed["engine"]) == []

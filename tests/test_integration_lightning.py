@@ -107,7 +107,8 @@ def test_fast_dev_run_observes_the_training_batch_and_stops_the_worker(tmp_path)
 def test_max_steps_run_mixes_generated_negatives_into_list_batches(tmp_path):
     torch.manual_seed(0)
     data = _toy_data()
-    cb = HardNegCallback(_cfg(), generator=FakeGenerator())  # dataset taken from the train dataloader
+    # deterministic: images arrive at refreshes whatever the machine's load (the Trainer owns the loop)
+    cb = HardNegCallback(_cfg(deterministic=True), generator=FakeGenerator())  # dataset from the train dataloader
     model = Net()
     trainer = _trainer(tmp_path, max_steps=30, callbacks=[cb], limit_val_batches=1, val_check_interval=3)
     trainer.fit(model, _loader(data), _loader(data, shuffle=False))
@@ -124,7 +125,7 @@ def test_max_steps_run_mixes_generated_negatives_into_list_batches(tmp_path):
 def test_mixin_mixes_tuple_batches_and_exposes_weights(tmp_path):
     torch.manual_seed(0)
     data = _toy_data()
-    cb = HardNegCallback(_cfg(synthetic_weight=0.5), dataset=data, generator=FakeGenerator())
+    cb = HardNegCallback(_cfg(synthetic_weight=0.5, deterministic=True), dataset=data, generator=FakeGenerator())
     model = MixinNet()
     trainer = _trainer(tmp_path, max_steps=30, callbacks=[cb], limit_val_batches=0)
     trainer.fit(model, _loader(data, collate_fn=_tuple_collate))
@@ -247,3 +248,38 @@ def test_generated_rows_never_enter_or_overwrite_the_bank(tmp_path):
     ids = torch.cat(model.seen_weights)
     assert_bank_holds_only_real_rows(cb.engine.bank, ids, torch.cat([e[:16] for e in seen]), data.labels[ids])
     assert cb.engine.stats()["synthetic_feedback"] == 8
+
+
+def test_fit_resumed_with_ckpt_path_ends_where_the_uninterrupted_fit_ends(tmp_path):
+    """deterministic=True: 12 steps equal 6 steps + ``fit(ckpt_path=...)`` to 12 (model, optimiser, engine)."""
+    from _state_compare import state_differences
+
+    def run(max_steps, ckpt_dir=None, ckpt_path=None):
+        torch.manual_seed(0)
+        data = _toy_data()
+        cb = HardNegCallback(_cfg(deterministic=True), dataset=data, generator=FakeGenerator())
+        end = {}
+
+        class Probe(L.Callback):  # the engine's state at the last step, before on_fit_end stops the worker
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step == 12:
+                    end["engine"] = cb.engine.state_dict()
+
+        callbacks = [cb, Probe()]
+        if ckpt_dir is not None:
+            callbacks.append(L.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=6, save_top_k=-1))
+        model = Net()
+        trainer = _trainer(tmp_path, max_steps=max_steps, callbacks=callbacks, enable_checkpointing=ckpt_dir is not None,
+                           limit_val_batches=0)
+        trainer.fit(model, _loader(data, shuffle=False), ckpt_path=ckpt_path)  # 6 batches an epoch
+        return model, trainer, end
+
+    whole_model, whole_trainer, whole = run(12, ckpt_dir=tmp_path / "ckpt")
+    ckpt = os.path.join(tmp_path / "ckpt", "epoch=0-step=6.ckpt")
+    assert os.path.exists(ckpt)
+    model, trainer, resumed = run(12, ckpt_path=ckpt)
+    assert trainer.global_step == 12 and resumed["engine"]["step"] == 12
+    assert state_differences(whole_model.state_dict(), model.state_dict()) == []
+    assert state_differences(whole_trainer.optimizers[0].state_dict(), trainer.optimizers[0].state_dict()) == []
+    assert whole["engine"]["counters"]["synthetic_used"] > 0
+    assert state_differences(whole["engine"], resumed["engine"]) == []

@@ -1,7 +1,5 @@
 """timm adapter: HardNegTimm in a loop shaped like timm's train.py (timm model, Mixup, soft-target loss)."""
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,18 +48,21 @@ def test_train_py_shaped_loop_with_mixup_gets_hard_negatives_and_observes():
                                          generator=torch.Generator().manual_seed(0))
     model.train()
     seen = []
-    while len(seen) < 40 and (not seen or seen[-1][0] == 16):  # until a batch carries hard negatives
-        for input, target, ids in loader:
-            input, target = mixup_fn(input, target)
-            output = model(input)
-            loss = loss_fn(output, target)
-            mixup_fn.after_forward(output, target, ids)  # line 2
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            seen.append((input.shape[0], target.shape))
-            if input.shape[0] > 16 or len(seen) >= 40:
-                break
+    batches = iter(loader)  # one epoch (6 batches): every id is new to the bank
+    for input, target, ids in batches:  # until a batch carries hard negatives
+        if len(seen) == 4:  # refreshes have run: wait for their images instead of racing the threads
+            engine.wait_for_refresh(120)
+            assert engine.wait_for_images(4, 120), "no hard negatives arrived"
+        input, target = mixup_fn(input, target)
+        output = model(input)
+        loss = loss_fn(output, target)
+        mixup_fn.after_forward(output, target, ids)  # line 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen.append((input.shape[0], target.shape))
+        if input.shape[0] > 16:
+            break
     s = engine.stats()
     engine.close()
     assert s["step"] == len(seen)
@@ -83,11 +84,8 @@ def test_synthetic_rows_are_not_blended_and_keep_one_hot_targets():
     x, y = data.images[ids], data.labels[ids]
     xm, ym = mixup_fn(x, y)
     mixup_fn.after_forward(model(xm), ym, ids)  # refreshes: requests hard negatives
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait for the refresh and the worker thread to fill the buffer
-        if engine.collect() or len(engine.buffer):
-            break
-        time.sleep(0.01)
+    engine.wait_for_refresh(120)  # wait for the refresh and the worker thread to fill the buffer
+    assert engine.wait_for_images(4, 120)
     xm, ym = mixup_fn(x, y)
     engine.close()
     assert xm.shape[0] == 20

@@ -69,7 +69,7 @@ def first_run(tmp_path_factory):
     train = WithSampleIds(DictImages())
     trainer = HardNegTrainer(model=_model(), args=_args(out, max_steps=12, save_steps=6), train_dataset=train,
                              eval_dataset=train,
-                             hardneg=HardNegTrainerCallback(_cfg(synthetic_weight=0.5),
+                             hardneg=HardNegTrainerCallback(_cfg(synthetic_weight=0.5, deterministic=True),
                                                             generator=FakeGenerator()))
     sizes = []
     trainer.model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["pixel_values"].shape[0])
@@ -198,3 +198,38 @@ def test_generated_rows_never_enter_or_overwrite_the_bank(tmp_path):
                                      train.dataset.data.labels[ids])
     assert cb.engine.stats()["synthetic_feedback"] == 4
     cb.close()
+
+
+def _resnet(seed=0):
+    """A tiny ResNet: unlike ViT, its checkpoint keys need no renaming, so the Trainer's own resume
+    restores its weights (this transformers version's Trainer loads ViT checkpoints with missing keys)."""
+    torch.manual_seed(seed)
+    cfg = transformers.ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], num_labels=K,
+                                    id2label={i: f"c{i}" for i in range(K)}, label2id={f"c{i}": i for i in range(K)})
+    return transformers.ResNetForImageClassification(cfg)
+
+
+def test_resume_from_a_mid_run_checkpoint_ends_where_the_uninterrupted_run_ends(tmp_path):
+    """deterministic=True: 12 steps equal 6 steps + ``train(resume_from_checkpoint=...)`` to 12
+    (model weights, optimiser state, engine state at step 12)."""
+    import shutil
+
+    from _state_compare import state_differences
+
+    def trainer(out):
+        return HardNegTrainer(model=_resnet(), args=_args(out, max_steps=12, save_steps=6),
+                              train_dataset=WithSampleIds(DictImages()),
+                              hardneg=HardNegTrainerCallback(_cfg(deterministic=True), generator=FakeGenerator()))
+
+    whole = trainer(tmp_path / "whole")
+    whole.train()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
+    second = trainer(tmp_path / "resumed")
+    second.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-6"))
+    assert second.state.global_step == 12 and second.hardneg.step == 12
+    assert state_differences(whole.model.state_dict(), second.model.state_dict()) == []
+    assert state_differences(whole.optimizer.state_dict(), second.optimizer.state_dict()) == []
+    a = torch.load(tmp_path / "whole" / "checkpoint-12" / STATE_FILE, weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint-12" / STATE_FILE, weights_only=True)
+    assert a["counters"]["synthetic_used"] > 0
+    assert state_differences(a, b) == []  # bank, confusion, curriculum, buffer with provenance, counters

@@ -147,24 +147,15 @@ def test_generation_requires_a_dataset():
 
 
 def _wait_for_buffer(engine, n=1, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        engine.collect()
-        if len(engine.buffer) >= n:
-            return True
-        time.sleep(0.02)
-    return False
+    """Images arrive when the refresh thread and the worker get to them: wait, with a generous deadline."""
+    engine.wait_for_refresh(timeout)
+    return engine.wait_for_images(n, timeout)
 
 
 def _wait_for_pairs(engine, timeout=120.0):
     """The background refresh finishes when it finishes: wait on its result, with a generous deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        engine.collect()
-        if engine.confusions():
-            return engine.confusions()
-        time.sleep(0.02)
-    return []
+    assert engine.wait_for_refresh(timeout), "the background refresh did not finish"
+    return engine.confusions()
 
 
 def test_online_loop_feeds_targeted_negatives_into_batches():
@@ -194,17 +185,35 @@ def test_online_loop_feeds_targeted_negatives_into_batches():
     assert len(engine.bank) == len(data)  # synthetic rows never enter the bank
 
 
+class _GatedBlend(BlendGenerator):
+    """A generator that cannot finish until the test opens ``gate`` (a generator slower than any step)."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.gate = gate
+
+    def generate(self, *args, **kwargs):
+        if not self.gate.wait(timeout=120):
+            raise TimeoutError("test gate never opened")
+        return super().generate(*args, **kwargs)
+
+
 def test_slow_generator_never_blocks_the_step():
-    """Counts, not clocks: many steps finish while a slow generator has produced few images."""
+    """Events, not clocks: every step finishes while the generator cannot produce anything at all."""
     data = _toy_data()
     model = TinyNet()
-    gen = BlendGenerator(delay=0.5)
-    with HardNeg(_cfg(refresh_every=1), model=model, dataset=data, generator=gen) as engine:
-        steps = _run_loop(engine, model, data, steps=30)
-        produced = engine.stats()["worker"]["images_produced"]
-    assert steps == 30
-    requested = engine.stats()["requests_made"] * 6
-    assert produced < requested / 2, (produced, requested)
+    gate = threading.Event()
+    with HardNeg(_cfg(refresh_every=1), model=model, dataset=data, generator=lambda: _GatedBlend(gate)) as engine:
+        try:
+            steps = _run_loop(engine, model, data, steps=10)
+            assert engine.wait_for_refresh(120)
+            steps += _run_loop(engine, model, data, steps=10)  # requests are pending: the steps still run
+            s = engine.stats()
+        finally:
+            gate.set()
+        assert engine.wait_for_images(1, 120)  # and once the generator can finish, its images arrive
+    assert steps == 20 and s["requests_made"] > 0
+    assert s["worker"]["images_produced"] == 0 and s["synthetic_used"] == 0
 
 
 @pytest.mark.parametrize("gen", [BlendGenerator(fail_every=3), BlendGenerator(nan=True)], ids=["raises", "nan"])
@@ -215,10 +224,8 @@ def test_failing_generators_are_isolated(gen):
     cfg = _cfg(refresh_every=1, max_restarts=2)
     with HardNeg(cfg, model=model, dataset=data, generator=gen) as engine:
         _run_loop(engine, model, data, steps=12, check_batch=lambda x, y, w: batches.append(x))
-        deadline = time.monotonic() + 10
-        while engine.stats()["worker"]["failures"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-            engine.collect()
+        assert engine.wait_for_refresh(120)
+        engine.wait_for_generation(120)  # every request made so far has succeeded or failed
         _run_loop(engine, model, data, steps=4, check_batch=lambda x, y, w: batches.append(x))
         s = engine.stats()
     assert s["worker"]["failures"] >= 1
@@ -236,11 +243,16 @@ def test_close_leaves_no_worker_thread_or_child_process(backend):
     engine.observe(torch.rand(4, 3), torch.tensor([0, 1, 2, 3]), ids=[4, 5, 6, 7])
     engine.close(timeout=10)
     engine.close()  # twice is fine
-    time.sleep(0.1)
     assert multiprocessing.active_children() == []
     # multiprocessing's resource_sharer ("_serve") is a process-global fd server, not ours
-    leftover = [t for t in threading.enumerate() if t not in before and t.is_alive() and "_serve" not in t.name]
-    assert leftover == []
+
+    def leftover():
+        return [t for t in threading.enumerate() if t not in before and t.is_alive() and "_serve" not in t.name]
+
+    deadline = time.monotonic() + 60  # a joined thread may take a moment to leave threading.enumerate()
+    while leftover() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert leftover() == []
 
 
 def test_resumed_run_continues_where_it_stopped(tmp_path):

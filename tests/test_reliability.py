@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -350,6 +351,37 @@ def _(tmp):
 @case("cli-resume-bad-checkpoint", says="checkpoint.pt: is empty (0 bytes)")
 def _(tmp):
     (tmp / "checkpoint.pt").write_bytes(b"")
+    return _cli_error(["demo", "--out", str(tmp), "--resume", "--no-generation", "--epochs", "1", "--max-steps", "1",
+                       "--image-size", "8", "--no-progress"])
+
+
+# ------------------------------------------------------------------------------ hung generators, resume
+@case("worker-hung-generator", says="request 0 exceeded the 0.5 s request_timeout")
+def _(tmp):
+    import threading
+
+    import _fake_generators as fakes
+    from hardneg.worker import GenerationRequest, GenerationWorker
+
+    release = threading.Event()
+    w = GenerationWorker(lambda: fakes.HangingGenerator(release), request_timeout=0.5, max_restarts=1)
+    try:
+        w.submit(GenerationRequest(0, (3, 8), torch.arange(2), torch.rand(2, 1, 8, 8), 3, 8, 0.5))
+        deadline = time.monotonic() + 60
+        while w.stats()["timeouts"] == 0:
+            assert time.monotonic() < deadline, "the deadline was never enforced"
+            time.sleep(0.01)
+        st = w.stats()
+        assert st["failures"] == 1 and st["restarts"] == 1 and st["alive"]
+        return st["last_error"]
+    finally:
+        w.close()
+        release.set()
+
+
+@case("cli-resume-old-checkpoint", says="was written by an older hardneg demo")
+def _(tmp):
+    save_atomic({"engine": {}, "model": {}, "epoch": 1}, tmp / "checkpoint.pt")  # engine-only, no optimiser
     return _cli_error(["demo", "--out", str(tmp), "--resume", "--no-generation", "--epochs", "1", "--max-steps", "1",
                        "--image-size", "8", "--no-progress"])
 

@@ -1,7 +1,5 @@
 """Targeting policies decide which pairs get generated; the engine follows the plan."""
 
-import time
-
 import pytest
 import torch
 
@@ -26,15 +24,10 @@ def test_allocate_gives_leftover_images_to_the_largest_remainders():
     assert allocate(5, [3, 2, 2, 1]) == [2, 1, 1, 1]  # raw 1.875, 1.25, 1.25, 0.625: two leftovers
 
 
-def _collect_all(engine, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        engine.collect()
-        s = engine.worker.stats()
-        if s["images_produced"] and s["requests_queued"] == 0 and s["requests_in_flight"] == 0:
-            engine.collect()
-            return
-        time.sleep(0.05)
+def _collect_all(engine, timeout=120):
+    """Wait (generous deadline) for the background refresh, then for every request it made."""
+    assert engine.wait_for_refresh(timeout), "the background refresh did not finish"
+    engine.wait_for_generation(timeout)
 
 
 @pytest.mark.parametrize("targeting", ["same-class", "random-pairs", "confusion"])

@@ -104,21 +104,22 @@ def test_thread_worker_returns_results_with_provenance() -> None:
 
 
 def test_submit_and_poll_never_wait_for_a_slow_generator() -> None:
+    """Events, not clocks: every submit and poll returns while the generator cannot finish at all."""
     steps, n = 30, 4
     received = 0
-    slow = functools.partial(fakes.FakeGenerator, delay=0.2)  # 0.2 s per request
-    with GenerationWorker(slow, queue_size=4, name="hn-t-slow") as w:
+    gate, started = threading.Event(), threading.Event()
+    blocked = functools.partial(fakes.GatedGenerator, gate, started)  # finishes only once the gate opens
+    with GenerationWorker(blocked, queue_size=4, name="hn-t-slow") as w:
         done = 0
         for step in range(steps):
             assert w.submit(make_request(step, n=n))
             received += sum(len(r) for r in w.poll())
-            time.sleep(0.002)  # the training step
             done += 1
         st = w.stats()
+        gate.set()
     assert done == steps
-    # Had submit or poll waited for generation, every request would have been generated.
-    assert st["images_produced"] < steps * n // 3
-    assert received <= st["images_produced"]
+    # Had submit or poll waited for generation, no step would have finished with the gate shut.
+    assert st["images_produced"] == 0 and received == 0
     assert st["requests_dropped"] > 0 and st["requests_queued"] <= 4
     # every request is accounted for
     assert st["requests_submitted"] == (
@@ -342,6 +343,140 @@ def test_interpreter_exit_without_close_leaves_no_orphan(tmp_path: pathlib.Path)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     pid = int(out.stdout.split()[0])
-    time.sleep(0.5)
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+    wait_until(lambda: _pid_gone(pid), timeout=60)
+
+
+# ============================================================================ hung generators, orphans
+def _pid_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie waiting for a reaper counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+def test_hung_thread_generator_fails_its_request_and_is_replaced() -> None:
+    release = threading.Event()
+    w = GenerationWorker(lambda: fakes.HangingGenerator(release), backend="thread", max_restarts=1,
+                         request_timeout=0.5, name="hn-t-hang")
+    try:
+        w.start()
+        w.submit(make_request(0))
+        wait_until(lambda: w.stats()["timeouts"] == 1)
+        st = w.stats()
+        assert st["failures"] == 1 and st["restarts"] == 1 and st["alive"] and not st["failed"]
+        assert "request 0 exceeded the 0.5 s request_timeout" in st["last_error"]
+        assert "abandoned" in st["last_error"] and st["abandoned_threads"] == 1
+        w.submit(make_request(1))  # the replacement hangs too: the budget runs out, generation is off
+        wait_until(lambda: w.stats()["failed"])
+        st = w.stats()
+        assert st["timeouts"] == 2 and st["restarts"] == 1 and st["failures"] == 2
+        assert w.submit(make_request(2)) is False
+    finally:
+        t0 = time.monotonic()
+        w.close(timeout=60)
+        closed_in = time.monotonic() - t0
+        release.set()  # let the abandoned threads end (they discard their result and exit)
+    assert closed_in < 30, "close() must not wait on a hung thread"
+    wait_until(lambda: worker_threads("hn-t-hang") == [])
+
+
+def test_close_does_not_wait_past_a_running_requests_deadline() -> None:
+    release = threading.Event()
+    w = GenerationWorker(lambda: fakes.HangingGenerator(release), backend="thread", request_timeout=1.0,
+                         name="hn-t-close")
+    try:
+        w.submit(make_request(0))
+        wait_until(lambda: w.stats()["running_for_s"] is not None)
+        t0 = time.monotonic()
+        w.close(timeout=60)  # the request is hung: close() gives up at its deadline, not after 60 s
+        assert time.monotonic() - t0 < 30
+        assert w.stats()["state"] == "closed"
+    finally:
+        release.set()
+    wait_until(lambda: worker_threads("hn-t-close") == [])
+
+
+def test_hung_process_generator_is_killed_and_restarted_within_the_budget() -> None:
+    w = GenerationWorker(fakes.hanging_factory, backend="process", max_restarts=1, request_timeout=1.0,
+                         name="hn-p-hang")
+    try:
+        w.start()
+        w.submit(make_request(0))
+        wait_until(lambda: w.stats()["running_for_s"] is not None, timeout=120)
+        first = w._proc.pid
+        wait_until(lambda: w.stats()["timeouts"] == 1, timeout=120)
+        wait_until(lambda: _pid_gone(first))  # the hung child was killed
+        st = w.stats()
+        assert st["failures"] == 1 and st["restarts"] == 1 and not st["failed"]
+        assert "request 0 exceeded" in st["last_error"] and "killed" in st["last_error"]
+        w.submit(make_request(1))
+        wait_until(lambda: w.stats()["failed"], timeout=120)
+        assert w.stats()["timeouts"] == 2 and w.stats()["restarts"] == 1
+    finally:
+        w.close(timeout=10)
+    assert worker_children("hn-p-hang") == []
+
+
+def test_child_exits_when_the_training_process_is_killed_mid_request(tmp_path: pathlib.Path) -> None:
+    """SIGKILL the parent while its child hangs inside generate(): the child must not live on."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(pathlib.Path(__file__).resolve().parent)!r})
+        import torch
+        import _fake_generators as fakes
+        from hardneg.worker import GenerationRequest, GenerationWorker
+
+        if __name__ == "__main__":
+            w = GenerationWorker(fakes.hanging_factory, backend="process", request_timeout=None)
+            w.submit(GenerationRequest(0, (3, 8), torch.arange(2), torch.rand(2, 1, 8, 8), 3, 8, 0.5))
+            while w.stats()["running_for_s"] is None:  # the child has started the (endless) request
+                time.sleep(0.05)
+            print(w._proc.pid, flush=True)
+            time.sleep(3600)
+    """))
+    import signal
+
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = parent.stdout.readline()  # blocks until the child is busy (or the script died)
+        assert line.strip().isdigit(), f"parent script failed (exit {parent.poll()})"
+        child = int(line)
+        assert not _pid_gone(child)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=60)
+        wait_until(lambda: _pid_gone(child), timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "10", True])
+def test_request_timeout_is_validated(bad) -> None:
+    from hardneg.config import ConfigError, HardNegConfig
+
+    with pytest.raises(ConfigError, match="request_timeout"):
+        HardNegConfig(num_classes=4, request_timeout=bad)
+    with pytest.raises(ValueError, match="request_timeout"):
+        GenerationWorker(fakes.FakeGenerator, request_timeout=bad)
+    assert HardNegConfig(num_classes=4, request_timeout=None).request_timeout is None
+
+
+def test_engine_worker_gets_the_configured_deadline() -> None:
+    from hardneg import HardNeg, HardNegConfig
+
+    engine = HardNeg(HardNegConfig(num_classes=4, request_timeout=12.5), dataset=[(torch.zeros(1, 8, 8), 0)],
+                     generator=fakes.FakeGenerator(), start_worker=False)
+    try:
+        assert engine.worker.request_timeout == 12.5
+    finally:
+        engine.close()

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from hardneg.commands._args import positive_int
+from hardneg.commands._args import UsageError, positive_int
 
 
 def add_parser(subparsers: Any) -> None:
@@ -71,7 +71,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--images-per-refresh", type=positive_int, default=48)
     p.add_argument("--deterministic", action="store_true",
                    help="repeat a seeded run exactly: refresh inline, hand images over only at refresh boundaries")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run from OUT/checkpoint.pt (if it exists) up to --epochs: model, "
+                        "optimiser, LR schedule, data order and engine; give the same arguments as that run")
+    p.add_argument("--stop-after-epochs", type=positive_int, default=None,
+                   help="stop after this many epochs as if interrupted (checkpoint kept; finish with --resume)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = os.path.join(args.out, "checkpoint.pt")
     state = None
     if args.resume and os.path.exists(ckpt):  # read (and check) it before any work: a bad file fails at once
-        state = load_safe(ckpt, what="hardneg demo checkpoint", keys=("engine", "model", "epoch"))
+        state = _load_checkpoint(ckpt, args)
     set_seed(args.seed)
     try:
         if args.data == "digits":
@@ -154,14 +158,19 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, HardNegError, WorkerStartError, MissingExtraError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    epochs_log: list[dict[str, Any]] = []
+    resume_state = None
+    seconds_before = 0.0
     if state is not None:
         try:
             engine.load_state_dict(state["engine"])
         except HardNegError as exc:
             engine.close()
             raise CheckpointError(ckpt, f"does not fit this run: {exc}") from None
-        print(f"resumed engine state from {ckpt} at step {engine.step}")
-    epochs_log: list[dict[str, Any]] = []
+        resume_state = state["training"]
+        epochs_log = list(resume_state["history"])
+        seconds_before = float(state.get("seconds", 0.0))
+        print(f"resumed from {ckpt}: epoch {resume_state['epoch']}, step {resume_state['step']}", flush=True)
 
     def on_epoch(m: Any) -> None:
         epochs_log.append(m.to_dict())
@@ -174,17 +183,51 @@ def run(args: argparse.Namespace) -> int:
               f"synthetic used {m.synthetic_used:4d} | mean r {r} | worker img/s {ips} | "
               f"engine {100 * (m.engine_fraction or 0):.1f}% of step time", flush=True)
         print(f"          confused: {describe_pairs(pairs, names)}", flush=True)
-        save_atomic({"engine": engine.state_dict(), "model": model.state_dict(), "epoch": m.epoch}, ckpt)
+
+    def on_checkpoint(training: dict[str, Any]) -> None:
+        save_atomic({"format": CHECKPOINT_FORMAT, "args": _run_args(args), "training": training,
+                          "engine": engine.state_dict(), "seconds": seconds_before + time.perf_counter() - t_start},
+                         ckpt)
 
     try:
         train(model, train_data, test_data, engine=engine, epochs=args.epochs, batch_size=args.batch_size,
               lr=args.lr, seed=args.seed, progress=not args.no_progress, on_epoch=on_epoch,
-              max_steps=args.max_steps, device=args.device)
+              max_steps=args.max_steps, on_checkpoint=on_checkpoint, resume_state=resume_state,
+              stop_after_epoch=args.stop_after_epochs, device=args.device)
         engine.collect()
     finally:
         engine.close()
-    _write_outputs(args, engine, epochs_log, names, time.perf_counter() - t_start, report, generator_report)
+    _write_outputs(args, engine, epochs_log, names, seconds_before + time.perf_counter() - t_start, report,
+                   generator_report)
     return 0
+
+
+CHECKPOINT_FORMAT = 2
+# Arguments a resumed run must share with the interrupted one (they shape the schedule, data and engine).
+_RESUME_ARGS = ("data", "channels", "generator", "generator_path", "epochs", "max_steps", "batch_size", "lr", "model",
+                "image_size", "regime", "seed", "no_generation", "curriculum", "synthetic_fraction", "refresh_every",
+                "images_per_refresh", "deterministic")
+
+
+def _run_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k, None) for k in _RESUME_ARGS}
+
+
+def _load_checkpoint(path: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Read a demo checkpoint (tensors and numbers only) and check it belongs to this run's arguments."""
+    from hardneg.checkpoint import CheckpointError, load_safe
+
+    state = load_safe(path, what="hardneg demo checkpoint", keys=("engine",))
+    if state.get("format") != CHECKPOINT_FORMAT or "training" not in state:
+        raise CheckpointError(path, f"was written by an older hardneg demo (format {state.get('format')!r}, expected "
+                                    f"{CHECKPOINT_FORMAT}) that saved no optimiser or LR schedule, so training cannot "
+                                    "continue from it; start afresh without --resume")
+    saved, now = state.get("args", {}), _run_args(args)
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in _RESUME_ARGS if saved.get(k) != now[k]]
+    if differ:
+        raise UsageError(f"cannot resume from {path}: the interrupted run used " + ", ".join(differ)
+                         + "; resume with the same arguments")
+    return state
 
 
 def _fit_for_folder(args: argparse.Namespace, train_data: Any, test_data: Any, folder: str) -> dict[str, Any]:

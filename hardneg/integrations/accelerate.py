@@ -32,6 +32,13 @@ finish what was requested, then the results are shared, so a seeded multi-proces
 exactly (``engine.wait_for_generation()`` is then collective too). ``register_for_checkpointing``
 saves the main process's state; every rank loads it on ``load_state``.
 
+Against a single process over the same global batches (``deterministic=True``): every rank makes
+the same requests (ids, sources, r, seeds), so the same images with the same provenance are
+generated. With ``generate_on="main"`` they enter every buffer in the single process's order;
+with ``"all"`` in rank-gathered order (the same set). The *draws* differ by design (each rank draws
+``synthetic_fraction`` of its local batch with a rank seed), so a curriculum fed by the drawn rows
+(``"adaptive"``) may move r differently; a step-only one (``"linear"``...) keeps the images equal.
+
 Label trust: with a teacher (``config.teacher``) every rank scores the shared results itself; an
 EMA teacher follows the unwrapped model, identical on every rank, so the ranks agree on scores,
 filtered images and the ``"band"`` curriculum. Soft labels from ``mix`` are ``(N, K)`` targets;
