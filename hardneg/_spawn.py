@@ -44,6 +44,9 @@ def check_spawn_safe() -> None:
     path = getattr(main, "__file__", None)
     if main is None or not path:
         return  # interactive / notebook: spawn does not re-run anything
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None) or ""
+    if spec_name == "__main__" or spec_name.endswith(".__main__"):
+        return  # ``python -m package``: spawn never re-runs a package's __main__ in the child
     frame = _main_module_frame(sys._getframe(1), main.__dict__)
     if frame is None:
         return  # not called from the main script's top level (e.g. pytest, a library entry point)

@@ -96,3 +96,27 @@ def test_guard_detection_reads_the_script_source():
     lines = {i + 1: text.strip() for i, text in enumerate(src.splitlines())}
     inside = {lines[n] for n in lines if lines[n] and _inside_main_guard(tree, n)}
     assert inside == {"y = 2", "z = 3", "w = 4"}
+
+
+def test_a_package_main_run_with_dash_m_is_not_flagged(tmp_path, monkeypatch):
+    """``python -m package`` runs ``package/__main__.py``, which spawn never re-runs in the child
+    (multiprocessing skips ``*.__main__`` modules): no error there, while the same unguarded code
+    as a plain script is refused."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from hardneg._spawn import SpawnGuardError, check_spawn_safe
+
+    script = tmp_path / "__main__.py"
+    script.write_text("check_spawn_safe()\n")
+    main = types.ModuleType("__main__")
+    main.__file__ = str(script)
+    main.check_spawn_safe = check_spawn_safe
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    code = compile(script.read_text(), str(script), "exec")
+    main.__spec__ = importlib.machinery.ModuleSpec("pkg.__main__", None)
+    exec(code, main.__dict__)  # run as `python -m pkg`: allowed
+    main.__spec__ = None
+    with pytest.raises(SpawnGuardError, match="module level"):
+        exec(code, main.__dict__)  # run as `python pkg/__main__.py`: refused
