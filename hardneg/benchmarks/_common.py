@@ -33,7 +33,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="output folder for results.json and the plot")
     parser.add_argument("--quick", action="store_true",
                         help="a small, fast version (seconds; for tests and smoke checks)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, models and measurements")
 
 
 def parse_list(spec: Optional[str], cast: Callable[[str], Any] = str) -> Optional[list[Any]]:
@@ -70,9 +70,11 @@ def build_main(module_name: str) -> Callable[[Optional[Sequence[str]]], int]:
 
     def main(argv: Optional[Sequence[str]] = None) -> int:
         module = sys.modules[module_name]
+        from hardneg.commands._args import HelpFormatter, plain
+
         parser = argparse.ArgumentParser(
-            prog=f"python benchmarks/{module.NAME}.py", description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            prog=f"python benchmarks/{module.NAME}.py", description=plain(module.__doc__),
+            formatter_class=HelpFormatter,
         )
         module.add_arguments(parser)
         args = parser.parse_args(argv)

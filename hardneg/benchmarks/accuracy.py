@@ -120,28 +120,28 @@ DEFAULT_METHODS = ("none", "base", "mixup", "da-fusion", "offline-genie", "diff-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_common_arguments(p, NAME)
     p.add_argument("--data", default="digits", help="'digits' or an image folder (train/<class>/*, test/<class>/*)")
-    p.add_argument("--channels", type=int, default=None, help="1 or 3 (folder default 3)")
-    p.add_argument("--image-size", type=int, default=None, help="default: digits 16, folder 32")
+    p.add_argument("--channels", type=int, default=None, help="channels of an image folder, 1 or 3 (default: 3; digits: 1)")
+    p.add_argument("--image-size", type=int, default=None, help="resolution the data is loaded at (default: digits 16, folder 32)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="hold-out share for a folder without test/")
     p.add_argument("--test-per-class", type=int, default=None, help="cap the test set per class (seeded)")
-    p.add_argument("--regimes", default="long-tail,few-shot", help=f"of {', '.join(REGIMES)}")
+    p.add_argument("--regimes", default="long-tail,few-shot", help=f"comma-separated regimes, of {', '.join(REGIMES)}")
     p.add_argument("--imbalance", type=float, default=None, help="long-tail n_max/n_min (default: digits 20, folder 50)")
     p.add_argument("--max-per-class", type=int, default=None,
                    help="long-tail n_max and balanced cap (default: digits all, folder 500)")
     p.add_argument("--shots", type=int, default=None, help="few-shot images per class (default: digits 10, folder 20)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"of {', '.join(METHODS)}")
-    p.add_argument("--seeds", default=None, help="paired training seeds (default 0,1,2,3,4; quick 0)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated methods, of {', '.join(METHODS)}")
+    p.add_argument("--seeds", default=None, help="paired training seeds (default: 0,1,2,3,4; quick 0)")
     p.add_argument("--pair-seeds", default=None,
-                   help="seeds of the base runs that fix the confused pairs before the comparison (default 100,101)")
+                   help="seeds of the base runs that fix the confused pairs before the comparison (default: 100,101)")
     p.add_argument("--curve-steps", default=None,
                    help="step counts of base's convergence curve (runs at each, --pair-seeds), e.g. 100,200,400")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 200 digits, 1200 folder)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 32 digits, 64 folder; quick 16")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 200 digits, 1200 folder)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 32 digits, 64 folder; quick 16)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the classifier")
     p.add_argument("--model", default=None, help="timm model (default: digits resnet10t, folder test_resnet)")
     p.add_argument("--budget", type=float, default=0.5, help="generated images as a share of the training-set size")
     p.add_argument("--images", type=int, default=None, help="generated images per run (overrides --budget)")
-    p.add_argument("--refreshes", type=int, default=None, help="engine refreshes per run (default 5; quick 2)")
+    p.add_argument("--refreshes", type=int, default=None, help="engine refreshes per run (default: 5; quick 2)")
     p.add_argument("--generator", default="regime",
                    help="class-conditional: 'regime' (fitted on each regime's training split, cached), 'shipped', or "
                         "a folder; stable-diffusion: a hub id or local folder")
@@ -149,27 +149,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default="class-conditional", help="stable-diffusion: your own SD weights (--generator ID_OR_PATH)")
     p.add_argument("--device", default="cpu", help="device of the classifier and the generator (e.g. cuda)")
     p.add_argument("--generator-fit-steps", default=None,
-                   help="fit steps, or a list of stages (fidelity after each), e.g. 400,800 (default 500 digits, 800 "
+                   help="fit steps, or a list of stages (fidelity after each), e.g. 400,800 (default: 500 digits, 800 "
                         "folder; quick 0)")
     p.add_argument("--generator-size", type=int, default=None,
                    help="the generator's internal resolution (default: the image size up to 16 px on a CPU)")
-    p.add_argument("--generator-steps", type=int, default=None, help="DDIM steps of a full schedule (default 20)")
+    p.add_argument("--generator-steps", type=int, default=None, help="DDIM steps of a full schedule (default: 20)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance of the generator (default: its own; SDXL-turbo: 0)")
-    p.add_argument("--judge-epochs", type=int, default=None, help="judge training epochs (default 15 digits, 6 folder)")
+    p.add_argument("--judge-epochs", type=int, default=None, help="judge training epochs (default: 15 digits, 6 folder)")
     p.add_argument("--long-tail-ratio", type=float, default=0.7, help="r of the long-tail method")
     p.add_argument("--hardneg-r-min", type=float, default=0.3, help="floor of r for the hardneg rows")
     p.add_argument("--diffmix-gamma", type=float, default=0.5, help="Diff-Mix soft label exponent")
-    p.add_argument("--auggen-pairs", type=int, default=8)
-    p.add_argument("--auggen-alpha", type=float, default=0.75)
+    p.add_argument("--auggen-pairs", type=int, default=8, help="class pairs the auggen method mixes (drawn at random)")
+    p.add_argument("--auggen-alpha", type=float, default=0.75, help="auggen weight (alpha = beta) of each class embedding in the mixed condition")
     p.add_argument("--train-threads", type=int, default=1, help="torch threads of the training loop")
-    p.add_argument("--worker", choices=["process", "thread"], default=None, help="default process; quick thread")
+    p.add_argument("--worker", choices=["process", "thread"], default=None, help="where the generator runs (default: process; quick thread)")
     p.add_argument("--deterministic", action="store_true",
                    help="engine methods wait at each refresh for its images: repeatable runs, every image arrives")
     p.add_argument("--cache-dir", default=None,
-                   help="where the read data, the judge and the fitted generators are cached (default OUT)")
+                   help="where the read data, the judge and the fitted generators are cached (default: OUT)")
     p.add_argument("--no-resume", action="store_true", help="ignore cached runs under OUT/runs")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(bench=NAME)
 
 

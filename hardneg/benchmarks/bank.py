@@ -32,21 +32,22 @@ HELP = "exact flat vs IVF vs HNSW vs torch mm+topk: build/update, queries/s, ref
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_common_arguments(p, NAME)
-    p.add_argument("--sizes", default=None, help="bank sizes (default 10k,100k,1M; --quick 2k,8k)")
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--queries", type=int, default=None, help="queries per timed search (default 512; quick 64)")
+    p.add_argument("--sizes", default=None, help="bank sizes (default: 10k,100k,1M; --quick 2k,8k)")
+    p.add_argument("--dim", type=int, default=512, help="embedding dimension")
+    p.add_argument("--queries", type=int, default=None, help="queries per timed search (default: 512; quick 64)")
     p.add_argument("--k", type=int, default=10, help="neighbours per query")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats, interleaved (default 3; quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats, interleaved (default: 3; quick 2)")
     p.add_argument("--nprobes", default="1,2,4,8,16,32,64,128", help="IVF nprobe values for the trade-off curve")
-    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="IVF recall@k the smallest nprobe reaching it is reported for")
     p.add_argument("--hnsw-max", type=C.parse_size, default=None,
-                   help="largest N that also gets an HNSW index (default 100k; its build is slow)")
+                   help="largest N that also gets an HNSW index (default: 100k; its build is slow)")
     p.add_argument("--refresh-queries", type=int, default=None,
                    help="kNN queries per confusion refresh (default: HardNegConfig's 20000; quick 500)")
     p.add_argument("--search-chunks", default="64,256",
                    help="kNN queries per bank search to compare in the IVF refresh (not in --quick)")
     p.add_argument("--exact-refresh-max", type=C.parse_size, default=None,
-                   help="largest N whose exact refresh is measured rather than estimated (default 100k)")
+                   help="largest N whose exact refresh is measured rather than estimated (default: 100k)")
     p.set_defaults(bench=NAME)
 
 

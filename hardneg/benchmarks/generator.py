@@ -39,20 +39,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_common_arguments(p, NAME)
     p.add_argument("--generators", default="class-conditional,sd-tiny",
                    help="comma-separated: class-conditional, sd-tiny, sd (needs --sd-model)")
-    p.add_argument("--ratios", default="0.3,0.5,0.8,1.0")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per r (default 5; quick 2)")
-    p.add_argument("--steps", type=int, default=None, help="inference steps of the full schedule (default 50; quick 10)")
-    p.add_argument("--batch", type=int, default=None, help="images per generate call, class-conditional (default 16; quick 4)")
-    p.add_argument("--sd-batch", type=int, default=None, help="images per generate call, SD (default 8; quick 2)")
+    p.add_argument("--ratios", default="0.3,0.5,0.8,1.0", help="comma-separated noise ratios r to time")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per r (default: 5; quick 2)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps of the full schedule (default: 50; quick 10)")
+    p.add_argument("--batch", type=int, default=None, help="images per generate call, class-conditional (default: 16; quick 4)")
+    p.add_argument("--sd-batch", type=int, default=None, help="images per generate call, SD (default: 8; quick 2)")
     p.add_argument("--cc-path", default=None,
                    help="class-conditional generator folder (default: the shipped digits model if present)")
     p.add_argument("--sd-model", default=None, help="diffusers checkpoint (hub id or folder) for --generators sd")
     p.add_argument("--resolution", type=int, default=512, help="model resolution for --generators sd")
-    p.add_argument("--dtype", default=None, help="fp16 / bf16 / fp32 for --generators sd (default fp16 on cuda)")
+    p.add_argument("--dtype", default=None, help="fp16 / bf16 / fp32 for --generators sd (default: fp16 on cuda)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1, as the engine's worker process runs a generator "
-                        "on a CPU: HardNegConfig.worker_threads); 0 keeps torch's default")
+                   help="torch intra-op threads; 1 is what the engine's worker process runs a generator with "
+                        "on a CPU (HardNegConfig.worker_threads); 0 keeps torch's default")
     p.set_defaults(bench=NAME)
 
 

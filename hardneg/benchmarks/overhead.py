@@ -53,15 +53,15 @@ HELP = "engine time per step (observe+mix, amortised refresh) vs the plain step;
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     C.add_common_arguments(p, NAME)
-    p.add_argument("--sizes", default=None, help="bank sizes (default 10k,100k,1M; quick 2k)")
-    p.add_argument("--model", default=None, help="timm model (default resnet18; quick resnet10t)")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 128; quick 16)")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=None, help="steps per timed block (default 6; quick 2)")
-    p.add_argument("--repeats", type=int, default=None, help="plain/engine block pairs (default 3; quick 2)")
+    p.add_argument("--sizes", default=None, help="bank sizes (default: 10k,100k,1M; quick 2k)")
+    p.add_argument("--model", default=None, help="timm model (default: resnet18; quick resnet10t)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 128; quick 16)")
+    p.add_argument("--image-size", type=int, default=32, help="input resolution of the classifier (px)")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed block (default: 6; quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="plain/engine block pairs (default: 3; quick 2)")
     p.add_argument("--train-threads", type=int, default=0,
                    help="torch threads of the training loop in the shared placement (0: torch's default)")
-    p.add_argument("--worker-threads", type=int, default=1)
+    p.add_argument("--worker-threads", type=int, default=1, help="torch threads of the generator worker")
     p.add_argument("--refresh-every", type=int, default=None,
                    help="steps between refreshes used to amortise the refresh (default: HardNegConfig's)")
     p.add_argument("--own-core-size", type=C.parse_size, default=None,

@@ -10,7 +10,9 @@ as one ``error: ...`` line, exit code 2 (the traceback only with ``hardneg --deb
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+import re
+import textwrap
+from typing import Callable, Optional, Sequence
 
 
 class UsageError(ValueError):
@@ -72,3 +74,66 @@ def device(text: str) -> str:
     elif dev.type != "cpu":
         raise argparse.ArgumentTypeError(f"unsupported device {name!r}; use cpu, cuda[:N] or mps")
     return name
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` of every subcommand: the description's paragraphs as written, and each option's
+    default shown once as ``(default: X)``. An option whose default is None (it depends on the data
+    or the generator) or a flag says in its help text what happens when it is not given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.nargs == 0:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+_ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
+
+
+def plain(doc: Optional[str], width: int = 88) -> str:
+    """A module docstring as a plain ``--help`` description: Sphinx roles, double backticks and
+    ``**bold**`` removed (``:class:`~a.B``` -> ``B``), each paragraph and ``*`` item re-filled to ``width``."""
+    text = _ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), doc or "")
+    text = textwrap.dedent(text.replace("``", "").replace("**", "")).strip()
+    paragraphs = []
+    for para in re.split(r"\n\s*\n", text):
+        items = [" ".join(item.split()) for item in re.split(r"\n(?=\s*[*-] )", para)]
+        paragraphs.append("\n".join(textwrap.fill(item, width, break_on_hyphens=False,
+                                                   subsequent_indent="  " if item[:2] in ("* ", "- ") else "")
+                                     for item in items))
+    return "\n\n".join(paragraphs)
+
+
+def class_index(token: str, class_names: Sequence[str]) -> int:
+    """A class given by name or by index (a name wins: a folder's classes may be named ``"0"``, ``"1"``)."""
+    token = token.strip()
+    if token in class_names:
+        return list(class_names).index(token)
+    if token.isdigit() and int(token) < len(class_names):
+        return int(token)
+    raise UsageError(f"unknown class {token!r}; known classes: {list(class_names)} (or their indices 0.."
+                     f"{len(class_names) - 1})")
+
+
+def parse_pair(text: str, class_names: Sequence[str], option: str = "--pair") -> tuple[int, int]:
+    """``"3,8"``, ``"cat,dog"`` or ``"cat:dog"`` -> (source, target) class indices, two different classes."""
+    sep = ":" if ":" in text else ","
+    parts = str(text).split(sep)
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise UsageError(f"{option} must be two classes SOURCE,TARGET (names or indices, e.g. 3,8), got {text!r}")
+    a, b = (class_index(p, class_names) for p in parts)
+    if a == b:
+        raise UsageError(f"{option} {text!r} has the same source and target; GeNIe needs two classes")
+    return a, b
+
+
+def parse_pairs(spec: str, class_names: Sequence[str], option: str = "--pairs") -> list[tuple[int, int]]:
+    """``"3:8,cat:dog"`` -> [(3, 8), ...]: comma-separated SOURCE:TARGET pairs, names or indices."""
+    pairs = []
+    for item in [s.strip() for s in str(spec).split(",") if s.strip()]:
+        if item.count(":") != 1:
+            raise UsageError(f"pair {item!r} of {option} must look like SOURCE:TARGET (e.g. 3:8)")
+        pairs.append(parse_pair(item, class_names, option="pair"))
+    if not pairs:
+        raise UsageError(f"{option} is empty")
+    return pairs

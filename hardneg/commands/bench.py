@@ -14,16 +14,17 @@ from typing import Any
 
 def add_parser(subparsers: Any) -> None:
     from hardneg.benchmarks import BENCHMARKS, get
+    from hardneg.commands._args import HelpFormatter, plain
 
     p = subparsers.add_parser(
-        "bench", help="run a benchmark: " + ", ".join(BENCHMARKS), description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "bench", help="run a benchmark: " + ", ".join(BENCHMARKS), description=plain(__doc__),
+        formatter_class=HelpFormatter,
     )
     sub = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     for name in BENCHMARKS:
         module = get(name)
-        bp = sub.add_parser(name, help=module.HELP, description=module.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        bp = sub.add_parser(name, help=module.HELP.replace("%", "%%"),  # argparse %-formats help texts
+                            description=plain(module.__doc__), formatter_class=HelpFormatter)
         module.add_arguments(bp)
         bp.set_defaults(func=run)
     p.set_defaults(func=run, _bench_parser=p)

@@ -16,15 +16,15 @@ import sys
 import time
 from typing import Any, Optional
 
-from hardneg.commands._args import UsageError, positive_int
+from hardneg.commands._args import HelpFormatter, UsageError, plain, positive_int
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="train a classifier on the built-in digits with online GeNIe hard negatives",
-        description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="train a classifier on the built-in digits or your image folder with online GeNIe hard negatives",
+        description=plain(__doc__),
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", default="hardneg-out/demo", help="output folder for plots, JSON and checkpoints")
     p.add_argument("--data", default="digits",
@@ -42,33 +42,39 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance weight (default: the generator's own; SDXL-turbo: 0)")
     p.add_argument("--prompt-template", default=None,
-                   help="stable-diffusion prompt with a {class_name} field (default 'a photo of a {class_name}.')")
+                   help="stable-diffusion prompt with a {class_name} field (default: 'a photo of a {class_name}.')")
     p.add_argument("--generator-size", type=int, default=None,
                    help="resolution a generator fitted on --data works at (default: the image size, at most 16)")
     p.add_argument("--fidelity-per-class", type=int, default=20,
                    help="samples per class scored by the judge after fitting a generator on --data")
     p.add_argument("--device", default="cpu", help="device of the classifier and the generator (e.g. cuda)")
-    p.add_argument("--epochs", type=positive_int, default=8)
+    p.add_argument("--epochs", type=positive_int, default=8, help="training epochs")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many training steps (quick look)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="training batch size")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the classifier")
     p.add_argument("--model", default="resnet10t", help="timm model name (built from config, no download)")
-    p.add_argument("--image-size", type=positive_int, default=32)
+    p.add_argument("--image-size", type=positive_int, default=32, help="resolution the data is loaded at (px)")
     p.add_argument("--regime", choices=["balanced", "long-tail", "few-shot"], default="balanced",
                    help="long-tail: imbalance 20 (class 0 head, 9 tail); few-shot: 10 per class")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, model, engine and generator")
     p.add_argument("--generator-dir", default=None,
                    help="class-conditional generator folder (default: the one shipped with hardneg; "
                         "trained into this folder first if it holds none)")
     p.add_argument("--fit-steps", type=positive_int, default=1500, help="generator training steps if it must be trained")
     p.add_argument("--no-generation", action="store_true", help="only mine confusion, generate nothing")
     p.add_argument("--curriculum", default="adaptive",
-                   choices=["constant", "linear", "cosine", "step", "adaptive", "ada"])
-    p.add_argument("--worker", choices=["process", "thread"], default="process")
-    p.add_argument("--worker-threads", type=positive_int, default=1)
-    p.add_argument("--synthetic-fraction", type=float, default=0.25)
-    p.add_argument("--refresh-every", type=positive_int, default=10)
-    p.add_argument("--images-per-refresh", type=positive_int, default=48)
+                   choices=["constant", "linear", "cosine", "step", "adaptive", "ada"],
+                   help="how the GeNIe noise ratio r moves: a time schedule (constant, linear, cosine, step), per pair from "
+                        "the model's accuracy on fresh negatives (adaptive) or picked per source (ada)")
+    p.add_argument("--worker", choices=["process", "thread"], default="process",
+                   help="where the generator runs: its own process or a thread of this one")
+    p.add_argument("--worker-threads", type=positive_int, default=1, help="torch CPU threads of the generator worker")
+    p.add_argument("--synthetic-fraction", type=float, default=0.25,
+                   help="generated hard negatives per batch, as a share of its size (once the buffer holds some)")
+    p.add_argument("--refresh-every", type=positive_int, default=10,
+                   help="training steps between confusion refreshes (each requests new images)")
+    p.add_argument("--images-per-refresh", type=positive_int, default=48,
+                   help="hard negatives requested per refresh")
     p.add_argument("--deterministic", action="store_true",
                    help="repeat a seeded run exactly: refresh inline, hand images over only at refresh boundaries")
     p.add_argument("--resume", action="store_true",
@@ -76,7 +82,7 @@ def add_parser(subparsers: Any) -> None:
                         "optimiser, LR schedule, data order and engine; give the same arguments as that run")
     p.add_argument("--stop-after-epochs", type=positive_int, default=None,
                    help="stop after this many epochs as if interrupted (checkpoint kept; finish with --resume)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run)
 
 

@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any, Optional
 
-from hardneg.commands._args import device, positive_int
+from hardneg.commands._args import HelpFormatter, UsageError, device, parse_pair, plain, positive_int
 from hardneg.generators.base import GeneratorError
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
@@ -25,14 +25,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "fit-generator",
         help="train a class-conditional diffusion generator on your data (for GeNIe)",
-        description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=plain(__doc__),
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--data", required=True,
                    help="'digits' (built in) or an image folder PATH/<class>/<image>")
     p.add_argument("--out", required=True, help="folder to write the generator (and report.json) to")
     p.add_argument("--steps", type=positive_int, default=500, help="training steps")
-    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warm-up, then cosine decay)")
     p.add_argument("--ema-decay", type=float, default=0.995,
                    help="EMA of the weights kept as the model; 0 = off")
@@ -42,17 +42,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="image channels of an image folder (digits: 1)")
     p.add_argument("--block-channels", default="32,64,64",
                    help="UNet channels per resolution level, comma separated")
-    p.add_argument("--layers-per-block", type=positive_int, default=1)
+    p.add_argument("--layers-per-block", type=positive_int, default=1, help="UNet ResNet layers per resolution level")
     p.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance at sampling")
     p.add_argument("--inference-steps", type=positive_int, default=25, help="DDIM steps of a full (r = 1) run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, weights, noise and scoring")
     p.add_argument("--judge-epochs", type=positive_int, default=12, help="epochs of the judge CNN used for scoring")
     p.add_argument("--fidelity-per-class", type=positive_int, default=50, help="samples per class for class fidelity")
     p.add_argument("--pair", default=None,
-                   help="class pair A,B for the boundary band (default 3,8 on digits, else 0,1)")
+                   help="class pair SOURCE,TARGET (names or indices) for the boundary band (default: 3,8 on digits, "
+                        "else 0,1)")
     p.add_argument("--boundary-sources", type=positive_int, default=32, help="source images for the boundary band")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--device", type=device, default="cpu", help="device to train and score on (e.g. cuda)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
     return p
@@ -69,16 +70,10 @@ def _parse_blocks(text: str) -> tuple[int, ...]:
     return blocks
 
 
-def _parse_pair(text: Optional[str], data_spec: str, num_classes: int) -> tuple[int, int]:
+def _parse_pair(text: Optional[str], data_spec: str, class_names: Any) -> tuple[int, int]:
     if text is None:
         return (3, 8) if data_spec == "digits" else (0, 1)
-    try:
-        a, b = (int(v) for v in text.split(","))
-    except ValueError as exc:
-        raise GeneratorError(f"--pair must be two class indices like 3,8, got {text!r}") from exc
-    if not (0 <= a < num_classes and 0 <= b < num_classes) or a == b:
-        raise GeneratorError(f"--pair needs two different classes in [0, {num_classes}), got {text!r}")
-    return a, b
+    return parse_pair(text, class_names, option="--pair")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,14 +93,14 @@ def run(args: argparse.Namespace) -> int:
         train, test = load_data(args.data, size=args.data_size, channels=args.channels, seed=args.seed)
         if args.data == "digits" and args.channels not in (None, 1):
             raise GeneratorError("the built-in digits have 1 channel; drop --channels or pass 1")
-        pair = _parse_pair(args.pair, args.data, train.num_classes)
+        pair = _parse_pair(args.pair, args.data, train.class_names)
         gen = ClassConditionalGenerator.for_dataset(
             train, seed=args.seed, image_size=args.image_size, block_out_channels=blocks,
             layers_per_block=args.layers_per_block, guidance_scale=args.guidance_scale,
             num_inference_steps=args.inference_steps,
             norm_num_groups=max(d for d in range(1, 17) if all(c % d == 0 for c in blocks)),
         ).to(args.device)
-    except (GeneratorError, DataError, ValueError) as exc:
+    except (GeneratorError, DataError, UsageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,8 +1,8 @@
 """``hardneg generate``: offline GeNIe hard negatives written as an ImageFolder.
 
-Pairs come from the user (``--pairs 3:8,four:nine``) or from a quick classifier trained on the
-data with the engine mining its confusion (``--pairs auto``, which also picks each pair's
-boundary sources). Every image is labelled by its *target* class; a CSV keeps its provenance and
+Pairs come from the user (``--pairs 3:8,cat:dog``: class names or indices) or from a quick
+classifier trained on the data with the engine mining its confusion (``--pairs auto``, which
+also picks each pair's boundary sources). Every image is labelled by its *target* class; a CSV keeps its provenance and
 a PNG grid (rows: pairs, columns: r) shows where each boundary flips.
 """
 
@@ -12,9 +12,9 @@ import argparse
 import csv
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-from hardneg.commands._args import UsageError, device, positive_int, ratio_list
+from hardneg.commands._args import HelpFormatter, UsageError, device, parse_pairs, plain, positive_int, ratio_list
 
 DEFAULT_GRID_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -22,54 +22,36 @@ DEFAULT_GRID_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "generate", help="write GeNIe hard negatives for confused (or given) class pairs to an ImageFolder",
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=plain(__doc__), formatter_class=HelpFormatter,
     )
-    p.add_argument("--generator", default="class-conditional", choices=["class-conditional", "stable-diffusion"])
+    p.add_argument("--generator", default="class-conditional", choices=["class-conditional", "stable-diffusion"],
+                   help="class-conditional: a small diffusion model of the data; stable-diffusion: your weights")
     p.add_argument("--generator-path", default=None,
-                   help="generator folder or hub id (default for class-conditional: the shipped digits model)")
+                   help="generator folder or hub id (required for stable-diffusion; class-conditional without it: the "
+                        "shipped digits model)")
     p.add_argument("--data", default="digits", help="'digits' or an ImageFolder path (root/<class>/<image>)")
-    p.add_argument("--image-size", type=positive_int, default=32)
-    p.add_argument("--channels", type=int, default=None, help="1 or 3 for an ImageFolder (default 3)")
-    p.add_argument("--pairs", default="auto", help="'auto' or comma-separated SOURCE:TARGET class names/indices")
+    p.add_argument("--image-size", type=positive_int, default=32, help="resolution the data is loaded at (px)")
+    p.add_argument("--channels", type=int, default=None, help="1 or 3 for an ImageFolder (3 when not given)")
+    p.add_argument("--pairs", default="auto", help="'auto' (mined by a quick classifier) or comma-separated SOURCE:TARGET pairs of class "
+                        "names or indices, e.g. 3:8,cat:dog")
     p.add_argument("--top-pairs", type=positive_int, default=5, help="pairs taken with --pairs auto")
     p.add_argument("--ratio", default="0.8", help="noise ratio r in (0, 1], or 'ada' for GeNIe-Ada per source")
-    p.add_argument("--ada-grid", type=ratio_list, default="0.5,0.6,0.7,0.8,0.9")
+    p.add_argument("--ada-grid", type=ratio_list, default="0.5,0.6,0.7,0.8,0.9",
+                   help="increasing noise ratios GeNIe-Ada searches with --ratio ada")
     p.add_argument("--per-pair", type=positive_int, default=16, help="images per pair")
     p.add_argument("--classifier", default="resnet10t", help="timm model for --pairs auto / --ratio ada")
-    p.add_argument("--classifier-epochs", type=positive_int, default=3)
+    p.add_argument("--classifier-epochs", type=positive_int, default=3,
+                   help="training epochs of the quick classifier for --pairs auto / --ratio ada")
     p.add_argument("--batch-size", type=positive_int, default=32, help="generation batch size")
     p.add_argument("--prompt-template", default="a photo of a {class_name}.", help="stable-diffusion only")
-    p.add_argument("--steps", type=positive_int, default=None, help="stable-diffusion inference steps")
+    p.add_argument("--steps", type=positive_int, default=None, help="stable-diffusion inference steps (the generator's own when not given)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance weight (default: the generator's own; SDXL-turbo: 0)")
-    p.add_argument("--device", type=device, default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=device, default="cpu", help="device of the generator and classifier (e.g. cuda)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sources, noise and the classifier")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run)
-
-
-def parse_pairs(spec: str, class_names: Sequence[str]) -> list[tuple[int, int]]:
-    """``"3:8,cat:dog"`` -> [(3, 8), ...]; names or indices; unknown names raise with the known ones."""
-    pairs = []
-    for item in [s.strip() for s in spec.split(",") if s.strip()]:
-        if item.count(":") != 1:
-            raise UsageError(f"pair {item!r} must look like SOURCE:TARGET (e.g. 3:8)")
-        a, b = (_class_index(x.strip(), class_names) for x in item.split(":"))
-        if a == b:
-            raise UsageError(f"pair {item!r} has the same source and target; GeNIe needs two classes")
-        pairs.append((a, b))
-    if not pairs:
-        raise UsageError("--pairs is empty")
-    return pairs
-
-
-def _class_index(token: str, class_names: Sequence[str]) -> int:
-    if token in class_names:
-        return list(class_names).index(token)
-    if token.isdigit() and int(token) < len(class_names):
-        return int(token)
-    raise UsageError(f"unknown class {token!r}; known classes: {list(class_names)}")
 
 
 def parse_ratio(spec: str) -> Optional[float]:
