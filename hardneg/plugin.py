@@ -515,13 +515,14 @@ class HardNeg:
             raise HardNegError("embed() needs the model: construct HardNeg(config, model=...)")
         was_training = self.model.training
         device = _module_device(self.model)
+        dtype = _module_float_dtype(self.model)  # a bf16/fp16 model needs its inputs in its own dtype
         self.model.eval()
         self._capture_always = True
         out = []
         try:
             for start in range(0, images.shape[0], batch_size):
                 self._captured_embeddings = None
-                self.model(images[start : start + batch_size].to(device))
+                self.model(images[start : start + batch_size].to(device=device, dtype=dtype))
                 if self._captured_embeddings is None:
                     raise HardNegError("the model's forward did not reach the embedding hook")
                 out.append(self._captured_embeddings.float().cpu())
@@ -1176,3 +1177,11 @@ def _module_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def _module_float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 when it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

@@ -157,3 +157,17 @@ def test_engine_ada_keeps_each_sources_image_after_its_own_jump_towards_the_targ
         prov = engine.buffer.provenance()
     chosen = dict(zip(prov["source_ids"].tolist(), [round(r, 4) for r in prov["ratios"].tolist()]))
     assert chosen == {0: 0.9, 1: 0.6}
+
+
+def test_embed_casts_images_to_a_bfloat16_models_dtype():
+    """GeNIe-Ada embeds generated images with the model: a bf16 model gets bf16 inputs (float32
+    images used to fail with a dtype mismatch), and the embeddings come back as float32."""
+    from hardneg import HardNeg, HardNegConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    model = model.to(torch.bfloat16)
+    cfg = HardNegConfig(num_classes=3, refresh_every=1000, seed=0)
+    with HardNeg(cfg, model=model, embedding_layer="2") as engine:
+        emb = engine.embed(torch.rand(5, 1, 4, 4))
+    assert emb.shape == (5, 8) and emb.dtype == torch.float32 and torch.isfinite(emb).all()
