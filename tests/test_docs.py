@@ -206,14 +206,14 @@ def test_doc_block_runs(snippet: Snippet, tmp_path, monkeypatch, one_thread):
         code = code.replace(old, new)
     code = code.replace("path/to/generator", ns["GENERATOR_PATH"])
     ns["__name__"] = "__main__"
-    created = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for setup in snippet.setup:
                 exec(compile(setup, f"{snippet.name} (setup)", "exec"), ns)
             exec(compile(code, snippet.name, "exec"), ns)
-        _namespaces[snippet.name] = ns
+        if any(s.continues and s.path == snippet.path and s.line > snippet.line for s in SNIPPETS):
+            _namespaces[snippet.name] = ns  # kept only for a block that continues it
     finally:
         created = [v for v in ns.values() if hasattr(v, "close") and type(v).__name__.startswith("HardNeg")]
         for engine in created:  # a snippet that builds an engine and stops early must not leak its worker
