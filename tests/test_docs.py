@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,7 @@ def parse(path: Path) -> list[Snippet]:
             j += 1
         if j == len(lines):
             raise AssertionError(f"{path}:{start + 1}: unclosed ``` fence")
-        if m.group("lang") == "python":
+        if m.group("lang") in ("python", "py", "python3"):
             code = textwrap.dedent("\n".join(lines[start + 1:j]))
             snippets.append(_with_directives(Snippet(path, start + 1, code), path, lines, start))
         i = j + 1
@@ -187,11 +188,30 @@ def test_parser_reads_directives_and_indented_fences(tmp_path):
         parse(doc)
 
 
+def tiny_config_class():
+    """``hardneg.HardNegConfig`` as the blocks import it, with tiny generation defaults.
+
+    A block's own arguments win; only what it leaves at the default is made small, so a worker
+    request takes a fraction of a second instead of a full 25-step schedule over 32 images.
+    """
+    from hardneg.config import HardNegConfig
+
+    def tiny(*args, **kwargs):
+        kwargs.setdefault("generator_steps", 2)
+        kwargs.setdefault("images_per_refresh", 8)
+        return HardNegConfig(*args, **kwargs)
+
+    return tiny
+
+
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.name for s in SNIPPETS])
 def test_doc_block_runs(snippet: Snippet, tmp_path, monkeypatch, one_thread):
     if snippet.skip:
         pytest.skip(f"{snippet.name}: {snippet.skip}")
+    import hardneg
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hardneg, "HardNegConfig", tiny_config_class())
     if snippet.continues:
         prev = [s for s in SNIPPETS if s.path == snippet.path and s.line < snippet.line][-1]
         if prev.name not in _namespaces:
@@ -206,6 +226,7 @@ def test_doc_block_runs(snippet: Snippet, tmp_path, monkeypatch, one_thread):
         code = code.replace(old, new)
     code = code.replace("path/to/generator", ns["GENERATOR_PATH"])
     ns["__name__"] = "__main__"
+    before = set(threading.enumerate())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -225,3 +246,8 @@ def test_doc_block_runs(snippet: Snippet, tmp_path, monkeypatch, one_thread):
             from accelerate.state import AcceleratorState
 
             AcceleratorState._reset_state(True)
+    # an engine the block built but cannot reach any more (a name rebound) keeps its worker running
+    for thread in set(threading.enumerate()) - before:
+        if thread.name.startswith("hardneg"):
+            thread.join(timeout=60)
+            assert not thread.is_alive(), f"{snippet.name} leaves worker {thread.name} running: an engine not closed"
