@@ -10,22 +10,16 @@ from torch import nn
 
 pytest.importorskip("accelerate")
 
+from _toy_data import striped_data  # noqa: E402
 from _fake_generators import FakeGenerator  # noqa: E402
 from hardneg import HardNegConfig  # noqa: E402
-from hardneg.data import from_tensors  # noqa: E402
 
 K = 4
 GLOBAL_BATCH = 16
 
 
 def _toy_data(n_per_class=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(K).repeat_interleave(n_per_class)
-    x = torch.rand(len(y), 1, 8, 8, generator=g) * 0.3
-    for c in range(K):
-        x[y == c, :, c : c + 2, :] += 0.7
-    x[y == 1] = 0.5 * x[y == 1] + 0.5 * x[y == 0]  # classes 0 and 1 look alike
-    return from_tensors(x.clamp(0, 1), y)
+    return striped_data(n_per_class, K, seed, alike=True)
 
 
 class TinyNet(nn.Module):

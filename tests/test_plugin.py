@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from _toy_data import striped_data
 from hardneg import HardNeg, HardNegConfig
-from hardneg.data import from_tensors
 from hardneg.config import ConfigError
 from hardneg.plugin import HardNegError
 
@@ -18,12 +18,7 @@ from _engine_generators import BlendGenerator, make_slow_blend_generator
 
 
 def _toy_data(n_per_class=24, k=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(k).repeat_interleave(n_per_class)
-    x = torch.rand(len(y), 1, 8, 8, generator=g) * 0.3
-    for c in range(k):
-        x[y == c, :, c : c + 2, :] += 0.7
-    return from_tensors(x.clamp(0, 1), y)
+    return striped_data(n_per_class, k, seed)
 
 
 class TinyNet(nn.Module):

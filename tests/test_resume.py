@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from _toy_data import striped_data
 from _state_compare import state_differences
 from hardneg.cli import main
 
@@ -81,18 +82,11 @@ from torch import nn  # noqa: E402
 
 from _engine_generators import BlendGenerator  # noqa: E402
 from hardneg import HardNeg, HardNegConfig  # noqa: E402
-from hardneg.data import from_tensors  # noqa: E402
 from hardneg.training import train  # noqa: E402
 
 
 def _toy_data(n_per_class=24, k=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(k).repeat_interleave(n_per_class)
-    x = torch.rand(len(y), 1, 8, 8, generator=g) * 0.3
-    for c in range(k):
-        x[y == c, :, c : c + 2, :] += 0.7
-    x[y == 1] = 0.5 * x[y == 1] + 0.5 * x[y == 0]  # classes 0 and 1 look alike
-    return from_tensors(x.clamp(0, 1), y)
+    return striped_data(n_per_class, k, seed, alike=True)
 
 
 class TinyNet(nn.Module):

@@ -6,20 +6,15 @@ import logging
 import torch
 from torch import nn
 
+from _toy_data import striped_data
 from _engine_generators import BlendGenerator
 from hardneg import HardNeg, HardNegConfig
-from hardneg.data import from_tensors
 
 K = 4
 
 
 def _data(n_per_class=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(K).repeat_interleave(n_per_class)
-    x = torch.rand(len(y), 1, 8, 8, generator=g) * 0.3
-    for c in range(K):
-        x[y == c, :, c : c + 2, :] += 0.7
-    return from_tensors(x.clamp(0, 1), y)
+    return striped_data(n_per_class, K, seed)
 
 
 def _model():

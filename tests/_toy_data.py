@@ -1,0 +1,21 @@
+"""The striped toy images most engine and adapter tests train on (one shared builder)."""
+
+import torch
+
+from hardneg.data import from_tensors
+
+
+def striped_data(n_per_class: int = 24, k: int = 4, seed: int = 0, alike: bool = False):
+    """``k`` classes of 1x8x8 images in [0, 1], class c brighter on rows c and c+1.
+
+    ``alike``: class 1 is blended halfway towards class 0, so the model confuses that pair (a
+    pair for the engine to mine).
+    """
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(k).repeat_interleave(n_per_class)
+    x = torch.rand(len(y), 1, 8, 8, generator=g) * 0.3
+    for c in range(k):
+        x[y == c, :, c : c + 2, :] += 0.7
+    if alike:
+        x[y == 1] = 0.5 * x[y == 1] + 0.5 * x[y == 0]
+    return from_tensors(x.clamp(0, 1), y)
