@@ -590,6 +590,10 @@ class HardNeg:
                 self._unsettled = 0
             else:
                 self._held.extend(self.worker.poll())
+        return self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The engine's own state as :meth:`state_dict` returns it, without touching the worker."""
         wall = self._wall_offset + ((time.perf_counter() - self._wall_start) if self._wall_start else 0.0)
         return {
             "format": STATE_FORMAT,
@@ -620,7 +624,8 @@ class HardNeg:
         never leaves a half-loaded engine.
         """
         self._check_state(state)
-        backup = self.state_dict()
+        self._finish_background_refresh(wait=True)
+        backup = self._snapshot()  # no worker drain: the backup is only for putting this engine back
         try:
             self._apply_state(state)
         except Exception as exc:
