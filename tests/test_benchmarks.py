@@ -38,13 +38,13 @@ def _positive(x) -> bool:
 
 
 def test_bench_command_lists_every_benchmark():
-    from hardneg.benchmarks import BENCHMARKS
+    from benchmarks import BENCHMARKS
 
     parser = build_parser()
     for name in BENCHMARKS:
         args = parser.parse_args(["bench", name, "--quick", "--out", "x"])
         assert args.bench == name and args.quick and args.out == "x"
-    assert set(BENCHMARKS) == {"overhead", "bank", "generator", "accuracy"}
+    assert set(BENCHMARKS) == {"overhead", "bank", "generator", "accuracy", "metric-recall", "fake-to-real"}
 
 
 def test_bank_quick(tmp_path):
@@ -180,7 +180,7 @@ def test_accuracy_quick_legacy_methods(tmp_path):
 
 def test_accuracy_runs_resume_from_their_cache(tmp_path, monkeypatch):
     """A second invocation reuses finished runs (same settings) and reruns when a setting changes."""
-    from hardneg.benchmarks import accuracy as A
+    from benchmarks import accuracy_bench as A
 
     calls = []
     real = A._one_run
@@ -207,7 +207,7 @@ def test_accuracy_runs_resume_from_their_cache(tmp_path, monkeypatch):
 
 
 def test_paired_difference_is_a_t_interval_over_seeds():
-    from hardneg.benchmarks._stats import format_difference, paired_difference, verdict
+    from benchmarks._stats import format_difference, paired_difference, verdict
 
     d = paired_difference([2, 4, 6, 8, 10], [1, 2, 3, 4, 5])  # differences 1..5: mean 3, sd 1.5811
     assert d.n == 5 and d.mean == pytest.approx(3.0)
@@ -226,7 +226,7 @@ def test_paired_difference_is_a_t_interval_over_seeds():
 def test_base_augmentations_keep_shape_range_and_labels():
     import torch
 
-    from hardneg.benchmarks.accuracy import crop_flip, mixup_cutmix, standard_augment
+    from benchmarks.accuracy_bench import crop_flip, mixup_cutmix, standard_augment
 
     rgb = torch.rand(6, 3, 32, 32)
     xc, yc = crop_flip(torch.Generator().manual_seed(0), pad=4)(rgb, torch.arange(6))
@@ -250,7 +250,7 @@ def test_base_augmentations_keep_shape_range_and_labels():
 def test_clustered_embeddings_are_unit_vectors_with_all_classes():
     import numpy as np
 
-    from hardneg.benchmarks._common import clustered_embeddings
+    from benchmarks._common import clustered_embeddings
 
     x, y = clustered_embeddings(3000, dim=64, seed=1)
     assert x.shape == (3000, 64) and x.dtype == np.float32 and y.dtype == np.int64
@@ -260,23 +260,53 @@ def test_clustered_embeddings_are_unit_vectors_with_all_classes():
     assert np.array_equal(x, x2) and np.array_equal(y, y2)
 
 
-def test_script_wrapper_runs(tmp_path):
-    """``python benchmarks/<name>.py`` reaches the same code as ``hardneg bench <name>``."""
+def test_python_m_benchmarks_runs_from_the_repository_root(tmp_path):
+    """``python -m benchmarks <name>`` from the repository root reaches the same code as ``hardneg bench <name>``."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the checkout itself, nothing else
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bank.py"), "--quick", "--sizes", "1k", "--nprobes", "1,4", "--hnsw-max", "0",
+        [sys.executable, "-m", "benchmarks", "bank", "--quick", "--sizes", "1k", "--nprobes", "1,4", "--hnsw-max", "0",
          "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["sizes"][0]["n"] == 1000
 
 
+def test_bench_outside_a_checkout_says_so_in_one_error_line(monkeypatch, capsys):
+    """An installed hardneg has no benchmarks: `hardneg bench` names the fix instead of a traceback."""
+    from hardneg import cli
+    from hardneg.commands import bench
+
+    monkeypatch.setattr(bench, "checkout_root", lambda: None)
+    assert cli.main(["bench", "bank", "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "source checkout" in err[0]
+    assert "python -m benchmarks" in err[0]
+
+
+def test_benchmarks_are_not_installed_with_the_package(tmp_path):
+    """pyproject's package list holds hardneg and its subpackages only, never the research benchmarks."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = find_packages(where=str(REPO), include=find["include"], exclude=find.get("exclude", ()))
+    assert "hardneg" in packages and "hardneg.generators" in packages
+    assert not [p for p in packages if p != "hardneg" and not p.startswith("hardneg.")], packages
+    for name in ("hardneg/sub", "hardneg_tools", "benchmarks"):  # a look-alike name is not matched either
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "__init__.py").write_text("")
+    (tmp_path / "hardneg" / "__init__.py").write_text("")
+    assert sorted(find_packages(where=str(tmp_path), include=find["include"])) == ["hardneg", "hardneg.sub"]
+
+
 def test_accuracy_on_an_image_folder_with_stable_diffusion_weights(tmp_path):
     """The benchmark on a user's RGB folder with their own (here: tiny, random) SD weights by path."""
     import torch
 
-    from hardneg.benchmarks._tiny_sd import tiny_sd_pipeline
+    from benchmarks._tiny_sd import make_tiny_sd_pipeline
     from hardneg.data import save_image_folder
 
     g = torch.Generator().manual_seed(0)
@@ -284,7 +314,7 @@ def test_accuracy_on_an_image_folder_with_stable_diffusion_weights(tmp_path):
         images = torch.rand(3 * n, 3, 16, 16, generator=g)
         save_image_folder(images, torch.arange(3).repeat_interleave(n).tolist(), ["cat", "dog", "fox"],
                           str(tmp_path / "data" / split))
-    tiny_sd_pipeline(tmp_path / "sd").save_pretrained(str(tmp_path / "sd"))
+    make_tiny_sd_pipeline(tmp_path / "sd").save_pretrained(str(tmp_path / "sd"))
     methods = ["base", "diff-mix", "hardneg"]
     data = _run_cli(["bench", "accuracy", "--quick", "--data", str(tmp_path / "data"), "--image-size", "16",
                      "--regimes", "balanced", "--methods", ",".join(methods), "--steps", "3", "--model", "test_resnet",
@@ -296,3 +326,17 @@ def test_accuracy_on_an_image_folder_with_stable_diffusion_weights(tmp_path):
     runs = {r["method"]: r for r in reg["runs"]}
     assert runs["diff-mix"]["images_kept"] == 4 and runs["hardneg"]["images_kept"] > 0
     assert len(runs["base"]["per_class"]) == 3
+
+
+def test_metric_recall_and_fake_to_real_follow_the_convention(tmp_path):
+    """The two method benchmarks run through `hardneg bench` and write results.json and a plot like the others."""
+    data = _run_cli(["bench", "metric-recall", "--quick", "--variants", "batch", "global", "--steps", "2",
+                     "--out", str(tmp_path / "mr")])
+    assert set(data["summary"]) == {"batch", "global"}
+    assert all(0.0 <= e["recall_unseen"] <= 1.0 for e in data["summary"].values())
+    assert data["summary"]["batch"]["unseen_vs_batch"] == pytest.approx(1.0)
+    data = _run_cli(["bench", "fake-to-real", "--quick", "--generator", "pca", "--variants", "erm", "two-stage",
+                     "--out", str(tmp_path / "f2r")])
+    assert set(data["summary"]) == {"erm", "two-stage"}
+    assert data["summary"]["erm"]["worst_group_minus_erm"] == 0.0
+    assert all(0.0 <= e["worst_group"] <= e["accuracy"] + 1e-9 <= 1.0 + 1e-9 for e in data["summary"].values())

@@ -58,7 +58,7 @@ def test_demo_on_an_image_folder_fits_a_generator_and_runs_the_loop(tmp_path, ca
 
 def test_demo_on_an_image_folder_with_stable_diffusion_weights(tmp_path, capsys):
     pytest.importorskip("transformers")
-    from _tiny_sd import make_tiny_sd_pipeline
+    from benchmarks._tiny_sd import make_tiny_sd_pipeline
 
     make_tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
     root = tmp_path / "pets"

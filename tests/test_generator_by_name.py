@@ -28,7 +28,7 @@ from _engine_generators import BlendGenerator, OnDeviceGenerator
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from _tiny_sd import make_tiny_sd_pipeline  # noqa: E402
+from benchmarks._tiny_sd import make_tiny_sd_pipeline  # noqa: E402
 
 STEPS = 4
 

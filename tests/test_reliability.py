@@ -142,7 +142,7 @@ def _(tmp):
 
 @case("bench-cache-corrupt", says="rebuilding it")
 def _(tmp):
-    from hardneg.benchmarks.accuracy import _read_cache
+    from benchmarks.accuracy_bench import _read_cache
 
     path = tmp / "judge.pt"
     path.write_bytes(b"\x80\x02garbage")

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from _tiny_sd import RESOLUTION, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline  # noqa: E402
+from benchmarks._tiny_sd import RESOLUTION, make_tiny_sd_pipeline, make_tiny_sdxl_pipeline  # noqa: E402
 
 import hardneg._optional as optional  # noqa: E402
 from hardneg.generators.base import Generator, GeneratorError  # noqa: E402

@@ -45,7 +45,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
-from hardneg.benchmarks import _common as C
+from benchmarks import _common as C
 
 NAME = "overhead"
 HELP = "engine time per step (observe+mix, amortised refresh) vs the plain step; end-to-end with a worker"

@@ -1,7 +1,7 @@
 """bank: exact flat vs IVF vs HNSW vs brute-force torch for the embedding bank (d = 512, cosine).
 
 For each bank size N it builds every index over the same class-like clustered synthetic
-embeddings (:func:`hardneg.benchmarks._common.clustered_embeddings`) and measures, against the
+embeddings (:func:`benchmarks._common.clustered_embeddings`) and measures, against the
 exact flat bank (the baseline, measured in the same run, repeats interleaved):
 
 * build time (upserting all N vectors in 20k chunks, as a growing bank fills; IVF is trained
@@ -24,7 +24,7 @@ import os
 import time
 from typing import Any, Optional
 
-from hardneg.benchmarks import _common as C
+from benchmarks import _common as C
 
 NAME = "bank"
 HELP = "exact flat vs IVF vs HNSW vs torch mm+topk: build/update, queries/s, refresh, IVF recall"

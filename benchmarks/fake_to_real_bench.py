@@ -24,14 +24,14 @@ Variants, each with the same number of optimiser steps (``--steps``) and the sam
 ``two-stage`` (synthetic only for half the steps, then real only, ERM) and ``two-stage-dro``
 (the same with GroupDRO in stage 2).
 
-Run: ``python benchmarks/fake_to_real.py`` (a few minutes on 2 CPU cores); ``--quick`` for a
-smoke run. Prints mean +- std over seeds of worst-group and average accuracy.
+Run: ``hardneg bench fake-to-real`` or ``python -m benchmarks fake-to-real`` (a few minutes on 2
+CPU cores); ``--quick`` for a smoke run. Prints mean +- std over seeds of worst-group and average
+accuracy; writes ``results.json`` and a bar plot to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import Any, Optional
@@ -41,12 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks import _common as C
 from hardneg.data import ImageDataset, load_digits
 from hardneg.methods.fake_to_real import (
     balanced_synthetic_set, evaluate_groups, fake_to_real, group_ids, train_classifier,
 )
 
 VARIANTS = ("erm", "group-dro", "mix", "two-stage", "two-stage-dro")
+NAME = "fake-to-real"
+HELP = "From Fake to Real on biased coloured digits: worst-group accuracy of ERM, GroupDRO, mixing, two-stage"
 SIZE = 16
 
 
@@ -136,7 +139,7 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
-def run(variant: str, data: dict[str, Any], synthetic: ImageDataset, steps: int, seed: int,
+def run_variant(variant: str, data: dict[str, Any], synthetic: ImageDataset, steps: int, seed: int,
         batch_size: int = 64, lr: float = 3e-3, stage2_lr: Optional[float] = None) -> dict[str, float]:
     """Train one variant; return worst-group and average test accuracy."""
     torch.manual_seed(seed)
@@ -158,21 +161,23 @@ def run(variant: str, data: dict[str, Any], synthetic: ImageDataset, steps: int,
     return {"worst_group": ev.worst_group_accuracy, "accuracy": ev.accuracy, "seconds": time.perf_counter() - t0}
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--bias", type=float, default=0.95, help="P(colour follows the label) in training")
-    ap.add_argument("--per-cell", type=int, default=40, help="synthetic images per (digit, colour) cell")
-    ap.add_argument("--generator", choices=("auto", "pca", "diffusion"), default="auto")
-    ap.add_argument("--generator-path", default=None)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--stage2-lr", type=float, default=None, help="fine-tuning lr of the two-stage variants "
-                    "(default: the same 3e-3 as stage 1)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="60 steps, one seed, 4 per cell: a smoke run")
-    ap.add_argument("--json", help="also write the per-seed results here")
-    args = ap.parse_args(argv)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    C.add_common_arguments(p, NAME, seed=False)
+    p.add_argument("--steps", type=int, default=600, help="optimiser steps per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one run per variant each")
+    p.add_argument("--bias", type=float, default=0.95, help="P(colour follows the label) in training")
+    p.add_argument("--per-cell", type=int, default=40, help="synthetic images per (digit, colour) cell")
+    p.add_argument("--generator", choices=("auto", "pca", "diffusion"), default="auto",
+                   help="synthetic data source (auto: the shipped diffusion model when present, else pca)")
+    p.add_argument("--generator-path", default=None, help="folder of a class-conditional generator (diffusion)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="variants to run")
+    p.add_argument("--stage2-lr", type=float, default=None, help="fine-tuning lr of the two-stage variants "
+                   "(default: the same 3e-3 as stage 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every variant for every seed; a table of mean +- std, ``results.json`` and a plot under ``--out``."""
     if args.quick:
         args.steps, args.seeds, args.per_cell = 60, [0], 4
     torch.set_num_threads(args.threads)
@@ -187,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"seed {seed}: {len(data['train'])} real ({minority} groups under 20 samples), "
               f"{len(syn.data)} synthetic from {description}", flush=True)
         for v in args.variants:
-            r = run(v, data, syn.data, args.steps, seed, stage2_lr=args.stage2_lr)
+            r = run_variant(v, data, syn.data, args.steps, seed, stage2_lr=args.stage2_lr)
             results[v].append(r)
             print(f"  {v:14s} worst-group {r['worst_group']:.4f} average {r['accuracy']:.4f} ({r['seconds']:.1f} s)",
                   flush=True)
@@ -195,16 +200,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"\nbias {args.bias}, {args.steps} steps, {args.per_cell} synthetic per cell, generator {description}, "
           f"stage-2 lr {args.stage2_lr or 'as stage 1'}, seeds {args.seeds}")
     print(f"{'variant':14s} {'worst-group acc':>17s} {'average acc':>17s} {'wg - erm':>9s}")
+    summary: dict[str, dict[str, Any]] = {}
     for v, rs in results.items():
         w = np.array([r["worst_group"] for r in rs])
         a = np.array([r["accuracy"] for r in rs])
         delta = f"{w.mean() - base:+.4f}" if base is not None else "-"
+        summary[v] = {"worst_group": float(w.mean()), "worst_group_std": float(w.std()), "accuracy": float(a.mean()),
+                      "accuracy_std": float(a.std()),
+                      "worst_group_minus_erm": float(w.mean() - base) if base is not None else None}
         print(f"{v:14s} {w.mean():.4f} +- {w.std():.4f} {a.mean():.4f} +- {a.std():.4f} {delta:>9s}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "generator": description, "results": results}, f, indent=2)
-    return results
+    settings = {k: v for k, v in vars(args).items() if k in ("steps", "seeds", "bias", "per_cell", "generator",
+                                                             "generator_path", "variants", "stage2_lr", "threads")}
+    out = {"benchmark": NAME, "quick": bool(args.quick), "machine": C.machine_info(), "command": C.command_line(NAME),
+           "settings": settings, "generator": description, "results": results, "summary": summary}
+    plot = C.bar_plot({v: e["worst_group"] for v, e in summary.items()}, "worst-group accuracy",
+                      f"fake to real, bias {args.bias}", os.path.join(args.out, "fake_to_real.png"))
+    return C.finish(args.out, out, plot)
 
 
-if __name__ == "__main__":
-    main()
+main = C.build_main(__name__)

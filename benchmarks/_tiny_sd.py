@@ -1,8 +1,12 @@
-"""Tiny random Stable Diffusion pipelines built offline from configs (test helper, not a test file).
+"""Tiny random Stable Diffusion pipelines built offline from configs: the one builder of the tests and benchmarks.
 
 Everything is constructed from configs with seeded random weights; the CLIP tokenizer is built
 from a small ``vocab.json`` + ``merges.txt`` written into a caller-provided folder. Nothing is
-downloaded. Sizes are chosen so that a UNet call costs about a millisecond on a CPU.
+downloaded. Sizes are chosen so that a UNet call costs about a millisecond on a CPU. The
+pipelines produce noise, not pictures: they exercise the
+:class:`~hardneg.generators.stable_diffusion.StableDiffusionGenerator` code path (VAE encode,
+prompt encoding, the kept timesteps, decode), so their timings say how cost scales with r (and
+how a dtype or ``torch.compile`` changes it), not how fast real SD is.
 """
 
 from __future__ import annotations

@@ -27,13 +27,14 @@ DEFAULT_OUT_ROOT = os.path.join("hardneg-out", "bench")
 
 
 # ---------------------------------------------------------------------------------- arguments
-def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    """``--out``, ``--quick`` and ``--seed``: every benchmark has them."""
+def add_common_arguments(parser: argparse.ArgumentParser, name: str, seed: bool = True) -> None:
+    """``--out``, ``--quick`` and ``--seed``: every benchmark has them (``seed=False``: it has ``--seeds``)."""
     parser.add_argument("--out", default=os.path.join(DEFAULT_OUT_ROOT, name),
                         help="output folder for results.json and the plot")
     parser.add_argument("--quick", action="store_true",
                         help="a small, fast version (seconds; for tests and smoke checks)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, models and measurements")
+    if seed:
+        parser.add_argument("--seed", type=int, default=0, help="seed of data, models and measurements")
 
 
 def parse_list(spec: Optional[str], cast: Callable[[str], Any] = str) -> Optional[list[Any]]:
@@ -66,20 +67,20 @@ def human_size(n: int) -> str:
 
 
 def build_main(module_name: str) -> Callable[[Optional[Sequence[str]]], int]:
-    """A ``main(argv)`` for the benchmark module ``module_name`` (the ``benchmarks/*.py`` wrappers call it)."""
+    """A ``main(argv)`` for the benchmark module ``module_name`` (``python -m benchmarks.<module>``)."""
 
     def main(argv: Optional[Sequence[str]] = None) -> int:
         module = sys.modules[module_name]
         from hardneg.commands._args import HelpFormatter, plain
 
         parser = argparse.ArgumentParser(
-            prog=f"python benchmarks/{module.NAME}.py", description=plain(module.__doc__),
+            prog=f"python -m benchmarks {module.NAME}", description=plain(module.__doc__),
             formatter_class=HelpFormatter,
         )
         module.add_arguments(parser)
         args = parser.parse_args(argv)
-        module.run(args)
-        return 0
+        results = module.run(args)
+        return int(results.get("exit_code", 0)) if isinstance(results, dict) else 0
 
     return main
 
@@ -203,6 +204,18 @@ def finish(out_dir: str, results: dict[str, Any], plot_file: str) -> dict[str, A
     write_results(out_dir, results)
     print(f"wrote {', '.join(results['files'])}", flush=True)
     return results
+
+
+def bar_plot(values: dict[str, Optional[float]], ylabel: str, title: str, path: str) -> str:
+    """One bar per name (missing values left out); returns ``path``."""
+    plt = pyplot()
+    names = [k for k, v in values.items() if v is not None]
+    fig, ax = plt.subplots(figsize=(max(3.0, 1.1 * len(names) + 1), 3.2))
+    ax.bar(names, [values[k] for k in names])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelrotation=30)
+    return save_figure(fig, path)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -14,7 +14,7 @@ Generators:
   the digits model shipped with hardneg when it is present, else a randomly initialised model of
   the default architecture (same cost; says which in the output).
 * ``sd-tiny``: :class:`~hardneg.generators.stable_diffusion.StableDiffusionGenerator` over a
-  tiny random SD 1.x pipeline built offline (:mod:`hardneg.benchmarks._tiny_sd`): the code path
+  tiny random SD 1.x pipeline built offline (:mod:`benchmarks._tiny_sd`): the code path
   and the r scaling, *not* real Stable Diffusion speed.
 * ``sd``: a real checkpoint, with ``--sd-model ID`` (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``)
   on a GPU: ``hardneg bench generator --generators sd --sd-model ID --device cuda --dtype fp16
@@ -29,7 +29,7 @@ import tempfile
 import time
 from typing import Any
 
-from hardneg.benchmarks import _common as C
+from benchmarks import _common as C
 
 NAME = "generator"
 HELP = "images/s of each generator at r in {0.3,0.5,0.8,1.0}; cost ratio against r = 1"
@@ -76,10 +76,10 @@ def _class_conditional(args: argparse.Namespace, steps: int) -> tuple[Any, str]:
 
 
 def _sd_tiny(args: argparse.Namespace, steps: int, tmp: str) -> tuple[Any, str]:
-    from hardneg.benchmarks._tiny_sd import tiny_sd_pipeline
+    from benchmarks._tiny_sd import make_tiny_sd_pipeline
     from hardneg.generators.stable_diffusion import StableDiffusionGenerator
 
-    pipe = tiny_sd_pipeline(tmp, seed=args.seed)
+    pipe = make_tiny_sd_pipeline(tmp, seed=args.seed)
     gen = StableDiffusionGenerator(pipe, [str(i) for i in range(10)], num_inference_steps=steps,
                                    scheduler="dpm++", device=args.device,
                                    prompt_template="a handwritten {class_name}.")

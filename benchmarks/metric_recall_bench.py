@@ -15,14 +15,15 @@ triplet loss (margin 0.2):
 * ``gca-fixed``    global + synthetic negatives, lambda = 0.5
 * ``gca-learned``  global + synthetic negatives, lambda from the negatives-only graph network
 
-Run: ``python benchmarks/metric_recall.py`` (about a minute per seed on 2 busy CPU cores);
-``--quick`` for a smoke run. Prints a table of mean +- std over seeds and the ratio to ``batch``.
+Run: ``hardneg bench metric-recall`` or ``python -m benchmarks metric-recall`` (about a minute per
+seed on 2 busy CPU cores); ``--quick`` for a smoke run. Prints a table of mean +- std over seeds and
+the ratio to ``batch``; writes ``results.json`` and a bar plot to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import time
 from typing import Optional
 
@@ -31,12 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks import _common as C
 from hardneg.bank import EmbeddingBank
 from hardneg.data import ImageDataset, load_digits
 from hardneg.methods.embedding_negatives import GCAHardNegatives, GlobalNegatives, mine_triplets, triplet_loss
 
 TRAIN_CLASSES = list(range(6))
 VARIANTS = ("batch", "global", "gca-fixed", "gca-learned")
+NAME = "metric-recall"
+HELP = "metric learning with bank and GCA-style synthetic negatives: Recall@1 on unseen classes vs batch negatives"
 
 
 class EmbeddingNet(nn.Module):
@@ -83,7 +87,7 @@ def balanced_batches(labels: Tensor, per_class: int, g: torch.Generator):
         yield torch.cat([p[torch.randperm(len(p), generator=g)[:per_class]] for p in pools])
 
 
-def run(variant: str, seed: int, steps: int, per_class: int = 6, dim: int = 32, lr: float = 1e-3,
+def run_variant(variant: str, seed: int, steps: int, per_class: int = 6, dim: int = 32, lr: float = 1e-3,
         alpha: float = 0.05, k: int = 8) -> dict[str, float]:
     """Train one variant for ``steps`` steps; return its Recall@1 on unseen and seen classes and its time."""
     train, test_seen, unseen = split(seed)
@@ -118,39 +122,44 @@ def run(variant: str, seed: int, steps: int, per_class: int = 6, dim: int = 32, 
             "seconds": time.perf_counter() - t0}
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this small net)")
-    ap.add_argument("--quick", action="store_true", help="30 steps, one seed: a smoke run")
-    ap.add_argument("--json", help="also write the per-seed results here")
-    args = ap.parse_args(argv)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    C.add_common_arguments(p, NAME, seed=False)
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one run per variant each")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="variants to run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this small net)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every variant for every seed; a table of mean +- std, ``results.json`` and a plot under ``--out``."""
     if args.quick:
         args.steps, args.seeds = 30, [0]
     torch.set_num_threads(args.threads)
     results: dict[str, list[dict[str, float]]] = {v: [] for v in args.variants}
     for seed in args.seeds:
         for v in args.variants:
-            r = run(v, seed, args.steps)
+            r = run_variant(v, seed, args.steps)
             results[v].append(r)
             print(f"seed {seed} {v:12s} R@1 unseen {r['recall_unseen']:.4f} seen {r['recall_seen']:.4f} "
                   f"({r['seconds']:.1f} s)", flush=True)
     base = np.mean([r["recall_unseen"] for r in results.get("batch", [])]) if "batch" in results else None
     print(f"\nRecall@1, {args.steps} steps, seeds {args.seeds} (mean +- std)")
     print(f"{'variant':12s} {'unseen 6-9':>16s} {'seen 0-5':>16s} {'vs batch':>9s} {'s/run':>6s}")
+    summary: dict[str, dict[str, float]] = {}
     for v, rs in results.items():
         u = np.array([r["recall_unseen"] for r in rs])
         s = np.array([r["recall_seen"] for r in rs])
         ratio = f"{u.mean() / base:.3f}" if base else "-"
+        summary[v] = {"recall_unseen": float(u.mean()), "recall_unseen_std": float(u.std()),
+                      "recall_seen": float(s.mean()), "recall_seen_std": float(s.std()),
+                      "unseen_vs_batch": float(u.mean() / base) if base else None}
         print(f"{v:12s} {u.mean():.4f} +- {u.std():.4f} {s.mean():.4f} +- {s.std():.4f} {ratio:>9s} "
               f"{np.mean([r['seconds'] for r in rs]):6.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"steps": args.steps, "seeds": args.seeds, "results": results}, f, indent=2)
-    return results
+    out = {"benchmark": NAME, "quick": bool(args.quick), "machine": C.machine_info(), "command": C.command_line(NAME),
+           "steps": args.steps, "seeds": args.seeds, "results": results, "summary": summary}
+    plot = C.bar_plot({v: e["recall_unseen"] for v, e in summary.items()}, "Recall@1 (unseen classes 6-9)",
+                      f"metric learning, {args.steps} steps", os.path.join(args.out, "metric_recall.png"))
+    return C.finish(args.out, out, plot)
 
 
-if __name__ == "__main__":
-    main()
+main = C.build_main(__name__)
