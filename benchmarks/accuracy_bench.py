@@ -18,7 +18,7 @@ and a seed repeats exactly.
 
 Statistics: ``--seeds`` are paired (same seed = same initial weights, data order and split for
 every method). Reported: mean +- std, and per method the mean paired difference to base with a
-95% t-interval (:mod:`benchmarks._stats`); a difference is a gain or loss only when its
+95% t-interval (:mod:`hardneg.benchmarks._stats`); a difference is a gain or loss only when its
 interval excludes 0. Metrics: overall, tail-class (long-tail: the rarest half), few-class
 (classes with < 20 training images) and confused-pair accuracy (the pairs base confuses most,
 fixed before the comparison from base runs with the separate ``--pair-seeds``).

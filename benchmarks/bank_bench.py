@@ -1,7 +1,7 @@
 """bank: exact flat vs IVF vs HNSW vs brute-force torch for the embedding bank (d = 512, cosine).
 
 For each bank size N it builds every index over the same class-like clustered synthetic
-embeddings (:func:`benchmarks._common.clustered_embeddings`) and measures, against the
+embeddings (:func:`hardneg.benchmarks._common.clustered_embeddings`) and measures, against the
 exact flat bank (the baseline, measured in the same run, repeats interleaved):
 
 * build time (upserting all N vectors in 20k chunks, as a growing bank fills; IVF is trained
