@@ -100,6 +100,13 @@ class HardNegConfig:
     generator_resolution: Optional[Any] = None  # stable-diffusion model input size: int or (height, width)
     generator_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for the loader
     worker_start_timeout: float = 600.0  # seconds HardNeg(...) waits for the generator to load
+    # the worker's memory share: at most this many samples per generate call (a request is split;
+    # any generator, both backends), and the share of the GPU the process backend's child may
+    # allocate (torch.cuda.set_per_process_memory_fraction; the thread backend shares the
+    # training process's allocator, so there only worker_max_batch bounds it). None: no bound.
+    worker_max_batch: Optional[int] = None
+    worker_memory_fraction: Optional[float] = None
+    worker_warmup: bool = True  # one tiny generation at worker start (loads kernels, compiles)
     # seconds one generation request may run; a request past it fails (reason in worker stats) and the
     # worker is replaced within max_restarts. None: no deadline. Generous: a cold CPU diffusion call is slow.
     request_timeout: Optional[float] = 600.0
@@ -190,6 +197,7 @@ class HardNegConfig:
         _validate_generator(self)
         _choice(self, "worker_backend", ("thread", "process"))
         _int_at_least(self, "worker_threads", 1)
+        _validate_worker_memory(self)
         _int_at_least(self, "refresh_threads", 0)
         _int_at_least(self, "queue_size", 1)
         _int_at_least(self, "images_per_refresh", 1)
@@ -395,6 +403,20 @@ def _validate_generator(cfg: HardNegConfig) -> None:
     if not isinstance(cfg.generator_options, dict):
         raise ConfigError(f"generator_options must be a dict of keyword arguments, got {cfg.generator_options!r}")
     _in_range(cfg, "worker_start_timeout", 0.0, float("inf"), low_open=True, high_open=True)
+
+
+def _validate_worker_memory(cfg: HardNegConfig) -> None:
+    if cfg.worker_max_batch is not None:
+        _int_at_least(cfg, "worker_max_batch", 1)
+    if cfg.worker_memory_fraction is not None:
+        _in_range(cfg, "worker_memory_fraction", 0.0, 1.0, low_open=True)
+        if cfg.worker_backend != "process":
+            raise ConfigError(
+                "worker_memory_fraction needs worker_backend='process' (a child process gets its own share "
+                "of the GPU); the thread backend shares the training process's memory: bound it with "
+                "worker_max_batch (samples per generate call) or generator_max_batch instead")
+    if not isinstance(cfg.worker_warmup, bool):
+        raise ConfigError(f"worker_warmup must be True or False, got {cfg.worker_warmup!r}")
 
 
 def _int_at_least(cfg: HardNegConfig, name: str, low: int) -> None:

@@ -29,9 +29,7 @@ cost of those waits.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,7 +54,7 @@ from hardneg.mixing import MixedBatch, mix_batch
 from hardneg.targeting import PlannedPair, make_policy
 from hardneg.teacher import Teacher, output_logits
 from hardneg.value_space import ValueSpace, ValueSpaceError
-from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker
+from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker, ObjectFactory
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +89,11 @@ class HardNeg:
         dataset: indexable training set whose item ``i`` starts with the image of sample id ``i``
             (``(image, label, ...)`` tuples or dicts with ``"image"``/``"pixel_values"``); the
             engine fetches GeNIe sources from it. Needed when generation is on.
-        generator: a :class:`Generator` (the worker gets its own deep copy), a zero-argument
-            factory returning one (must be picklable for the process backend), or ``None`` to
-            build ``config.generator`` from ``config.generator_path``.
+        generator: a :class:`Generator` (used by the worker as is, not copied: the thread
+            backend's worker owns it from then on, the process backend pickles it to the child;
+            :class:`~hardneg.worker.ObjectFactory`), a zero-argument factory returning one (built
+            on the worker; must be picklable for the process backend), or ``None`` to build
+            ``config.generator`` from ``config.generator_path`` on the worker.
         embedding_layer: dotted name of the module whose output is the embedding.
         start_worker: start the generation worker now (tests and adapters may start it later).
         teacher_model: the classifier that scores arriving images when ``config.teacher`` is
@@ -183,7 +183,8 @@ class HardNeg:
             self.worker = GenerationWorker(
                 factory, backend=config.worker_backend, queue_size=config.queue_size,
                 max_restarts=config.max_restarts, num_threads=config.worker_threads, device=config.worker_device,
-                request_timeout=config.request_timeout,
+                request_timeout=config.request_timeout, max_batch=config.worker_max_batch,
+                memory_fraction=config.worker_memory_fraction, warmup=config.worker_warmup,
             )
             if start_worker:
                 self._start_worker_checked()
@@ -812,7 +813,7 @@ class HardNeg:
             self._named_generator = True
             return factory_from_config(self.config, self.class_names)
         if hasattr(generator, "generate"):
-            return functools.partial(copy.deepcopy, generator)
+            return ObjectFactory(generator)  # the worker uses it as is, no copy (see ObjectFactory)
         if callable(generator):
             return generator
         raise HardNegError(f"generator must be a Generator, a factory or None, got {type(generator).__name__}")

@@ -67,6 +67,43 @@ GeneratorFactory = Callable[[], Generator]
 _ERROR_CHARS = 2000  # error text sent back from a child is cut to keep each pipe message atomic
 
 
+class ObjectFactory:
+    """The worker's factory for a generator *object* the user passed in (instead of a factory).
+
+    Not a deep copy any more: a copy doubled the generator's GPU memory on the same device and
+    silently dropped a ``torch.compile``. What is done instead:
+
+    * thread backend: the worker's first build returns the object itself, so the worker thread
+      owns it from then on (do not call it from another thread while the engine runs; pass a
+      factory to keep yours apart). A rebuild after a restart returns a deep copy, because the
+      old thread may still hold the object (a hung, abandoned thread).
+    * process backend: the factory is pickled to the child (``spawn``), which builds from its
+      unpickled copy; the object in the training process is never run by the worker.
+    """
+
+    def __init__(self, generator: Generator) -> None:
+        self.generator = generator
+        self._given = False
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Generator:
+        with self._lock:
+            if not self._given:
+                self._given = True
+                return self.generator
+        import copy
+
+        logger.warning("hardneg worker restarted: building a deep copy of the generator object (the old one may "
+                       "still be in use); pass a factory to build fresh generators instead")
+        return copy.deepcopy(self.generator)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"generator": self.generator}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["generator"])  # type: ignore[misc]
+
+
 class WorkerStartError(RuntimeError):
     """The generator could not be built in the worker (bad path, wrong arguments, missing weights)."""
 
@@ -210,26 +247,55 @@ class _Outcome:
     queue_wait: float
 
 
-def _build_generator(factory: GeneratorFactory, device: torch.device) -> Generator:
-    """Call the factory and move the generator to ``device`` when it supports ``.to``."""
+def _build_generator(factory: GeneratorFactory, device: torch.device, warmup: bool = False) -> Generator:
+    """Call the factory, move the generator to ``device`` when it supports ``.to``, then warm it up.
+
+    ``warmup``: call the generator's ``warmup()`` when it has one (one tiny generation: kernels
+    load and a compiled denoiser compiles here, at worker start, not in the first request).
+    """
     gen = factory()
     if not callable(getattr(gen, "generate", None)):
         raise TypeError(f"generator_factory returned {type(gen).__name__}, which has no generate() method")
     if device.type != "cpu" and callable(getattr(gen, "to", None)):
         moved = gen.to(device)
         gen = moved if moved is not None else gen
+    if warmup and callable(getattr(gen, "warmup", None)):
+        with torch.no_grad():
+            gen.warmup()
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # weights are ready before the side stream uses them
     return gen
 
 
-def _generate_once(gen: Generator, req: GenerationRequest, device: torch.device) -> Tensor:
-    """Run one request on ``device``; returns private CPU images or raises on unusable output."""
+def _chunk_seed(seed: Optional[int], k: int) -> Optional[int]:
+    """Seed of chunk ``k`` of a split request: the request's own for the first, distinct for the rest."""
+    if seed is None or k == 0:
+        return seed
+    return (int(seed) * 1_000_003 + k) % 2**62
+
+
+def _generate_once(gen: Generator, req: GenerationRequest, device: torch.device,
+                   max_batch: Optional[int] = None) -> Tensor:
+    """Run one request on ``device``; returns private CPU images or raises on unusable output.
+
+    ``max_batch``: at most that many samples per ``generate`` call (the request is split, chunk k
+    seeded by :func:`_chunk_seed`), bounding the generator's memory whatever the request size.
+    """
     assert req.sources is not None
     src = req.sources.to(device, non_blocking=True)
-    out = gen.generate(
-        src, req.source_labels.to(device), req.target_labels.to(device), req.ratios, seed=req.seed
-    )
+    sl, tl = req.source_labels.to(device), req.target_labels.to(device)
+    n = len(src)
+    if not max_batch or n <= max_batch:
+        out = gen.generate(src, sl, tl, req.ratios, seed=req.seed)
+    else:
+        parts = []
+        for k, a in enumerate(range(0, n, max_batch)):
+            b = a + max_batch
+            part = gen.generate(src[a:b], sl[a:b], tl[a:b], req.ratios[a:b], seed=_chunk_seed(req.seed, k))
+            if not isinstance(part, Tensor):
+                raise GeneratorError(f"generator returned {type(part).__name__}, expected a Tensor")
+            parts.append(part)
+        out = torch.cat(parts)
     if not isinstance(out, Tensor):
         raise GeneratorError(f"generator returned {type(out).__name__}, expected a Tensor")
     if tuple(out.shape) != tuple(src.shape):
@@ -243,18 +309,19 @@ def _generate_once(gen: Generator, req: GenerationRequest, device: torch.device)
     return out.to("cpu", dtype=req.sources.dtype, copy=True)
 
 
-def _execute(gen: Generator, req: GenerationRequest, device: torch.device, stream: Any) -> _Outcome:
-    """Generate for ``req``; any ``Exception`` becomes a failed outcome (the worker goes on)."""
+def _execute(gen: Generator, req: GenerationRequest, device: torch.device, stream: Any,
+             max_batch: Optional[int] = None) -> _Outcome:
+    """Generate for ``req`` (``max_batch`` samples per call at most); any ``Exception`` becomes a failed outcome."""
     wait = max(0.0, time.monotonic() - req.submitted_at) if req.submitted_at else 0.0
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
             if stream is not None:
                 with torch.cuda.stream(stream):
-                    images = _generate_once(gen, req, device)
+                    images = _generate_once(gen, req, device, max_batch)
                 stream.synchronize()  # nothing of this request is still in flight on the GPU
             else:
-                images = _generate_once(gen, req, device)
+                images = _generate_once(gen, req, device, max_batch)
         if not torch.isfinite(images).all():  # e.g. overflow in the dtype conversion
             raise GeneratorError("generated images contain NaN/inf after conversion to the source dtype")
     except Exception as exc:  # noqa: BLE001 - isolating generator failures is the point
@@ -312,14 +379,17 @@ def _exit_with_parent(use_pdeathsig: bool) -> None:
 
 def _child_main(
     factory: GeneratorFactory, in_q: Any, out_q: Any, stop: Any, num_threads: int, device_str: str,
-    use_pdeathsig: bool = False,
+    use_pdeathsig: bool = False, memory: Optional[dict[str, Any]] = None,
 ) -> None:
     """Entry point of the worker process: build the generator, then serve requests until stopped.
 
     Every message it sends is small (results travel as shared-memory tensors), so a write to the
     pipe is atomic and a child that dies mid-way never leaves half a message behind. Before each
     request it sends ``("start", ticket)`` so the parent can time the request against its deadline.
+    ``memory``: the worker's ``max_batch``, ``memory_fraction`` (its share of the GPU, set before
+    the generator loads) and ``warmup``.
     """
+    memory = memory or {}
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
     _exit_with_parent(use_pdeathsig)
     torch.set_num_threads(max(1, int(num_threads)))
@@ -327,7 +397,9 @@ def _child_main(
     try:
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)
-        gen = _build_generator(factory, device)
+        if device.type == "cuda" and memory.get("memory_fraction") is not None:
+            torch.cuda.set_per_process_memory_fraction(float(memory["memory_fraction"]), device)
+        gen = _build_generator(factory, device, bool(memory.get("warmup")))
         info = generator_info(gen)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, then this child exits
         out_q.put(("fatal", -1, f"generator factory failed: {type(exc).__name__}: {exc}"[:_ERROR_CHARS]))
@@ -346,7 +418,7 @@ def _child_main(
             break
         ticket, req = _from_wire(msg)
         out_q.put(("start", ticket))
-        outcome = _execute(gen, req, device, None)
+        outcome = _execute(gen, req, device, None, memory.get("max_batch"))
         if outcome.ok:
             out_q.put(("ok", ticket, outcome.images, outcome.seconds, outcome.queue_wait))
         else:
@@ -389,6 +461,14 @@ class GenerationWorker:
             running, the rest waiting in the child's pipe) so it never idles between polls.
         request_timeout: seconds a request may run before it is failed and the worker replaced
             (process: killed; thread: abandoned, see the module docs); ``None``: no deadline.
+        max_batch: at most this many samples per ``generate`` call (a request is split); bounds
+            the generator's memory on either backend. ``None``: whole requests.
+        memory_fraction: process backend on CUDA: the share of the GPU's memory the child may
+            allocate (``torch.cuda.set_per_process_memory_fraction``), so generation cannot take
+            what training needs. The thread backend shares the training process's allocator:
+            use ``max_batch`` there (a ``ValueError`` says so).
+        warmup: call the generator's ``warmup()`` once it is built (kernels load, a compiled
+            denoiser compiles) before the worker reports ready.
     """
 
     def __init__(
@@ -402,6 +482,9 @@ class GenerationWorker:
         name: str = "hardneg-worker",
         max_in_flight: int = 2,
         request_timeout: Optional[float] = None,
+        max_batch: Optional[int] = None,
+        memory_fraction: Optional[float] = None,
+        warmup: bool = True,
     ) -> None:
         if not callable(generator_factory):
             raise TypeError(f"generator_factory must be a zero-argument callable, got {generator_factory!r}")
@@ -417,6 +500,16 @@ class GenerationWorker:
                 request_timeout, (int, float)) or not request_timeout > 0):
             raise ValueError(f"request_timeout must be a number of seconds > 0 or None, got {request_timeout!r}")
         self.request_timeout = None if request_timeout is None else float(request_timeout)
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch must be an integer >= 1 or None, got {max_batch!r}")
+        if memory_fraction is not None:
+            if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, (int, float)) or not (
+                    0.0 < memory_fraction <= 1.0):
+                raise ValueError(f"memory_fraction must be a number in (0, 1] or None, got {memory_fraction!r}")
+            if backend != "process":
+                raise ValueError("memory_fraction needs backend='process' (the thread backend shares the training "
+                                 "process's GPU memory: bound it with max_batch)")
+        self.memory = {"max_batch": max_batch, "memory_fraction": memory_fraction, "warmup": bool(warmup)}
         self._factory = generator_factory
         self.backend: Backend = backend
         self.queue_size = queue_size
@@ -686,7 +779,7 @@ class GenerationWorker:
             target=_child_main,
             args=(
                 self._factory, self._in_q, self._out_q, self._proc_stop, self.num_threads, str(self.device),
-                threading.current_thread() is threading.main_thread(),
+                threading.current_thread() is threading.main_thread(), self.memory,
             ),
             name=f"{self.name}-{self._launches}",
             daemon=True,
@@ -897,7 +990,7 @@ class GenerationWorker:
         try:
             cuda = self.device.type == "cuda"
             with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
-                gen = _build_generator(self._factory, self.device)
+                gen = _build_generator(self._factory, self.device, self.memory["warmup"])
                 built = True
                 self._generator_info = generator_info(gen)
                 stream = torch.cuda.Stream(device=self.device) if cuda else None
@@ -910,7 +1003,7 @@ class GenerationWorker:
                         ticket, current = self._pending.popleft()
                         self._in_flight[ticket] = current
                         self._running[ticket] = time.monotonic()
-                    outcome = _execute(gen, current, self.device, stream)
+                    outcome = _execute(gen, current, self.device, stream, self.memory["max_batch"])
                     with self._lock:
                         if self._in_flight.pop(ticket, None) is not None and not stop.is_set():
                             self._running.pop(ticket, None)

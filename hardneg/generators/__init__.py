@@ -52,7 +52,8 @@ def load_generator(name: str, path: Optional[str] = None, **kwargs: Any) -> Gene
 
     ``"class-conditional"``: :meth:`ClassConditionalGenerator.load(path, **kwargs)
     <hardneg.generators.class_conditional.ClassConditionalGenerator.load>`; ``path=None`` loads the
-    digits generator shipped with hardneg; it also takes ``compile`` (``torch.compile`` the UNet),
+    digits generator shipped with hardneg; it also takes ``compile`` (``torch.compile`` the UNet:
+    True or a backend; :meth:`~hardneg.generators.class_conditional.ClassConditionalGenerator.compile`),
     ``max_batch_size`` (samples per UNet call) and ``dtype`` (float32 only). ``"stable-diffusion"``:
     ``StableDiffusionGenerator.from_pretrained(path, **kwargs)`` (a local folder or hub id).
     The returned generator's ``source_path`` is the folder or id it came from.
@@ -73,7 +74,7 @@ def load_generator(name: str, path: Optional[str] = None, **kwargs: Any) -> Gene
         if max_batch is not None:
             gen.max_batch = int(max_batch)
         if compile_:
-            gen.unet.compile()
+            gen.compile(compile_)  # lazily, where it runs: the worker (warmup at its start)
         gen.source_path = str(folder)
         return gen
     if name == "stable-diffusion":

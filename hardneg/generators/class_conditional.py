@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hardneg._optional import require
+from hardneg.generators.compiled import CompiledDenoiser, CompileSpec, compile_backend
 from hardneg.generators.base import (
     GeneratorError,
     Ratios,
@@ -200,6 +201,7 @@ class ClassConditionalGenerator:
         self.unet.eval()
         self.max_batch = 256  # samples per UNet call; bounds memory of large generate calls
         self.training_info: dict[str, Any] = {}
+        self._denoiser: Optional[CompiledDenoiser] = None  # set by compile()
 
     # ---------------------------------------------------------------- construction helpers
     @classmethod
@@ -219,6 +221,32 @@ class ClassConditionalGenerator:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    def compile(self, backend: CompileSpec = True, batch: int = 32) -> "ClassConditionalGenerator":
+        """``torch.compile`` the UNet for sampling, fed ``batch`` rows per call; returns ``self``.
+
+        Compiled lazily where it first runs (the worker; :meth:`warmup` at its start); calls are
+        split / padded to ``batch`` rows (conditional and null rows of guidance counted), so the
+        changing number of active samples never recompiles (:mod:`hardneg.generators.compiled`).
+        Training (:meth:`fit`) keeps the plain module. ``backend=False`` undoes it.
+        """
+        spec = compile_backend(backend)
+        self._denoiser = None if spec is None else CompiledDenoiser(self.unet, spec, batch)
+        return self
+
+    @property
+    def compiles(self) -> Optional[int]:
+        """Graphs compiled for the UNet in this process (None when not compiled)."""
+        return None if self._denoiser is None else self._denoiser.compiles
+
+    def warmup(self) -> None:
+        """One sample through one denoising step (the worker calls it at start; compiles when compiled)."""
+        r = max(1, int(self.inference_timesteps().min())) / self.config.num_train_timesteps
+        s = self.config.image_size
+        lo, hi = self.config.data_range
+        x = torch.full((1, self.config.in_channels, s, s), 0.5 * (lo + hi), device=self.device)
+        label = torch.zeros(1, dtype=torch.long)
+        self.generate(x, label, label, min(1.0, r), seed=0)
 
     def num_parameters(self) -> int:
         """Trainable parameters of the UNet (the VAE, if any, is frozen and not counted)."""
@@ -330,10 +358,11 @@ class ClassConditionalGenerator:
         """Classifier-free guided noise prediction; one UNet call (conditional and null batched)."""
         scale = self.config.guidance_scale
         tt = torch.full((z.shape[0],), int(t), device=z.device, dtype=torch.long)
+        unet = self._denoiser or self.unet
         if scale == 1.0:
-            return self.unet(z, tt, class_labels=labels).sample
+            return unet(z, tt, class_labels=labels).sample
         null = torch.full_like(labels, self.config.num_classes)
-        eps = self.unet(torch.cat([z, z]), torch.cat([tt, tt]), class_labels=torch.cat([labels, null])).sample
+        eps = unet(torch.cat([z, z]), torch.cat([tt, tt]), class_labels=torch.cat([labels, null])).sample
         eps_cond, eps_null = eps.chunk(2)
         return eps_null + scale * (eps_cond - eps_null)
 

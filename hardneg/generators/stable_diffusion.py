@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hardneg._optional import require
+from hardneg.generators.compiled import CompiledDenoiser, CompileSpec, compile_backend
 from hardneg.generators.base import (
     GeneratorError,
     Ratios,
@@ -83,6 +84,9 @@ Prompts = Union[Sequence[str], Mapping[Union[int, str], str], None]
 
 # Tolerance for T * r landing a hair below an integer (e.g. 1000 * 0.29 = 289.99999999999994).
 _EPS = 1e-6
+# Samples per UNet call and per VAE slice when max_batch_size is None: bounds the worker's memory
+# whatever the request size (activations grow with the batch, the VAE decoder's most at 512 px).
+DEFAULT_MAX_BATCH = 8
 # ITU-R BT.601 luma weights, used to turn generated RGB into 1-channel images.
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -128,11 +132,18 @@ class StableDiffusionGenerator:
         scheduler: one of :data:`SCHEDULERS` (built from the checkpoint's scheduler config) or
             None to keep the pipeline's own scheduler type.
         device, dtype: where / in which precision to run; None keeps the pipeline's.
-        compile: ``torch.compile`` the UNet in place.
+        compile: ``torch.compile`` the UNet (True: inductor; or a backend name / callable). It is
+            compiled lazily where it first runs (the worker; :meth:`warmup` at worker start) and
+            always fed ``max_batch_size`` samples per call (a short group is padded), so changing
+            batches never recompile (:mod:`hardneg.generators.compiled`); a copy or pickle of the
+            generator keeps the setting and compiles again where it runs.
         resolution: model input size (int or (h, w)); default ``unet.sample_size * vae scale``.
         value_range: (low, high) of the training data's pixel values; sources are mapped from
             it and results back to it.
-        max_batch_size: at most this many samples per UNet batch (before CFG doubling).
+        max_batch_size: at most this many samples per UNet batch (before CFG doubling) and per
+            VAE encode / decode slice; None: :data:`DEFAULT_MAX_BATCH`. Bounds the worker's memory
+            whatever the request size (a 64-image request at 512 px decoded at once would need
+            several GB).
     """
 
     def __init__(
@@ -146,7 +157,7 @@ class StableDiffusionGenerator:
         scheduler: Optional[str] = None,
         device: Union[str, torch.device, None] = None,
         dtype: DType = None,
-        compile: bool = False,
+        compile: CompileSpec = False,
         resolution: Resolution = None,
         value_range: tuple[float, float] = (0.0, 1.0),
         max_batch_size: Optional[int] = None,
@@ -184,8 +195,9 @@ class StableDiffusionGenerator:
             raise ValueError(f"value_range must be (low, high) with low < high, got {value_range!r}")
         self.guidance_scale = float(guidance_scale)
         self.num_inference_steps = num_inference_steps
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = DEFAULT_MAX_BATCH if max_batch_size is None else max_batch_size
         self.value_range = (lo, hi)
+        backend = compile_backend(compile)
 
         if device is not None:
             pipeline.to(torch.device(device))
@@ -221,8 +233,10 @@ class StableDiffusionGenerator:
         self._sdxl = getattr(pipeline.unet.config, "addition_embed_type", None) == "text_time"
         if self._sdxl and "added_cond_kwargs" not in unet_params:  # pragma: no cover - defensive
             raise ValueError("the UNet expects added conditioning but takes no added_cond_kwargs")
-        if compile:
-            pipeline.unet.compile()
+        self._denoiser: Optional[CompiledDenoiser] = None
+        if backend is not None:  # rows per UNet call: the batch, doubled by classifier-free guidance
+            rows = self.max_batch_size * (2 if self.guidance_scale > 1.0 else 1)
+            self._denoiser = CompiledDenoiser(pipeline.unet, backend, rows)
 
     # ------------------------------------------------------------------------------------
     @classmethod
@@ -237,7 +251,7 @@ class StableDiffusionGenerator:
         scheduler: Optional[str] = "dpm++",
         dtype: DType = None,
         device: Union[str, torch.device, None] = None,
-        compile: bool = False,
+        compile: CompileSpec = False,
         resolution: Resolution = None,
         value_range: tuple[float, float] = (0.0, 1.0),
         max_batch_size: Optional[int] = None,
@@ -313,6 +327,23 @@ class StableDiffusionGenerator:
         """The UNet's precision."""
         return self.pipeline.unet.dtype
 
+    @property
+    def compiles(self) -> Optional[int]:
+        """Graphs compiled for the UNet in this process (None when not compiled); see ``compile``."""
+        return None if self._denoiser is None else self._denoiser.compiles
+
+    def warmup(self) -> None:
+        """One sample through one denoising step: loads kernels and, with ``compile``, compiles the UNet.
+
+        The worker calls it once when it starts, so the first request does not pay for it.
+        """
+        scheduler = self._new_scheduler()
+        r = max(1, int(scheduler.timesteps.min())) / self.num_train_timesteps  # keeps exactly one step
+        h, w = self.resolution
+        x = torch.full((1, 3, h, w), 0.5 * (self.value_range[0] + self.value_range[1]), device=self.device)
+        label = torch.zeros(1, dtype=torch.long)
+        self.generate(x, label, label, min(1.0, r), seed=0)
+
     def timesteps_for_ratio(self, r: float) -> list[int]:
         """The denoising timesteps a noise ratio ``r`` runs: the schedule's t with ``t <= T * r``.
 
@@ -364,7 +395,7 @@ class StableDiffusionGenerator:
             out = torch.empty_like(latents0)
             for key in sorted(set(keys), reverse=True):  # cheapest group first
                 idx = torch.tensor([i for i, k in enumerate(keys) if k == key])
-                for chunk in idx.split(self.max_batch_size or len(idx)):
+                for chunk in idx.split(self.max_batch_size):
                     sel = chunk.to(self.device)
                     part = {k: v[sel] for k, v in cond.items()}
                     out[sel] = self._denoise(latents0[sel], noise[sel], part, key[0], key[1], gen)
@@ -377,9 +408,9 @@ class StableDiffusionGenerator:
 
     def _chunked(self, fn: Any, x: Tensor) -> Tensor:
         """Apply ``fn`` (VAE encode / decode) in slices of at most ``max_batch_size``."""
-        if self.max_batch_size is None or len(x) <= self.max_batch_size:
+        if len(x) <= self.max_batch_size:
             return fn(x)
-        return torch.cat([fn(part) for part in x.split(self.max_batch_size)])
+        return torch.cat([fn(part) for part in x.split(self.max_batch_size)])  # VAE slicing
 
     # --- the GeNIe edit -------------------------------------------------------------------
     def _new_scheduler(self) -> Any:
@@ -441,7 +472,7 @@ class StableDiffusionGenerator:
             kwargs: dict[str, Any] = {"encoder_hidden_states": text, "return_dict": False}
             if added is not None:
                 kwargs["added_cond_kwargs"] = added
-            pred = unet(model_in, t, **kwargs)[0]
+            pred = (self._denoiser or unet)(model_in, t, **kwargs)[0]
             if do_cfg:
                 uncond_pred, cond_pred = pred.chunk(2)
                 pred = uncond_pred + self.guidance_scale * (cond_pred - uncond_pred)
