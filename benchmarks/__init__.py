@@ -31,7 +31,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-BENCHMARKS = ("overhead", "bank", "generator", "accuracy", "metric-recall", "fake-to-real")
+BENCHMARKS = ("overhead", "bank", "generator", "accuracy", "metric-recall", "fake-to-real", "gpu")
 
 
 def module_name(name: str) -> str:

@@ -44,7 +44,7 @@ def test_bench_command_lists_every_benchmark():
     for name in BENCHMARKS:
         args = parser.parse_args(["bench", name, "--quick", "--out", "x"])
         assert args.bench == name and args.quick and args.out == "x"
-    assert set(BENCHMARKS) == {"overhead", "bank", "generator", "accuracy", "metric-recall", "fake-to-real"}
+    assert set(BENCHMARKS) == {"overhead", "bank", "generator", "accuracy", "metric-recall", "fake-to-real", "gpu"}
 
 
 def test_bank_quick(tmp_path):
@@ -340,3 +340,44 @@ def test_metric_recall_and_fake_to_real_follow_the_convention(tmp_path):
     assert set(data["summary"]) == {"erm", "two-stage"}
     assert data["summary"]["erm"]["worst_group_minus_erm"] == 0.0
     assert all(0.0 <= e["worst_group"] <= e["accuracy"] + 1e-9 <= 1.0 + 1e-9 for e in data["summary"].values())
+
+
+def test_gpu_check_runs_on_the_cpu_and_passes_what_it_can(tmp_path):
+    """`hardneg bench gpu --device cpu --quick`: every section runs tiny and passes; CUDA-only ones say why not."""
+    data = _run_cli(["bench", "gpu", "--device", "cpu", "--quick", "--out", str(tmp_path)])
+    from benchmarks.gpu_bench import SECTIONS
+
+    assert list(data["sections"]) == [s.name for s in SECTIONS]
+    for name, rec in data["sections"].items():
+        assert rec["status"] in ("PASS", "SLOW", "SKIP"), (name, rec.get("error"), rec.get("traceback"))
+        if rec["status"] == "SKIP":
+            assert "CUDA" in rec["reason"], (name, rec["reason"])  # only what needs a GPU is skipped
+        else:
+            assert all(rec["checks"].values()) and rec["seconds"] >= 0
+    assert data["sections"]["faiss_1m"]["status"] == "SKIP"
+    assert data["sections"]["sd_tiny"]["metrics"]["compile"]["recompiles"] == 0
+    assert data["exit_code"] == 0 and data["counts"]["FAIL"] == 0 and data["device"] == "cpu"
+
+
+def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path, monkeypatch):
+    """One section raising (or failing a check) is a FAIL with its error; the others still run; exit code 1."""
+    from benchmarks import gpu_bench as G
+
+    def broken(ctx):
+        raise RuntimeError("deliberate")
+
+    sections = tuple(G.Section(s.name, broken if s.name == "bank" else s.fn, s.budget_s, s.quick_budget_s)
+                     for s in G.SECTIONS)
+    sections += (G.Section("wrong", lambda ctx: {"checks": {"a check": False}}, 1, 1),)
+    monkeypatch.setattr(G, "SECTIONS", sections)
+    parser = build_parser()
+    args = parser.parse_args(["bench", "gpu", "--device", "cpu", "--quick", "--sections", "environment,bank,engine_sync,wrong",
+                              "--out", str(tmp_path)])
+    assert args.func(args) == 1
+    data = json.loads((tmp_path / "results.json").read_text())
+    secs = data["sections"]
+    assert secs["bank"]["status"] == "FAIL" and "deliberate" in secs["bank"]["error"]
+    assert secs["environment"]["status"] == "PASS" and secs["engine_sync"]["status"] in ("PASS", "SLOW")
+    assert secs["engine_loop"]["status"] == "SKIP" and "not selected" in secs["engine_loop"]["reason"]
+    assert secs["wrong"]["status"] == "FAIL" and "a check" in secs["wrong"]["error"]
+    assert data["counts"]["FAIL"] == 2 and data["exit_code"] == 1
