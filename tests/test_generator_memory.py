@@ -242,3 +242,16 @@ def test_stable_diffusion_caps_unet_and_vae_batches_by_default(tmp_path, monkeyp
         handle.remove()
     assert seen["encode"] == [8, 2] and seen["decode"] == [8, 2]
     assert max(seen["unet"]) == 2 * 8  # 8 samples, doubled by classifier-free guidance
+
+
+def test_a_compiled_denoiser_still_pickles_after_lightning_is_imported():
+    """Lightning records torch.compile's arguments on the module: the backend must pickle (process worker)."""
+    pytest.importorskip("lightning")
+    import lightning  # noqa: F401  (its import patches torch.compile)
+
+    module = nn.Conv2d(2, 2, 3)
+    den = CompiledDenoiser(module, "eager", batch=4)
+    den(torch.randn(3, 2, 5, 5))
+    assert den.compiles >= 1
+    back = pickle.loads(pickle.dumps(den))
+    assert back.compiles == 0 and back(torch.randn(2, 2, 5, 5)).shape == (2, 2, 3, 3)

@@ -57,28 +57,22 @@ class CompiledDenoiser:
         self.module = module
         self.backend = backend
         self.batch = batch
-        self.compiles = 0
+        self._counter: Optional[_CountingBackend] = None
         self._compiled: Optional[Callable[..., Any]] = None
+
+    @property
+    def compiles(self) -> int:
+        return 0 if self._counter is None else self._counter.calls
 
     def __getstate__(self) -> dict[str, Any]:  # pickles / deep-copies without the compiled code
         state = dict(self.__dict__)
-        state["_compiled"] = None
-        state["compiles"] = 0
+        state["_compiled"] = state["_counter"] = None
         return state
 
     def _fn(self) -> Callable[..., Any]:
         if self._compiled is None:
-            real = self.backend
-            if isinstance(real, str):
-                from torch._dynamo import lookup_backend
-
-                real = lookup_backend(real)
-
-            def counted(gm: Any, example_inputs: Any, **kw: Any) -> Any:
-                self.compiles += 1
-                return real(gm, example_inputs, **kw)
-
-            self._compiled = torch.compile(self.module, backend=counted, dynamic=False)
+            self._counter = _CountingBackend(self.backend)
+            self._compiled = torch.compile(self.module, backend=self._counter, dynamic=False)
         return self._compiled
 
     def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -90,6 +84,30 @@ class CompiledDenoiser:
             cut = (lambda v: _rows(v, n, start, stop, self.batch))
             outs.append(fn(cut(x), *[cut(a) for a in args], **{k: cut(v) for k, v in kwargs.items()}))
         return _merge(outs, n)
+
+
+class _CountingBackend:
+    """A ``torch.compile`` backend counting the graphs it compiles, then handing them to ``backend``.
+
+    A module-level class, not a closure: some libraries (Lightning) record the compile arguments
+    on the module, which must still pickle (the process worker sends the generator to its child).
+    """
+
+    def __init__(self, backend: Union[str, Callable[..., Any]]) -> None:
+        self.backend = backend
+        self.calls = 0
+
+    def __call__(self, gm: Any, example_inputs: Any, **kw: Any) -> Any:
+        self.calls += 1
+        real = self.backend
+        if isinstance(real, str):
+            from torch._dynamo import lookup_backend
+
+            real = lookup_backend(real)
+        return real(gm, example_inputs, **kw)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"backend": self.backend, "calls": 0}
 
 
 def _rows(value: Any, n: int, start: int, stop: int, batch: int) -> Any:
