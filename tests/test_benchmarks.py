@@ -369,9 +369,15 @@ def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path, monkeypatch):
     sections = tuple(G.Section(s.name, broken if s.name == "bank" else s.fn, s.budget_s, s.quick_budget_s)
                      for s in G.SECTIONS)
     sections += (G.Section("wrong", lambda ctx: {"checks": {"a check": False}}, 1, 1),)
+
+    def peek(ctx):  # results.json on disk already holds every section that ran before this one
+        on_disk = json.loads((tmp_path / "results.json").read_text())["sections"]
+        return {"checks": {"written after each section": {"environment", "bank", "wrong"} <= set(on_disk)}}
+
+    sections += (G.Section("peek", peek, 5, 5),)
     monkeypatch.setattr(G, "SECTIONS", sections)
     parser = build_parser()
-    args = parser.parse_args(["bench", "gpu", "--device", "cpu", "--quick", "--sections", "environment,bank,engine_sync,wrong",
+    args = parser.parse_args(["bench", "gpu", "--device", "cpu", "--quick", "--sections", "environment,bank,engine_sync,wrong,peek",
                               "--out", str(tmp_path)])
     assert args.func(args) == 1
     data = json.loads((tmp_path / "results.json").read_text())
@@ -380,4 +386,5 @@ def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path, monkeypatch):
     assert secs["environment"]["status"] == "PASS" and secs["engine_sync"]["status"] in ("PASS", "SLOW")
     assert secs["engine_loop"]["status"] == "SKIP" and "not selected" in secs["engine_loop"]["reason"]
     assert secs["wrong"]["status"] == "FAIL" and "a check" in secs["wrong"]["error"]
+    assert secs["peek"]["status"] == "PASS"
     assert data["counts"]["FAIL"] == 2 and data["exit_code"] == 1
