@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import statistics
@@ -836,8 +835,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 main = C.build_main(__name__)
-
-
-def summary_line(results: dict[str, Any]) -> str:
-    """``name STATUS`` for every section (what a report quotes)."""
-    return json.dumps({k: v["status"] for k, v in results["sections"].items()})
