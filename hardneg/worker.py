@@ -74,8 +74,8 @@ class ObjectFactory:
     silently dropped a ``torch.compile``. What is done instead:
 
     * thread backend: the worker's first build returns the object itself, so the worker thread
-      owns it from then on (do not call it from another thread while the engine runs; pass a
-      factory to keep yours apart). A rebuild after a restart returns a deep copy, because the
+      owns it from then on (it is moved to the worker's device and warmed up; do not call it from
+      another thread while the engine runs; pass a factory to keep yours apart). A rebuild after a restart returns a deep copy, because the
       old thread may still hold the object (a hung, abandoned thread).
     * process backend: the factory is pickled to the child (``spawn``), which builds from its
       unpickled copy; the object in the training process is never run by the worker.
