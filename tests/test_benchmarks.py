@@ -388,3 +388,27 @@ def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path, monkeypatch):
     assert secs["wrong"]["status"] == "FAIL" and "a check" in secs["wrong"]["error"]
     assert secs["peek"]["status"] == "PASS"
     assert data["counts"]["FAIL"] == 2 and data["exit_code"] == 1
+
+
+def test_gpu_check_counts_only_this_threads_synchronising_calls(monkeypatch):
+    """The sync counter of the engine section: sync warnings of this thread, none of the worker thread's."""
+    import threading
+    import warnings
+
+    import torch
+
+    from benchmarks import gpu_bench as G
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: modes.append(mode))
+    counts: dict = {}
+    with G._count_syncs(counts, "mix", enabled=True):
+        warnings.warn("called a synchronizing CUDA operation")
+        worker = threading.Thread(target=lambda: warnings.warn("called a synchronizing CUDA operation"))
+        worker.start()
+        worker.join()
+        warnings.warn("called a synchronizing CUDA operation")
+    assert counts == {"mix": 2} and modes == ["warn", 0]
+    with G._count_syncs(counts, "mix", enabled=False):
+        warnings.warn("called a synchronizing CUDA operation")
+    assert counts == {"mix": 2}
