@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -306,3 +306,42 @@ def describe_pairs(pairs: list[PairScore], class_names: Optional[list[str]] = No
     """One line like ``3->8 0.214, 9->4 0.120`` for logs and the demo's epoch print."""
     name = (lambda c: class_names[c]) if class_names else str
     return ", ".join(f"{name(p.a)}->{name(p.b)} {p.score:.3f}" for p in pairs) or "(none yet)"
+
+
+# ---------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class ConfusionOptions:
+    """Confusion mining's settings (``HardNegConfig`` fields of the same names; ``confusion_options``)."""
+
+    knn_k: int = 10
+    # steps between confusion refreshes (and generation requests); "auto": a quarter epoch, at most 50
+    refresh_every: Union[int, Literal["auto"]] = "auto"
+    confusion_ema: float = 0.5  # weight of the newest refresh in the exponential moving average
+    logit_weight: float = 0.5  # share of softmax confusion vs kNN disagreement in the score
+    top_pairs: int = 5
+    sources_per_pair: int = 16
+    min_pair_score: float = 0.0  # pairs scoring at or below this are never targeted
+    refresh_queries: int = 4096  # cap on bank samples used as kNN queries per refresh (stratified)
+    async_refresh: bool = True  # mine confusion on a background thread, off the training step
+    refresh_threads: int = 1  # FAISS (OpenMP) threads of the background refresh; 0 = FAISS's default (all cores)
+
+    def __post_init__(self) -> None:
+        from hardneg._checks import ConfigError, in_range, int_at_least
+
+        int_at_least(self, "knn_k", 1)
+        if self.refresh_every != "auto":
+            if isinstance(self.refresh_every, str):
+                raise ConfigError(f"refresh_every must be 'auto' or an integer >= 1, got {self.refresh_every!r}")
+            int_at_least(self, "refresh_every", 1)
+        in_range(self, "confusion_ema", 0.0, 1.0, low_open=True)
+        in_range(self, "logit_weight", 0.0, 1.0)
+        int_at_least(self, "top_pairs", 1)
+        int_at_least(self, "sources_per_pair", 1)
+        in_range(self, "min_pair_score", 0.0, 1.0)
+        int_at_least(self, "refresh_queries", 1)
+        int_at_least(self, "refresh_threads", 0)
+
+    def make_graph(self, num_classes: int, seed: int = 0) -> ConfusionGraph:
+        """An empty :class:`ConfusionGraph` with these settings."""
+        return ConfusionGraph(num_classes, self.knn_k, self.confusion_ema, self.logit_weight, self.sources_per_pair,
+                              max_queries=self.refresh_queries, seed=seed)

@@ -57,7 +57,7 @@ from hardneg.labels import (balanced_posterior, filter_by_posterior, restricted_
 from hardneg.items import item_image, item_label
 from hardneg.mixing import MixedBatch, mix_batch
 from hardneg.requests import RequestBuilder
-from hardneg.targeting import PlannedPair, make_policy
+from hardneg.targeting import BankView, PlannedPair, PolicyContext, make_policy
 from hardneg.teacher import Teacher, output_logits
 from hardneg.validation import (HardNegError, check_mix_shape, labels_as_ids, validate_mix_input,
                                 validate_observation, validate_synthetic_pairs)
@@ -128,10 +128,7 @@ class HardNeg:
         self.bank: Optional[EmbeddingBank] = None
         if config.embedding_dim is not None:
             self.bank = self._make_bank(config.embedding_dim)
-        self.confusion = ConfusionGraph(
-            k, config.knn_k, config.confusion_ema, config.logit_weight, config.sources_per_pair,
-            max_queries=config.refresh_queries, seed=config.seed,
-        )
+        self.confusion: ConfusionGraph = config.confusion_options.make_graph(k, seed=config.seed)
         self.curriculum = make_curriculum(config)
         self.targeting = make_policy(config)
         self.buffer = SyntheticBuffer(
@@ -139,7 +136,7 @@ class HardNeg:
             max_uses=config.max_uses, arrival_scores=config.teacher != "none",
         )
         # Sources leave the pipeline's space for the generator's; generated images come back into it.
-        self.value_space = ValueSpace(config.data_mean, config.data_std, config.pixel_range)
+        self.value_space: ValueSpace = config.value_space_options.make()
         # Built before the capture hooks exist (and stripped of any hardneg hooks the model already
         # carries), so the EMA copy's forwards never overwrite the training step's capture.
         self.teacher: Optional[Teacher] = self._make_teacher(model, teacher_model)
@@ -316,7 +313,7 @@ class HardNeg:
         if self.worker is not None and not self.worker.failed:
             if self.config.deterministic:
                 self.wait_for_generation()
-            self._request_generation(self.targeting.plan(self, self.config.images_per_refresh))
+            self._request_generation(self.targeting.plan(self.policy_context(), self.config.images_per_refresh))
         return list(self._pairs)
 
     def _start_background_refresh(self) -> None:
@@ -378,6 +375,17 @@ class HardNeg:
             if self.worker is None or self.worker.failed or time.monotonic() >= deadline:
                 return False
             time.sleep(0.01)
+
+    def policy_context(self) -> PolicyContext:
+        """What the targeting policy reads at a refresh: the mined pairs with scores, class counts, a
+        read-only bank view and the pairs' boundary sources (no engine: :class:`PolicyContext`)."""
+        bank, graph = self.bank, self.confusion
+        return PolicyContext(
+            num_classes=self.config.num_classes, pairs=tuple(self.confusions()),
+            class_counts=bank.class_counts() if bank is not None else np.zeros(self.config.num_classes, np.int64),
+            bank=BankView(bank) if bank is not None else None,
+            sources=lambda pair, n=None: graph.sources_of(*pair)[:n], sources_per_pair=self.config.sources_per_pair,
+        )
 
     def known_samples(self) -> tuple[np.ndarray, np.ndarray]:
         """(sample ids, labels) of every sample in the bank, for targeting policies."""
@@ -778,7 +786,7 @@ class HardNeg:
         c = self.config
         if c.embedding_dim is not None and dim != c.embedding_dim:
             raise HardNegError(f"embeddings have dimension {dim}, config.embedding_dim is {c.embedding_dim}")
-        return EmbeddingBank(dim, c.num_classes, c.metric, c.index, c.ivf_threshold, c.nprobe, c.use_gpu_index)
+        return c.bank_options.make_bank(dim, c.num_classes)
 
     def _generator_space(self, images: Tensor, ids: Sequence[int]) -> Tensor:
         """Dataset (pipeline-space) images -> the generator's pixels; a clear error when out of range."""

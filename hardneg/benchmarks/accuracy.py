@@ -106,7 +106,7 @@ METHODS: dict[str, Method] = {
     "hardneg-ada": Method("(n) hardneg: GeNIe-Ada r (5 generations per kept image)", kind="engine",
                           engine={"curriculum": "ada"}),
     "hardneg-as-mined": Method("(o) hardneg: pairs as mined (no turn towards the rarer class)", kind="engine",
-                               engine={"extra": {"confusion_direction": "as-mined"}}, regimes=("long-tail",)),
+                               engine={"confusion_direction": "as-mined"}, regimes=("long-tail",)),
     "long-tail": Method("(p) base + long-tail targeting (head -> tail, r 0.7)", kind="engine",
                         engine={"policy": "long-tail"}, regimes=("long-tail",)),
     "long-tail-fusion": Method("(q) base + long-tail targeting + CAM fusion (r 0.3)", kind="engine",
@@ -556,7 +556,7 @@ def _engine_config(method: Method, s: dict[str, Any], seed: int, k: int, images:
         if policy == "long-tail-fusion":
             common["worker_backend"] = "thread"  # the fusion generator holds the CAM classifier
         return HardNegConfig(num_classes=k, targeting="long-tail", sources_per_pair=24, synthetic_fraction=0.25,
-                             curriculum="constant", r_start=ratio, extra={"long_tail_ratio": ratio},
+                             curriculum="constant", r_start=ratio, long_tail_ratio=ratio,
                              label_mode="hard", **common)  # as published: labelled as the tail class
     r_min = s["hardneg_r_min"]
     hardneg: dict[str, Any] = dict(HARDNEG_COMMON, r_start=max(0.7, r_min), r_end=max(0.4, r_min), r_min=r_min,
