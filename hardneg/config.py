@@ -137,6 +137,9 @@ class HardNegConfig:
     knn_k: int = 10
     # steps between confusion refreshes (and generation requests); "auto": a quarter epoch, at most 50
     refresh_every: Union[int, Literal["auto"]] = "auto"
+    # refresh after exactly these observed steps instead (a fixed schedule, e.g. equal-budget comparisons);
+    # with deterministic=True each such refresh waits for the images it requested, trained on from the next step
+    refresh_at: Optional[tuple[int, ...]] = None
     confusion_ema: float = 0.5  # weight of the newest refresh in the exponential moving average
     logit_weight: float = 0.5  # share of softmax confusion vs kNN disagreement in the score
     top_pairs: int = 5
@@ -353,6 +356,7 @@ class HardNegConfig:
         d["ada_grid"] = list(self.ada_grid)
         d["difficulty_band"] = list(self.difficulty_band)
         d["pixel_range"] = list(self.pixel_range)
+        d["refresh_at"] = list(self.refresh_at) if self.refresh_at is not None else None
         for key in ("data_mean", "data_std"):
             d[key] = list(d[key]) if d[key] is not None else None
         return d
@@ -378,8 +382,8 @@ class HardNegConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown HardNegConfig field(s): {unknown}; known: {sorted(names)}")
-        for key in ("step_milestones", "ada_grid", "difficulty_band"):
-            if key in d:
+        for key in ("step_milestones", "ada_grid", "difficulty_band", "refresh_at"):
+            if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**d)
 

@@ -316,6 +316,8 @@ class ConfusionOptions:
     knn_k: int = 10
     # steps between confusion refreshes (and generation requests); "auto": a quarter epoch, at most 50
     refresh_every: Union[int, Literal["auto"]] = "auto"
+    # refresh after exactly these observed steps instead of every refresh_every (a fixed schedule)
+    refresh_at: Optional[tuple[int, ...]] = None
     confusion_ema: float = 0.5  # weight of the newest refresh in the exponential moving average
     logit_weight: float = 0.5  # share of softmax confusion vs kNN disagreement in the score
     top_pairs: int = 5
@@ -326,13 +328,19 @@ class ConfusionOptions:
     refresh_threads: int = 1  # FAISS (OpenMP) threads of the background refresh; 0 = FAISS's default (all cores)
 
     def __post_init__(self) -> None:
-        from hardneg._checks import ConfigError, in_range, int_at_least
+        from hardneg._checks import ConfigError, in_range, int_at_least, set_field
 
         int_at_least(self, "knn_k", 1)
         if self.refresh_every != "auto":
             if isinstance(self.refresh_every, str):
                 raise ConfigError(f"refresh_every must be 'auto' or an integer >= 1, got {self.refresh_every!r}")
             int_at_least(self, "refresh_every", 1)
+        if self.refresh_at is not None:
+            steps = self.refresh_at
+            if (not isinstance(steps, (list, tuple, set, frozenset)) or not steps
+                    or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in steps)):
+                raise ConfigError(f"refresh_at must be None or a non-empty sequence of step numbers >= 1, got {steps!r}")
+            set_field(self, "refresh_at", tuple(sorted(set(steps))))
         in_range(self, "confusion_ema", 0.0, 1.0, low_open=True)
         in_range(self, "logit_weight", 0.0, 1.0)
         int_at_least(self, "top_pairs", 1)

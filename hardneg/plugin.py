@@ -255,7 +255,7 @@ class HardNeg:
         self._captured_embeddings = self._captured_logits = None
         self._last_mix = None
         self.step += 1
-        if self.step % self._refresh_cadence(n_real) == 0:
+        if self._refresh_due(n_real):
             if self.config.async_refresh and not self.config.deterministic:
                 self._start_background_refresh()
             else:
@@ -314,6 +314,8 @@ class HardNeg:
             if self.config.deterministic:
                 self.wait_for_generation()
             self._request_generation(self.targeting.plan(self.policy_context(), self.config.images_per_refresh))
+            if self.config.deterministic and self.config.refresh_at is not None:
+                self.wait_for_generation()  # a fixed schedule has no next boundary soon: hand them over now
         return list(self._pairs)
 
     def _start_background_refresh(self) -> None:
@@ -745,6 +747,13 @@ class HardNeg:
         return self._refresh_every if self._refresh_every is not None else AUTO_REFRESH_MAX
 
     # ================================================================== internals
+    def _refresh_due(self, batch_size: int) -> bool:
+        """Whether the step just observed ends with a refresh: one of ``config.refresh_at``, else every
+        ``refresh_every`` steps."""
+        if self.config.refresh_at is not None:
+            return self.step in self.config.refresh_at
+        return self.step % self._refresh_cadence(batch_size) == 0
+
     def _refresh_cadence(self, batch_size: int) -> int:
         """``config.refresh_every``; ``"auto"`` is resolved once, from the first observed batch size."""
         if isinstance(self.config.refresh_every, int):

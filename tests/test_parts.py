@@ -145,3 +145,30 @@ def test_the_engine_and_genie_ada_pick_the_same_ratio_from_the_same_embeddings()
     torch.testing.assert_close(proj, res.projections)
     assert index.tolist() == [1, 3, 4]
 
+
+
+# --------------------------------------------------------------------------- a fixed refresh schedule
+def test_refresh_at_refreshes_at_exactly_those_steps_and_deterministic_hands_images_over_at_once():
+    from _engine_generators import BlendGenerator
+    from hardneg.config import ConfigError
+
+    data = striped_data(24, 4, 0)
+    model = TinyNet()
+    cfg = HardNegConfig(num_classes=4, refresh_at=[5, 2], deterministic=True, knn_k=4, sources_per_pair=6,
+                        images_per_refresh=8, generation_batch=4, label_mode="hard", seed=0)
+    assert cfg.refresh_at == (2, 5) and HardNegConfig.from_dict(cfg.to_dict()) == cfg
+    refreshed_at, buffered = [], []
+    with HardNeg(cfg, model=model, dataset=data, generator=BlendGenerator()) as engine:
+        loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True,
+                                             generator=torch.Generator().manual_seed(0))
+        for step, (x, y, idx) in zip(range(7), loader):
+            before = engine.stats()["refreshes"]
+            x, y, _ = engine.mix(x, y)
+            engine.observe(labels=y, logits=model(x), ids=idx)
+            if engine.stats()["refreshes"] > before:
+                refreshed_at.append(engine.step)
+                buffered.append(len(engine.buffer))
+    assert refreshed_at == [2, 5]
+    assert buffered[0] == 8  # deterministic: this refresh's images are in the buffer before the next step
+    with pytest.raises(ConfigError, match="refresh_at"):
+        HardNegConfig(num_classes=4, refresh_at=[0])

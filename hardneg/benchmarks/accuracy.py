@@ -235,36 +235,6 @@ def _compose(*transforms: Any) -> Any:
     return transform
 
 
-# ---------------------------------------------------------------------------------- engine with scheduled refreshes
-class ScheduledRefresh:
-    """Wraps a :class:`hardneg.HardNeg` so it refreshes (and requests images) at fixed steps only."""
-
-    def __init__(self, engine: Any, refresh_steps: set[int], wait: bool = False) -> None:
-        self.engine = engine
-        self.refresh_steps = set(refresh_steps)
-        self.wait = wait  # block until each refresh's images are in the buffer (--deterministic)
-
-    def mix(self, x: Any, y: Any) -> Any:
-        return self.engine.mix(x, y)
-
-    @property
-    def last_mix_pairs(self) -> list[tuple[int, int]]:
-        return self.engine.last_mix_pairs
-
-    def observe(self, **kwargs: Any) -> None:
-        self.engine.observe(**kwargs)
-        if self.engine.step in self.refresh_steps:
-            self.engine.refresh()
-            if self.wait:
-                self.engine.wait_for_generation()
-
-    def confusions(self, n: Optional[int] = None) -> Any:
-        return self.engine.confusions(n)
-
-    def stats(self) -> dict[str, Any]:
-        return self.engine.stats()
-
-
 # ---------------------------------------------------------------------------------- settings and data
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     q, digits = args.quick, args.data == "digits"
@@ -662,8 +632,10 @@ def _one_run(key: str, regime: str, seed: int, ctx: dict[str, Any], s: dict[str,
         cfg = _engine_config(method, s, seed, k, images, steps)
         if method.engine.get("policy") == "long-tail-fusion":
             factory = _fusion_generator(factory(), tr, te, seed, s)
+        # refreshes (and requests) at the run's fixed steps, inline; --deterministic: each waits for its images
+        cfg = cfg.replace(refresh_at=tuple(ctx["refresh_steps"]), async_refresh=False)
         engine = HardNeg(cfg, model=model, class_names=tr.class_names, dataset=tr, generator=factory)
-        kw["engine"] = ScheduledRefresh(engine, set(ctx["refresh_steps"]), wait=s["deterministic"])
+        kw["engine"] = engine
     try:
         history = train(model, tr, te, **kw)
         if engine is not None:
