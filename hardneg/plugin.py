@@ -56,20 +56,20 @@ from hardneg.labels import (balanced_posterior, filter_by_posterior, restricted_
                             target_weights)
 from hardneg.items import item_image, item_label
 from hardneg.mixing import MixedBatch, mix_batch
+from hardneg.persistence import STATE_FORMAT, check_state, result_from_state, result_state
 from hardneg.requests import RequestBuilder
 from hardneg.targeting import BankView, PlannedPair, PolicyContext, make_policy
 from hardneg.teacher import Teacher, output_logits
 from hardneg.validation import (HardNegError, check_mix_shape, labels_as_ids, validate_mix_input,
                                 validate_observation, validate_synthetic_pairs)
 from hardneg.value_space import ValueSpace
-from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker
+from hardneg.worker import GenerationResult, GenerationWorker
 
 __all__ = ["GeneratorLike", "HardNeg", "HardNegError", "register_embedding_hook"]
 
 logger = logging.getLogger(__name__)
 
 GeneratorLike = Union[Generator, Callable[[], Generator], None]
-STATE_FORMAT = 1
 
 
 @dataclass
@@ -614,7 +614,7 @@ class HardNeg:
             "counters": dict(self._counters),
             "targeting": self.targeting.state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
-            "held": [_result_state(r) for r in self._held],
+            "held": [result_state(r) for r in self._held],
             "ada_requests": {str(k): list(v) for k, v in self.requests.ada_requests.items()},
             "wall_seconds": wall,
         }
@@ -639,45 +639,9 @@ class HardNeg:
             raise HardNegError(f"the state does not fit this engine ({type(exc).__name__}: {exc}); the engine is "
                                "unchanged") from exc
 
-    _STATE_KEYS = ("format", "config", "class_names", "step", "bank", "confusion", "curriculum", "buffer", "pairs",
-                   "source_cursor", "next_request_id", "counters")
-
     def _check_state(self, state: Any) -> None:
         """Raise :class:`HardNegError` when ``state`` cannot be loaded into this engine (changes nothing)."""
-        if not isinstance(state, dict):
-            raise HardNegError(f"a HardNeg state is a dict (from state_dict()), got {type(state).__name__}")
-        if state.get("format") != STATE_FORMAT:
-            raise HardNegError(f"unknown HardNeg state format {state.get('format')!r} (expected {STATE_FORMAT})")
-        missing = [key for key in self._STATE_KEYS if key not in state]
-        if missing:
-            raise HardNegError(f"the state lacks {missing}: not written by HardNeg.state_dict()")
-        try:
-            saved = HardNegConfig.from_dict(state["config"])
-        except (ValueError, TypeError) as exc:
-            raise HardNegError(f"the state's config is invalid: {exc}") from None
-        if saved.num_classes != self.config.num_classes:
-            raise HardNegError(
-                f"state was saved with num_classes={saved.num_classes}, this engine has {self.config.num_classes}"
-            )
-        bank = state["bank"]
-        if bank is not None:
-            dim = int(bank["dim"])
-            want = self.config.embedding_dim if self.config.embedding_dim is not None else (
-                self.bank.dim if self.bank is not None and len(self.bank) else None)
-            if want is not None and dim != want:
-                raise HardNegError(f"state holds {dim}-dimensional embeddings, this engine's are {want}-dimensional "
-                                   "(config.embedding_dim or its bank): was it saved with another model?")
-            vectors = bank["vectors"]
-            if tuple(vectors.shape[1:]) != (dim,) or len(bank["ids"]) != vectors.shape[0]:
-                raise HardNegError(f"the state's bank is inconsistent: dim {dim}, vectors {tuple(vectors.shape)}, "
-                                   f"{len(bank['ids'])} ids")
-        capacity = int(state["buffer"]["capacity"])
-        if capacity != self.config.buffer_size:
-            raise HardNegError(f"state was saved with buffer_size={capacity}, this engine has "
-                               f"{self.config.buffer_size}: build it with config.replace(buffer_size={capacity})")
-        teacher = state.get("teacher")
-        if self.teacher is not None and teacher is not None and teacher.get("kind") != self.teacher.kind:
-            raise HardNegError(f"state holds a {teacher.get('kind')!r} teacher, this engine's is {self.teacher.kind!r}")
+        check_state(state, self.config, self.bank, self.teacher)
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -696,7 +660,7 @@ class HardNeg:
         self.targeting.load_state_dict(state.get("targeting", {}))
         if self.teacher is not None and state.get("teacher") is not None:
             self.teacher.load_state_dict(state["teacher"])
-        self._held = [_result_from_state(r) for r in state.get("held", [])]
+        self._held = [result_from_state(r) for r in state.get("held", [])]
         self.requests.ada_requests = {int(k): tuple(float(r) for r in v)
                                       for k, v in state.get("ada_requests", {}).items()}
         self._wall_offset = float(state.get("wall_seconds", 0.0))
@@ -952,24 +916,6 @@ class HardNeg:
 
 
 # ---------------------------------------------------------------------- helpers
-def _result_state(result: GenerationResult) -> dict[str, Any]:
-    """A finished result as plain tensors and numbers (part of :meth:`HardNeg.state_dict`)."""
-    r = result.request
-    return {"request_id": r.request_id, "pair": list(r.pair), "source_ids": r.source_ids.clone(),
-            "source_labels": r.source_labels.clone(), "target_labels": r.target_labels.clone(),
-            "ratios": r.ratios.clone(), "step": r.step, "seed": r.seed, "images": result.images.clone(),
-            "seconds": float(result.seconds), "queue_wait": float(result.queue_wait)}
-
-
-def _result_from_state(state: dict[str, Any]) -> GenerationResult:
-    req = GenerationRequest(
-        request_id=state["request_id"], pair=tuple(state["pair"]), source_ids=state["source_ids"], sources=None,
-        source_labels=state["source_labels"], target_labels=state["target_labels"], ratios=state["ratios"],
-        step=state["step"], seed=state["seed"],
-    )
-    return GenerationResult(req, state["images"].to("cpu"), float(state["seconds"]), float(state["queue_wait"]))
-
-
 def _limit_search_threads(threads: int) -> None:
     """Cap FAISS's OpenMP threads for the calling thread only (the refresh thread), so a background
     kNN pass does not take every core from the training step; 0 keeps FAISS's default."""
