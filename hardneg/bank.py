@@ -19,6 +19,9 @@ Why it is built this way:
 * **HNSW** for comparison only: it cannot replace vectors, so a replaced vector marks the graph
   stale and searches fall back to exact until :meth:`EmbeddingBank.rebuild`.
 * **Concurrent reads, one writer**: a readers-writer lock; a search never sees half an upsert.
+
+Serves ``observe`` (``upsert``, O(batch)) and the refresh (kNN search and source scans on the
+refresh thread); read by policies through :class:`hardneg.targeting.BankView`; options: :class:`BankOptions`.
 """
 
 from __future__ import annotations

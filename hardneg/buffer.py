@@ -9,6 +9,9 @@ cares about and fresh samples (a sample's weight halves every ``freshness_half_l
 samples used ``max_uses`` times are only drawn when nothing else is left and are evicted first.
 Everything, images included, is in :meth:`SyntheticBuffer.state_dict`, so a resumed run draws
 exactly what an uninterrupted one would.
+
+Serves arrival (``add``, from :meth:`hardneg.HardNeg.collect`) and ``mix`` (``sample``); options:
+:class:`BufferOptions` (buffer and mixing).
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ low and the label is wrong). A curriculum starts easy and moves towards hard:
 
 Every curriculum keeps a ``history`` of the r it handed out per pair (:meth:`Curriculum.record`)
 for plots (:func:`hardneg.report.plot_ratio_over_time`) and a ``state_dict`` so a resumed run continues exactly.
+
+Serves the refresh (``ratio``/``record``, called by :mod:`hardneg.requests`), ``observe``
+(``feedback``) and arrival (``arrival_feedback``, ``record_choice``). Names: :data:`CURRICULA`, the one
+list (a new curriculum is one class plus one registration); options: :class:`CurriculumOptions`.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ its label is ``w * onehot(B) + (1 - w) * onehot(A)``:
 The same restricted posterior decides the arrival filter: below ``min_target`` the image does not
 look like its label (wrong label), above ``max_target`` it is too easy to teach anything.
 The engine (:mod:`hardneg.plugin`) computes the scores and calls these; nothing here holds state.
+
+Serves arrival (the engine's ``_accept``); options: :class:`LabelOptions`.
 """
 
 from __future__ import annotations

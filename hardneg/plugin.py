@@ -20,6 +20,15 @@ probability of the target are stored with each image (``buffer.provenance()``); 
 posterior may set the image's soft label (``label_mode="teacher"``), drop it
 (``filter_min_target`` / ``filter_max_target``) and steer the ``"band"`` curriculum.
 
+The engine is a thin orchestrator of parts, each in the file of its name: forward hooks
+(:mod:`hardneg.capture`), input checks (:mod:`hardneg.validation`), dataset items
+(:mod:`hardneg.items`), the embedding bank, the confusion graph, targeting (policies read a
+:class:`~hardneg.targeting.PolicyContext`, never the engine) and boundary sources
+(:mod:`hardneg.sources`), plan -> requests (:mod:`hardneg.requests`), the curriculum, the worker,
+GeNIe-Ada's pick (:func:`hardneg.generators.ada.ada_pick`), the label functions and teacher, the
+buffer and mixing, and the saved state (:mod:`hardneg.persistence`). It keeps the training
+events (``mix``, ``observe``), the refresh thread, arrival handling and the stats.
+
 Reproducibility: data order, model init, generation seeds and buffer sampling are seeded, but
 *when* an asynchronous refresh or a generated image becomes available depends on timing. With
 ``deterministic=True`` refreshes run inline and generated images are handed over only at refresh

@@ -12,6 +12,9 @@ mixed into a batch; otherwise the classifier trains on two pixel scales at once,
 know them, so they need not be typed twice::
 
     cfg = HardNegConfig(num_classes=10, **normalization_from(timm.data.resolve_data_config({}, model=model)))
+
+Serves the refresh (sources leave the pipeline's space, :mod:`hardneg.requests`) and arrival
+(generated images come back into it); options: :class:`ValueSpaceOptions`.
 """
 
 from __future__ import annotations
