@@ -10,7 +10,7 @@ targeting policy its own (``ConfusionPolicyOptions``, ``SameClassOptions``, ``Lo
 parts from, and :meth:`HardNegConfig.compose` builds a config from them.
 
 The flat keywords are the documented shorthand and what every script uses:
-``HardNegConfig(num_classes=10, k=..., refresh_every=..., curriculum=...)`` and
+``HardNegConfig(num_classes=10, knn_k=..., refresh_every=..., curriculum=...)`` and
 ``cfg.replace(refresh_every=...)`` set the option of the same name (a policy's options have
 prefixed flat names: ``confusion_direction``, ``min_pair_share``, ``same_class_strength``,
 ``long_tail_head_fraction``, ``long_tail_ratio``, ``long_tail_search_k``), and
@@ -130,7 +130,7 @@ class HardNegConfig:
     embedding_dim: Optional[int] = None  # inferred from the first observed batch when None
     metric: Metric = "cosine"
     index: IndexKind = "auto"
-    ivf_threshold: int = 50_000  # "auto" switches from exact flat to IVF past this many vectors (bank.DEFAULT_IVF_THRESHOLD)
+    ivf_threshold: int = 50_000  # "auto" switches from exact flat to IVF past this many vectors (= bank default)
     nprobe: int = 16
     use_gpu_index: bool = True  # only used when a FAISS GPU build and a GPU are present
     # --- confusion mining -----------------------------------------------------------------

@@ -339,7 +339,8 @@ class ConfusionOptions:
             steps = self.refresh_at
             if (not isinstance(steps, (list, tuple, set, frozenset)) or not steps
                     or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in steps)):
-                raise ConfigError(f"refresh_at must be None or a non-empty sequence of step numbers >= 1, got {steps!r}")
+                raise ConfigError(f"refresh_at must be None or a non-empty sequence of step numbers >= 1, got "
+                                  f"{steps!r}")
             set_field(self, "refresh_at", tuple(sorted(set(steps))))
         in_range(self, "confusion_ema", 0.0, 1.0, low_open=True)
         in_range(self, "logit_weight", 0.0, 1.0)

@@ -291,7 +291,8 @@ class HardNeg:
         k = int(round(self.config.synthetic_fraction * n))
         sample = None
         if k > 0 and len(self.buffer) > 0:
-            check_mix_shape(x, self.buffer.image_shape)  # before the draw: a rejected mix leaves use counts and the RNG alone
+            # before the draw: a rejected mix leaves use counts and the RNG alone
+            check_mix_shape(x, self.buffer.image_shape)
             sample = self.buffer.sample(k, step=self.step, pair_weights=self._pair_weights or None)
         mixed = mix_batch(x, y, sample, mode=self.config.mix_mode, synthetic_weight=self.config.synthetic_weight,
                           num_classes=self.config.num_classes)
