@@ -7,6 +7,9 @@ build the same generator. :func:`generator_info` describes a built generator in 
 dict (the worker sends it back once the generator is loaded) and :func:`check_compatible` compares
 that description with the data and the config, so a generator that cannot serve this data fails
 ``HardNeg(...)`` with how to get a matching one instead of producing wrong images in the background.
+:class:`GenerationOptions` are generation's typed settings (generator and worker), validated when
+a :class:`~hardneg.config.HardNegConfig` is built. Serves engine construction (the worker's factory
+and the fit check) and ``HardNegConfig`` validation.
 """
 
 from __future__ import annotations
