@@ -106,7 +106,7 @@ METHODS: dict[str, Method] = {
     "hardneg-ada": Method("(n) hardneg: GeNIe-Ada r (5 generations per kept image)", kind="engine",
                           engine={"curriculum": "ada"}),
     "hardneg-as-mined": Method("(o) hardneg: pairs as mined (no turn towards the rarer class)", kind="engine",
-                               engine={"extra": {"confusion_direction": "as-mined"}}, regimes=("long-tail",)),
+                               engine={"confusion_direction": "as-mined"}, regimes=("long-tail",)),
     "long-tail": Method("(p) base + long-tail targeting (head -> tail, r 0.7)", kind="engine",
                         engine={"policy": "long-tail"}, regimes=("long-tail",)),
     "long-tail-fusion": Method("(q) base + long-tail targeting + CAM fusion (r 0.3)", kind="engine",
@@ -233,36 +233,6 @@ def _compose(*transforms: Any) -> Any:
         return x, y
 
     return transform
-
-
-# ---------------------------------------------------------------------------------- engine with scheduled refreshes
-class ScheduledRefresh:
-    """Wraps a :class:`hardneg.HardNeg` so it refreshes (and requests images) at fixed steps only."""
-
-    def __init__(self, engine: Any, refresh_steps: set[int], wait: bool = False) -> None:
-        self.engine = engine
-        self.refresh_steps = set(refresh_steps)
-        self.wait = wait  # block until each refresh's images are in the buffer (--deterministic)
-
-    def mix(self, x: Any, y: Any) -> Any:
-        return self.engine.mix(x, y)
-
-    @property
-    def last_mix_pairs(self) -> list[tuple[int, int]]:
-        return self.engine.last_mix_pairs
-
-    def observe(self, **kwargs: Any) -> None:
-        self.engine.observe(**kwargs)
-        if self.engine.step in self.refresh_steps:
-            self.engine.refresh()
-            if self.wait:
-                self.engine.wait_for_generation()
-
-    def confusions(self, n: Optional[int] = None) -> Any:
-        return self.engine.confusions(n)
-
-    def stats(self) -> dict[str, Any]:
-        return self.engine.stats()
 
 
 # ---------------------------------------------------------------------------------- settings and data
@@ -556,7 +526,7 @@ def _engine_config(method: Method, s: dict[str, Any], seed: int, k: int, images:
         if policy == "long-tail-fusion":
             common["worker_backend"] = "thread"  # the fusion generator holds the CAM classifier
         return HardNegConfig(num_classes=k, targeting="long-tail", sources_per_pair=24, synthetic_fraction=0.25,
-                             curriculum="constant", r_start=ratio, extra={"long_tail_ratio": ratio},
+                             curriculum="constant", r_start=ratio, long_tail_ratio=ratio,
                              label_mode="hard", **common)  # as published: labelled as the tail class
     r_min = s["hardneg_r_min"]
     hardneg: dict[str, Any] = dict(HARDNEG_COMMON, r_start=max(0.7, r_min), r_end=max(0.4, r_min), r_min=r_min,
@@ -662,8 +632,10 @@ def _one_run(key: str, regime: str, seed: int, ctx: dict[str, Any], s: dict[str,
         cfg = _engine_config(method, s, seed, k, images, steps)
         if method.engine.get("policy") == "long-tail-fusion":
             factory = _fusion_generator(factory(), tr, te, seed, s)
+        # refreshes (and requests) at the run's fixed steps, inline; --deterministic: each waits for its images
+        cfg = cfg.replace(refresh_at=tuple(ctx["refresh_steps"]), async_refresh=False)
         engine = HardNeg(cfg, model=model, class_names=tr.class_names, dataset=tr, generator=factory)
-        kw["engine"] = ScheduledRefresh(engine, set(ctx["refresh_steps"]), wait=s["deterministic"])
+        kw["engine"] = engine
     try:
         history = train(model, tr, te, **kw)
         if engine is not None:

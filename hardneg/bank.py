@@ -19,6 +19,9 @@ Why it is built this way:
 * **HNSW** for comparison only: it cannot replace vectors, so a replaced vector marks the graph
   stale and searches fall back to exact until :meth:`EmbeddingBank.rebuild`.
 * **Concurrent reads, one writer**: a readers-writer lock; a search never sees half an upsert.
+
+Serves ``observe`` (``upsert``, O(batch)) and the refresh (kNN search and source scans on the
+refresh thread); read by policies through :class:`hardneg.targeting.BankView`; options: :class:`BankOptions`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import logging
 import math
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Optional
 
 import faiss
@@ -37,6 +41,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 Metric = Literal["cosine", "l2"]
+DEFAULT_IVF_THRESHOLD = 50_000  # "auto" switches from exact flat search to IVF past this many vectors
 GPU_TEMP_MEMORY = 256 * 1024 * 1024  # bytes of FAISS GPU scratch memory (FAISS's default is up to 1.5 GiB)
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
 
@@ -123,7 +128,7 @@ class EmbeddingBank:
         num_classes: int,
         metric: Metric = "cosine",
         index: IndexKind = "auto",
-        ivf_threshold: int = 200_000,
+        ivf_threshold: int = DEFAULT_IVF_THRESHOLD,
         nprobe: int = 16,
         use_gpu: bool = True,
     ) -> None:
@@ -581,3 +586,31 @@ class EmbeddingBank:
         except Exception as exc:  # GPU builds only (tests mock it)
             logger.warning("FAISS GPU resources unavailable (%s); searching on the CPU", exc)
         return None
+
+
+# ---------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class BankOptions:
+    """The embedding bank's settings (``HardNegConfig`` fields of the same names; ``bank_options``)."""
+
+    embedding_dim: Optional[int] = None  # inferred from the first observed batch when None
+    metric: Metric = "cosine"
+    index: IndexKind = "auto"
+    ivf_threshold: int = DEFAULT_IVF_THRESHOLD  # "auto" switches from exact flat to IVF past this many vectors
+    nprobe: int = 16
+    use_gpu_index: bool = True  # only used when a FAISS GPU build and a GPU are present
+
+    def __post_init__(self) -> None:
+        from hardneg._checks import choice, int_at_least
+
+        if self.embedding_dim is not None:
+            int_at_least(self, "embedding_dim", 1)
+        choice(self, "metric", ("cosine", "l2"))
+        choice(self, "index", ("auto", "flat", "ivf", "hnsw"))
+        int_at_least(self, "ivf_threshold", 1)
+        int_at_least(self, "nprobe", 1)
+
+    def make_bank(self, dim: int, num_classes: int) -> "EmbeddingBank":
+        """An empty bank of ``dim``-dimensional embeddings with these settings."""
+        return EmbeddingBank(dim, num_classes, self.metric, self.index, self.ivf_threshold, self.nprobe,
+                             self.use_gpu_index)

@@ -9,6 +9,9 @@ cares about and fresh samples (a sample's weight halves every ``freshness_half_l
 samples used ``max_uses`` times are only drawn when nothing else is left and are evicted first.
 Everything, images included, is in :meth:`SyntheticBuffer.state_dict`, so a resumed run draws
 exactly what an uninterrupted one would.
+
+Serves arrival (``add``, from :meth:`hardneg.HardNeg.collect`) and ``mix`` (``sample``); options:
+:class:`BufferOptions` (buffer and mixing).
 """
 
 from __future__ import annotations
@@ -360,3 +363,28 @@ class SyntheticBuffer:
         self._next_seq = int(state["next_seq"])
         self._counts = {key: int(v) for key, v in state["counts"].items()}
         self._rng.set_state(state["rng_state"].to("cpu"))
+
+
+# ---------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class BufferOptions:
+    """The synthetic buffer's and the mixing's settings (``HardNegConfig`` fields of the same names;
+    ``buffer_options``)."""
+
+    buffer_size: int = 2048
+    synthetic_fraction: float = 0.25
+    mix_mode: str = "append"  # "append" | "substitute" (hardneg.mixing.mix_batch)
+    synthetic_weight: float = 1.0
+    freshness_half_life: int = 200  # steps after which a sample's sampling weight halves
+    max_uses: int = 8  # a synthetic sample used this often is evicted first
+    separate_synthetic_loss: bool = False
+
+    def __post_init__(self) -> None:
+        from hardneg._checks import choice, in_range, int_at_least
+
+        int_at_least(self, "buffer_size", 1)
+        in_range(self, "synthetic_fraction", 0.0, 1.0, high_open=True)
+        choice(self, "mix_mode", ("append", "substitute"))
+        in_range(self, "synthetic_weight", 0.0, float("inf"))
+        int_at_least(self, "freshness_half_life", 1)
+        int_at_least(self, "max_uses", 1)

@@ -13,6 +13,8 @@ Two rules, for every state file the project writes or reads:
   :class:`CheckpointError` naming the file and what is wrong with it.
 
 Keep saved state plain (tensors, numbers, strings, lists, dicts) so it loads under these rules.
+
+Serves ``save``/``load`` of the engine (:mod:`hardneg.persistence`), the demo's and the CLI's checkpoints.
 """
 
 from __future__ import annotations

@@ -1,20 +1,52 @@
-"""HardNegConfig: one dataclass holding every knob of the engine, validated on construction.
+"""HardNegConfig: every knob of the engine, composed of the typed options of its components.
+
+Each component owns a frozen options dataclass in its own file, which validates its fields:
+:class:`~hardneg.bank.BankOptions`, :class:`~hardneg.confusion.ConfusionOptions`,
+:class:`~hardneg.generators.from_config.GenerationOptions`, :class:`~hardneg.buffer.BufferOptions`
+(buffer and mixing), :class:`~hardneg.curriculum.CurriculumOptions`,
+:class:`~hardneg.labels.LabelOptions`, :class:`~hardneg.value_space.ValueSpaceOptions`, and each
+targeting policy its own (``ConfusionPolicyOptions``, ``SameClassOptions``, ``LongTailOptions``).
+``HardNegConfig`` composes them: ``cfg.bank_options`` etc. are the typed views the engine builds its
+parts from, and :meth:`HardNegConfig.compose` builds a config from them.
+
+The flat keywords are the documented shorthand and what every script uses:
+``HardNegConfig(num_classes=10, knn_k=..., refresh_every=..., curriculum=...)`` and
+``cfg.replace(refresh_every=...)`` set the option of the same name (a policy's options have
+prefixed flat names: ``confusion_direction``, ``min_pair_share``, ``same_class_strength``,
+``long_tail_head_fraction``, ``long_tail_ratio``, ``long_tail_search_k``), and
+:meth:`~HardNegConfig.to_dict` writes them flat, so saved configs and checkpoints of earlier
+versions load unchanged (an old ``extra`` dict is mapped onto its typed fields).
 
 Each invalid value raises :class:`ConfigError` naming the field, the value it got and the
-allowed range, so a typo in a training script fails at start-up instead of hours later.
+allowed range, so a typo in a training script fails at start-up instead of hours later. Called by
+every entry point (scripts, the CLI, the adapters) before an engine is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from dataclasses import InitVar, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+
+from hardneg._checks import ConfigError
+from hardneg._checks import choice as _choice
+from hardneg._checks import in_range as _in_range
+from hardneg._checks import int_at_least as _int_at_least
+
+if TYPE_CHECKING:  # pragma: no cover - the options live in their components' modules (loaded on use)
+    from hardneg.bank import BankOptions
+    from hardneg.buffer import BufferOptions
+    from hardneg.confusion import ConfusionOptions
+    from hardneg.curriculum import CurriculumOptions
+    from hardneg.generators.from_config import GenerationOptions
+    from hardneg.labels import LabelOptions
+    from hardneg.value_space import ValueSpaceOptions
 
 Metric = Literal["cosine", "l2"]
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
 WorkerBackend = Literal["thread", "process"]
 MixMode = Literal["append", "substitute"]
-Schedule = Literal["constant", "linear", "cosine", "step", "adaptive", "ada", "band"]
+Schedule = str  # a curriculum name: one of hardneg.curriculum.CURRICULA (the one list)
 LabelMode = Literal["hard", "soft-r", "teacher"]
 TeacherKind = Literal["none", "ema", "model"]
 
@@ -24,9 +56,46 @@ TeacherKind = Literal["none", "ema", "model"]
 AUTO_REFRESHES_PER_EPOCH = 4
 AUTO_REFRESH_MAX = 50
 
+# The typed options HardNegConfig composes: (property name, module, class). Each class's fields are
+# HardNegConfig fields of the same names.
+_GROUPS = (
+    ("bank_options", "hardneg.bank", "BankOptions"),
+    ("confusion_options", "hardneg.confusion", "ConfusionOptions"),
+    ("generation_options", "hardneg.generators.from_config", "GenerationOptions"),
+    ("buffer_options", "hardneg.buffer", "BufferOptions"),
+    ("curriculum_options", "hardneg.curriculum", "CurriculumOptions"),
+    ("label_options", "hardneg.labels", "LabelOptions"),
+    ("value_space_options", "hardneg.value_space", "ValueSpaceOptions"),
+)
 
-class ConfigError(ValueError):
-    """A HardNegConfig field holds a value outside its allowed range."""
+# What each key of the removed ``extra`` dict became.
+EXTRA_REPLACED = {
+    "confusion_direction": "confusion_direction (ConfusionPolicyOptions.direction)",
+    "same_class_strength": "same_class_strength (SameClassOptions.strength)",
+    "long_tail_head_fraction": "long_tail_head_fraction (LongTailOptions.head_fraction)",
+    "long_tail_ratio": "long_tail_ratio (LongTailOptions.ratio)",
+    "long_tail_search_k": "long_tail_search_k (LongTailOptions.search_k)",
+}
+
+
+def _group_class(module: str, name: str) -> type:
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def _extra_error(extra: Any) -> ConfigError:
+    keys = sorted(extra) if isinstance(extra, dict) else []
+    known = [f"{k!r} -> {EXTRA_REPLACED[k]}" for k in keys if k in EXTRA_REPLACED]
+    unknown = [k for k in keys if k not in EXTRA_REPLACED]
+    msg = "HardNegConfig(extra=...) is gone: every setting is a typed option with a flat keyword"
+    if known:
+        msg += "; pass " + ", ".join(known) + " instead"
+    if unknown:
+        msg += f"; {unknown} are not settings of hardneg (known: {sorted(EXTRA_REPLACED)})"
+    if not keys:
+        msg += f" (the old keys: {sorted(EXTRA_REPLACED)})"
+    return ConfigError(msg)
 
 
 @dataclass
@@ -61,13 +130,16 @@ class HardNegConfig:
     embedding_dim: Optional[int] = None  # inferred from the first observed batch when None
     metric: Metric = "cosine"
     index: IndexKind = "auto"
-    ivf_threshold: int = 50_000  # "auto" switches from exact flat to IVF past this many vectors
+    ivf_threshold: int = 50_000  # "auto" switches from exact flat to IVF past this many vectors (= bank default)
     nprobe: int = 16
     use_gpu_index: bool = True  # only used when a FAISS GPU build and a GPU are present
     # --- confusion mining -----------------------------------------------------------------
     knn_k: int = 10
     # steps between confusion refreshes (and generation requests); "auto": a quarter epoch, at most 50
     refresh_every: Union[int, Literal["auto"]] = "auto"
+    # refresh after exactly these observed steps instead (a fixed schedule, e.g. equal-budget comparisons);
+    # with deterministic=True each such refresh waits for the images it requested, trained on from the next step
+    refresh_at: Optional[tuple[int, ...]] = None
     confusion_ema: float = 0.5  # weight of the newest refresh in the exponential moving average
     logit_weight: float = 0.5  # share of softmax confusion vs kNN disagreement in the score
     top_pairs: int = 5
@@ -78,6 +150,12 @@ class HardNegConfig:
     refresh_threads: int = 1  # FAISS (OpenMP) threads of the background refresh; 0 = FAISS's default (all cores)
     deterministic: bool = False  # sync refresh; hand generated images over only at refresh boundaries
     targeting: str = "confusion"  # which pairs get generated: see hardneg.targeting
+    # --- the targeting policies' own options (flat names of their typed options) -----------
+    confusion_direction: str = "auto"  # "confusion": generate A -> B as B -> A when B is much more frequent
+    same_class_strength: Optional[float] = 0.5  # "same-class": fixed r, or None to draw it per image
+    long_tail_head_fraction: float = 0.5  # "long-tail": share of the classes counted as head
+    long_tail_ratio: Optional[float] = None  # "long-tail": fixed r (None: the curriculum's)
+    long_tail_search_k: int = 64  # "long-tail": first kNN width when finding head sources
     # --- generation -----------------------------------------------------------------------
     generator: Optional[str] = None  # "class-conditional", "stable-diffusion" or None (mining only)
     generator_path: Optional[str] = None  # weights folder / hub id for the generator
@@ -152,9 +230,12 @@ class HardNegConfig:
     pixel_range: tuple[float, float] = (0.0, 1.0)  # un-normalised pixels (the generator's space)
     # --- misc -----------------------------------------------------------------------------
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # removed: passing it raises a ConfigError naming the typed option that replaced each old key
+    extra: InitVar[Optional[dict[str, Any]]] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, extra: Optional[dict[str, Any]] = None) -> None:
+        if extra is not None:
+            raise _extra_error(extra)
         self.validate()
         object.__setattr__(self, "_frozen", True)
 
@@ -172,123 +253,34 @@ class HardNegConfig:
 
     # ------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for the first field outside its allowed range."""
-        _int_at_least(self, "num_classes", 2)
-        if self.embedding_dim is not None:
-            _int_at_least(self, "embedding_dim", 1)
-        _choice(self, "metric", ("cosine", "l2"))
-        _choice(self, "index", ("auto", "flat", "ivf", "hnsw"))
-        _int_at_least(self, "ivf_threshold", 1)
-        _int_at_least(self, "nprobe", 1)
-        _int_at_least(self, "knn_k", 1)
-        if self.refresh_every != "auto":
-            if isinstance(self.refresh_every, str):
-                raise ConfigError(f"refresh_every must be 'auto' or an integer >= 1, got {self.refresh_every!r}")
-            _int_at_least(self, "refresh_every", 1)
-        _in_range(self, "confusion_ema", 0.0, 1.0, low_open=True)
-        _in_range(self, "logit_weight", 0.0, 1.0)
-        _int_at_least(self, "top_pairs", 1)
-        _int_at_least(self, "sources_per_pair", 1)
-        _in_range(self, "min_pair_score", 0.0, 1.0)
-        _int_at_least(self, "refresh_queries", 1)
-        if not isinstance(self.targeting, str) or not self.targeting:
-            raise ConfigError(f"targeting must be a policy name (e.g. 'confusion'), got {self.targeting!r}")
-        _validate_targeting(self)
-        _validate_generator(self)
-        _choice(self, "worker_backend", ("thread", "process"))
-        _int_at_least(self, "worker_threads", 1)
-        _validate_worker_memory(self)
-        _int_at_least(self, "refresh_threads", 0)
-        _int_at_least(self, "queue_size", 1)
-        _int_at_least(self, "images_per_refresh", 1)
-        _int_at_least(self, "generation_batch", 1)
-        _int_at_least(self, "max_restarts", 0)
-        if self.request_timeout is not None:
-            _in_range(self, "request_timeout", 0.0, float("inf"), low_open=True, high_open=True)
-        _int_at_least(self, "buffer_size", 1)
-        _in_range(self, "synthetic_fraction", 0.0, 1.0, high_open=True)
-        _choice(self, "mix_mode", ("append", "substitute"))
-        _in_range(self, "synthetic_weight", 0.0, float("inf"))
-        _int_at_least(self, "freshness_half_life", 1)
-        _int_at_least(self, "max_uses", 1)
-        _choice(self, "curriculum", ("constant", "linear", "cosine", "step", "adaptive", "ada", "band"))
-        for name in ("r_start", "r_end", "r_min", "r_max"):
-            _in_range(self, name, 0.0, 1.0, low_open=True)
-        if self.r_min > self.r_max:
-            raise ConfigError(f"r_min ({self.r_min}) must not exceed r_max ({self.r_max})")
-        _int_at_least(self, "total_steps", 1)
-        object.__setattr__(self, "step_milestones", tuple(float(m) for m in self.step_milestones))
-        for m in self.step_milestones:
-            if not 0.0 < m < 1.0:
-                raise ConfigError(f"step_milestones entries must lie in (0, 1), got {m}")
-        _in_range(self, "adaptive_high", 0.0, 1.0)
-        _in_range(self, "adaptive_low", 0.0, 1.0)
-        if self.adaptive_low >= self.adaptive_high:
-            raise ConfigError(
-                f"adaptive_low ({self.adaptive_low}) must be below adaptive_high ({self.adaptive_high})"
-            )
-        _in_range(self, "adaptive_step", 0.0, 1.0, low_open=True)
-        _int_at_least(self, "adaptive_min_samples", 1)
-        object.__setattr__(self, "ada_grid", tuple(float(r) for r in self.ada_grid))
-        if len(self.ada_grid) < 2 or any(not 0.0 < r <= 1.0 for r in self.ada_grid):
-            raise ConfigError(f"ada_grid needs >= 2 ratios in (0, 1], got {self.ada_grid}")
-        if list(self.ada_grid) != sorted(self.ada_grid):
-            raise ConfigError(f"ada_grid must be increasing, got {self.ada_grid}")
-        self._validate_label_trust()
-        self._validate_value_space()
+        """Raise :class:`ConfigError` for the first field outside its allowed range.
 
-    def _validate_value_space(self) -> None:
-        for name in ("data_mean", "data_std"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            try:
-                values = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
-            except (TypeError, ValueError):
-                raise ConfigError(f"{name} must be a sequence of numbers (one per channel), got {value!r}") from None
-            if not values or any(v != v or v in (float("inf"), float("-inf")) for v in values):
-                raise ConfigError(f"{name} must hold one finite number per channel, got {value!r}")
-            setattr(self, name, values)
-        mean, std = self.data_mean, self.data_std
-        if (mean is None) != (std is None):
-            raise ConfigError("data_mean and data_std go together: give both (the pipeline's normalisation) or "
-                              "neither (plain pixels)")
-        if mean is not None and std is not None:
-            if len(mean) != len(std):
-                raise ConfigError(f"data_mean has {len(mean)} channel(s) but data_std has {len(std)}")
-            if any(v <= 0 for v in std):
-                raise ConfigError(f"data_std must be positive, got {std}")
-        pr = self.pixel_range
-        if (not isinstance(pr, (tuple, list)) or len(pr) != 2
-                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in pr) or not pr[0] < pr[1]):
-            raise ConfigError(f"pixel_range must be (low, high) with low < high, got {pr!r}")
-        self.pixel_range = (float(pr[0]), float(pr[1]))
+        Each component's options validate (and normalise, e.g. lists to tuples) their own fields;
+        the checks that span components (a teacher for what needs one, one prompt per class) are here.
+        """
+        _int_at_least(self, "num_classes", 2)
+        options: dict[str, Any] = {}
+        for group, module, name in _GROUPS:
+            cls = _group_class(module, name)
+            opts = cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+            for f in dataclasses.fields(cls):
+                object.__setattr__(self, f.name, getattr(opts, f.name))
+            options[group] = opts
+            if group == "confusion_options":  # the order of the first error: as the fields are listed
+                if not isinstance(self.targeting, str) or not self.targeting:
+                    raise ConfigError(f"targeting must be a policy name (e.g. 'confusion'), got {self.targeting!r}")
+                _validate_targeting(self)
+        options["generation_options"].check_prompts(self.num_classes)
+        from hardneg.targeting import POLICIES
+
+        for entry in POLICIES.entries():  # every policy's options, so a typo fails whichever is chosen
+            if entry.options is not None:
+                options[entry.options] = entry.options.from_config(self)
+        object.__setattr__(self, "_options", options)
+        self._validate_label_trust()
 
     def _validate_label_trust(self) -> None:
-        band = tuple(self.difficulty_band) if isinstance(self.difficulty_band, (tuple, list)) else None
-        if band is None or len(band) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                                 for v in band):
-            raise ConfigError(f"difficulty_band must be a (low, high) pair of numbers, got {self.difficulty_band!r}")
-        object.__setattr__(self, "difficulty_band", (float(band[0]), float(band[1])))
-        low, high = self.difficulty_band
-        if not 0.0 <= low < high <= 1.0:
-            raise ConfigError(f"difficulty_band must satisfy 0 <= low < high <= 1, got {self.difficulty_band}")
-        _choice(self, "label_mode", ("hard", "soft-r", "teacher"))
-        _in_range(self, "label_gamma", 0.0, float("inf"), low_open=True, high_open=True)
-        _choice(self, "teacher", ("none", "ema", "model"))
-        _in_range(self, "teacher_decay", 0.0, 1.0, high_open=True)
-        _in_range(self, "teacher_prior_correction", 0.0, 10.0)
-        if not isinstance(self.teacher_warmup, bool):
-            raise ConfigError(f"teacher_warmup must be True or False, got {self.teacher_warmup!r}")
-        for name in ("filter_min_target", "filter_max_target"):
-            if getattr(self, name) is not None:
-                _in_range(self, name, 0.0, 1.0)
         lo, hi = self.filter_min_target, self.filter_max_target
-        if lo is not None and hi is not None and lo >= hi:
-            raise ConfigError(f"filter_min_target ({lo}) must be below filter_max_target ({hi}): every image "
-                              "would be dropped")
-        _in_range(self, "min_pair_share", 0.0, 1.0)
-        _int_at_least(self, "score_batch", 1)
         needs = [why for why, on in (
             ("label_mode='teacher'", self.label_mode == "teacher"),
             ("filter_min_target", lo is not None),
@@ -302,33 +294,129 @@ class HardNegConfig:
                 "HardNeg(..., teacher_model=m))"
             )
 
+    # ------------------------------------------------------------------------------------ typed views
+    @property
+    def bank_options(self) -> "BankOptions":
+        """The embedding bank's options."""
+        return self.__dict__["_options"]["bank_options"]
+
+    @property
+    def confusion_options(self) -> "ConfusionOptions":
+        """Confusion mining's options."""
+        return self.__dict__["_options"]["confusion_options"]
+
+    @property
+    def generation_options(self) -> "GenerationOptions":
+        """The generator's and the worker's options."""
+        return self.__dict__["_options"]["generation_options"]
+
+    @property
+    def buffer_options(self) -> "BufferOptions":
+        """The synthetic buffer's and the mixing's options."""
+        return self.__dict__["_options"]["buffer_options"]
+
+    @property
+    def curriculum_options(self) -> "CurriculumOptions":
+        """The noise-ratio curriculum's options."""
+        return self.__dict__["_options"]["curriculum_options"]
+
+    @property
+    def label_options(self) -> "LabelOptions":
+        """Label trust and arrival scoring options."""
+        return self.__dict__["_options"]["label_options"]
+
+    @property
+    def value_space_options(self) -> "ValueSpaceOptions":
+        """The pipeline's value space."""
+        return self.__dict__["_options"]["value_space_options"]
+
+    @property
+    def policy_options(self) -> Any:
+        """The chosen targeting policy's typed options (None for a policy without options)."""
+        from hardneg.targeting import POLICIES
+
+        cls = POLICIES.get(self.targeting).options
+        return self.options_of(cls) if cls is not None else None
+
+    def options_of(self, cls: type) -> Any:
+        """The options of class ``cls`` (a component's or a policy's) from this config's fields."""
+        opts = self.__dict__["_options"]
+        if cls in opts:
+            return opts[cls]
+        for group in opts.values():
+            if type(group) is cls:
+                return group
+        if hasattr(cls, "from_config"):  # a policy registered after this config was built
+            return cls.from_config(self)
+        raise ConfigError(f"{cls.__name__} are not options of HardNegConfig")
+
+    @classmethod
+    def compose(cls, num_classes: int, *options: Any, **flat: Any) -> "HardNegConfig":
+        """A config from typed options (any of the component and policy options dataclasses) plus
+        flat keywords; a setting given both ways is an error."""
+        return cls(num_classes=num_classes, **_merge_options(options, flat))
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict of every field (round-trips through :meth:`from_dict`)."""
+        """A JSON-friendly flat dict of every field (round-trips through :meth:`from_dict`)."""
         d = dataclasses.asdict(self)
         d["step_milestones"] = list(self.step_milestones)
         d["ada_grid"] = list(self.ada_grid)
         d["difficulty_band"] = list(self.difficulty_band)
         d["pixel_range"] = list(self.pixel_range)
+        d["refresh_at"] = list(self.refresh_at) if self.refresh_at is not None else None
         for key in ("data_mean", "data_std"):
             d[key] = list(d[key]) if d[key] is not None else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HardNegConfig":
-        """Build a config from :meth:`to_dict` output; unknown keys are an error."""
+        """Build a config from :meth:`to_dict` output; unknown keys are an error.
+
+        Dicts written before the typed options (with an ``extra`` dict) load too: each known
+        ``extra`` key becomes its typed field; an unknown one is an error.
+        """
+        d = dict(d)
+        extra = d.pop("extra", None)
+        if extra:
+            unknown = sorted(set(extra) - set(EXTRA_REPLACED))
+            if unknown:
+                raise _extra_error(extra)
+            clash = sorted(k for k in extra if k in d)
+            if clash:
+                raise ConfigError(f"{clash} given both as fields and in the old extra dict")
+            d.update(extra)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown HardNegConfig field(s): {unknown}; known: {sorted(names)}")
-        d = dict(d)
-        for key in ("step_milestones", "ada_grid", "difficulty_band"):
-            if key in d:
+        for key in ("step_milestones", "ada_grid", "difficulty_band", "refresh_at"):
+            if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**d)
 
     def replace(self, **changes: Any) -> "HardNegConfig":
-        """A validated copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
+        """A validated copy with some fields changed: flat names, or typed options by their view name
+        (``bank_options=BankOptions(...)``, ``policy_options=...``)."""
+        if "extra" in changes:
+            raise _extra_error(changes["extra"])
+        typed = [changes.pop(name) for name in [g for g, _, _ in _GROUPS] + ["policy_options"] if name in changes]
+        return dataclasses.replace(self, **_merge_options(typed, changes))
+
+
+def _merge_options(options: Any, flat: dict[str, Any]) -> dict[str, Any]:
+    """Flat keywords from typed options objects, merged with ``flat`` (a setting given twice is an error)."""
+    out = dict(flat)
+    for opts in options:
+        if opts is None:
+            continue
+        if not dataclasses.is_dataclass(opts) or isinstance(opts, type):
+            raise ConfigError(f"expected an options dataclass (e.g. BankOptions(...)), got {opts!r}")
+        mapping = getattr(type(opts), "FLAT", None) or {f.name: f.name for f in dataclasses.fields(opts)}
+        for name, flat_name in mapping.items():
+            if flat_name in out:
+                raise ConfigError(f"{flat_name} given twice: as a keyword and in {type(opts).__name__}")
+            out[flat_name] = getattr(opts, name)
+    return out
 
 
 # --- validation helpers -------------------------------------------------------------------
@@ -336,115 +424,7 @@ def _validate_targeting(cfg: HardNegConfig) -> None:
     """An unknown policy name fails here, not at the first refresh (method modules register theirs)."""
     from hardneg.targeting import POLICIES
 
-    if cfg.targeting not in POLICIES:
-        try:  # the policies of hardneg.methods register themselves on import
-            import hardneg.methods  # noqa: F401
-        except ImportError:  # pragma: no cover - an optional dependency of a method module
-            pass
-    if cfg.targeting not in POLICIES:
+    if cfg.targeting not in POLICIES:  # looks in hardneg.methods too (its policies register on import)
         raise ConfigError(f"unknown targeting policy {cfg.targeting!r}; known: {sorted(POLICIES)} (a policy of "
-                          "your own: hardneg.targeting.register_policy(name, factory) before making the config)")
-
-
-_SD_ONLY = ("prompt_template", "prompts", "generator_scheduler", "generator_resolution")
-
-
-def _validate_generator(cfg: HardNegConfig) -> None:
-    """The generator name and the settings the engine hands to the generator it builds."""
-    from hardneg.generators import GENERATORS
-
-    if cfg.generator is not None and cfg.generator not in GENERATORS:
-        raise ConfigError(f"generator must be one of {list(GENERATORS)} or None (mining only), got "
-                          f"{cfg.generator!r}; a generator of your own goes to HardNeg(..., generator=obj_or_factory)")
-    if cfg.generator_path is not None and not isinstance(cfg.generator_path, str):
-        cfg.generator_path = str(cfg.generator_path)  # a pathlib.Path is fine
-    if cfg.generator_steps is not None:
-        _int_at_least(cfg, "generator_steps", 1)
-    if cfg.guidance_scale is not None:
-        _in_range(cfg, "guidance_scale", 0.0, float("inf"), high_open=True)
-    if cfg.generator_max_batch is not None:
-        _int_at_least(cfg, "generator_max_batch", 1)
-    if not isinstance(cfg.generator_compile, bool):
-        raise ConfigError(f"generator_compile must be True or False, got {cfg.generator_compile!r}")
-    dtypes = ("fp16", "float16", "bf16", "bfloat16", "fp32", "float32")
-    if cfg.generator_dtype is not None and cfg.generator_dtype not in dtypes:
-        raise ConfigError(f"generator_dtype must be one of {dtypes} or None, got {cfg.generator_dtype!r}")
-    if cfg.generator == "class-conditional" and cfg.generator_dtype not in (None, "fp32", "float32"):
-        raise ConfigError(f"generator_dtype={cfg.generator_dtype!r}: the class-conditional generator runs in "
-                          "float32 (leave generator_dtype None)")
-    if cfg.generator == "class-conditional":
-        used = [name for name in _SD_ONLY if getattr(cfg, name) is not None]
-        if used:
-            raise ConfigError(f"{', '.join(used)} only apply to generator='stable-diffusion' (the "
-                              "class-conditional generator is conditioned on class ids, not text)")
-    if cfg.prompt_template is not None and (not isinstance(cfg.prompt_template, str)
-                                            or "{class_name}" not in cfg.prompt_template):
-        raise ConfigError(f"prompt_template must be a string with a {{class_name}} field, got {cfg.prompt_template!r}")
-    if cfg.prompts is not None:
-        if isinstance(cfg.prompts, dict):
-            cfg.prompts = dict(cfg.prompts)
-        elif isinstance(cfg.prompts, (list, tuple)) and len(cfg.prompts) == cfg.num_classes:
-            cfg.prompts = [str(p) for p in cfg.prompts]
-        else:
-            raise ConfigError(f"prompts must be a list with one prompt per class ({cfg.num_classes}) or a "
-                              f"{{class name: prompt}} dict, got {cfg.prompts!r}")
-    if cfg.generator_scheduler is not None:
-        from hardneg.generators.stable_diffusion import SCHEDULERS
-
-        if cfg.generator_scheduler not in SCHEDULERS:
-            raise ConfigError(f"generator_scheduler must be one of {sorted(SCHEDULERS)} or None, got "
-                              f"{cfg.generator_scheduler!r}")
-    res = cfg.generator_resolution
-    if res is not None:
-        pair = (res, res) if isinstance(res, int) else tuple(res) if isinstance(res, (list, tuple)) else ()
-        if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 8 for v in pair):
-            raise ConfigError(f"generator_resolution must be an int or (height, width) of ints >= 8, got {res!r}")
-        cfg.generator_resolution = res if isinstance(res, int) else (int(pair[0]), int(pair[1]))
-    if not isinstance(cfg.generator_options, dict):
-        raise ConfigError(f"generator_options must be a dict of keyword arguments, got {cfg.generator_options!r}")
-    _in_range(cfg, "worker_start_timeout", 0.0, float("inf"), low_open=True, high_open=True)
-
-
-def _validate_worker_memory(cfg: HardNegConfig) -> None:
-    if cfg.worker_max_batch is not None:
-        _int_at_least(cfg, "worker_max_batch", 1)
-    if cfg.worker_memory_fraction is not None:
-        _in_range(cfg, "worker_memory_fraction", 0.0, 1.0, low_open=True)
-        if cfg.worker_backend != "process":
-            raise ConfigError(
-                "worker_memory_fraction needs worker_backend='process' (a child process gets its own share "
-                "of the GPU); the thread backend shares the training process's memory: bound it with "
-                "worker_max_batch (samples per generate call) or generator_max_batch instead")
-    if not isinstance(cfg.worker_warmup, bool):
-        raise ConfigError(f"worker_warmup must be True or False, got {cfg.worker_warmup!r}")
-
-
-def _int_at_least(cfg: HardNegConfig, name: str, low: int) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _in_range(
-    cfg: HardNegConfig,
-    name: str,
-    low: float,
-    high: float,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high or value != value:
-        lb = "(" if low_open else "["
-        hb = ")" if high_open else "]"
-        raise ConfigError(f"{name} must lie in {lb}{low}, {high}{hb}, got {value!r}")
-
-
-def _choice(cfg: HardNegConfig, name: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(cfg, name)
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+                          "your own: hardneg.targeting.register_policy(name, factory, options) before making the "
+                          "config)")

@@ -8,21 +8,26 @@ Score of a directed pair A -> B ("A is pulled towards B"), recomputed every refr
   mean probability mass an A sample puts on B.
 
 The two are blended (``logit_weight``) and smoothed with an exponential moving average over
-refreshes. Sources of a pair are the A samples closest to B's centroid in the bank: the real
-images that sit right at that boundary, the ones GeNIe should push across it.
+refreshes. The graph scores; which samples a pair is generated from is targeting's concern
+(:func:`hardneg.sources.boundary_sources`, injected as ``source_finder`` and run on the refresh
+thread right after the scores, so ``top_pairs`` hands out each pair with its boundary sources).
+
+Serves the refresh event (``refresh``, on the engine's background thread) and ``observe``
+(``accumulate_logits``); read by targeting policies through :class:`hardneg.targeting.PolicyContext`.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from hardneg.bank import EmbeddingBank
+from hardneg.sources import SourceFinder, boundary_sources
 
 
 @dataclass
@@ -61,6 +66,8 @@ class ConfusionGraph:
         max_queries: cap on the bank samples used as kNN queries per refresh (stratified by class),
             so refresh cost stays bounded on very large banks.
         seed: seeds the query subsample.
+        source_finder: ``(bank, candidate pairs, n) -> {pair: source ids}``, run after each refresh
+            on the same (background) thread; default :func:`hardneg.sources.boundary_sources`.
     """
 
     def __init__(
@@ -72,6 +79,7 @@ class ConfusionGraph:
         sources_per_pair: int = 16,
         max_queries: int = 20_000,
         seed: int = 0,
+        source_finder: Optional[SourceFinder] = None,
     ) -> None:
         self.num_classes = int(num_classes)
         self.knn_k = int(knn_k)
@@ -79,6 +87,7 @@ class ConfusionGraph:
         self.logit_weight = float(logit_weight)
         self.sources_per_pair = int(sources_per_pair)
         self.max_queries = int(max_queries)
+        self.source_finder: SourceFinder = source_finder if source_finder is not None else boundary_sources
         self.source_pair_limit = 32  # candidate pairs that get source ids each refresh
         # kNN queries per bank search: the bank's read lock is held for one search, so this bounds
         # how long a training-step upsert can wait (~0.1 s at 1M vectors on 2 CPU cores with IVF).
@@ -145,7 +154,9 @@ class ConfusionGraph:
             combined = (1 - w) * knn + w * soft
         np.fill_diagonal(combined, 0.0)
         scores = combined if first else (1 - self.ema) * previous + self.ema * combined
-        sources = self._find_sources(bank, scores)
+        # sources: targeting's concern (hardneg.sources), run here on the refresh thread
+        sources = self.source_finder(bank, self._candidate_pairs(scores, limit=self.source_pair_limit),
+                                     self.sources_per_pair)
         with self._lock:
             self._scores = scores
             self._knn_accuracy = knn_acc
@@ -209,58 +220,6 @@ class ConfusionGraph:
         knn_acc = np.where(n_per_class > 0, np.diag(mean), 1.0)
         np.fill_diagonal(mean, 0.0)
         return mean, knn_acc
-
-    def _find_sources(self, bank: EmbeddingBank, scores: np.ndarray) -> dict[tuple[int, int], list[int]]:
-        """For each candidate pair (a, b): the ``sources_per_pair`` samples of a closest to b's mean.
-
-        One chunked pass over the bank (:meth:`EmbeddingBank.scan`) keeps a running top-n per
-        pair, so a refresh never copies the bank nor holds its lock for more than one chunk.
-        """
-        # Only pairs top_pairs() can return need sources (it looks at 4 * n candidates), plus their
-        # reverses, which a policy may generate instead (ConfusionTargeting(direction="to-rarer")).
-        counts = bank.class_counts()
-        candidates = self._candidate_pairs(scores, limit=self.source_pair_limit)
-        known = set(candidates)
-        reverses = [(b, a) for a, b in candidates if (b, a) not in known]
-        pairs = [(a, b) for a, b in candidates + reverses if counts[a] > 0 and counts[b] > 0]
-        if not pairs:
-            return {}
-        means = bank.class_means()
-        targets_of: dict[int, list[int]] = {}
-        for a, b in pairs:
-            targets_of.setdefault(a, []).append(b)
-        n_keep = self.sources_per_pair
-        best: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {
-            p: (np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64)) for p in pairs
-        }
-
-        def visit(ids: np.ndarray, vectors: np.ndarray, labels: np.ndarray) -> None:
-            for a, bs in targets_of.items():
-                rows = np.flatnonzero(labels == a)
-                if len(rows) == 0:
-                    continue
-                va = vectors[rows]
-                m = means[bs]  # (len(bs), D)
-                if bank.metric == "cosine":
-                    closeness = va @ m.T
-                else:  # -||v - m||^2 = 2 v.m - |m|^2 - |v|^2
-                    closeness = 2.0 * (va @ m.T) - (m * m).sum(1)[None, :] - (va * va).sum(1)[:, None]
-                chunk_ids = ids[rows]
-                for col, b in enumerate(bs):
-                    old_c, old_i = best[(a, b)]
-                    c = np.concatenate([old_c, closeness[:, col].astype(np.float64)])
-                    i = np.concatenate([old_i, chunk_ids])
-                    if len(c) > n_keep:
-                        keep = np.sort(np.argpartition(-c, n_keep - 1)[:n_keep])  # sorted: scan order on ties
-                        c, i = c[keep], i[keep]
-                    best[(a, b)] = (c, i)  # concatenate made fresh arrays: no view of the bank survives
-
-        bank.scan(visit)
-        sources = {}
-        for p, (c, i) in best.items():
-            if len(i):
-                sources[p] = i[np.argsort(-c, kind="stable")].tolist()
-        return sources
 
     def _candidate_pairs(self, s: np.ndarray, limit: int = 64) -> list[tuple[int, int]]:
         flat = np.argsort(-s, axis=None, kind="stable")[: min(limit, s.size)]
@@ -347,3 +306,51 @@ def describe_pairs(pairs: list[PairScore], class_names: Optional[list[str]] = No
     """One line like ``3->8 0.214, 9->4 0.120`` for logs and the demo's epoch print."""
     name = (lambda c: class_names[c]) if class_names else str
     return ", ".join(f"{name(p.a)}->{name(p.b)} {p.score:.3f}" for p in pairs) or "(none yet)"
+
+
+# ---------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class ConfusionOptions:
+    """Confusion mining's settings (``HardNegConfig`` fields of the same names; ``confusion_options``)."""
+
+    knn_k: int = 10
+    # steps between confusion refreshes (and generation requests); "auto": a quarter epoch, at most 50
+    refresh_every: Union[int, Literal["auto"]] = "auto"
+    # refresh after exactly these observed steps instead of every refresh_every (a fixed schedule)
+    refresh_at: Optional[tuple[int, ...]] = None
+    confusion_ema: float = 0.5  # weight of the newest refresh in the exponential moving average
+    logit_weight: float = 0.5  # share of softmax confusion vs kNN disagreement in the score
+    top_pairs: int = 5
+    sources_per_pair: int = 16
+    min_pair_score: float = 0.0  # pairs scoring at or below this are never targeted
+    refresh_queries: int = 4096  # cap on bank samples used as kNN queries per refresh (stratified)
+    async_refresh: bool = True  # mine confusion on a background thread, off the training step
+    refresh_threads: int = 1  # FAISS (OpenMP) threads of the background refresh; 0 = FAISS's default (all cores)
+
+    def __post_init__(self) -> None:
+        from hardneg._checks import ConfigError, in_range, int_at_least, set_field
+
+        int_at_least(self, "knn_k", 1)
+        if self.refresh_every != "auto":
+            if isinstance(self.refresh_every, str):
+                raise ConfigError(f"refresh_every must be 'auto' or an integer >= 1, got {self.refresh_every!r}")
+            int_at_least(self, "refresh_every", 1)
+        if self.refresh_at is not None:
+            steps = self.refresh_at
+            if (not isinstance(steps, (list, tuple, set, frozenset)) or not steps
+                    or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in steps)):
+                raise ConfigError(f"refresh_at must be None or a non-empty sequence of step numbers >= 1, got "
+                                  f"{steps!r}")
+            set_field(self, "refresh_at", tuple(sorted(set(steps))))
+        in_range(self, "confusion_ema", 0.0, 1.0, low_open=True)
+        in_range(self, "logit_weight", 0.0, 1.0)
+        int_at_least(self, "top_pairs", 1)
+        int_at_least(self, "sources_per_pair", 1)
+        in_range(self, "min_pair_score", 0.0, 1.0)
+        int_at_least(self, "refresh_queries", 1)
+        int_at_least(self, "refresh_threads", 0)
+
+    def make_graph(self, num_classes: int, seed: int = 0) -> ConfusionGraph:
+        """An empty :class:`ConfusionGraph` with these settings."""
+        return ConfusionGraph(num_classes, self.knn_k, self.confusion_ema, self.logit_weight, self.sources_per_pair,
+                              max_queries=self.refresh_queries, seed=seed)

@@ -18,12 +18,19 @@ low and the label is wrong). A curriculum starts easy and moves towards hard:
 
 Every curriculum keeps a ``history`` of the r it handed out per pair (:meth:`Curriculum.record`)
 for plots (:func:`hardneg.report.plot_ratio_over_time`) and a ``state_dict`` so a resumed run continues exactly.
+
+Serves the refresh (``ratio``/``record``, called by :mod:`hardneg.requests`), ``observe``
+(``feedback``) and arrival (``arrival_feedback``, ``record_choice``). Names: :data:`CURRICULA`, the one
+list (a new curriculum is one class plus one registration); options: :class:`CurriculumOptions`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence
+
+from hardneg.registry import Registry
 
 if TYPE_CHECKING:
     from hardneg.config import HardNegConfig
@@ -395,27 +402,79 @@ class AdaCurriculum(Curriculum):
 
 
 # ============================================================================ factory and plot
-def make_curriculum(config: "HardNegConfig") -> Curriculum:
-    """The curriculum ``config.curriculum`` names, built from the config's r settings."""
-    kind = config.curriculum
-    if kind == "constant":
-        return ConstantCurriculum(config.r_start, config.r_start, config.total_steps)
-    if kind == "linear":
-        return LinearCurriculum(config.r_start, config.r_end, config.total_steps)
-    if kind == "cosine":
-        return CosineCurriculum(config.r_start, config.r_end, config.total_steps)
-    if kind == "step":
-        return StepCurriculum(config.r_start, config.r_end, config.total_steps, config.step_milestones)
-    if kind == "adaptive":
-        return AdaptiveCurriculum(
-            config.r_start, config.r_min, config.r_max, config.adaptive_high, config.adaptive_low,
-            config.adaptive_step, config.adaptive_min_samples, config.total_steps,
-        )
-    if kind == "ada":
-        return AdaCurriculum(config.ada_grid, config.r_start, config.total_steps)
-    if kind == "band":
-        return BandCurriculum(
-            config.r_start, config.r_min, config.r_max, config.difficulty_band, config.adaptive_step,
-            config.adaptive_min_samples, config.total_steps,
-        )
-    raise ValueError(f"unknown curriculum {kind!r}")
+def make_curriculum(config: Any) -> Curriculum:
+    """The curriculum ``config.curriculum`` names (a :class:`HardNegConfig` or a :class:`CurriculumOptions`),
+    built by its :data:`CURRICULA` factory from the r settings."""
+    options = config.curriculum_options if hasattr(config, "curriculum_options") else config
+    return CURRICULA.build(options.curriculum, options)
+
+
+# The one list of curriculum names: HardNegConfig(curriculum=...) is checked against it. A new
+# curriculum is one class plus one CURRICULA.register(name, factory(options) -> Curriculum) line.
+CURRICULA: Registry[Curriculum] = Registry("curriculum")
+CURRICULA.register("constant", lambda o: ConstantCurriculum(o.r_start, o.r_start, o.total_steps))
+CURRICULA.register("linear", lambda o: LinearCurriculum(o.r_start, o.r_end, o.total_steps))
+CURRICULA.register("cosine", lambda o: CosineCurriculum(o.r_start, o.r_end, o.total_steps))
+CURRICULA.register("step", lambda o: StepCurriculum(o.r_start, o.r_end, o.total_steps, o.step_milestones))
+CURRICULA.register("adaptive", lambda o: AdaptiveCurriculum(
+    o.r_start, o.r_min, o.r_max, o.adaptive_high, o.adaptive_low, o.adaptive_step, o.adaptive_min_samples,
+    o.total_steps))
+CURRICULA.register("ada", lambda o: AdaCurriculum(o.ada_grid, o.r_start, o.total_steps))
+CURRICULA.register("band", lambda o: BandCurriculum(
+    o.r_start, o.r_min, o.r_max, o.difficulty_band, o.adaptive_step, o.adaptive_min_samples, o.total_steps))
+
+
+@dataclass(frozen=True)
+class CurriculumOptions:
+    """The noise-ratio curriculum's settings (``HardNegConfig`` fields of the same names;
+    ``curriculum_options``)."""
+
+    curriculum: str = "adaptive"  # a name of CURRICULA
+    r_start: float = 0.8
+    r_end: float = 0.5
+    r_min: float = 0.3
+    r_max: float = 0.95
+    total_steps: int = 1000  # horizon of the time-based schedules
+    step_milestones: tuple[float, ...] = (0.5,)  # fractions of total_steps for the "step" schedule
+    adaptive_high: float = 0.8  # pair accuracy on fresh negatives above this: lower r (harder)
+    adaptive_low: float = 0.4  # below this: raise r (easier)
+    adaptive_step: float = 0.05
+    adaptive_min_samples: int = 8  # feedback samples needed before a pair's r moves
+    ada_grid: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    # "band": per pair, the mean teacher posterior of fresh images below the band -> raise r, above -> lower r
+    difficulty_band: tuple[float, float] = (0.6, 0.9)
+
+    def __post_init__(self) -> None:
+        from hardneg._checks import ConfigError, choice, in_range, int_at_least, set_field
+
+        choice(self, "curriculum", tuple(CURRICULA))
+        for name in ("r_start", "r_end", "r_min", "r_max"):
+            in_range(self, name, 0.0, 1.0, low_open=True)
+        if self.r_min > self.r_max:
+            raise ConfigError(f"r_min ({self.r_min}) must not exceed r_max ({self.r_max})")
+        int_at_least(self, "total_steps", 1)
+        set_field(self, "step_milestones", tuple(float(m) for m in self.step_milestones))
+        for m in self.step_milestones:
+            if not 0.0 < m < 1.0:
+                raise ConfigError(f"step_milestones entries must lie in (0, 1), got {m}")
+        in_range(self, "adaptive_high", 0.0, 1.0)
+        in_range(self, "adaptive_low", 0.0, 1.0)
+        if self.adaptive_low >= self.adaptive_high:
+            raise ConfigError(
+                f"adaptive_low ({self.adaptive_low}) must be below adaptive_high ({self.adaptive_high})"
+            )
+        in_range(self, "adaptive_step", 0.0, 1.0, low_open=True)
+        int_at_least(self, "adaptive_min_samples", 1)
+        set_field(self, "ada_grid", tuple(float(r) for r in self.ada_grid))
+        if len(self.ada_grid) < 2 or any(not 0.0 < r <= 1.0 for r in self.ada_grid):
+            raise ConfigError(f"ada_grid needs >= 2 ratios in (0, 1], got {self.ada_grid}")
+        if list(self.ada_grid) != sorted(self.ada_grid):
+            raise ConfigError(f"ada_grid must be increasing, got {self.ada_grid}")
+        band = tuple(self.difficulty_band) if isinstance(self.difficulty_band, (tuple, list)) else None
+        if band is None or len(band) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                 for v in band):
+            raise ConfigError(f"difficulty_band must be a (low, high) pair of numbers, got {self.difficulty_band!r}")
+        set_field(self, "difficulty_band", (float(band[0]), float(band[1])))
+        low, high = self.difficulty_band
+        if not 0.0 <= low < high <= 1.0:
+            raise ConfigError(f"difficulty_band must satisfy 0 <= low < high <= 1, got {self.difficulty_band}")

@@ -11,10 +11,13 @@ its label is ``w * onehot(B) + (1 - w) * onehot(A)``:
 The same restricted posterior decides the arrival filter: below ``min_target`` the image does not
 look like its label (wrong label), above ``max_target`` it is too easy to teach anything.
 The engine (:mod:`hardneg.plugin`) computes the scores and calls these; nothing here holds state.
+
+Serves arrival (the engine's ``_accept``); options: :class:`LabelOptions`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -134,3 +137,42 @@ def soft_targets(target: Tensor, source: Tensor, weights: Tensor, num_classes: i
     w = torch.as_tensor(weights, device=target.device).to(dtype).reshape(-1, 1)
     out = F.one_hot(target, num_classes).to(dtype) * w
     return out + F.one_hot(source, num_classes).to(dtype) * (1 - w)
+
+
+# ---------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class LabelOptions:
+    """Label trust and arrival scoring (``HardNegConfig`` fields of the same names; ``label_options``).
+
+    Whether a setting needs a teacher (``label_mode="teacher"``, the filters, ``curriculum="band"``)
+    is checked by ``HardNegConfig``, which sees the curriculum too.
+    """
+
+    label_mode: str = "soft-r"  # target weight: "hard" 1 | "soft-r" r ** label_gamma (default) | "teacher"
+    label_gamma: float = 0.5  # exponent of r in the "soft-r" target weight (Diff-Mix style)
+    teacher: str = "none"  # who scores arriving images: "none" | "ema" (of the classifier) | "model" (given)
+    teacher_decay: float = 0.99  # EMA decay of teacher="ema" (per observed step)
+    teacher_warmup: bool = True  # EMA decay ramps up from 0 over the first steps (timm ModelEmaV3 warmup)
+    teacher_prior_correction: float = 1.0  # logit-adjust the teacher posterior by the bank's class prior (0 = off)
+    filter_min_target: Optional[float] = None  # drop arriving images whose teacher posterior is below this
+    filter_max_target: Optional[float] = None  # ... or above this (too easy)
+    score_batch: int = 256  # images per forward when scoring arrivals
+
+    def __post_init__(self) -> None:
+        from hardneg._checks import ConfigError, choice, in_range, int_at_least
+
+        choice(self, "label_mode", ("hard", "soft-r", "teacher"))
+        in_range(self, "label_gamma", 0.0, float("inf"), low_open=True, high_open=True)
+        choice(self, "teacher", ("none", "ema", "model"))
+        in_range(self, "teacher_decay", 0.0, 1.0, high_open=True)
+        in_range(self, "teacher_prior_correction", 0.0, 10.0)
+        if not isinstance(self.teacher_warmup, bool):
+            raise ConfigError(f"teacher_warmup must be True or False, got {self.teacher_warmup!r}")
+        for name in ("filter_min_target", "filter_max_target"):
+            if getattr(self, name) is not None:
+                in_range(self, name, 0.0, 1.0)
+        lo, hi = self.filter_min_target, self.filter_max_target
+        if lo is not None and hi is not None and lo >= hi:
+            raise ConfigError(f"filter_min_target ({lo}) must be below filter_max_target ({hi}): every image "
+                              "would be dropped")
+        int_at_least(self, "score_batch", 1)

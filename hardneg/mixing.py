@@ -10,6 +10,9 @@ Labels: a synthetic row labelled with full weight on its target class gets that 
 one-hot row when ``y`` is soft), exactly as a hard GeNIe label. When any synthetic row carries a
 target weight w < 1 (:mod:`hardneg.labels`), ``y`` comes back as ``(N, K)`` float soft targets:
 real rows one-hot (or their own soft rows), synthetic rows ``w * onehot(B) + (1 - w) * onehot(A)``.
+
+Serves ``mix`` (:func:`mix_batch`, called by :meth:`hardneg.HardNeg.mix_batch`) and the loss of a
+training step (:func:`weighted_loss`, used by the trainer adapters).
 """
 
 from __future__ import annotations

@@ -20,6 +20,15 @@ probability of the target are stored with each image (``buffer.provenance()``); 
 posterior may set the image's soft label (``label_mode="teacher"``), drop it
 (``filter_min_target`` / ``filter_max_target``) and steer the ``"band"`` curriculum.
 
+The engine is a thin orchestrator of parts, each in the file of its name: forward hooks
+(:mod:`hardneg.capture`), input checks (:mod:`hardneg.validation`), dataset items
+(:mod:`hardneg.items`), the embedding bank, the confusion graph, targeting (policies read a
+:class:`~hardneg.targeting.PolicyContext`, never the engine) and boundary sources
+(:mod:`hardneg.sources`), plan -> requests (:mod:`hardneg.requests`), the curriculum, the worker,
+GeNIe-Ada's pick (:func:`hardneg.generators.ada.ada_pick`), the label functions and teacher, the
+buffer and mixing, and the saved state (:mod:`hardneg.persistence`). It keeps the training
+events (``mix``, ``observe``), the refresh thread, arrival handling and the stats.
+
 Reproducibility: data order, model init, generation seeds and buffer sampling are seeded, but
 *when* an asynchronous refresh or a generated image becomes available depends on timing. With
 ``deterministic=True`` refreshes run inline and generated images are handed over only at refresh
@@ -29,6 +38,7 @@ cost of those waits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -43,6 +53,7 @@ from torch import Tensor, nn
 
 from hardneg.bank import EmbeddingBank
 from hardneg.buffer import SyntheticBuffer
+from hardneg.capture import ForwardCapture, register_embedding_hook
 from hardneg.checkpoint import CheckpointError, load_safe, save_atomic
 from hardneg.config import AUTO_REFRESH_MAX, AUTO_REFRESHES_PER_EPOCH, HardNegConfig
 from hardneg.confusion import ConfusionGraph, PairScore, pair_weights
@@ -50,20 +61,22 @@ from hardneg.curriculum import make_curriculum
 from hardneg.generators.base import Generator
 from hardneg.labels import (balanced_posterior, filter_by_posterior, restricted_posterior, target_probability,
                             target_weights)
+from hardneg.items import item_image, item_label
 from hardneg.mixing import MixedBatch, mix_batch
-from hardneg.targeting import PlannedPair, make_policy
+from hardneg.persistence import STATE_FORMAT, check_state, result_from_state, result_state
+from hardneg.requests import RequestBuilder
+from hardneg.targeting import BankView, PlannedPair, PolicyContext, make_policy
 from hardneg.teacher import Teacher, output_logits
-from hardneg.value_space import ValueSpace, ValueSpaceError
-from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker, ObjectFactory
+from hardneg.validation import (HardNegError, check_mix_shape, labels_as_ids, validate_mix_input,
+                                validate_observation, validate_synthetic_pairs)
+from hardneg.value_space import ValueSpace
+from hardneg.worker import GenerationResult, GenerationWorker, ObjectFactory
+
+__all__ = ["GeneratorLike", "HardNeg", "HardNegError", "register_embedding_hook"]
 
 logger = logging.getLogger(__name__)
 
 GeneratorLike = Union[Generator, Callable[[], Generator], None]
-STATE_FORMAT = 1
-
-
-class HardNegError(ValueError):
-    """Bad input to the engine (shapes, NaN embeddings, labels, missing ids or dataset)."""
 
 
 @dataclass
@@ -124,10 +137,7 @@ class HardNeg:
         self.bank: Optional[EmbeddingBank] = None
         if config.embedding_dim is not None:
             self.bank = self._make_bank(config.embedding_dim)
-        self.confusion = ConfusionGraph(
-            k, config.knn_k, config.confusion_ema, config.logit_weight, config.sources_per_pair,
-            max_queries=config.refresh_queries, seed=config.seed,
-        )
+        self.confusion: ConfusionGraph = config.confusion_options.make_graph(k, seed=config.seed)
         self.curriculum = make_curriculum(config)
         self.targeting = make_policy(config)
         self.buffer = SyntheticBuffer(
@@ -135,7 +145,7 @@ class HardNeg:
             max_uses=config.max_uses, arrival_scores=config.teacher != "none",
         )
         # Sources leave the pipeline's space for the generator's; generated images come back into it.
-        self.value_space = ValueSpace(config.data_mean, config.data_std, config.pixel_range)
+        self.value_space: ValueSpace = config.value_space_options.make()
         # Built before the capture hooks exist (and stripped of any hardneg hooks the model already
         # carries), so the EMA copy's forwards never overwrite the training step's capture.
         self.teacher: Optional[Teacher] = self._make_teacher(model, teacher_model)
@@ -143,9 +153,9 @@ class HardNeg:
         self._pairs: list[PairScore] = []
         self._pair_weights: dict[tuple[int, int], float] = {}
         self._last_mix: Optional[_MixRecord] = None
-        self._next_request_id = 0
-        self._source_cursor: dict[tuple[int, int], int] = {}
-        self._ada_requests: dict[int, tuple[float, ...]] = {}
+        # plan -> requests: source cursor, request ids and seeds, GeNIe-Ada grids still out (requests.py)
+        self.requests = RequestBuilder(dataset, self.value_space, config.seed, config.generation_batch,
+                                       config.ada_grid)
         self._counters: dict[str, float] = {
             "observed": 0, "synthetic_used": 0, "synthetic_feedback": 0, "synthetic_correct": 0,
             "requests_made": 0, "images_requested": 0, "images_received": 0, "images_rejected": 0, "engine_seconds": 0.0,
@@ -153,7 +163,6 @@ class HardNeg:
             "images_scored": 0, "images_filtered_low": 0, "images_filtered_high": 0,
             "images_out_of_range": 0,
         }
-        self._source_range: Optional[tuple[float, float]] = None  # value range of every source sent out
         self._wall_start: Optional[float] = None
         self._refresh_every: Optional[int] = None  # resolved on the first observe ("auto" needs a batch size)
         self._warned_nothing_generated = False
@@ -164,13 +173,9 @@ class HardNeg:
         self._unsettled = 0  # requests submitted since the worker was last drained (deterministic mode)
         self._refresh_pool: Optional[ThreadPoolExecutor] = None
         self._refresh_future: Optional[Future] = None
-        self._captured_embeddings: Optional[Tensor] = None
-        self._captured_logits: Optional[Tensor] = None
-        self._capture_always = False
-        self._suppress_capture = False  # set while the engine itself runs the model (arrival scoring)
-        self._hooks: list[Any] = []
-        if model is not None:
-            self._install_hooks(model, embedding_layer)
+        # forward hooks keeping the last training-mode embedding and logits (capture.py)
+        self.capture: Optional[ForwardCapture] = (
+            ForwardCapture(model, embedding_layer, k) if model is not None else None)
         self.worker: Optional[GenerationWorker] = None
         factory = self._generator_factory(generator)
         if factory is not None:
@@ -225,11 +230,11 @@ class HardNeg:
             )
         if logits is None:
             logits = self._captured_logits
-        labels = self._labels_as_ids(labels, emb, synthetic_pairs)
-        emb, labels, logits, ids_t = self._validate_observation(emb, labels, logits, ids)
+        labels = labels_as_ids(labels, emb, self._last_mix, synthetic_pairs)
+        emb, labels, logits, ids_t = validate_observation(emb, labels, logits, ids, self.config.num_classes)
         record = None
         if synthetic_pairs is not None:
-            pairs = self._validate_synthetic_pairs(synthetic_pairs, emb.shape[0])
+            pairs = validate_synthetic_pairs(synthetic_pairs, emb.shape[0], self.config.num_classes)
             n_syn = len(pairs)
             record = _MixRecord(n_in=emb.shape[0] - n_syn, n_total=emb.shape[0], n_real=emb.shape[0] - n_syn,
                                 synthetic_pairs=pairs)
@@ -260,7 +265,7 @@ class HardNeg:
         self._captured_embeddings = self._captured_logits = None
         self._last_mix = None
         self.step += 1
-        if self.step % self._refresh_cadence(n_real) == 0:
+        if self._refresh_due(n_real):
             if self.config.async_refresh and not self.config.deterministic:
                 self._start_background_refresh()
             else:
@@ -279,7 +284,7 @@ class HardNeg:
         t0 = time.perf_counter()
         if self._wall_start is None:
             self._wall_start = t0
-        self._validate_mix_input(x, y)
+        validate_mix_input(x, y, self.config.num_classes)
         self._finish_background_refresh()
         if not self.config.deterministic:
             self.collect()
@@ -287,7 +292,8 @@ class HardNeg:
         k = int(round(self.config.synthetic_fraction * n))
         sample = None
         if k > 0 and len(self.buffer) > 0:
-            self._check_mix_shape(x)  # before the draw: a rejected mix leaves use counts and the RNG alone
+            # before the draw: a rejected mix leaves use counts and the RNG alone
+            check_mix_shape(x, self.buffer.image_shape)
             sample = self.buffer.sample(k, step=self.step, pair_weights=self._pair_weights or None)
         mixed = mix_batch(x, y, sample, mode=self.config.mix_mode, synthetic_weight=self.config.synthetic_weight,
                           num_classes=self.config.num_classes)
@@ -318,7 +324,9 @@ class HardNeg:
         if self.worker is not None and not self.worker.failed:
             if self.config.deterministic:
                 self.wait_for_generation()
-            self._request_generation(self.targeting.plan(self, self.config.images_per_refresh))
+            self._request_generation(self.targeting.plan(self.policy_context(), self.config.images_per_refresh))
+            if self.config.deterministic and self.config.refresh_at is not None:
+                self.wait_for_generation()  # a fixed schedule has no next boundary soon: hand them over now
         return list(self._pairs)
 
     def _start_background_refresh(self) -> None:
@@ -381,6 +389,17 @@ class HardNeg:
                 return False
             time.sleep(0.01)
 
+    def policy_context(self) -> PolicyContext:
+        """What the targeting policy reads at a refresh: the mined pairs with scores, class counts, a
+        read-only bank view and the pairs' boundary sources (no engine: :class:`PolicyContext`)."""
+        bank, graph = self.bank, self.confusion
+        return PolicyContext(
+            num_classes=self.config.num_classes, pairs=tuple(self.confusions()),
+            class_counts=bank.class_counts() if bank is not None else np.zeros(self.config.num_classes, np.int64),
+            bank=BankView(bank) if bank is not None else None,
+            sources=lambda pair, n=None: graph.sources_of(*pair)[:n], sources_per_pair=self.config.sources_per_pair,
+        )
+
     def known_samples(self) -> tuple[np.ndarray, np.ndarray]:
         """(sample ids, labels) of every sample in the bank, for targeting policies."""
         if self.bank is None:
@@ -414,8 +433,9 @@ class HardNeg:
         for result in results:
             self._counters["images_received"] += len(result.images)
             result = dataclasses.replace(result, images=self.value_space.from_pixels(result.images))
-            if result.request_id in self._ada_requests:
-                result = self._select_ada(result, self._ada_requests.pop(result.request_id))
+            grid = self.requests.pop_ada_grid(result.request_id)
+            if grid is not None:
+                result = self._select_ada(result, grid)
             result = self._drop_out_of_range(result)
             if result is None:  # every image of this result was out of range
                 continue
@@ -443,20 +463,14 @@ class HardNeg:
             self._counters["images_rejected"] += len(result.images) - n
         return added
 
-    def _note_source_range(self, sources: Tensor) -> None:
-        lo, hi = float(sources.min()), float(sources.max())
-        if self._source_range is not None:
-            lo, hi = min(lo, self._source_range[0]), max(hi, self._source_range[1])
-        self._source_range = (lo, hi)
-
     def _drop_out_of_range(self, result: GenerationResult) -> Optional[GenerationResult]:
         """Drop generated rows far outside the value range of the sources (e.g. a generator that
         forgot to rescale its output): more than one data span below the smallest or above the
         largest source value. Counted in ``stats()["images_out_of_range"]``, warned about once.
         NaN/inf rows are left to the buffer, which rejects them. None when no row is left."""
-        if self._source_range is None or not len(result):
+        if self.requests.source_range is None or not len(result):
             return result
-        lo, hi = self._source_range
+        lo, hi = self.requests.source_range
         span = max(hi - lo, abs(lo), abs(hi), 1.0)
         flat = torch.nan_to_num(result.images.detach().flatten(1).float(), nan=lo, posinf=hi, neginf=lo)
         ok = ((flat.amin(1) >= lo - span) & (flat.amax(1) <= hi + span)).cpu()
@@ -499,13 +513,12 @@ class HardNeg:
         was_training = model.training
         device = _module_device(model)
         model.eval()
-        self._suppress_capture = True
         out = []
         try:
-            for start in range(0, images.shape[0], batch_size):
-                out.append(output_logits(model(images[start : start + batch_size].to(device))).float().cpu())
+            with self.capture.silenced() if self.capture is not None else contextlib.nullcontext():
+                for start in range(0, images.shape[0], batch_size):
+                    out.append(output_logits(model(images[start : start + batch_size].to(device))).float().cpu())
         finally:
-            self._suppress_capture = False
             model.train(was_training)
         return torch.cat(out)
 
@@ -517,19 +530,20 @@ class HardNeg:
         was_training = self.model.training
         device = _module_device(self.model)
         dtype = _module_float_dtype(self.model)  # a bf16/fp16 model needs its inputs in its own dtype
+        capture = self.capture
+        assert capture is not None  # built with the model
         self.model.eval()
-        self._capture_always = True
         out = []
         try:
-            for start in range(0, images.shape[0], batch_size):
-                self._captured_embeddings = None
-                self.model(images[start : start + batch_size].to(device=device, dtype=dtype))
-                if self._captured_embeddings is None:
-                    raise HardNegError("the model's forward did not reach the embedding hook")
-                out.append(self._captured_embeddings.float().cpu())
+            with capture.always():
+                for start in range(0, images.shape[0], batch_size):
+                    capture.embeddings = None
+                    self.model(images[start : start + batch_size].to(device=device, dtype=dtype))
+                    if capture.embeddings is None:
+                        raise HardNegError("the model's forward did not reach the embedding hook")
+                    out.append(capture.embeddings.float().cpu())
         finally:
-            self._capture_always = False
-            self._captured_embeddings = self._captured_logits = None
+            capture.clear()
             self.model.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.bank.dim if self.bank else 0)
 
@@ -550,8 +564,8 @@ class HardNeg:
             iterator = tqdm(iterator, desc="refresh bank", unit="batch")
         for start in iterator:
             idx = list(range(start, min(start + batch_size, n)))
-            images = torch.stack([_item_image(data[i]) for i in idx])
-            labels = torch.as_tensor([int(_item_label(data[i])) for i in idx])
+            images = torch.stack([item_image(data[i]) for i in idx])
+            labels = torch.as_tensor([int(item_label(data[i])) for i in idx])
             emb = self.embed(images, batch_size=batch_size)
             if self.bank is None:
                 self.bank = self._make_bank(emb.shape[1])
@@ -606,13 +620,13 @@ class HardNeg:
             "curriculum": self.curriculum.state_dict(),
             "buffer": self.buffer.state_dict(),
             "pairs": [[p.a, p.b, p.score, list(p.source_ids)] for p in self._pairs],
-            "source_cursor": {f"{a},{b}": v for (a, b), v in self._source_cursor.items()},
-            "next_request_id": self._next_request_id,
+            "source_cursor": self.requests.cursor.state_dict(),
+            "next_request_id": self.requests.next_request_id,
             "counters": dict(self._counters),
             "targeting": self.targeting.state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
-            "held": [_result_state(r) for r in self._held],
-            "ada_requests": {str(k): list(v) for k, v in self._ada_requests.items()},
+            "held": [result_state(r) for r in self._held],
+            "ada_requests": {str(k): list(v) for k, v in self.requests.ada_requests.items()},
             "wall_seconds": wall,
         }
 
@@ -636,45 +650,9 @@ class HardNeg:
             raise HardNegError(f"the state does not fit this engine ({type(exc).__name__}: {exc}); the engine is "
                                "unchanged") from exc
 
-    _STATE_KEYS = ("format", "config", "class_names", "step", "bank", "confusion", "curriculum", "buffer", "pairs",
-                   "source_cursor", "next_request_id", "counters")
-
     def _check_state(self, state: Any) -> None:
         """Raise :class:`HardNegError` when ``state`` cannot be loaded into this engine (changes nothing)."""
-        if not isinstance(state, dict):
-            raise HardNegError(f"a HardNeg state is a dict (from state_dict()), got {type(state).__name__}")
-        if state.get("format") != STATE_FORMAT:
-            raise HardNegError(f"unknown HardNeg state format {state.get('format')!r} (expected {STATE_FORMAT})")
-        missing = [key for key in self._STATE_KEYS if key not in state]
-        if missing:
-            raise HardNegError(f"the state lacks {missing}: not written by HardNeg.state_dict()")
-        try:
-            saved = HardNegConfig.from_dict(state["config"])
-        except (ValueError, TypeError) as exc:
-            raise HardNegError(f"the state's config is invalid: {exc}") from None
-        if saved.num_classes != self.config.num_classes:
-            raise HardNegError(
-                f"state was saved with num_classes={saved.num_classes}, this engine has {self.config.num_classes}"
-            )
-        bank = state["bank"]
-        if bank is not None:
-            dim = int(bank["dim"])
-            want = self.config.embedding_dim if self.config.embedding_dim is not None else (
-                self.bank.dim if self.bank is not None and len(self.bank) else None)
-            if want is not None and dim != want:
-                raise HardNegError(f"state holds {dim}-dimensional embeddings, this engine's are {want}-dimensional "
-                                   "(config.embedding_dim or its bank): was it saved with another model?")
-            vectors = bank["vectors"]
-            if tuple(vectors.shape[1:]) != (dim,) or len(bank["ids"]) != vectors.shape[0]:
-                raise HardNegError(f"the state's bank is inconsistent: dim {dim}, vectors {tuple(vectors.shape)}, "
-                                   f"{len(bank['ids'])} ids")
-        capacity = int(state["buffer"]["capacity"])
-        if capacity != self.config.buffer_size:
-            raise HardNegError(f"state was saved with buffer_size={capacity}, this engine has "
-                               f"{self.config.buffer_size}: build it with config.replace(buffer_size={capacity})")
-        teacher = state.get("teacher")
-        if self.teacher is not None and teacher is not None and teacher.get("kind") != self.teacher.kind:
-            raise HardNegError(f"state holds a {teacher.get('kind')!r} teacher, this engine's is {self.teacher.kind!r}")
+        check_state(state, self.config, self.bank, self.teacher)
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -687,14 +665,15 @@ class HardNeg:
         self.buffer.load_state_dict(state["buffer"])
         self._pairs = [PairScore(int(a), int(b), float(s), list(src)) for a, b, s, src in state["pairs"]]
         self._pair_weights = pair_weights(self._pairs)
-        self._source_cursor = {tuple(int(v) for v in k.split(",")): int(v) for k, v in state["source_cursor"].items()}
-        self._next_request_id = int(state["next_request_id"])
+        self.requests.cursor.load_state_dict(state["source_cursor"])
+        self.requests.next_request_id = int(state["next_request_id"])
         self._counters.update(state["counters"])
         self.targeting.load_state_dict(state.get("targeting", {}))
         if self.teacher is not None and state.get("teacher") is not None:
             self.teacher.load_state_dict(state["teacher"])
-        self._held = [_result_from_state(r) for r in state.get("held", [])]
-        self._ada_requests = {int(k): tuple(float(r) for r in v) for k, v in state.get("ada_requests", {}).items()}
+        self._held = [result_from_state(r) for r in state.get("held", [])]
+        self.requests.ada_requests = {int(k): tuple(float(r) for r in v)
+                                      for k, v in state.get("ada_requests", {}).items()}
         self._wall_offset = float(state.get("wall_seconds", 0.0))
         self._wall_start = None  # the clock restarts at the next step; time spent down is not counted
         self._last_mix = None
@@ -724,9 +703,8 @@ class HardNeg:
         if self.worker is not None:
             self._warn_if_nothing_generated()
             self.worker.close(timeout=timeout)
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        if self.capture is not None:
+            self.capture.remove()
 
     def __enter__(self) -> "HardNeg":
         return self
@@ -744,6 +722,13 @@ class HardNeg:
         return self._refresh_every if self._refresh_every is not None else AUTO_REFRESH_MAX
 
     # ================================================================== internals
+    def _refresh_due(self, batch_size: int) -> bool:
+        """Whether the step just observed ends with a refresh: one of ``config.refresh_at``, else every
+        ``refresh_every`` steps."""
+        if self.config.refresh_at is not None:
+            return self.step in self.config.refresh_at
+        return self.step % self._refresh_cadence(batch_size) == 0
+
     def _refresh_cadence(self, batch_size: int) -> int:
         """``config.refresh_every``; ``"auto"`` is resolved once, from the first observed batch size."""
         if isinstance(self.config.refresh_every, int):
@@ -785,19 +770,16 @@ class HardNeg:
         c = self.config
         if c.embedding_dim is not None and dim != c.embedding_dim:
             raise HardNegError(f"embeddings have dimension {dim}, config.embedding_dim is {c.embedding_dim}")
-        return EmbeddingBank(dim, c.num_classes, c.metric, c.index, c.ivf_threshold, c.nprobe, c.use_gpu_index)
+        return c.bank_options.make_bank(dim, c.num_classes)
 
     def _generator_space(self, images: Tensor, ids: Sequence[int]) -> Tensor:
         """Dataset (pipeline-space) images -> the generator's pixels; a clear error when out of range."""
-        try:
-            return self.value_space.to_pixels(images, ids)
-        except ValueSpaceError as exc:
-            raise HardNegError(str(exc)) from None
+        return self.requests.generator_space(images, ids)
 
     def _check_value_space(self) -> None:
         """Fail at construction, not at the first refresh, when the first source is out of range."""
         try:
-            image = _item_image(self.dataset[0]) if len(self.dataset) > 0 else None
+            image = item_image(self.dataset[0]) if len(self.dataset) > 0 else None
         except Exception:  # noqa: BLE001 - an item the engine cannot read fails where it is used, at a refresh
             return
         if image is not None and image.ndim == 3 and (image.is_floating_point() or image.dtype == torch.uint8):
@@ -846,7 +828,7 @@ class HardNeg:
     def _dataset_image_shape(self) -> Optional[tuple[int, ...]]:
         """``(C, H, W)`` of the dataset's first image, or None when it has no tensor image there."""
         try:
-            image = _item_image(self.dataset[0])
+            image = item_image(self.dataset[0])
         except Exception:  # noqa: BLE001 - e.g. PIL images before a transform: nothing to check
             return None
         return tuple(int(v) for v in image.shape) if image.ndim == 3 else None
@@ -866,108 +848,6 @@ class HardNeg:
                                "model=...), or use teacher='model' with teacher_model=")
         return Teacher(kind, model=model, teacher_model=teacher_model, decay=self.config.teacher_decay,
                        warmup=self.config.teacher_warmup)
-
-    def _labels_as_ids(self, labels: Any, emb: Any,
-                       synthetic_pairs: Optional[Sequence[tuple[int, int]]]) -> Any:
-        """Class ids from ``(N, K)`` soft targets (what :meth:`mix` returns with soft labels): real
-        rows their argmax, synthetic rows their target class; anything else is returned as is."""
-        try:
-            y = torch.as_tensor(labels)
-        except (TypeError, ValueError, RuntimeError):
-            return labels  # _validate_observation says what is wrong with it
-        if y.ndim != 2 or not y.is_floating_point():
-            return labels
-        ids = y.detach().argmax(1).cpu()
-        m = self._last_mix
-        if synthetic_pairs is not None:
-            pairs, n_real = list(synthetic_pairs), ids.shape[0] - len(synthetic_pairs)
-        elif m is not None and ids.shape[0] == m.n_total and getattr(emb, "shape", (None,))[0] == m.n_total:
-            pairs, n_real = m.synthetic_pairs, m.n_real
-        else:
-            pairs, n_real = [], ids.shape[0]
-        if pairs and n_real >= 0:
-            ids[n_real:] = torch.tensor([int(b) for _, b in pairs], dtype=ids.dtype)
-        return ids
-
-    def _validate_observation(
-        self, emb: Tensor, labels: Any, logits: Optional[Tensor], ids: Any
-    ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
-        k = self.config.num_classes
-        if not isinstance(emb, Tensor) or emb.ndim != 2:
-            raise HardNegError(f"embeddings must be a (N, D) tensor, got {getattr(emb, 'shape', type(emb))}")
-        if not emb.is_floating_point():
-            raise HardNegError(f"embeddings must be floating point, got dtype {emb.dtype}")
-        labels = _as_tensor(labels, "labels", "integer class ids (N,)")
-        if labels.dtype == torch.bool:
-            raise HardNegError("labels are bool: pass integer class ids (e.g. y.long() for a 0/1 target), so a "
-                               "mask or a True/False target is never taken for classes 0 and 1 by accident")
-        if labels.is_floating_point() or labels.ndim != 1 or labels.shape[0] != emb.shape[0]:
-            raise HardNegError(f"labels must be integer (N,) with N={emb.shape[0]}, got {labels.dtype} {tuple(labels.shape)}")
-        labels = labels.detach().cpu().long()
-        if labels.numel() and (labels.min() < 0 or labels.max() >= k):
-            raise HardNegError(f"labels must lie in [0, {k}), got min {int(labels.min())} max {int(labels.max())}")
-        emb = emb.detach()
-        if not torch.isfinite(emb).all():
-            raise HardNegError(
-                "embeddings contain NaN/inf (the model has probably diverged); nothing was recorded for this step"
-            )
-        if logits is not None:
-            logits = logits.detach()
-            if logits.ndim != 2 or logits.shape != (emb.shape[0], k):
-                raise HardNegError(f"logits must have shape ({emb.shape[0]}, {k}), got {tuple(logits.shape)}")
-            if not torch.isfinite(logits).all():
-                raise HardNegError("logits contain NaN/inf; nothing was recorded for this step")
-        ids_t = _as_tensor(ids, "ids", "integer dataset indices (N,)").detach().cpu()
-        if ids_t.is_floating_point() or ids_t.dtype == torch.bool or ids_t.ndim != 1:
-            raise HardNegError(f"ids must be an integer (N,) tensor of sample ids, got {ids_t.dtype} {tuple(ids_t.shape)}")
-        if ids_t.numel() and int(ids_t.min()) < 0:
-            raise HardNegError(f"ids must be dataset indices >= 0, got min {int(ids_t.min())}")
-        return emb, labels, logits, ids_t.long()
-
-    def _validate_synthetic_pairs(self, synthetic_pairs: Any, n_rows: int) -> list[tuple[int, int]]:
-        k = self.config.num_classes
-        try:
-            pairs = [(int(a), int(b)) for a, b in synthetic_pairs]
-        except (TypeError, ValueError):
-            raise HardNegError("synthetic_pairs must be a sequence of (source class, target class) integer pairs, "
-                               f"got {synthetic_pairs!r:.200}") from None
-        if len(pairs) > n_rows:
-            raise HardNegError(f"synthetic_pairs has {len(pairs)} pairs but the batch has only {n_rows} rows: it "
-                               "describes the LAST rows of the batch, so it cannot be longer than the batch")
-        bad = [p for p in pairs if not (0 <= p[0] < k and 0 <= p[1] < k)]
-        if bad:
-            raise HardNegError(f"synthetic_pairs holds classes outside [0, {k}): {bad[:5]}")
-        return pairs
-
-    def _validate_mix_input(self, x: Any, y: Any) -> None:
-        """Everything about ``mix``'s arguments that can be checked before the engine changes state."""
-        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-            raise HardNegError(f"mix() needs tensors x and y, got {type(x).__name__} and {type(y).__name__}")
-        if x.ndim < 1 or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
-            raise HardNegError(
-                f"mix() needs x (N, ...) and y (N,) labels or (N, K) soft targets, got {tuple(x.shape)} and "
-                f"{tuple(y.shape)}")
-        if not x.is_floating_point():
-            raise HardNegError(
-                f"mix() needs floating-point images (generated rows are float, in the value range of the training "
-                f"data), got {x.dtype}: convert the batch first, e.g. x.float() / 255 for uint8 images, and train "
-                "the generator on the same range")
-        if y.dtype == torch.bool or (y.ndim == 2 and not y.is_floating_point()):
-            raise HardNegError(f"mix() needs y as integer class ids (N,) or float soft targets (N, K), got {y.dtype} "
-                               f"{tuple(y.shape)}")
-        if y.ndim == 2 and y.shape[1] != self.config.num_classes:
-            raise HardNegError(f"soft targets y have {y.shape[1]} classes, config.num_classes is "
-                               f"{self.config.num_classes}")
-
-    def _check_mix_shape(self, x: Tensor) -> None:
-        shape = self.buffer.image_shape
-        if shape is not None and tuple(x.shape[1:]) != shape:
-            hint = ""
-            if x.ndim == 4 and len(shape) == 3 and x.shape[1] != shape[0]:
-                hint = f" (channels: generator {shape[0]}, batch {x.shape[1]})"
-            raise HardNegError(
-                f"the batch has per-sample shape {tuple(x.shape[1:])} but the generated images are {shape}{hint}: "
-                "the generator must produce images like the training data (same channels and size)")
 
     def _split_real_synthetic(self, n_rows: int, n_ids: int,
                               record: Optional[_MixRecord] = None) -> tuple[int, list[tuple[int, int]]]:
@@ -996,180 +876,57 @@ class HardNeg:
         self._counters["synthetic_correct"] += sum(correct)
 
     def _request_generation(self, plan: list[PlannedPair]) -> None:
-        """Turn a targeting plan into worker requests (r from the curriculum unless the plan fixes it)."""
+        """Turn a targeting plan into worker requests (requests.py) and submit them."""
         cfg = self.config
-        grid = tuple(cfg.ada_grid) if self.curriculum.uses_ada else None
-        for planned in plan:
-            if planned.count <= 0 or not planned.source_ids:
-                continue
-            pair = planned.pair
-            start = self._source_cursor.get(pair, 0)
-            order = [(start + i) % len(planned.source_ids) for i in range(planned.count)]
-            chosen = [planned.source_ids[i] for i in order]
-            if planned.source_labels is not None:
-                if len(planned.source_labels) != len(planned.source_ids):
-                    raise HardNegError("PlannedPair.source_labels must have one label per source id")
-                chosen_labels = [int(planned.source_labels[i]) for i in order]
-            else:
-                chosen_labels = [pair[0]] * len(chosen)
-            self._source_cursor[pair] = (start + planned.count) % len(planned.source_ids)
-            if planned.ratios is not None:
-                ratios_all = [float(r) for r in planned.ratios]
-                use_grid = None
-            else:
-                r = float(self.curriculum.ratio(pair, self.step))
-                self.curriculum.record(pair, self.step, r)
-                ratios_all = [r] * len(chosen)
-                use_grid = grid
-            per_request = cfg.generation_batch if use_grid is None else max(1, cfg.generation_batch // len(use_grid))
-            label = planned.label if planned.label is not None else pair[1]
-            for c0 in range(0, len(chosen), per_request):
-                ids = chosen[c0 : c0 + per_request]
-                sources = torch.stack([_item_image(self.dataset[i]).float().cpu() for i in ids])
-                self._note_source_range(sources)  # in the pipeline's space, as generated rows are checked
-                sources = self._generator_space(sources, ids)
-                m = len(ids)
-                ratios = torch.tensor(ratios_all[c0 : c0 + m], dtype=torch.float32)
-                src_ids = torch.as_tensor(ids, dtype=torch.long)
-                if use_grid is not None:  # GeNIe-Ada: every source at every grid r, chosen on return
-                    sources = sources.repeat_interleave(len(use_grid), 0)
-                    src_ids = src_ids.repeat_interleave(len(use_grid))
-                    ratios = torch.tensor(use_grid, dtype=torch.float32).repeat(m)
-                    m = m * len(use_grid)
-                src_labels = torch.as_tensor(chosen_labels[c0 : c0 + len(ids)], dtype=torch.long)
-                if use_grid is not None:
-                    src_labels = src_labels.repeat_interleave(len(use_grid))
-                req = GenerationRequest(
-                    request_id=self._next_request_id, pair=pair, source_ids=src_ids, sources=sources,
-                    source_labels=src_labels,
-                    target_labels=torch.full((m,), label, dtype=torch.long), ratios=ratios, step=self.step,
-                    seed=cfg.seed * 1_000_003 + self._next_request_id,
-                )
-                if use_grid is not None:
-                    self._ada_requests[req.request_id] = use_grid
-                self._next_request_id += 1
-                self._counters["requests_made"] += 1
-                self._counters["images_requested"] += m
-                if cfg.deterministic and self._unsettled >= cfg.queue_size:
-                    # a full queue drops its oldest request, and which one depends on timing: wait here
-                    # instead; the results are held for the next hand-over like all the others
-                    self._held.extend(self.worker.drain())
-                    self._unsettled = 0
-                self._unsettled += 1
-                self.worker.submit(req)
+        for req in self.requests.build(plan, self.curriculum, self.step):
+            self._counters["requests_made"] += 1
+            self._counters["images_requested"] += len(req.ratios)
+            if cfg.deterministic and self._unsettled >= cfg.queue_size:
+                # a full queue drops its oldest request, and which one depends on timing: wait here
+                # instead; the results are held for the next hand-over like all the others
+                self._held.extend(self.worker.drain())
+                self._unsettled = 0
+            self._unsettled += 1
+            self.worker.submit(req)
 
     def _select_ada(self, result: GenerationResult, grid: tuple[float, ...]) -> GenerationResult:
-        """Keep, per source, the image at the r right after the largest semantic jump (GeNIe-Ada)."""
-        from hardneg.generators.ada import choose_ratio
+        """Keep, per source, the image at the r right after the largest semantic jump (GeNIe-Ada,
+        :func:`hardneg.generators.ada.ada_pick`): results embedded by the classifier, the sources'
+        embeddings and the target class mean from the bank (no re-encoding of the sources)."""
+        from hardneg.generators.ada import ada_pick
 
         g = len(grid)
-        images = result.images
-        n = images.shape[0] // g
         a, b = result.pair
-        emb = torch.nn.functional.normalize(self.embed(images), dim=1)
+        emb = torch.nn.functional.normalize(self.embed(result.images), dim=1)
         target_mean = torch.as_tensor(self.bank.class_means()[b])
-        src_emb = emb.new_tensor(self.bank.get(result.source_ids[::g])[0]) if self.bank is not None else None
-        v = target_mean.unsqueeze(0) - src_emb  # (n, D)
-        proj = (emb.view(n, g, -1) * v.unsqueeze(1)).sum(-1)
-        chosen_r = choose_ratio(proj, grid)
-        pick = torch.tensor([i * g + grid.index(float(r)) for i, r in enumerate(chosen_r.tolist())])
+        src_emb = emb.new_tensor(self.bank.get(result.source_ids[::g])[0])
+        index, chosen_r, _ = ada_pick(emb, src_emb, target_mean.unsqueeze(0), grid)
         for r in chosen_r.tolist():
             self.curriculum.record_choice((a, b), float(r), self.step)
-        return result.select(pick)
+        return result.select(index + torch.arange(len(index)) * g)
 
-    def _install_hooks(self, model: nn.Module, embedding_layer: Optional[str]) -> None:
-        def keep(tensor: Tensor) -> None:
-            if self._suppress_capture:
-                return
-            if model.training or self._capture_always:
-                self._captured_embeddings = tensor.detach().flatten(1)
+    @property
+    def _captured_embeddings(self) -> Optional[Tensor]:
+        """The last embedding the forward hook captured (:class:`~hardneg.capture.ForwardCapture`)."""
+        return self.capture.embeddings if self.capture is not None else None
 
-        self._hooks.append(register_embedding_hook(model, embedding_layer, keep))
+    @_captured_embeddings.setter
+    def _captured_embeddings(self, value: Optional[Tensor]) -> None:
+        if self.capture is not None:
+            self.capture.embeddings = value
 
-        def keep_logits(m: nn.Module, i: Any, out: Any) -> None:
-            logits = getattr(out, "logits", out)
-            if self._suppress_capture:
-                return
-            if (model.training or self._capture_always) and isinstance(logits, Tensor) and logits.ndim == 2 \
-                    and logits.shape[1] == self.config.num_classes:
-                self._captured_logits = logits.detach()
+    @property
+    def _captured_logits(self) -> Optional[Tensor]:
+        """The last ``(N, K)`` logits the forward hook captured."""
+        return self.capture.logits if self.capture is not None else None
 
-        self._hooks.append(model.register_forward_hook(keep_logits))
-
-
-def register_embedding_hook(model: nn.Module, embedding_layer: Optional[str], callback: Callable[[Tensor], None]) -> Any:
-    """Call ``callback(embedding)`` on every forward of ``model``; returns the hook handle.
-
-    The embedding is the output of ``embedding_layer`` when named; else the input of a timm
-    model's classifier (``forward_head(x, pre_logits=True)``); else the input of the last
-    ``nn.Linear``.
-    """
-    if embedding_layer is not None:
-        try:
-            layer = model.get_submodule(embedding_layer)
-        except AttributeError as exc:
-            raise HardNegError(f"model has no submodule {embedding_layer!r}") from exc
-        return layer.register_forward_hook(lambda m, i, o: callback(o))
-    head = None
-    if hasattr(model, "get_classifier") and hasattr(model, "forward_head"):
-        head = model.get_classifier()  # timm: its input is forward_head(pre_logits=True)
-    if not isinstance(head, nn.Module):
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        head = linears[-1] if linears else None
-    if head is None:
-        raise HardNegError("cannot find the embedding: pass embedding_layer='name.of.layer'")
-    return head.register_forward_pre_hook(lambda m, inputs: callback(inputs[0]))
+    @_captured_logits.setter
+    def _captured_logits(self, value: Optional[Tensor]) -> None:
+        if self.capture is not None:
+            self.capture.logits = value
 
 
 # ---------------------------------------------------------------------- helpers
-def _result_state(result: GenerationResult) -> dict[str, Any]:
-    """A finished result as plain tensors and numbers (part of :meth:`HardNeg.state_dict`)."""
-    r = result.request
-    return {"request_id": r.request_id, "pair": list(r.pair), "source_ids": r.source_ids.clone(),
-            "source_labels": r.source_labels.clone(), "target_labels": r.target_labels.clone(),
-            "ratios": r.ratios.clone(), "step": r.step, "seed": r.seed, "images": result.images.clone(),
-            "seconds": float(result.seconds), "queue_wait": float(result.queue_wait)}
-
-
-def _result_from_state(state: dict[str, Any]) -> GenerationResult:
-    req = GenerationRequest(
-        request_id=state["request_id"], pair=tuple(state["pair"]), source_ids=state["source_ids"], sources=None,
-        source_labels=state["source_labels"], target_labels=state["target_labels"], ratios=state["ratios"],
-        step=state["step"], seed=state["seed"],
-    )
-    return GenerationResult(req, state["images"].to("cpu"), float(state["seconds"]), float(state["queue_wait"]))
-
-
-def _as_tensor(value: Any, name: str, expected: str) -> Tensor:
-    """``torch.as_tensor`` with an error naming the argument (strings, ragged lists, objects)."""
-    try:
-        return torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        first = next(iter(value), None) if isinstance(value, (list, tuple)) else value
-        raise HardNegError(f"{name} must be {expected}, got a {type(value).__name__} of "
-                           f"{type(first).__name__} ({value!r:.80}); map them to integers first") from None
-
-
-def _item_image(item: Any) -> Tensor:
-    if isinstance(item, dict):
-        for key in ("image", "pixel_values", "x", "input"):
-            if key in item:
-                return torch.as_tensor(item[key])
-        raise HardNegError(f"dataset item dict has no image key (tried image/pixel_values/x/input): {list(item)}")
-    if isinstance(item, (tuple, list)):
-        return torch.as_tensor(item[0])
-    return torch.as_tensor(item)
-
-
-def _item_label(item: Any) -> int:
-    if isinstance(item, dict):
-        for key in ("label", "labels", "y", "target"):
-            if key in item:
-                return int(item[key])
-        raise HardNegError(f"dataset item dict has no label key: {list(item)}")
-    return int(item[1])
-
-
 def _limit_search_threads(threads: int) -> None:
     """Cap FAISS's OpenMP threads for the calling thread only (the refresh thread), so a background
     kNN pass does not take every core from the training step; 0 keeps FAISS's default."""

@@ -12,6 +12,8 @@ Two kinds (``HardNegConfig.teacher``):
   pretrained one; the engine never changes its weights.
 
 :meth:`Teacher.logits` runs it in eval mode without gradients, batched.
+
+Serves ``observe`` (``update``: one EMA step) and arrival (``logits``: scoring fresh images).
 """
 
 from __future__ import annotations

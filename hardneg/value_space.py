@@ -12,6 +12,9 @@ mixed into a batch; otherwise the classifier trains on two pixel scales at once,
 know them, so they need not be typed twice::
 
     cfg = HardNegConfig(num_classes=10, **normalization_from(timm.data.resolve_data_config({}, model=model)))
+
+Serves the refresh (sources leave the pipeline's space, :mod:`hardneg.requests`) and arrival
+(generated images come back into it); options: :class:`ValueSpaceOptions`.
 """
 
 from __future__ import annotations
@@ -176,3 +179,47 @@ def _find_normalization(source: Any, depth: int) -> Optional[tuple[tuple[float, 
             if found is not None:
                 return found
     return None
+
+
+# ---------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class ValueSpaceOptions:
+    """How the pipeline normalises its pixels (``HardNegConfig`` fields of the same names;
+    ``value_space_options``): ``(x - data_mean) / data_std`` per channel (None: plain pixels), the
+    generator working on plain pixels in ``pixel_range``."""
+
+    data_mean: Optional[tuple[float, ...]] = None
+    data_std: Optional[tuple[float, ...]] = None
+    pixel_range: tuple[float, float] = (0.0, 1.0)  # un-normalised pixels (the generator's space)
+
+    def __post_init__(self) -> None:
+        from hardneg._checks import ConfigError, set_field
+
+        for name in ("data_mean", "data_std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                values = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be a sequence of numbers (one per channel), got {value!r}") from None
+            if not values or any(v != v or v in (float("inf"), float("-inf")) for v in values):
+                raise ConfigError(f"{name} must hold one finite number per channel, got {value!r}")
+            set_field(self, name, values)
+        mean, std = self.data_mean, self.data_std
+        if (mean is None) != (std is None):
+            raise ConfigError("data_mean and data_std go together: give both (the pipeline's normalisation) or "
+                              "neither (plain pixels)")
+        if mean is not None and std is not None:
+            if len(mean) != len(std):
+                raise ConfigError(f"data_mean has {len(mean)} channel(s) but data_std has {len(std)}")
+            if any(v <= 0 for v in std):
+                raise ConfigError(f"data_std must be positive, got {std}")
+        pr = self.pixel_range
+        if (not isinstance(pr, (tuple, list)) or len(pr) != 2
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in pr) or not pr[0] < pr[1]):
+            raise ConfigError(f"pixel_range must be (low, high) with low < high, got {pr!r}")
+        set_field(self, "pixel_range", (float(pr[0]), float(pr[1])))
+
+    def make(self) -> ValueSpace:
+        return ValueSpace(self.data_mean, self.data_std, self.pixel_range)

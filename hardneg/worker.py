@@ -32,6 +32,9 @@ Orphans: a child process exits as soon as the training process dies, even in the
 request: a watchdog thread in the child waits on the parent's sentinel, and on Linux the child also
 asks the kernel for ``SIGKILL`` on parent death (``PR_SET_PDEATHSIG``, when started from the main
 thread: the kernel ties it to the launching thread).
+
+Serves the refresh (``submit``, from :class:`hardneg.HardNeg`, never blocking) and ``mix``/``collect``
+(``poll``); generation itself runs here, off the training step.
 """
 
 from __future__ import annotations

@@ -69,5 +69,7 @@ def test_da_fusion_config_rejects_what_it_sets_and_bad_values():
         da_fusion_config(3, strength=0.0)
     with pytest.raises(ConfigError, match="synthetic_fraction"):
         da_fusion_config(3, p=1.0)
-    cfg = da_fusion_config(3, p=0.25, strength=None, extra={"note": 1})
-    assert cfg.extra == {"note": 1, "same_class_strength": None}
+    cfg = da_fusion_config(3, p=0.25, strength=None)
+    assert cfg.same_class_strength is None and cfg.policy_options.strength is None
+    with pytest.raises(ConfigError, match="extra"):  # the old escape hatch is gone: a typed option per setting
+        da_fusion_config(3, extra={"note": 1})

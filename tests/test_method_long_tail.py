@@ -80,7 +80,7 @@ def test_plan_targets_tail_classes_in_proportion_to_deficit_from_nearest_head_sa
 
 def test_fixed_ratio_from_config_extra():
     cfg = HardNegConfig(num_classes=4, targeting="long-tail", sources_per_pair=4,
-                        extra={"long_tail_ratio": 0.3, "long_tail_head_fraction": 0.25})
+                        long_tail_ratio=0.3, long_tail_head_fraction=0.25)
     engine = HardNeg(cfg)
     engine.bank = _imbalanced_bank()
     plan = engine.targeting.plan(engine, 9)

@@ -34,7 +34,7 @@ def _collect_all(engine, timeout=120):
 def test_policy_shapes_the_generated_pairs(targeting):
     data = _toy_data()
     model = TinyNet()
-    cfg = _cfg(targeting=targeting, refresh_every=3, extra={"same_class_strength": None})
+    cfg = _cfg(targeting=targeting, refresh_every=3, same_class_strength=None)
     with HardNeg(cfg, model=model, dataset=data, generator=BlendGenerator()) as engine:
         _run_loop(engine, model, data, steps=3)
         _collect_all(engine)
@@ -155,7 +155,7 @@ def test_successive_refreshes_rotate_through_each_pairs_sources():
     centres = torch.eye(6)[[0, 0, 1, 2]] * 3.0  # 0 and 1 overlap: the mined pairs
     emb = centres[data.labels] + torch.randn(len(data), 6, generator=g)
     cfg = _cfg(refresh_every=1000, top_pairs=2, sources_per_pair=5, images_per_refresh=6, generation_batch=16,
-               async_refresh=False, extra={"confusion_direction": "as-mined"})
+               async_refresh=False, confusion_direction="as-mined")
     with HardNeg(cfg, dataset=data, generator=BlendGenerator(), start_worker=False) as engine:
         requests = []
         engine.worker.submit = lambda req: requests.append(req) or True  # record, generate nothing

@@ -20,6 +20,8 @@ from hardneg.commands._args import HelpFormatter, UsageError, plain, positive_in
 
 
 def add_parser(subparsers: Any) -> None:
+    from hardneg.curriculum import CURRICULA  # the one list of curriculum names (a light module)
+
     p = subparsers.add_parser(
         "demo",
         help="train a classifier on the built-in digits or your image folder with online GeNIe hard negatives",
@@ -63,7 +65,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--fit-steps", type=positive_int, default=1500, help="generator training steps if it must be trained")
     p.add_argument("--no-generation", action="store_true", help="only mine confusion, generate nothing")
     p.add_argument("--curriculum", default="adaptive",
-                   choices=["constant", "linear", "cosine", "step", "adaptive", "ada"],
+                   choices=[c for c in CURRICULA if c != "band"],  # band needs a teacher, the demo keeps none
                    help="how the GeNIe noise ratio r moves: a time schedule (constant, linear, cosine, step), per pair from "
                         "the model's accuracy on fresh negatives (adaptive) or picked per source (ada)")
     p.add_argument("--worker", choices=["process", "thread"], default="process",

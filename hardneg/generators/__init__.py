@@ -14,9 +14,11 @@ from typing import Any, Optional
 import torch
 
 from hardneg.generators.base import Generator, GeneratorError
+from hardneg.registry import Registry
 
 __all__ = [
     "AdaResult",
+    "ada_pick",
     "ClassConditionalConfig",
     "ClassConditionalGenerator",
     "Generator",
@@ -28,13 +30,12 @@ __all__ = [
     "load_generator",
 ]
 
-GENERATORS = ("class-conditional", "stable-diffusion")
-
 _LAZY = {
     "ClassConditionalGenerator": "hardneg.generators.class_conditional",
     "ClassConditionalConfig": "hardneg.generators.class_conditional",
     "default_digits_generator_path": "hardneg.generators.class_conditional",
     "AdaResult": "hardneg.generators.ada",
+    "ada_pick": "hardneg.generators.ada",
     "choose_ratio": "hardneg.generators.ada",
     "genie_ada": "hardneg.generators.ada",
 }
@@ -48,7 +49,7 @@ def __getattr__(name: str) -> Any:
 
 
 def load_generator(name: str, path: Optional[str] = None, **kwargs: Any) -> Generator:
-    """Build the generator backend ``name`` from ``path``.
+    """Build the generator backend ``name`` (a name of :data:`GENERATORS`) from ``path``.
 
     ``"class-conditional"``: :meth:`ClassConditionalGenerator.load(path, **kwargs)
     <hardneg.generators.class_conditional.ClassConditionalGenerator.load>`; ``path=None`` loads the
@@ -58,32 +59,43 @@ def load_generator(name: str, path: Optional[str] = None, **kwargs: Any) -> Gene
     ``StableDiffusionGenerator.from_pretrained(path, **kwargs)`` (a local folder or hub id).
     The returned generator's ``source_path`` is the folder or id it came from.
     """
-    if name == "class-conditional":
-        from hardneg.generators.class_conditional import (
-            ClassConditionalGenerator,
-            default_digits_generator_path,
-        )
+    if name not in GENERATORS:
+        raise GeneratorError(f"unknown generator {name!r}; choose one of {list(GENERATORS)}")
+    return GENERATORS.build(name, path, **kwargs)
 
-        folder = path if path is not None else default_digits_generator_path()
-        compile_ = kwargs.pop("compile", False)
-        max_batch = kwargs.pop("max_batch_size", None)
-        dtype = kwargs.pop("dtype", None)
-        if dtype not in (None, "fp32", "float32", "float") and dtype is not torch.float32:
-            raise GeneratorError(f"the class-conditional generator runs in float32, got dtype={dtype!r}")
-        gen = ClassConditionalGenerator.load(folder, **kwargs)
-        if max_batch is not None:
-            gen.max_batch = int(max_batch)
-        if compile_:
-            gen.compile(compile_)  # lazily, where it runs: the worker (warmup at its start)
-        gen.source_path = str(folder)
-        return gen
-    if name == "stable-diffusion":
-        if path is None:
-            raise GeneratorError(
-                "the stable-diffusion generator needs a path: a local model folder or hub id")
-        from hardneg.generators.stable_diffusion import StableDiffusionGenerator
 
-        sd = StableDiffusionGenerator.from_pretrained(path, **kwargs)
-        sd.source_path = str(path)
-        return sd
-    raise GeneratorError(f"unknown generator {name!r}; choose one of {list(GENERATORS)}")
+def _load_class_conditional(path: Optional[str] = None, **kwargs: Any) -> Generator:
+    from hardneg.generators.class_conditional import ClassConditionalGenerator, default_digits_generator_path
+
+    folder = path if path is not None else default_digits_generator_path()
+    compile_ = kwargs.pop("compile", False)
+    max_batch = kwargs.pop("max_batch_size", None)
+    dtype = kwargs.pop("dtype", None)
+    if dtype not in (None, "fp32", "float32", "float") and dtype is not torch.float32:
+        raise GeneratorError(f"the class-conditional generator runs in float32, got dtype={dtype!r}")
+    gen = ClassConditionalGenerator.load(folder, **kwargs)
+    if max_batch is not None:
+        gen.max_batch = int(max_batch)
+    if compile_:
+        gen.compile(compile_)  # lazily, where it runs: the worker (warmup at its start)
+    gen.source_path = str(folder)
+    return gen
+
+
+def _load_stable_diffusion(path: Optional[str] = None, **kwargs: Any) -> Generator:
+    if path is None:
+        raise GeneratorError(
+            "the stable-diffusion generator needs a path: a local model folder or hub id")
+    from hardneg.generators.stable_diffusion import StableDiffusionGenerator
+
+    sd = StableDiffusionGenerator.from_pretrained(path, **kwargs)
+    sd.source_path = str(path)
+    return sd
+
+
+# The generators HardNegConfig(generator=name) can build, by name: a loader ``(path, **kwargs) ->
+# Generator`` each (module-level, so functools.partial(load_generator, name, ...) pickles). A new
+# backend is one module plus one GENERATORS.register(name, loader) line.
+GENERATORS: Registry[Generator] = Registry("generator")
+GENERATORS.register("class-conditional", _load_class_conditional)
+GENERATORS.register("stable-diffusion", _load_stable_diffusion)

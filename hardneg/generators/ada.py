@@ -5,6 +5,11 @@ the classifier's encoder (L2-normalised), and project each embedding on
 ``v = mean(real B embeddings) - source embedding``. The projection rises as the image moves from A
 to B; the r just after its largest jump (``grid[argmax(diff) + 1]``) is the hardest negative that
 already reads as B. The chosen image is one of those already generated: no extra generation.
+
+One implementation, two callers: :func:`ada_pick` is the selection (projections, then the r after
+the largest jump). :func:`genie_ada` (offline: generate, encode sources and results, pick) and the
+engine on arrival of a GeNIe-Ada request (:class:`hardneg.HardNeg`: results embedded by the
+classifier, sources and the target mean taken from the embedding bank) both call it.
 """
 
 from __future__ import annotations
@@ -66,6 +71,23 @@ def choose_ratio(projections: Tensor, grid: Sequence[float] = DEFAULT_GRID) -> T
         raise GeneratorError(
             f"projections must be (N, {len(g)}) for a grid of {len(g)} ratios, got {tuple(p.shape)}")
     return torch.tensor(g, dtype=torch.float64)[choose_index(p).cpu()]
+
+
+def ada_pick(image_embeddings: Tensor, source_embeddings: Tensor, target_means: Tensor,
+             grid: Sequence[float] = DEFAULT_GRID) -> tuple[Tensor, Tensor, Tensor]:
+    """GeNIe-Ada's choice per source: ``(index (N,), ratios (N,) float64, projections (N, G))``.
+
+    ``image_embeddings`` (N * G, D), L2-normalised, row ``i * G + j`` is source i at ``grid[j]``;
+    ``source_embeddings`` (N, D); ``target_means`` (N, D) or (1, D): mean embedding of the target
+    class. Each result is projected on ``v = target mean - source embedding``; the index is the grid
+    point just after the largest jump (:func:`choose_index`).
+    """
+    g = _check_grid(grid)
+    n = source_embeddings.shape[0]
+    v = target_means - source_embeddings  # (N, D): from the source towards the target class
+    projections = (image_embeddings.view(n, len(g), -1) * v.unsqueeze(1)).sum(-1)
+    index = choose_index(projections)
+    return index, torch.tensor(g, dtype=torch.float64)[index.cpu()], projections
 
 
 def _target_means(target_mean_embeddings: Union[Tensor, Mapping[int, Tensor]], target_labels: Tensor,
@@ -130,9 +152,7 @@ def genie_ada(
         raise GeneratorError(
             f"target_mean_embeddings have dimension {means.shape[1]} but the encoder gives "
             f"{src_emb.shape[1]}")
-    v = F.normalize(means - src_emb, dim=1)  # direction from the source towards the target class
-    projections = (gen_emb.view(n, k, -1) * v.unsqueeze(1)).sum(-1)
-    idx = choose_index(projections).to(images.device)
+    idx, chosen_r, projections = ada_pick(gen_emb, src_emb, means, g)
+    idx = idx.to(images.device)
     chosen = images.view(n, k, *images.shape[1:])[torch.arange(n, device=images.device), idx]
-    return AdaResult(ratios=torch.tensor(g, dtype=torch.float64)[idx.cpu()], images=chosen,
-                     projections=projections.cpu(), grid=g)
+    return AdaResult(ratios=chosen_r, images=chosen, projections=projections.cpu(), grid=g)

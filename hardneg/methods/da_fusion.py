@@ -39,8 +39,7 @@ def da_fusion_config(num_classes: int, p: float = 0.5, strength: Optional[float]
             must lie in ``[0, 1)``.
         strength: the img2img strength t0 (GeNIe's r) of every synthetic image, or ``None`` to draw
             it per image from {0.25, 0.5, 0.75, 1.0} as the paper's randomised variant does.
-        **kw: any other :class:`HardNegConfig` field (``generator``, ``refresh_every``, ...);
-            ``extra`` is merged with the strength setting.
+        **kw: any other :class:`HardNegConfig` field (``generator``, ``refresh_every``, ...).
 
     Returns a validated config with ``targeting="same-class"``, ``mix_mode="substitute"``,
     ``synthetic_fraction=p`` and ``curriculum="constant"`` (the policy fixes r per image, so no
@@ -48,10 +47,9 @@ def da_fusion_config(num_classes: int, p: float = 0.5, strength: Optional[float]
     """
     if strength is not None and not 0.0 < float(strength) <= 1.0:
         raise ValueError(f"strength must lie in (0, 1] or be None (sampled), got {strength!r}")
-    for name in ("targeting", "mix_mode", "synthetic_fraction", "curriculum", "label_mode"):
+    for name in ("targeting", "mix_mode", "synthetic_fraction", "curriculum", "label_mode", "same_class_strength"):
         if name in kw:
             raise ValueError(f"da_fusion_config sets {name} itself; pass p=/strength= instead")
-    extra = {**dict(kw.pop("extra", None) or {}), "same_class_strength": strength}
     if strength is not None:
         kw.setdefault("r_start", float(strength))
     return HardNegConfig(
@@ -61,6 +59,6 @@ def da_fusion_config(num_classes: int, p: float = 0.5, strength: Optional[float]
         synthetic_fraction=float(p),
         curriculum="constant",
         label_mode="hard",  # same-class: the label is the image's own class, whatever r
-        extra=extra,
+        same_class_strength=strength,
         **kw,
     )

@@ -8,38 +8,41 @@ Two parts, usable together or apart:
   tail class a share of the refresh's images proportional to its deficit ``max_count - count``
   (so the class distribution moves towards balance). The sources of a tail class t are the head
   samples nearest to t's centroid in the bank (FAISS kNN): GeNIe turns them into t, keeping the
-  head image's context. Results are labelled t. Settings come from ``config.extra``:
-  ``long_tail_head_fraction`` (0.5), ``long_tail_ratio`` (None: the curriculum's r; a number fixes
-  r, e.g. a small r for fusion refinement) and ``long_tail_search_k`` (64, first kNN width).
+  head image's context. Results are labelled t. Settings: :class:`LongTailOptions` (flat
+  ``HardNegConfig`` fields ``long_tail_head_fraction`` (0.5), ``long_tail_ratio`` (None: the
+  curriculum's r; a number fixes r, e.g. a small r for fusion refinement) and
+  ``long_tail_search_k`` (64, first kNN width)).
 * The long-tail feature-space augmentation of Elberg et al. (2024): :func:`class_activation_maps`
   (CAMs of a timm CNN), :func:`saliency_fusion` (tail where the tail CAM is high, head where the
   head CAM is low, random elsewhere) and :class:`SaliencyFusionGenerator`, a generator wrapper
   that fuses each head source with a CAM-matched tail image and refines the splice with a few
   denoising steps of a base generator at a small r, labelled as the tail class.
 
-Training events used: none of its own; the engine calls ``plan`` at each refresh.
+Training events used: none of its own; the engine calls ``plan`` at each refresh with a
+:class:`hardneg.targeting.PolicyContext` (its read-only bank view is all this policy reads).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hardneg.targeting import PlannedPair, TargetingPolicy, allocate, register_policy
+from hardneg._checks import ConfigError
+from hardneg.targeting import PlannedPair, PolicyContext, PolicyOptions, TargetingPolicy, allocate, register_policy
 
 if TYPE_CHECKING:  # pragma: no cover
     from hardneg.bank import EmbeddingBank
     from hardneg.generators.base import Generator, Ratios
-    from hardneg.plugin import HardNeg
 
 __all__ = [
     "FusionResult",
+    "LongTailOptions",
     "LongTailTargeting",
     "SaliencyFusionGenerator",
     "class_activation_maps",
@@ -124,10 +127,31 @@ def long_tail_plan(
     return plan
 
 
+@dataclass(frozen=True)
+class LongTailOptions(PolicyOptions):
+    """Options of the ``"long-tail"`` policy (flat ``HardNegConfig`` fields ``long_tail_*``)."""
+
+    FLAT: ClassVar[dict[str, str]] = {"head_fraction": "long_tail_head_fraction", "ratio": "long_tail_ratio",
+                                      "search_k": "long_tail_search_k"}
+    head_fraction: float = 0.5
+    ratio: Optional[float] = None
+    search_k: int = 64
+
+    def __post_init__(self) -> None:
+        hf, r, k = self.head_fraction, self.ratio, self.search_k
+        if isinstance(hf, bool) or not isinstance(hf, (int, float)) or not 0.0 < hf < 1.0:
+            raise ConfigError(f"long_tail_head_fraction must lie in (0, 1), got {hf!r}")
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0):
+            raise ConfigError(f"long_tail_ratio must lie in (0, 1] or be None (the curriculum's r), got {r!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"long_tail_search_k must be an integer >= 1, got {k!r}")
+
+
 class LongTailTargeting(TargetingPolicy):
     """Targets the tail classes (deficit-proportional counts) from the head samples nearest to them."""
 
     name = "long-tail"
+    options = LongTailOptions
 
     def __init__(self, head_fraction: float = 0.5, ratio: Optional[float] = None, search_k: int = 64) -> None:
         if not 0.0 < head_fraction < 1.0:
@@ -138,19 +162,13 @@ class LongTailTargeting(TargetingPolicy):
         self.ratio = None if ratio is None else float(ratio)
         self.search_k = int(search_k)
 
-    def plan(self, engine: "HardNeg", budget: int) -> list[PlannedPair]:
-        return long_tail_plan(engine.bank, budget, engine.config.sources_per_pair, self.head_fraction,
+    def choose(self, context: PolicyContext, budget: int) -> list[PlannedPair]:
+        return long_tail_plan(context.bank, budget, context.sources_per_pair, self.head_fraction,
                               self.ratio, self.search_k)
 
 
-register_policy(
-    "long-tail",
-    lambda cfg: LongTailTargeting(
-        head_fraction=cfg.extra.get("long_tail_head_fraction", 0.5),
-        ratio=cfg.extra.get("long_tail_ratio"),
-        search_k=cfg.extra.get("long_tail_search_k", 64),
-    ),
-)
+register_policy("long-tail", lambda cfg: LongTailTargeting(**cfg.options_of(LongTailOptions).kwargs()),
+                LongTailOptions)
 
 
 # =========================================================================== fusion
@@ -258,7 +276,7 @@ class SaliencyFusionGenerator:
 
     ``model`` (a timm CNN) is copied on construction: the CAMs come from that snapshot (the engine's
     worker gets its own deep copy of the generator, so it never touches the model being trained).
-    Use it with ``HardNegConfig(targeting="long-tail", extra={"long_tail_ratio": 0.3})``.
+    Use it with ``HardNegConfig(targeting="long-tail", long_tail_ratio=0.3)``.
     """
 
     def __init__(self, model: nn.Module, tail_pool: Any, base: Optional["Generator"] = None, k: int = 3,
