@@ -23,6 +23,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import threading
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 Metric = Literal["cosine", "l2"]
 GPU_TEMP_MEMORY = 256 * 1024 * 1024  # bytes of FAISS GPU scratch memory (FAISS's default is up to 1.5 GiB)
+GPU_MAX_K = 2048  # GPU FAISS's largest k (and nprobe); a larger k searches on the CPU
 IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
 
 
@@ -82,6 +84,56 @@ class ReadWriteLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+_DICT_BYTES_PER_ITEM = 100  # rough CPython cost of one int -> int entry of the id -> slot map
+
+
+def _last_occurrence(ids: np.ndarray, vec: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The last occurrence of a repeated id within one batch wins."""
+    if len(np.unique(ids)) != len(ids):
+        _, last = np.unique(ids[::-1], return_index=True)
+        keep = np.sort(len(ids) - 1 - last)
+        ids, vec, lab = ids[keep], vec[keep], lab[keep]
+    return ids, vec, lab
+
+
+def _index_bytes(index: Any) -> int:
+    """Bytes of a FAISS index's own storage (IVF: codes + ids of every list; else serialised size)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+        invlists = ivf.invlists
+        n = sum(invlists.list_size(i) for i in range(invlists.nlist))
+        quantizer = ivf.nlist * ivf.d * 4
+        return int(n * (invlists.code_size + 8) + quantizer + _pq_table_bytes(ivf))
+    except (RuntimeError, AttributeError, TypeError):
+        return int(faiss.serialize_index(index).nbytes)
+
+
+def _pq_table_bytes(ivf: Any) -> int:
+    pq = getattr(faiss.downcast_index(ivf), "pq", None)
+    return int(pq.M * pq.ksub * pq.dsub * 4) if pq is not None else 0
+
+
+def _current_cuda_device() -> torch.device:
+    """``cuda:{current_device()}`` read on the constructing (main) thread: a bare ``"cuda"`` means
+    device 0 on other threads (the refresh thread), the wrong GPU on ranks > 0."""
+    try:
+        return torch.device("cuda", torch.cuda.current_device())
+    except (RuntimeError, AssertionError, AttributeError):  # no CUDA torch (tests stand in for the GPU)
+        return torch.device("cpu")
+
+
+def _enable_torch_knn_gpu() -> None:
+    """Let ``faiss.knn_gpu`` take device tensors (``faiss.contrib.torch_utils``) on a real GPU build."""
+    fn = getattr(faiss, "knn_gpu", None)
+    if fn is not None and str(getattr(fn, "__module__", "")).startswith("faiss"):
+        importlib.import_module("faiss.contrib.torch_utils")
+
+
+@contextmanager
+def _null_context() -> Iterator[None]:
+    yield
 
 
 def _to_numpy_f32(x: Tensor | np.ndarray, name: str) -> np.ndarray:
@@ -156,7 +208,14 @@ class EmbeddingBank:
         self._ivf_pending: set[int] = set()  # slots whose new vectors the IVF index has not seen yet
         self._ivf_count = 0  # slots [0, _ivf_count) have been added to the IVF index
         self._gpu_res = self._make_gpu_resources() if use_gpu else None
-        self._gpu_lock = threading.Lock()
+        self._gpu_lock = threading.Lock()  # one StandardGpuResources must never serve two threads at once
+        # The GPU-resident copy of the slot array (a torch tensor on the main thread's CUDA device),
+        # written row by row by upsert: searches never re-upload the bank.
+        self._gpu_device: Optional[torch.device] = _current_cuda_device() if self._gpu_res is not None else None
+        self._gpu_vectors: Optional[Tensor] = None
+        if self._gpu_res is not None:
+            self._gpu_vectors = torch.zeros((0, self.dim), dtype=torch.float32, device=self._gpu_device)
+        self._warned_large_k = False
 
     # ------------------------------------------------------------------ properties
     def __len__(self) -> int:
@@ -182,8 +241,30 @@ class EmbeddingBank:
 
     @property
     def on_gpu(self) -> bool:
-        """Whether exact searches run on the GPU (``faiss.knn_gpu``)."""
+        """Whether exact searches run on the GPU (``faiss.knn_gpu`` over the GPU-resident copy).
+
+        With a GPU, ``index="auto"`` stays exact at every size (one brute-force GPU search beats a
+        CPU IVF); an explicit ``"ivf"``/``"hnsw"`` index searches on the CPU, the GPU then serves
+        only the exact searches (before the index is built, a stale HNSW graph). A search with
+        ``k >`` :data:`GPU_MAX_K` runs on the CPU.
+        """
         return self._gpu_res is not None
+
+    @property
+    def collective(self) -> bool:
+        """Whether searches and lookups are collective calls across processes (a sharded bank)."""
+        return False
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this process holds for the bank: ``vectors`` (the slot array, the GPU copy not
+        counted), ``index`` (an ANN index's own storage), ``metadata`` (ids, labels, steps, the
+        id -> slot map, class sums) and ``total``."""
+        with self._lock.read():
+            vectors = int(self._vectors.nbytes)
+            meta = int(self._labels.nbytes + self._steps.nbytes + self._ids.nbytes + self._class_sums.nbytes
+                       + self._class_counts.nbytes) + _DICT_BYTES_PER_ITEM * len(self._slot_of)
+            index = _index_bytes(self._ann) if self._ann is not None else 0
+        return {"vectors": vectors, "index": index, "metadata": meta, "total": vectors + index + meta}
 
     # ------------------------------------------------------------------ writing
     def upsert(
@@ -194,12 +275,11 @@ class EmbeddingBank:
         step: int = 0,
     ) -> None:
         """Insert or replace the vectors of ``ids`` (O(batch)); a re-observed id keeps one slot."""
-        ids_np, vec, lab = self._validate(ids, embeddings, labels)
-        # The last occurrence of a repeated id within one batch wins.
-        if len(np.unique(ids_np)) != len(ids_np):
-            _, last = np.unique(ids_np[::-1], return_index=True)
-            keep = np.sort(len(ids_np) - 1 - last)
-            ids_np, vec, lab = ids_np[keep], vec[keep], lab[keep]
+        ids_np, vec, lab = _last_occurrence(*self._validate(ids, embeddings, labels))
+        self._upsert_valid(ids_np, vec, lab, step)
+
+    def _upsert_valid(self, ids_np: np.ndarray, vec: np.ndarray, lab: np.ndarray, step: int) -> None:
+        """:meth:`upsert` of validated, normalised rows with unique ids (a sharded bank's owned rows)."""
         with self._lock.write():
             get = self._slot_of.get
             slots = np.fromiter((get(i, -1) for i in ids_np.tolist()), dtype=np.int64, count=len(ids_np))
@@ -215,6 +295,8 @@ class EmbeddingBank:
             np.add.at(self._class_sums, lab, vec.astype(np.float64))
             np.add.at(self._class_counts, lab, 1)
             self._vectors[slots] = vec
+            if self._gpu_vectors is not None:
+                self._gpu_write(slots, vec)
             self._labels[slots] = lab
             self._steps[slots] = int(step)
             self._ids[slots] = ids_np
@@ -239,6 +321,7 @@ class EmbeddingBank:
             self._size = len(keep)
             self._slot_of = {int(i): s for s, i in enumerate(self._ids.tolist())}
             self._recount_classes()
+            self._gpu_upload_all()
             self._ann, self._ann_kind = None, None
             self._maybe_build_ann()
             return len(set(drop))
@@ -303,7 +386,10 @@ class EmbeddingBank:
         self, queries: Tensor | np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like :meth:`search`, also returning the neighbours' labels (``-1`` for missing)."""
-        q = self._validate_queries(queries)
+        return self._search_labelled(self._validate_queries(queries), k)
+
+    def _search_labelled(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search_with_labels` of validated, normalised queries."""
         self.flush()
         with self._lock.read():
             scores, slots = self._search_slots(q, k)
@@ -338,6 +424,35 @@ class EmbeddingBank:
             keep = slots >= 0
             slots = slots[keep]
             return ids_np[keep], self._vectors[slots].copy(), self._labels[slots].copy()
+
+    # ------------------------------------------------------------------ refresh hooks
+    # The confusion refresh talks to the bank through these, so that a sharded bank
+    # (hardneg.sharded_bank) can split the work across processes; here they are the plain forms.
+    def query_share(self, ids: Tensor | np.ndarray | list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, vectors, labels)`` of the refresh queries ``ids`` this process answers: all of
+        them here (:meth:`lookup`); a sharded bank's rank answers those it stores."""
+        return self.lookup(ids)
+
+    def search_many(self, queries: Tensor | np.ndarray, k: int, chunk: int = 64
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search_with_labels` of many queries, ``chunk`` per search so an upsert waits for
+        one chunk at most; on the GPU all queries go in one call (one short GPU search)."""
+        q = self._validate_queries(queries)
+        if self.on_gpu and self._ann is None and k <= GPU_MAX_K:
+            chunk = max(1, len(q))
+        if len(q) == 0:
+            return (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int64))
+        parts = [self._search_labelled(q[i : i + chunk], k) for i in range(0, len(q), chunk)]
+        return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
+
+    def reduce_sum(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Sum per-process partial results over processes (identity for a one-process bank)."""
+        return arrays
+
+    def merge_top_n(self, best: dict[Any, tuple[np.ndarray, np.ndarray]], n: int
+                    ) -> dict[Any, tuple[np.ndarray, np.ndarray]]:
+        """Merge per-process ``{key: (scores, ids)}`` top-``n`` lists (identity for a one-process bank)."""
+        return best
 
     def scan(self, visit: Callable[[np.ndarray, np.ndarray, np.ndarray], None], chunk: int = 65_536) -> None:
         """Call ``visit(ids, vectors, labels)`` on consecutive chunks of the stored samples.
@@ -420,6 +535,7 @@ class EmbeddingBank:
             self._size = n
             self._slot_of = {int(i): s for s, i in enumerate(ids.tolist())}
             self._recount_classes()
+            self._gpu_upload_all()
             self._ann, self._ann_kind = None, None
             self._maybe_build_ann()
 
@@ -506,8 +622,8 @@ class EmbeddingBank:
     def _maybe_build_ann(self, force: bool = False) -> None:
         n = self._size
         want = self.index_kind
-        if want == "auto":
-            want = "ivf" if n >= self.ivf_threshold else "flat"
+        if want == "auto":  # on a GPU exact search stays fastest: "auto" never leaves it
+            want = "ivf" if n >= self.ivf_threshold and self._gpu_res is None else "flat"
         if want == "flat" or n == 0:
             return
         if want == "ivf" and (n >= self.ivf_threshold or force) and n >= 2:
@@ -558,10 +674,12 @@ class EmbeddingBank:
         n = self._size
         kk = min(k, n)
         xb = self._vectors[:n]
-        if self._gpu_res is not None:
-            with self._gpu_lock:
-                scores, slots = faiss.knn_gpu(self._gpu_res, q, xb, kk, metric=self._faiss_metric)
+        if self._gpu_res is not None and kk <= GPU_MAX_K:
+            scores, slots = self._knn_gpu(q, kk)
         else:
+            if self._gpu_res is not None and not self._warned_large_k:
+                self._warned_large_k = True
+                logger.info("hardneg: a bank search with k=%d > %d (GPU FAISS's limit) runs on the CPU", kk, GPU_MAX_K)
             scores, slots = faiss.knn(q, xb, kk, metric=self._faiss_metric)
         if kk < k:
             pad = k - kk
@@ -569,12 +687,49 @@ class EmbeddingBank:
             slots = np.concatenate([slots, np.full((len(q), pad), -1, np.int64)], 1)
         return scores, slots
 
+    def _knn_gpu(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One ``faiss.knn_gpu`` call over the GPU-resident copy (caller holds the read lock)."""
+        with self._gpu_lock:
+            xq = torch.from_numpy(q).to(self._gpu_device)
+            scores, slots = faiss.knn_gpu(self._gpu_res, xq, self._gpu_vectors[: self._size], k,
+                                          metric=self._faiss_metric)
+            return (scores.cpu().numpy().astype(np.float32, copy=False),
+                    slots.cpu().numpy().astype(np.int64, copy=False))
+
+    def _gpu_write(self, slots: np.ndarray, vec: np.ndarray) -> None:
+        """Write rows into the GPU-resident copy, growing it with the slot array (write lock held).
+
+        On CUDA the copy runs on the device's default stream, the stream FAISS searches on
+        (``faiss.contrib.torch_utils`` uses the caller's current stream; the refresh thread's is the
+        default), so a search queued after this upsert never reads a half-written row.
+        """
+        with self._gpu_lock:
+            cap = len(self._vectors)
+            dev = self._gpu_device
+            stream = torch.cuda.stream(torch.cuda.default_stream(dev)) if dev.type == "cuda" else _null_context()
+            with stream:
+                if self._gpu_vectors.shape[0] != cap:
+                    grown = torch.zeros((cap, self.dim), dtype=torch.float32, device=dev)
+                    n_old = min(self._gpu_vectors.shape[0], cap)
+                    grown[:n_old] = self._gpu_vectors[:n_old]
+                    self._gpu_vectors = grown
+                if len(slots):
+                    self._gpu_vectors.index_copy_(0, torch.from_numpy(slots).to(dev), torch.from_numpy(vec).to(dev))
+
+    def _gpu_upload_all(self) -> None:
+        """Replace the GPU-resident copy with the whole slot array (after remove / load; O(N))."""
+        if self._gpu_vectors is None:
+            return
+        with self._gpu_lock:
+            self._gpu_vectors = torch.from_numpy(np.ascontiguousarray(self._vectors)).to(self._gpu_device).clone()
+
     @staticmethod
     def _make_gpu_resources() -> Any:
         try:
             if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
                 res = faiss.StandardGpuResources()
                 res.setTempMemory(GPU_TEMP_MEMORY)
+                _enable_torch_knn_gpu()
                 logger.info("hardneg: exact bank search runs on the GPU (FAISS GPU build, %d GPU(s))",
                             faiss.get_num_gpus())
                 return res
