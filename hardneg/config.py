@@ -64,6 +64,10 @@ class HardNegConfig:
     ivf_threshold: int = 50_000  # "auto" switches from exact flat to IVF past this many vectors
     nprobe: int = 16
     use_gpu_index: bool = True  # only used when a FAISS GPU build and a GPU are present
+    # "id-mod": in a torch.distributed run each rank stores the vectors of ids with id % world == rank
+    # and refreshes collectively (hardneg.sharded_bank); every rank must observe the same gathered
+    # batch, as HardNegAccelerate does. "off": every rank holds the whole bank.
+    bank_sharding: Literal["off", "id-mod"] = "off"
     # --- confusion mining -----------------------------------------------------------------
     knn_k: int = 10
     # steps between confusion refreshes (and generation requests); "auto": a quarter epoch, at most 50
@@ -173,6 +177,7 @@ class HardNegConfig:
         _choice(self, "index", ("auto", "flat", "ivf", "hnsw"))
         _int_at_least(self, "ivf_threshold", 1)
         _int_at_least(self, "nprobe", 1)
+        _choice(self, "bank_sharding", ("off", "id-mod"))
         _int_at_least(self, "knn_k", 1)
         if self.refresh_every != "auto":
             if isinstance(self.refresh_every, str):
