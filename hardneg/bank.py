@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 Metric = Literal["cosine", "l2"]
 GPU_TEMP_MEMORY = 256 * 1024 * 1024  # bytes of FAISS GPU scratch memory (FAISS's default is up to 1.5 GiB)
 GPU_MAX_K = 2048  # GPU FAISS's largest k (and nprobe); a larger k searches on the CPU
-IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
+IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
+Storage = Literal["float32", "float16"]
+_EXACT_BLOCK = 65_536  # rows of a float16 slot array widened to float32 per exact-search block
 
 
 class BankError(ValueError):
@@ -105,7 +107,8 @@ def _index_bytes(index: Any) -> int:
         invlists = ivf.invlists
         n = sum(invlists.list_size(i) for i in range(invlists.nlist))
         quantizer = ivf.nlist * ivf.d * 4
-        return int(n * (invlists.code_size + 8) + quantizer + _pq_table_bytes(ivf))
+        direct_map = 8 * n if ivf.direct_map.type != faiss.DirectMap.NoMap else 0  # slot -> list entry
+        return int(n * (invlists.code_size + 8) + direct_map + quantizer + _pq_table_bytes(ivf))
     except (RuntimeError, AttributeError, TypeError):
         return int(faiss.serialize_index(index).nbytes)
 
@@ -134,6 +137,11 @@ def _enable_torch_knn_gpu() -> None:
 @contextmanager
 def _null_context() -> Iterator[None]:
     yield
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous float32 view or copy (what FAISS takes) of a float32 / float16 array."""
+    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def _to_numpy_f32(x: Tensor | np.ndarray, name: str) -> np.ndarray:
@@ -167,6 +175,12 @@ class EmbeddingBank:
             vectors an ``"ivf"`` bank needs before its index is trained; below it search is exact).
         nprobe: IVF lists visited per query (recall vs speed).
         use_gpu: search on the GPU when a FAISS GPU build and a GPU are present.
+        storage: dtype of the stored vectors: ``"float32"``, or ``"float16"`` (half the memory;
+            reads return float32; class sums are of the stored values, so they never drift).
+        pq_bytes: bytes per vector of an ``"ivfpq"`` index (``IndexIVFPQ``, 8-bit codes; must
+            divide ``dim``); its lists also hold an 8-byte id per vector, the direct map another 8.
+        rerank: an ``"ivfpq"`` search fetches ``rerank * k`` candidates and re-scores them exactly
+            against the stored vectors (0: PQ scores as they are).
     """
 
     def __init__(
@@ -178,13 +192,28 @@ class EmbeddingBank:
         ivf_threshold: int = 200_000,
         nprobe: int = 16,
         use_gpu: bool = True,
+        storage: Storage = "float32",
+        pq_bytes: int = 32,
+        rerank: int = 4,
     ) -> None:
         if dim < 1 or num_classes < 1:
             raise BankError(f"dim and num_classes must be >= 1, got {dim}, {num_classes}")
         if metric not in ("cosine", "l2"):
             raise BankError(f"metric must be 'cosine' or 'l2', got {metric!r}")
-        if index not in ("auto", "flat", "ivf", "hnsw"):
-            raise BankError(f"index must be 'auto', 'flat', 'ivf' or 'hnsw', got {index!r}")
+        if index not in ("auto", "flat", "ivf", "ivfpq", "hnsw"):
+            raise BankError(f"index must be 'auto', 'flat', 'ivf', 'ivfpq' or 'hnsw', got {index!r}")
+        if storage not in ("float32", "float16"):
+            raise BankError(f"storage must be 'float32' or 'float16', got {storage!r}")
+        if index == "ivfpq" and (pq_bytes < 1 or dim % pq_bytes):
+            raise BankError(f"pq_bytes must divide dim={dim} (a PQ sub-vector per byte), got {pq_bytes}; "
+                            f"e.g. {max(b for b in range(1, min(dim, 64) + 1) if dim % b == 0)}")
+        if rerank < 0:
+            raise BankError(f"rerank must be >= 0, got {rerank}")
+        self.storage: Storage = storage
+        self._dtype = np.float16 if storage == "float16" else np.float32
+        self.pq_bytes = int(pq_bytes)
+        self.rerank = int(rerank)
+        self._ivf_pq = False
         self.dim = int(dim)
         self.num_classes = int(num_classes)
         self.metric: Metric = metric
@@ -194,7 +223,7 @@ class EmbeddingBank:
         self._faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
         self._lock = ReadWriteLock()
         self._size = 0
-        self._vectors = np.zeros((0, self.dim), dtype=np.float32)
+        self._vectors = np.zeros((0, self.dim), dtype=self._dtype)
         self._labels = np.zeros(0, dtype=np.int64)
         self._steps = np.zeros(0, dtype=np.int64)
         self._ids = np.zeros(0, dtype=np.int64)
@@ -214,7 +243,7 @@ class EmbeddingBank:
         self._gpu_device: Optional[torch.device] = _current_cuda_device() if self._gpu_res is not None else None
         self._gpu_vectors: Optional[Tensor] = None
         if self._gpu_res is not None:
-            self._gpu_vectors = torch.zeros((0, self.dim), dtype=torch.float32, device=self._gpu_device)
+            self._gpu_vectors = torch.zeros((0, self.dim), dtype=self._torch_dtype, device=self._gpu_device)
         self._warned_large_k = False
 
     # ------------------------------------------------------------------ properties
@@ -236,8 +265,14 @@ class EmbeddingBank:
 
     @property
     def active_index(self) -> str:
-        """Which search structure answers queries now: ``"flat"``, ``"ivf"`` or ``"hnsw"``."""
+        """Which search structure answers queries now: ``"flat"``, ``"ivf"``, ``"ivfpq"`` or ``"hnsw"``."""
+        if self._ann_kind == "ivf" and self._ivf_pq:
+            return "ivfpq"
         return self._ann_kind or "flat"
+
+    @property
+    def _torch_dtype(self) -> torch.dtype:
+        return torch.float16 if self.storage == "float16" else torch.float32
 
     @property
     def on_gpu(self) -> bool:
@@ -292,6 +327,7 @@ class EmbeddingBank:
             old = slots[~new_mask]  # replaced samples leave their old class sums first
             np.subtract.at(self._class_sums, self._labels[old], self._vectors[old].astype(np.float64))
             np.subtract.at(self._class_counts, self._labels[old], 1)
+            vec = vec.astype(self._dtype, copy=False)  # the sums are of the stored values (float16: rounded)
             np.add.at(self._class_sums, lab, vec.astype(np.float64))
             np.add.at(self._class_counts, lab, 1)
             self._vectors[slots] = vec
@@ -355,10 +391,10 @@ class EmbeddingBank:
                     take = sorted(self._ivf_pending)[:chunk]
                     self._ivf_pending.difference_update(take)
                     slots = np.asarray(take, dtype=np.int64)
-                    self._ann.update_vectors(slots, np.ascontiguousarray(self._vectors[slots]))
+                    self._ann.update_vectors(slots, _f32(self._vectors[slots]))
                 elif self._ivf_count < self._size:
                     end = min(self._size, self._ivf_count + chunk)
-                    self._ann.add(self._vectors[self._ivf_count : end])
+                    self._ann.add(_f32(self._vectors[self._ivf_count : end]))
                     self._ivf_count = end
 
     @property
@@ -423,7 +459,7 @@ class EmbeddingBank:
             slots = np.fromiter((get(i, -1) for i in ids_np.tolist()), dtype=np.int64, count=len(ids_np))
             keep = slots >= 0
             slots = slots[keep]
-            return ids_np[keep], self._vectors[slots].copy(), self._labels[slots].copy()
+            return ids_np[keep], self._vectors[slots].astype(np.float32), self._labels[slots].copy()
 
     # ------------------------------------------------------------------ refresh hooks
     # The confusion refresh talks to the bank through these, so that a sharded bank
@@ -481,7 +517,7 @@ class EmbeddingBank:
             if missing:
                 raise KeyError(f"sample ids not in the bank: {missing[:10]}")
             slots = np.array([self._slot_of[i] for i in ids_np.tolist()], dtype=np.int64)
-            return self._vectors[slots].copy(), self._labels[slots].copy()
+            return self._vectors[slots].astype(np.float32), self._labels[slots].copy()
 
     def __contains__(self, sample_id: int) -> bool:
         return int(sample_id) in self._slot_of
@@ -507,6 +543,9 @@ class EmbeddingBank:
             "index": self.index_kind,
             "ivf_threshold": self.ivf_threshold,
             "nprobe": self._nprobe,
+            "storage": self.storage,
+            "pq_bytes": self.pq_bytes,
+            "rerank": self.rerank,
             "ids": torch.from_numpy(ids),
             "vectors": torch.from_numpy(vecs),
             "labels": torch.from_numpy(labels),
@@ -528,7 +567,7 @@ class EmbeddingBank:
         ids = np.asarray(state["ids"], dtype=np.int64)
         with self._lock.write():
             n = len(ids)
-            self._vectors = np.ascontiguousarray(np.asarray(state["vectors"], dtype=np.float32))
+            self._vectors = np.ascontiguousarray(np.asarray(state["vectors"]).astype(self._dtype))
             self._labels = np.asarray(state["labels"], dtype=np.int64).copy()
             self._steps = np.asarray(state["steps"], dtype=np.int64).copy()
             self._ids = ids.copy()
@@ -542,7 +581,9 @@ class EmbeddingBank:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], use_gpu: bool = True) -> "EmbeddingBank":
         bank = cls(int(state["dim"]), int(state["num_classes"]), state["metric"], state["index"],
-                   int(state["ivf_threshold"]), int(state["nprobe"]), use_gpu=use_gpu)
+                   int(state["ivf_threshold"]), int(state["nprobe"]), use_gpu=use_gpu,
+                   storage=state.get("storage", "float32"), pq_bytes=int(state.get("pq_bytes", 32)),
+                   rerank=int(state.get("rerank", 4)))
         bank.load_state_dict(state)
         return bank
 
@@ -598,7 +639,7 @@ class EmbeddingBank:
         if n <= cap:
             return
         new_cap = max(n, 2 * cap, 1024)
-        vectors = np.zeros((new_cap, self.dim), dtype=np.float32)
+        vectors = np.zeros((new_cap, self.dim), dtype=self._dtype)
         vectors[: self._size] = self._vectors[: self._size]
         self._vectors = vectors
         for name in ("_labels", "_steps", "_ids"):
@@ -615,7 +656,7 @@ class EmbeddingBank:
             self._ivf_pending.update(int(v) for v in changed_slots.tolist() if v < self._ivf_count)
         else:  # hnsw: append new vectors; replaced ones make the graph stale
             if n_new:
-                self._ann.add(self._vectors[old_size : old_size + n_new])
+                self._ann.add(_f32(self._vectors[old_size : old_size + n_new]))
             if len(changed_slots):
                 self._hnsw_stale = True
 
@@ -626,7 +667,7 @@ class EmbeddingBank:
             want = "ivf" if n >= self.ivf_threshold and self._gpu_res is None else "flat"
         if want == "flat" or n == 0:
             return
-        if want == "ivf" and (n >= self.ivf_threshold or force) and n >= 2:
+        if want in ("ivf", "ivfpq") and (n >= self.ivf_threshold or force) and n >= 2:
             self._build_ivf()
         elif want == "hnsw":
             self._build_hnsw()
@@ -635,25 +676,31 @@ class EmbeddingBank:
         n = self._size
         nlist = int(max(1, min(4 * math.sqrt(n), n // 39 if n >= 39 else 1)))
         quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "cosine" else faiss.IndexFlatL2(self.dim)
-        ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, self._faiss_metric)
+        pq = self.index_kind == "ivfpq"
+        if pq:  # 8-bit codes of pq_bytes sub-vectors, on the residual to the list centroid
+            ivf = faiss.IndexIVFPQ(quantizer, self.dim, nlist, self.pq_bytes, 8, self._faiss_metric)
+        else:
+            ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, self._faiss_metric)
         train = self._vectors[:n]
-        max_train = 64 * nlist
+        max_train = max(64 * nlist, 64 * 256) if pq else 64 * nlist  # PQ: 256 centroids per sub-quantizer
         if n > max_train:
             pick = np.random.default_rng(0).choice(n, size=max_train, replace=False)
             train = train[np.sort(pick)]
-        ivf.train(np.ascontiguousarray(train))
+        ivf.train(_f32(train))
         ivf.make_direct_map(True)
-        ivf.add(self._vectors[:n])
+        for start in range(0, n, _EXACT_BLOCK):
+            ivf.add(_f32(self._vectors[start : min(n, start + _EXACT_BLOCK)]))
         self._ivf_count, self._ivf_pending = n, set()
         ivf.nprobe = self._nprobe
         self._ann, self._ann_kind = ivf, "ivf"
         self._ivf_quantizer = quantizer  # keep alive alongside the index
+        self._ivf_pq = pq
         logger.info("embedding bank switched to IVF: %d vectors, %d lists, nprobe %d", n, nlist, self._nprobe)
 
     def _build_hnsw(self) -> None:
         h = faiss.IndexHNSWFlat(self.dim, 32, self._faiss_metric)
         h.hnsw.efSearch = max(64, self._nprobe * 4)
-        h.add(self._vectors[: self._size])
+        h.add(_f32(self._vectors[: self._size]))
         self._ann, self._ann_kind, self._hnsw_stale = h, "hnsw", False
 
     def _search_slots(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -666,9 +713,32 @@ class EmbeddingBank:
             # Readers may not write; stale graphs answer exactly until the next rebuild().
             return self._exact(q, k)
         if self._ann is not None:
+            if self._ann_kind == "ivf" and self._ivf_pq and self.rerank > 0:
+                return self._reranked(q, k)
             scores, slots = self._ann.search(q, k)
             return scores, slots
         return self._exact(q, k)
+
+    def _reranked(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """IVF-PQ candidates (``rerank * k``) re-scored exactly against the stored vectors."""
+        kk = min(self._size, self.rerank * k)
+        _, cand = self._ann.search(q, kk)
+        valid = cand >= 0
+        vec = self._vectors[np.clip(cand, 0, None)].astype(np.float32)  # (Q, kk, D)
+        exact = np.einsum("qd,qkd->qk", q, vec)
+        if self.metric == "cosine":
+            key = np.where(valid, -exact, np.inf)
+        else:
+            exact = (q * q).sum(1)[:, None] - 2 * exact + (vec * vec).sum(2)
+            key = np.where(valid, exact, np.inf)
+        order = np.argsort(key, axis=1, kind="stable")[:, :k]
+        slots = np.take_along_axis(np.where(valid, cand, -1), order, 1)
+        scores = np.where(slots >= 0, np.take_along_axis(exact, order, 1), np.nan).astype(np.float32)
+        if slots.shape[1] < k:
+            pad = k - slots.shape[1]
+            scores = np.concatenate([scores, np.full((len(q), pad), np.nan, np.float32)], 1)
+            slots = np.concatenate([slots, np.full((len(q), pad), -1, np.int64)], 1)
+        return scores, slots
 
     def _exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = self._size
@@ -680,12 +750,30 @@ class EmbeddingBank:
             if self._gpu_res is not None and not self._warned_large_k:
                 self._warned_large_k = True
                 logger.info("hardneg: a bank search with k=%d > %d (GPU FAISS's limit) runs on the CPU", kk, GPU_MAX_K)
-            scores, slots = faiss.knn(q, xb, kk, metric=self._faiss_metric)
+            scores, slots = self._knn_cpu(q, xb, kk)
         if kk < k:
             pad = k - kk
             scores = np.concatenate([scores, np.full((len(q), pad), np.nan, np.float32)], 1)
             slots = np.concatenate([slots, np.full((len(q), pad), -1, np.int64)], 1)
         return scores, slots
+
+    def _knn_cpu(self, q: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``faiss.knn``; a float16 slot array is widened to float32 a block at a time and merged."""
+        if xb.dtype == np.float32:
+            return faiss.knn(q, xb, k, metric=self._faiss_metric)
+        best_s = best_i = None
+        for start in range(0, len(xb), _EXACT_BLOCK):
+            block = _f32(xb[start : start + _EXACT_BLOCK])
+            s, i = faiss.knn(q, block, min(k, len(block)), metric=self._faiss_metric)
+            i = i + start
+            if best_s is None:
+                best_s, best_i = s, i
+                continue
+            s, i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
+            key = -s if self.metric == "cosine" else s
+            order = np.argsort(key, axis=1, kind="stable")[:, :k]
+            best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+        return best_s, best_i
 
     def _knn_gpu(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """One ``faiss.knn_gpu`` call over the GPU-resident copy (caller holds the read lock)."""
@@ -709,12 +797,13 @@ class EmbeddingBank:
             stream = torch.cuda.stream(torch.cuda.default_stream(dev)) if dev.type == "cuda" else _null_context()
             with stream:
                 if self._gpu_vectors.shape[0] != cap:
-                    grown = torch.zeros((cap, self.dim), dtype=torch.float32, device=dev)
+                    grown = torch.zeros((cap, self.dim), dtype=self._torch_dtype, device=dev)
                     n_old = min(self._gpu_vectors.shape[0], cap)
                     grown[:n_old] = self._gpu_vectors[:n_old]
                     self._gpu_vectors = grown
                 if len(slots):
-                    self._gpu_vectors.index_copy_(0, torch.from_numpy(slots).to(dev), torch.from_numpy(vec).to(dev))
+                    self._gpu_vectors.index_copy_(0, torch.from_numpy(slots).to(dev),
+                                                  torch.from_numpy(vec).to(dev, self._torch_dtype))
 
     def _gpu_upload_all(self) -> None:
         """Replace the GPU-resident copy with the whole slot array (after remove / load; O(N))."""

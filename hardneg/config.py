@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 Metric = Literal["cosine", "l2"]
-IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
+IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
 WorkerBackend = Literal["thread", "process"]
 MixMode = Literal["append", "substitute"]
 Schedule = Literal["constant", "linear", "cosine", "step", "adaptive", "ada", "band"]
@@ -68,6 +68,12 @@ class HardNegConfig:
     # and refreshes collectively (hardneg.sharded_bank); every rank must observe the same gathered
     # batch, as HardNegAccelerate does. "off": every rank holds the whole bank.
     bank_sharding: Literal["off", "id-mod"] = "off"
+    # Compressed storage for 10M+ samples: "float16" stores the vectors in half precision;
+    # index="ivfpq" searches an IndexIVFPQ of bank_pq_bytes bytes a vector (must divide the
+    # dimension), re-scoring bank_rerank * k candidates exactly (0: PQ scores as they are).
+    bank_storage: Literal["float32", "float16"] = "float32"
+    bank_pq_bytes: int = 32
+    bank_rerank: int = 4
     # --- confusion mining -----------------------------------------------------------------
     knn_k: int = 10
     # steps between confusion refreshes (and generation requests); "auto": a quarter epoch, at most 50
@@ -174,10 +180,16 @@ class HardNegConfig:
         if self.embedding_dim is not None:
             _int_at_least(self, "embedding_dim", 1)
         _choice(self, "metric", ("cosine", "l2"))
-        _choice(self, "index", ("auto", "flat", "ivf", "hnsw"))
+        _choice(self, "index", ("auto", "flat", "ivf", "ivfpq", "hnsw"))
         _int_at_least(self, "ivf_threshold", 1)
         _int_at_least(self, "nprobe", 1)
         _choice(self, "bank_sharding", ("off", "id-mod"))
+        _choice(self, "bank_storage", ("float32", "float16"))
+        _int_at_least(self, "bank_pq_bytes", 1)
+        _int_at_least(self, "bank_rerank", 0)
+        if self.index == "ivfpq" and self.embedding_dim is not None and self.embedding_dim % self.bank_pq_bytes:
+            raise ConfigError(f"bank_pq_bytes={self.bank_pq_bytes} must divide embedding_dim={self.embedding_dim} "
+                              "(one PQ sub-vector per byte)")
         _int_at_least(self, "knn_k", 1)
         if self.refresh_every != "auto":
             if isinstance(self.refresh_every, str):

@@ -794,12 +794,13 @@ class HardNeg:
         c = self.config
         if c.embedding_dim is not None and dim != c.embedding_dim:
             raise HardNegError(f"embeddings have dimension {dim}, config.embedding_dim is {c.embedding_dim}")
+        storage = {"storage": c.bank_storage, "pq_bytes": c.bank_pq_bytes, "rerank": c.bank_rerank}
         if c.bank_sharding != "off":
             from hardneg.sharded_bank import ShardedEmbeddingBank
 
             return ShardedEmbeddingBank(dim, c.num_classes, c.metric, c.index, c.ivf_threshold, c.nprobe,
-                                        c.use_gpu_index)
-        return EmbeddingBank(dim, c.num_classes, c.metric, c.index, c.ivf_threshold, c.nprobe, c.use_gpu_index)
+                                        c.use_gpu_index, **storage)
+        return EmbeddingBank(dim, c.num_classes, c.metric, c.index, c.ivf_threshold, c.nprobe, c.use_gpu_index, **storage)
 
     def _generator_space(self, images: Tensor, ids: Sequence[int]) -> Tensor:
         """Dataset (pipeline-space) images -> the generator's pixels; a clear error when out of range."""

@@ -300,7 +300,7 @@ class ShardedEmbeddingBank:
         with self._meta_lock:
             n = self._size
             ids, labels, steps = self._ids[:n].copy(), self._labels[:n].copy(), self._steps[:n].copy()
-        vectors = np.zeros((n, self.dim), dtype=np.float32)
+        vectors = np.zeros((n, self.dim), dtype=self.shard._dtype)
         for start in range(0, max(n, 1), _STATE_CHUNK):
             end = min(n, start + _STATE_CHUNK)
             vectors[start:end] = self._fetch(ids[start:end], check=False)[0]
@@ -311,7 +311,8 @@ class ShardedEmbeddingBank:
         ids, vecs, labels, steps = self.snapshot()
         s = self.shard
         return {"dim": self.dim, "num_classes": self.num_classes, "metric": s.metric, "index": s.index_kind,
-                "ivf_threshold": s.ivf_threshold, "nprobe": s.nprobe, "ids": torch.from_numpy(ids),
+                "ivf_threshold": s.ivf_threshold, "nprobe": s.nprobe, "storage": s.storage, "pq_bytes": s.pq_bytes,
+                "rerank": s.rerank, "ids": torch.from_numpy(ids),
                 "vectors": torch.from_numpy(vecs), "labels": torch.from_numpy(labels), "steps": torch.from_numpy(steps)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
