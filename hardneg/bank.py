@@ -9,8 +9,17 @@ Why it is built this way:
   array, or ``faiss.knn_gpu`` when a FAISS GPU build (``pip install 'hardneg[gpu]'``) sees a GPU
   and ``use_gpu`` is on: one ``StandardGpuResources`` per bank, its scratch memory capped at
   :data:`GPU_TEMP_MEMORY` so the bank leaves the training job's GPU memory alone, and GPU searches
-  serialised (a ``StandardGpuResources`` must not be used from two threads at once). The IVF and
-  HNSW indexes stay on the CPU (IVF's in-place ``update_vectors`` is CPU-only).
+  serialised (a ``StandardGpuResources`` must not be used from two threads at once). The GPU
+  searches a GPU-resident copy of the slot array (on the constructing thread's CUDA device) that
+  ``upsert`` writes row by row, so no search re-uploads the bank, and a refresh sends all its
+  queries in one call. On a GPU ``index="auto"`` stays exact at every size; explicit IVF and HNSW
+  indexes stay on the CPU (IVF's in-place ``update_vectors`` is CPU-only); a search with
+  ``k >`` :data:`GPU_MAX_K` (GPU FAISS's limit) runs on the CPU.
+* **Compressed storage** for 10M+ samples: ``storage="float16"`` halves the slot array;
+  ``index="ivfpq"`` searches an ``IndexIVFPQ`` (``pq_bytes`` a vector + 16 bytes of id and direct
+  map) and re-scores ``rerank * k`` candidates exactly against the stored vectors.
+* **Sharding** over processes: :mod:`hardneg.sharded_bank` (the same interface; the refresh talks
+  to a bank through ``query_share``, ``search_many``, ``reduce_sum`` and ``merge_top_n``).
 * **IVF past a size threshold** (``index="auto"``): an ``IndexIVFFlat`` with ~4*sqrt(N) lists,
   trained once when the bank first crosses ``ivf_threshold``; FAISS ids are the slots and an
   array direct map lets ``update_vectors`` replace vectors. Those updates (a coarse assignment
@@ -674,9 +683,12 @@ class EmbeddingBank:
 
     def _build_ivf(self) -> None:
         n = self._size
-        nlist = int(max(1, min(4 * math.sqrt(n), n // 39 if n >= 39 else 1)))
-        quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "cosine" else faiss.IndexFlatL2(self.dim)
         pq = self.index_kind == "ivfpq"
+        # IVF-PQ: sqrt(N) lists, fewer and longer than IVF-flat's 4*sqrt(N): scanning a list of PQ
+        # codes is cheap, while every add and update pays a coarse assignment against every list.
+        lists = math.sqrt(n) if pq else 4 * math.sqrt(n)
+        nlist = int(max(1, min(lists, n // 39 if n >= 39 else 1)))
+        quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "cosine" else faiss.IndexFlatL2(self.dim)
         if pq:  # 8-bit codes of pq_bytes sub-vectors, on the residual to the list centroid
             ivf = faiss.IndexIVFPQ(quantizer, self.dim, nlist, self.pq_bytes, 8, self._faiss_metric)
         else:
