@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 Metric = Literal["cosine", "l2"]
 GPU_TEMP_MEMORY = 256 * 1024 * 1024  # bytes of FAISS GPU scratch memory (FAISS's default is up to 1.5 GiB)
+RERANK_EXTRA_MAX = 2048  # re-ranked candidates past k, per query (a long-tail search asks for a large k)
 GPU_MAX_K = 2048  # GPU FAISS's largest k (and nprobe); a larger k searches on the CPU
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
 Storage = Literal["float32", "float16"]
@@ -203,7 +204,7 @@ class EmbeddingBank:
         use_gpu: bool = True,
         storage: Storage = "float32",
         pq_bytes: int = 32,
-        rerank: int = 4,
+        rerank: int = 16,
     ) -> None:
         if dim < 1 or num_classes < 1:
             raise BankError(f"dim and num_classes must be >= 1, got {dim}, {num_classes}")
@@ -592,7 +593,7 @@ class EmbeddingBank:
         bank = cls(int(state["dim"]), int(state["num_classes"]), state["metric"], state["index"],
                    int(state["ivf_threshold"]), int(state["nprobe"]), use_gpu=use_gpu,
                    storage=state.get("storage", "float32"), pq_bytes=int(state.get("pq_bytes", 32)),
-                   rerank=int(state.get("rerank", 4)))
+                   rerank=int(state.get("rerank", 16)))
         bank.load_state_dict(state)
         return bank
 
@@ -732,8 +733,9 @@ class EmbeddingBank:
         return self._exact(q, k)
 
     def _reranked(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """IVF-PQ candidates (``rerank * k``) re-scored exactly against the stored vectors."""
-        kk = min(self._size, self.rerank * k)
+        """IVF-PQ candidates (``rerank * k``, at most ``k + RERANK_EXTRA_MAX``) re-scored exactly
+        against the stored vectors."""
+        kk = min(self._size, self.rerank * k, k + RERANK_EXTRA_MAX)
         _, cand = self._ann.search(q, kk)
         valid = cand >= 0
         vec = self._vectors[np.clip(cand, 0, None)].astype(np.float32)  # (Q, kk, D)

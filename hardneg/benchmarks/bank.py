@@ -69,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "quick 20k)")
     p.add_argument("--pq-bytes", type=int, default=None, help="IVF-PQ bytes per vector (default: HardNegConfig's)")
     p.add_argument("--rerank", type=int, default=None, help="IVF-PQ re-rank factor (default: HardNegConfig's)")
+    p.add_argument("--reranks", default="0,4,16,32", help="IVF-PQ re-rank factors whose recall is measured")
     p.add_argument("--compressed-queries", type=int, default=None,
                    help="recall queries in the compressed section (default: 256; quick 64)")
     p.add_argument("--faiss-threads", type=int, default=1,
@@ -106,6 +107,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "rerank": args.rerank if args.rerank is not None else HardNegConfig(num_classes=2).bank_rerank,
         "compressed_refresh_queries": args.compressed_refresh_queries or (200 if q else 500),
         "compressed_queries": args.compressed_queries or (64 if q else 256),
+        "reranks": C.parse_list(args.reranks, int),
         "faiss_threads": args.faiss_threads,
     }
 
@@ -474,7 +476,7 @@ def _compressed_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
     _, truth = exact.search(queries, k)
     out["query_s"]["flat"] = time.perf_counter() - t
     recall = {}
-    for rr in sorted({0, s["rerank"]}):
+    for rr in sorted({0, s["rerank"], *s["reranks"]}):
         comp.rerank = rr
         t = time.perf_counter()
         _, found = comp.search(queries, k)
