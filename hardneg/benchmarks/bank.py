@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compressed-queries", type=int, default=None,
                    help="recall queries in the compressed section (default: 256; quick 64)")
     p.add_argument("--faiss-threads", type=int, default=1,
-                   help="FAISS threads in the compressed section (default 1: the engine's refresh_threads; 0 = all)")
+                   help="FAISS threads in the compressed section (as the engine's refresh_threads; 0 = all)")
     p.add_argument("--compressed-refresh-queries", type=int, default=None,
                    help="kNN queries per refresh in the compressed section (default: 500; quick 200)")
     p.set_defaults(bench=NAME)
