@@ -204,7 +204,7 @@ class EmbeddingBank:
         use_gpu: bool = True,
         storage: Storage = "float32",
         pq_bytes: int = 32,
-        rerank: int = 16,
+        rerank: int = 32,
     ) -> None:
         if dim < 1 or num_classes < 1:
             raise BankError(f"dim and num_classes must be >= 1, got {dim}, {num_classes}")
@@ -593,7 +593,7 @@ class EmbeddingBank:
         bank = cls(int(state["dim"]), int(state["num_classes"]), state["metric"], state["index"],
                    int(state["ivf_threshold"]), int(state["nprobe"]), use_gpu=use_gpu,
                    storage=state.get("storage", "float32"), pq_bytes=int(state.get("pq_bytes", 32)),
-                   rerank=int(state.get("rerank", 16)))
+                   rerank=int(state.get("rerank", 32)))
         bank.load_state_dict(state)
         return bank
 

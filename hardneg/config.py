@@ -73,7 +73,7 @@ class HardNegConfig:
     # dimension), re-scoring bank_rerank * k candidates exactly (0: PQ scores as they are).
     bank_storage: Literal["float32", "float16"] = "float32"
     bank_pq_bytes: int = 32
-    bank_rerank: int = 16
+    bank_rerank: int = 32
     # --- confusion mining -----------------------------------------------------------------
     knn_k: int = 10
     # steps between confusion refreshes (and generation requests); "auto": a quarter epoch, at most 50
