@@ -47,7 +47,7 @@ def fake_gpu(monkeypatch):
             calls.append({"res": res, "xq": xq.numpy().copy(), "xb_rows": xb.shape[0], "k": k, "metric": metric,
                           "contiguous": xq.is_contiguous() and xb.is_contiguous(),
                           "dtype": (xq.dtype, xb.dtype), "xb_ptr": xb.data_ptr(), "xb": xb.clone()})
-            d, i = faiss.knn(xq.numpy(), xb.numpy(), k, metric=metric)
+            d, i = faiss.knn(xq.float().numpy(), xb.float().numpy(), k, metric=metric)
             return torch.from_numpy(d), torch.from_numpy(i)
         finally:
             active.pop()
@@ -209,3 +209,13 @@ def test_resident_copy_goes_to_the_current_device_not_cuda_0(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert bank_module._current_cuda_device() == torch.device("cuda", 1)  # read on the constructing thread
+
+
+def test_float16_storage_keeps_a_float16_resident_copy(fake_gpu):
+    x, y = _vectors(n=300)
+    bank = EmbeddingBank(16, 5, index="flat", use_gpu=True, storage="float16")
+    bank.upsert(torch.arange(300), x, y)
+    _, ids = bank.search(x[:4], k=1)
+    assert ids[:, 0].tolist() == [0, 1, 2, 3]
+    assert bank._gpu_vectors.dtype == torch.float16 and fake_gpu[-1]["dtype"][1] == torch.float16
+    np.testing.assert_array_equal(bank._gpu_vectors[:300].numpy(), bank._vectors[:300])
