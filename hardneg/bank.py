@@ -191,6 +191,9 @@ class EmbeddingBank:
             divide ``dim``); its lists also hold an 8-byte id per vector, the direct map another 8.
         rerank: an ``"ivfpq"`` search fetches ``rerank * k`` candidates and re-scores them exactly
             against the stored vectors (0: PQ scores as they are).
+        storage_path: keep the stored vectors in this file, memory-mapped, instead of in RAM (the
+            file is created or overwritten; with ``"ivfpq"`` RAM then holds the index and the
+            metadata; re-ranking and the refresh's source scan read the file).
     """
 
     def __init__(
@@ -205,6 +208,7 @@ class EmbeddingBank:
         storage: Storage = "float32",
         pq_bytes: int = 32,
         rerank: int = 32,
+        storage_path: Optional[str] = None,
     ) -> None:
         if dim < 1 or num_classes < 1:
             raise BankError(f"dim and num_classes must be >= 1, got {dim}, {num_classes}")
@@ -223,6 +227,7 @@ class EmbeddingBank:
         self._dtype = np.float16 if storage == "float16" else np.float32
         self.pq_bytes = int(pq_bytes)
         self.rerank = int(rerank)
+        self.storage_path = None if storage_path is None else str(storage_path)
         self._ivf_pq = False
         self.dim = int(dim)
         self.num_classes = int(num_classes)
@@ -234,6 +239,10 @@ class EmbeddingBank:
         self._lock = ReadWriteLock()
         self._size = 0
         self._vectors = np.zeros((0, self.dim), dtype=self._dtype)
+        if self.storage_path is not None:
+            with open(self.storage_path, "wb"):
+                pass  # created or emptied: this bank's file from now on
+            self._resize_slots(1)
         self._labels = np.zeros(0, dtype=np.int64)
         self._steps = np.zeros(0, dtype=np.int64)
         self._ids = np.zeros(0, dtype=np.int64)
@@ -302,14 +311,19 @@ class EmbeddingBank:
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this process holds for the bank: ``vectors`` (the slot array, the GPU copy not
-        counted), ``index`` (an ANN index's own storage), ``metadata`` (ids, labels, steps, the
+        counted; 0 when they live in ``storage_path``, then given as ``vectors_on_disk``), ``index``
+        (an ANN index's own storage), ``metadata`` (ids, labels, steps, the
         id -> slot map, class sums) and ``total``."""
         with self._lock.read():
-            vectors = int(self._vectors.nbytes)
+            on_disk = isinstance(self._vectors, np.memmap)
+            vectors = 0 if on_disk else int(self._vectors.nbytes)
             meta = int(self._labels.nbytes + self._steps.nbytes + self._ids.nbytes + self._class_sums.nbytes
                        + self._class_counts.nbytes) + _DICT_BYTES_PER_ITEM * len(self._slot_of)
             index = _index_bytes(self._ann) if self._ann is not None else 0
-        return {"vectors": vectors, "index": index, "metadata": meta, "total": vectors + index + meta}
+        out = {"vectors": vectors, "index": index, "metadata": meta, "total": vectors + index + meta}
+        if on_disk:
+            out["vectors_on_disk"] = int(self._vectors.nbytes)
+        return out
 
     # ------------------------------------------------------------------ writing
     def upsert(
@@ -360,7 +374,12 @@ class EmbeddingBank:
             mask = np.ones(self._size, dtype=bool)
             mask[drop] = False
             keep = np.flatnonzero(mask)
-            self._vectors = self._vectors[keep].copy()
+            if self.storage_path is None:
+                self._vectors = self._vectors[keep].copy()
+            else:  # compact the file in place, a chunk at a time (destination rows never pass the sources)
+                for a in range(0, len(keep), _EXACT_BLOCK):
+                    rows = keep[a : a + _EXACT_BLOCK]
+                    self._vectors[a : a + len(rows)] = self._vectors[rows]
             self._labels = self._labels[keep].copy()
             self._steps = self._steps[keep].copy()
             self._ids = self._ids[keep].copy()
@@ -577,7 +596,11 @@ class EmbeddingBank:
         ids = np.asarray(state["ids"], dtype=np.int64)
         with self._lock.write():
             n = len(ids)
-            self._vectors = np.ascontiguousarray(np.asarray(state["vectors"]).astype(self._dtype))
+            if self.storage_path is None:
+                self._vectors = np.ascontiguousarray(np.asarray(state["vectors"]).astype(self._dtype))
+            else:
+                self._resize_slots(max(n, 1))
+                self._vectors[:n] = np.asarray(state["vectors"]).astype(self._dtype)
             self._labels = np.asarray(state["labels"], dtype=np.int64).copy()
             self._steps = np.asarray(state["steps"], dtype=np.int64).copy()
             self._ids = ids.copy()
@@ -649,14 +672,28 @@ class EmbeddingBank:
         if n <= cap:
             return
         new_cap = max(n, 2 * cap, 1024)
-        vectors = np.zeros((new_cap, self.dim), dtype=self._dtype)
-        vectors[: self._size] = self._vectors[: self._size]
-        self._vectors = vectors
+        self._resize_slots(new_cap)
         for name in ("_labels", "_steps", "_ids"):
             old = getattr(self, name)
             arr = np.zeros(new_cap, dtype=np.int64)
             arr[: self._size] = old[: self._size]
             setattr(self, name, arr)
+
+    def _resize_slots(self, rows: int) -> None:
+        """Make the slot array ``rows`` long, keeping what its first rows hold (in RAM: a copy; in a
+        file: the file is extended, or cut, and mapped again)."""
+        if self.storage_path is None:
+            vectors = np.zeros((rows, self.dim), dtype=self._dtype)
+            keep = min(rows, len(self._vectors))
+            vectors[:keep] = self._vectors[:keep]
+            self._vectors = vectors
+            return
+        if isinstance(self._vectors, np.memmap):
+            self._vectors.flush()
+        self._vectors = np.zeros((0, self.dim), dtype=self._dtype)  # drop the old mapping first
+        with open(self.storage_path, "r+b") as f:
+            f.truncate(rows * self.dim * np.dtype(self._dtype).itemsize)
+        self._vectors = np.memmap(self.storage_path, dtype=self._dtype, mode="r+", shape=(rows, self.dim))
 
     def _update_ann(self, changed_slots: np.ndarray, changed_vec: np.ndarray, old_size: int, n_new: int) -> None:
         if self._ann is None:

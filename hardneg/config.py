@@ -74,6 +74,7 @@ class HardNegConfig:
     bank_storage: Literal["float32", "float16"] = "float32"
     bank_pq_bytes: int = 32
     bank_rerank: int = 32
+    bank_storage_path: Optional[str] = None  # keep the vectors in this file (memory-mapped), not in RAM
     # --- confusion mining -----------------------------------------------------------------
     knn_k: int = 10
     # steps between confusion refreshes (and generation requests); "auto": a quarter epoch, at most 50

@@ -784,9 +784,9 @@ class HardNeg:
             f", last error: {w['last_error']}" if w.get("last_error") else "")
 
     def _bank_from_state(self, state: dict[str, Any]) -> EmbeddingBank:
-        if self.config.bank_sharding == "off":
+        if self.config.bank_sharding == "off" and self.config.bank_storage_path is None:
             return EmbeddingBank.from_state_dict(state, use_gpu=self.config.use_gpu_index)
-        bank = self._make_bank(int(state["dim"]))  # a sharded bank keeps the vectors of its ids
+        bank = self._make_bank(int(state["dim"]))  # sharded: keeps the vectors of its ids; or in its file
         bank.load_state_dict(state)
         return bank
 
@@ -794,7 +794,8 @@ class HardNeg:
         c = self.config
         if c.embedding_dim is not None and dim != c.embedding_dim:
             raise HardNegError(f"embeddings have dimension {dim}, config.embedding_dim is {c.embedding_dim}")
-        storage = {"storage": c.bank_storage, "pq_bytes": c.bank_pq_bytes, "rerank": c.bank_rerank}
+        storage = {"storage": c.bank_storage, "pq_bytes": c.bank_pq_bytes, "rerank": c.bank_rerank,
+                   "storage_path": c.bank_storage_path}
         if c.bank_sharding != "off":
             from hardneg.sharded_bank import ShardedEmbeddingBank
 

@@ -89,6 +89,8 @@ class ShardedEmbeddingBank:
         self._group = group if group is not None else dist.new_group(backend="gloo")
         self.world = int(dist.get_world_size(self._group))
         self.rank = int(dist.get_rank(self._group))
+        if bank_options.get("storage_path"):  # one file per rank
+            bank_options = {**bank_options, "storage_path": f"{bank_options['storage_path']}.rank{self.rank}"}
         self.shard = EmbeddingBank(dim, num_classes, metric, index, ivf_threshold, nprobe, use_gpu, **bank_options)
         self._bank_options = dict(bank_options)
         self.dim, self.num_classes, self.metric = self.shard.dim, self.shard.num_classes, self.shard.metric

@@ -320,3 +320,25 @@ def test_engine_builds_the_compressed_bank_from_the_config():
     restored.close()
     with pytest.raises(ConfigError, match="bank_pq_bytes"):
         HardNegConfig(num_classes=5, embedding_dim=30, index="ivfpq", bank_pq_bytes=8)
+
+
+def test_vectors_in_a_memory_mapped_file(tmp_path):
+    x, y = _modes(3000)
+    path = tmp_path / "bank.f16"
+    ram = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16")
+    disk = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16", storage_path=str(path))
+    for bank in (ram, disk):
+        for start in range(0, 3000, 700):  # the file grows with the bank
+            bank.upsert(torch.arange(start, min(3000, start + 700)), x[start : start + 700], y[start : start + 700])
+        bank.remove([5, 17, 2999])
+        bank.upsert([6], x[[100]], y[[100]])
+    assert isinstance(disk._vectors, np.memmap) and path.stat().st_size >= 2997 * 32 * 2
+    mem = disk.memory_bytes()
+    assert mem["vectors"] == 0 and mem["vectors_on_disk"] >= 2997 * 32 * 2
+    np.testing.assert_array_equal(disk.search(x[:20], 5)[1], ram.search(x[:20], 5)[1])
+    np.testing.assert_array_equal(disk.get([6, 7])[0], ram.get([6, 7])[0])
+    np.testing.assert_allclose(disk.class_means(), ram.class_means())
+    other = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16", storage_path=str(tmp_path / "b2"))
+    other.load_state_dict(disk.state_dict())
+    assert isinstance(other._vectors, np.memmap)
+    np.testing.assert_array_equal(other.search(x[:20], 5)[1], ram.search(x[:20], 5)[1])
