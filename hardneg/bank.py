@@ -17,7 +17,8 @@ Why it is built this way:
   ``k >`` :data:`GPU_MAX_K` (GPU FAISS's limit) runs on the CPU.
 * **Compressed storage** for 10M+ samples: ``storage="float16"`` halves the slot array;
   ``index="ivfpq"`` searches an ``IndexIVFPQ`` (``pq_bytes`` a vector + 16 bytes of id and direct
-  map) and re-scores ``rerank * k`` candidates exactly against the stored vectors.
+  map) and re-scores ``rerank * k`` candidates exactly against the stored vectors;
+  ``storage_path`` keeps those in a memory-mapped file, so RAM holds the index and the metadata.
 * **Sharding** over processes: :mod:`hardneg.sharded_bank` (the same interface; the refresh talks
   to a bank through ``query_share``, ``search_many``, ``reduce_sum`` and ``merge_top_n``).
 * **IVF past a size threshold** (``index="auto"``): an ``IndexIVFFlat`` with ~4*sqrt(N) lists,
