@@ -801,7 +801,8 @@ class HardNeg:
 
             return ShardedEmbeddingBank(dim, c.num_classes, c.metric, c.index, c.ivf_threshold, c.nprobe,
                                         c.use_gpu_index, **storage)
-        return EmbeddingBank(dim, c.num_classes, c.metric, c.index, c.ivf_threshold, c.nprobe, c.use_gpu_index, **storage)
+        return EmbeddingBank(dim, c.num_classes, c.metric, c.index, c.ivf_threshold, c.nprobe, c.use_gpu_index,
+                             **storage)
 
     def _generator_space(self, images: Tensor, ids: Sequence[int]) -> Tensor:
         """Dataset (pipeline-space) images -> the generator's pixels; a clear error when out of range."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -401,7 +401,8 @@ class ShardedEmbeddingBank:
         meta_all = torch.stack(self._all_gather(torch.from_numpy(np.stack([ids, labels]).astype(np.int64))))
         start = sum(counts[: self.rank])
         rows = slice(start, start + counts[self.rank])
-        s = scores_all[:, rows].permute(1, 0, 2).reshape(counts[self.rank], self.world * k).numpy()  # (q, W*k), rank order
+        # (q, W*k): each of this rank's queries, the shards' answers side by side in rank order
+        s = scores_all[:, rows].permute(1, 0, 2).reshape(counts[self.rank], self.world * k).numpy()
         i = meta_all[:, 0, rows].permute(1, 0, 2).reshape(counts[self.rank], self.world * k).numpy()
         lab = meta_all[:, 1, rows].permute(1, 0, 2).reshape(counts[self.rank], self.world * k).numpy()
         key = -s.astype(np.float64) if self.metric == "cosine" else s.astype(np.float64)
