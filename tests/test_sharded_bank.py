@@ -277,3 +277,31 @@ def test_accelerate_with_bank_sharding_mines_and_generates_as_one_process(tmp_pa
         _same(res["bank"], one["bank"])  # the checkpoint holds the whole bank, as one process's
         _same(res["buffer"], one["buffer"])  # the same images requested, GeNIe-Ada picks included
     _same(ranks[0]["buffer"], ranks[1]["buffer"], exact_scores=True)
+
+
+def _divergent_rank(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from hardneg.sharded_bank import ShardedEmbeddingBank, ShardingError
+
+    bank = ShardedEmbeddingBank(D, K, index="flat", use_gpu=False)
+    x, y, _, _ = _data()
+    ids = torch.arange(rank * 100, rank * 100 + 100)  # each rank upserts only its own batch: a mistake
+    bank.upsert(ids, x[ids], y[ids])
+    try:
+        ConfusionGraph(K, knn_k=4).refresh(bank)
+        outcome = "refreshed"
+    except ShardingError as exc:
+        outcome = str(exc)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_that_upserted_different_rows_get_an_error_not_a_hang(tmp_path):
+    mp.start_processes(_divergent_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    for r in range(2):
+        text = (tmp_path / f"rank{r}.txt").read_text()
+        assert "ranks hold different samples" in text and "HardNegAccelerate" in text
