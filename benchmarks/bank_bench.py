@@ -15,6 +15,18 @@ exact flat bank (the baseline, measured in the same run, repeats interleaved):
   measured IVF refresh plus the exact-minus-IVF per-query search time (marked ``estimated``).
 
 Brute-force torch is ``queries @ bank.T`` + ``topk`` in 64k-row blocks (no index to build).
+
+Two more sections (``--sections``, default ``main`` = the comparison above):
+
+* ``sharded``: the bank sharded over W gloo processes (``bank_sharding="id-mod"``,
+  :mod:`hardneg.sharded_bank`) at W = ``--shard-worlds`` on this machine's CPUs: per-rank bank
+  memory, and the refresh's wall time and per-rank CPU time, against W = 1; the top pairs must
+  be the same at every W. On a machine with fewer cores than W ranks the wall time cannot fall
+  as 1/W; the per-rank CPU time shows the work each rank does.
+* ``compressed``: float16 storage + IVF-PQ (``bank_storage="float16"``, ``index="ivfpq"``) at
+  ``--compressed-sizes`` against the exact float32 bank: memory per vector (index codes + ids +
+  direct map, and the stored float16 vectors), recall@k with and without re-ranking, build, query,
+  update (128 replaced vectors) and refresh time, and the refresh's top pairs against exact.
 """
 
 from __future__ import annotations
@@ -48,6 +60,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="kNN queries per bank search to compare in the IVF refresh (not in --quick)")
     p.add_argument("--exact-refresh-max", type=C.parse_size, default=None,
                    help="largest N whose exact refresh is measured rather than estimated (default: 100k)")
+    p.add_argument("--sections", default="main",
+                   help="comma list of main (index comparison), sharded (W processes), compressed (fp16 + IVF-PQ)")
+    p.add_argument("--shard-worlds", default="1,2,4", help="process counts of the sharded section")
+    p.add_argument("--shard-size", type=C.parse_size, default=None, help="bank size of the sharded section "
+                   "(default: 100k; quick 4k)")
+    p.add_argument("--compressed-sizes", default=None, help="bank sizes of the compressed section (default: 1M,2M; "
+                   "quick 20k)")
+    p.add_argument("--pq-bytes", type=int, default=None, help="IVF-PQ bytes per vector (default: HardNegConfig's)")
+    p.add_argument("--rerank", type=int, default=None, help="IVF-PQ re-rank factor (default: HardNegConfig's)")
+    p.add_argument("--reranks", default="0,4,16,32", help="IVF-PQ re-rank factors whose recall is measured")
+    p.add_argument("--compressed-queries", type=int, default=None,
+                   help="recall queries in the compressed section (default: 256; quick 64)")
+    p.add_argument("--faiss-threads", type=int, default=1,
+                   help="FAISS threads in the compressed section (as the engine's refresh_threads; 0 = all)")
+    p.add_argument("--compressed-refresh-queries", type=int, default=None,
+                   help="kNN queries per refresh in the compressed section (default: 500; quick 200)")
     p.set_defaults(bench=NAME)
 
 
@@ -70,6 +98,17 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "search_chunks": C.parse_list(args.search_chunks, int), "quick": bool(args.quick),
         "update_batch": 128,
         "num_classes": 10,
+        "sections": C.parse_list(args.sections) or ["main"],
+        "shard_worlds": C.parse_list(args.shard_worlds, int),
+        "shard_size": args.shard_size or (4_000 if q else 100_000),
+        "compressed_sizes": [C.parse_size(x) for x in (C.parse_list(args.compressed_sizes)
+                                                         or (["20k"] if q else ["1M", "2M"]))],
+        "pq_bytes": args.pq_bytes or HardNegConfig(num_classes=2).bank_pq_bytes,
+        "rerank": args.rerank if args.rerank is not None else HardNegConfig(num_classes=2).bank_rerank,
+        "compressed_refresh_queries": args.compressed_refresh_queries or (200 if q else 500),
+        "compressed_queries": args.compressed_queries or (64 if q else 256),
+        "reranks": C.parse_list(args.reranks, int),
+        "faiss_threads": args.faiss_threads,
     }
 
 
@@ -265,11 +304,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info["faiss_omp_threads"] = faiss.omp_get_max_threads()
     print(C.header("bank", info), flush=True)
     t_start = time.perf_counter()
+    unknown = set(s["sections"]) - {"main", "sharded", "compressed"}
+    if unknown:
+        raise SystemExit(f"--sections: unknown {sorted(unknown)}; choose from main, sharded, compressed")
+    results: dict[str, Any] = {"benchmark": NAME, "command": C.command_line(NAME), "quick": bool(args.quick),
+                               "settings": s, "machine": info}
+    if "sharded" in s["sections"]:
+        results["sharded"] = _sharded_section(s, args.seed)
+    if "compressed" in s["sections"]:
+        results["compressed"] = [_compressed_size(n, s, args.seed) for n in s["compressed_sizes"]]
+        results["compressed_table_markdown"] = _compressed_table(results["compressed"])
+        print(results["compressed_table_markdown"], flush=True)
+    if "main" not in s["sections"]:
+        results["seconds"] = time.perf_counter() - t_start
+        results["files"] = [os.path.join(args.out, "results.json")]
+        C.write_results(args.out, results)
+        print(f"wrote {results['files'][0]}", flush=True)
+        return results
     per_size = [_one_size(n, s, args.seed) for n in s["sizes"]]
-    results = {
-        "benchmark": NAME, "command": C.command_line(NAME), "quick": bool(args.quick), "settings": s,
-        "machine": info, "sizes": per_size, "seconds": time.perf_counter() - t_start,
-    }
+    results.update(sizes=per_size, seconds=time.perf_counter() - t_start)
     biggest = per_size[-1]
     op = biggest["ivf_operating_point"]
     results["target"] = {
@@ -282,6 +335,202 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(results["table_markdown"], flush=True)
     print(f"target at N={C.human_size(biggest['n'])}: {results['target']}", flush=True)
     return C.finish(args.out, results, _plot(per_size, s, args.out))
+
+
+# ====================================================================== sharded: W processes
+def _sharded_section(s: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Per-rank memory and refresh time of a sharded bank at each W, each W its own gloo process group."""
+    import json
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    runs = []
+    for world in s["shard_worlds"]:
+        with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            sock.close()
+            t = time.perf_counter()
+            mp.start_processes(_shard_rank, args=(world, port, tmp, s, seed), nprocs=world, join=True,
+                               start_method="spawn")
+            ranks = [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(world)]
+        run = {"world": world, "ranks": ranks, "seconds": time.perf_counter() - t,
+               "bank_bytes_per_rank": max(r["memory"]["total"] for r in ranks),
+               "vector_bytes_per_rank": max(r["memory"]["vectors"] + r["memory"]["index"] for r in ranks),
+               "refresh_wall_s": max(r["refresh_wall_s"] for r in ranks),
+               "refresh_cpu_s_per_rank": max(r["refresh_cpu_s"] for r in ranks),
+               "top_pairs": ranks[0]["top_pairs"],
+               "same_on_every_rank": all(r["top_pairs"] == ranks[0]["top_pairs"] for r in ranks)}
+        runs.append(run)
+        print(f"[sharded W={world}] bank per rank {run['bank_bytes_per_rank'] / 2**20:.1f} MiB, refresh wall "
+              f"{run['refresh_wall_s']:.2f}s, cpu per rank {run['refresh_cpu_s_per_rank']:.2f}s, "
+              f"top pairs {run['top_pairs']}", flush=True)
+    base = runs[0]
+    for run in runs:
+        run["memory_vs_w1"] = C.ratio(run["bank_bytes_per_rank"], base["bank_bytes_per_rank"])
+        run["vector_memory_vs_w1"] = C.ratio(run["vector_bytes_per_rank"], base["vector_bytes_per_rank"])
+        run["refresh_wall_vs_w1"] = C.ratio(run["refresh_wall_s"], base["refresh_wall_s"])
+        run["refresh_cpu_vs_w1"] = C.ratio(run["refresh_cpu_s_per_rank"], base["refresh_cpu_s_per_rank"])
+        run["pairs_equal_w1"] = [p[:2] for p in run["top_pairs"]] == [p[:2] for p in base["top_pairs"]]
+    table = C.markdown_table(
+        ["W", "bank MiB/rank", "x W=1", "vectors MiB/rank", "x W=1", "refresh wall s", "x W=1", "refresh CPU s/rank",
+         "x W=1", "pairs = W=1"],
+        [[r["world"], C.fmt(r["bank_bytes_per_rank"] / 2**20, ".1f"), C.fmt(r["memory_vs_w1"], ".2f"),
+          C.fmt(r["vector_bytes_per_rank"] / 2**20, ".1f"), C.fmt(r["vector_memory_vs_w1"], ".2f"),
+          C.fmt(r["refresh_wall_s"], ".2f"), C.fmt(r["refresh_wall_vs_w1"], ".2f"),
+          C.fmt(r["refresh_cpu_s_per_rank"], ".2f"), C.fmt(r["refresh_cpu_vs_w1"], ".2f"),
+          "yes" if r["pairs_equal_w1"] and r["same_on_every_rank"] else "NO"] for r in runs])
+    print(table, flush=True)
+    return {"n": s["shard_size"], "refresh_queries": s["refresh_queries"], "runs": runs, "table_markdown": table}
+
+
+def _shard_rank(rank: int, world: int, port: int, out_dir: str, s: dict[str, Any], seed: int) -> None:
+    """One rank: the same global rows upserted, memory read, two collective refreshes timed."""
+    import json
+
+    import faiss
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from hardneg.confusion import ConfusionGraph
+    from hardneg.sharded_bank import ShardedEmbeddingBank
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)  # one core's worth per rank: the per-rank CPU time is the rank's work
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    n, d = s["shard_size"], s["dim"]
+    vectors, labels = C.clustered_embeddings(n, d, s["num_classes"], seed=seed)
+    bank = ShardedEmbeddingBank(d, s["num_classes"], index="flat", use_gpu=False)
+    C.upsert_in_chunks(bank, np.arange(n), vectors, labels)
+    del vectors
+    walls, cpus, top = [], [], []
+    for _ in range(2):
+        graph = ConfusionGraph(s["num_classes"], knn_k=10, max_queries=s["refresh_queries"], seed=seed)
+        dist.barrier()
+        t, c = time.perf_counter(), time.process_time()
+        graph.refresh(bank)
+        cpus.append(time.process_time() - c)
+        dist.barrier()
+        walls.append(time.perf_counter() - t)
+        top = [[p.a, p.b, round(p.score, 6)] for p in graph.top_pairs(3)]
+    out = {"rank": rank, "memory": bank.memory_bytes(), "shard_rows": len(bank.shard),
+           "refresh_wall_s": min(walls), "refresh_cpu_s": min(cpus), "top_pairs": top}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+
+
+# ====================================================================== compressed: fp16 + IVF-PQ
+def _compressed_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
+    """float16 + IVF-PQ against the exact float32 bank at one size."""
+    import numpy as np
+
+    from hardneg.bank import EmbeddingBank
+    from hardneg.confusion import ConfusionGraph
+
+    import faiss
+
+    d, k, nq, K = s["dim"], s["k"], s["compressed_queries"], s["num_classes"]
+    if s["faiss_threads"] > 0:
+        faiss.omp_set_num_threads(s["faiss_threads"])
+    t = time.perf_counter()
+    vectors, labels = C.clustered_embeddings(n + nq, d, K, seed=seed)
+    queries, vectors, labels = vectors[n:].copy(), vectors[:n], labels[:n]
+    ids = np.arange(n)
+    tag = f"[compressed N={C.human_size(n)}]"
+    print(f"{tag} data {time.perf_counter() - t:.1f}s", flush=True)
+    out: dict[str, Any] = {"n": n, "dim": d, "pq_bytes": s["pq_bytes"], "rerank": s["rerank"], "build_s": {},
+                           "query_s": {}, "update_ms": {}, "refresh_s": {}, "top_pairs": {}}
+    threshold = max(2, n // 5)
+    comp = EmbeddingBank(d, K, index="ivfpq", ivf_threshold=threshold, use_gpu=False, storage="float16",
+                         pq_bytes=s["pq_bytes"], rerank=s["rerank"])
+    t = time.perf_counter()
+    C.upsert_in_chunks(comp, ids, vectors, labels, cuts=[threshold])
+    comp.flush()
+    out["build_s"]["ivfpq"] = time.perf_counter() - t
+    exact = EmbeddingBank(d, K, index="flat", use_gpu=False)
+    exact._ensure_capacity(n)  # one allocation: no doubling copy of a multi-GB slot array
+    t = time.perf_counter()
+    C.upsert_in_chunks(exact, ids, vectors, labels)
+    out["build_s"]["flat"] = time.perf_counter() - t
+    del vectors
+    print(f"{tag} build flat {out['build_s']['flat']:.1f}s, ivfpq {out['build_s']['ivfpq']:.1f}s "
+          f"({comp._ann.nlist} lists)", flush=True)
+    out["nlist"], out["nprobe"] = int(comp._ann.nlist), comp.nprobe
+    mem_exact, mem = exact.memory_bytes(), comp.memory_bytes()
+    cap_exact = len(exact._vectors)
+    out["bytes_per_vector"] = {
+        "flat_float32_vectors": mem_exact["vectors"] / cap_exact,
+        "ivfpq_index_per_vector": comp._ann.code_size + 8 + 8,  # PQ code + list id + direct map entry
+        "ivfpq_index": mem["index"] / n,  # the above + the shared centroids and PQ tables, spread over N
+        "float16_vectors": 2 * d,
+        "metadata": mem["metadata"] / n,
+    }
+    out["memory_bytes"] = {"flat": mem_exact, "ivfpq_fp16": mem}
+    # ---- recall@k and query time
+    t = time.perf_counter()
+    _, truth = exact.search(queries, k)
+    out["query_s"]["flat"] = time.perf_counter() - t
+    recall = {}
+    for rr in sorted({0, s["rerank"], *s["reranks"]}):
+        comp.rerank = rr
+        t = time.perf_counter()
+        _, found = comp.search(queries, k)
+        out["query_s"][f"ivfpq_rerank{rr}"] = time.perf_counter() - t
+        recall[f"rerank{rr}"] = _recall(found, truth)
+    comp.rerank = s["rerank"]
+    out["recall"] = recall
+    print(f"{tag} recall@{k} {recall}, query s {out['query_s']}", flush=True)
+    # ---- update: replace 128 stored vectors (upsert + the IVF work it queues)
+    rng = np.random.default_rng(seed + 1)
+    for name, bank in (("flat", exact), ("ivfpq", comp)):
+        ts = []
+        for rep in range(s["repeats"] + 1):
+            pick = rng.choice(n, size=s["update_batch"], replace=False)
+            _, vec = bank.lookup(pick)[:2]
+            t = time.perf_counter()
+            bank.upsert(pick, vec[::-1].copy(), labels[pick][::-1].copy())
+            bank.flush()
+            if rep:
+                ts.append(time.perf_counter() - t)
+            bank.upsert(pick, vec, labels[pick])  # put them back: the data stays the benchmark's
+            bank.flush()
+        out["update_ms"][name] = 1e3 * C.median(ts)
+    # ---- the confusion refresh: time and top pairs, same query subsample on both banks
+    for name, bank in (("flat", exact), ("ivfpq", comp)):
+        graph = ConfusionGraph(K, knn_k=10, max_queries=s["compressed_refresh_queries"], seed=seed)
+        t = time.perf_counter()
+        graph.refresh(bank)
+        out["refresh_s"][name] = time.perf_counter() - t
+        out["top_pairs"][name] = [[p.a, p.b, round(p.score, 4)] for p in graph.top_pairs(3)]
+    out["pairs_equal_exact"] = [p[:2] for p in out["top_pairs"]["ivfpq"]] == [p[:2] for p in out["top_pairs"]["flat"]]
+    out["pairs_same_set"] = ({tuple(p[:2]) for p in out["top_pairs"]["ivfpq"]}
+                             == {tuple(p[:2]) for p in out["top_pairs"]["flat"]})
+    print(f"{tag} refresh s {out['refresh_s']}, top pairs {out['top_pairs']}, update ms {out['update_ms']}",
+          flush=True)
+    del exact, comp
+    return out
+
+
+def _compressed_table(rows: list[dict[str, Any]]) -> str:
+    out = []
+    for r in rows:
+        b = r["bytes_per_vector"]
+        rr = f"rerank{r['rerank']}"
+        out.append([C.human_size(r["n"]), C.fmt(b["flat_float32_vectors"], ".0f"), C.fmt(b["ivfpq_index"], ".1f"),
+                    C.fmt(b["float16_vectors"], ".0f"), C.fmt(r["recall"].get("rerank0"), ".3f"),
+                    C.fmt(r["recall"].get(rr), ".3f"), C.fmt(r["build_s"]["flat"], ".1f"),
+                    C.fmt(r["build_s"]["ivfpq"], ".1f"), C.fmt(r["update_ms"]["flat"], ".1f"),
+                    C.fmt(r["update_ms"]["ivfpq"], ".1f"), C.fmt(r["refresh_s"]["flat"], ".1f"),
+                    C.fmt(r["refresh_s"]["ivfpq"], ".1f"), "yes" if r["pairs_equal_exact"] else ("same set" if r["pairs_same_set"] else "NO")])
+    return C.markdown_table(
+        ["N", "flat B/vec", "IVF-PQ index B/vec", "fp16 B/vec", "recall@k PQ", f"recall@k re-ranked",
+         "build flat s", "build IVF-PQ s", "update 128 flat ms", "update 128 IVF-PQ ms", "refresh flat s",
+         "refresh IVF-PQ s", "top pairs = exact"], out)
 
 
 def _table(per_size: list[dict[str, Any]]) -> str:

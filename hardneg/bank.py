@@ -9,8 +9,18 @@ Why it is built this way:
   array, or ``faiss.knn_gpu`` when a FAISS GPU build (``pip install 'hardneg[gpu]'``) sees a GPU
   and ``use_gpu`` is on: one ``StandardGpuResources`` per bank, its scratch memory capped at
   :data:`GPU_TEMP_MEMORY` so the bank leaves the training job's GPU memory alone, and GPU searches
-  serialised (a ``StandardGpuResources`` must not be used from two threads at once). The IVF and
-  HNSW indexes stay on the CPU (IVF's in-place ``update_vectors`` is CPU-only).
+  serialised (a ``StandardGpuResources`` must not be used from two threads at once). The GPU
+  searches a GPU-resident copy of the slot array (on the constructing thread's CUDA device) that
+  ``upsert`` writes row by row, so no search re-uploads the bank, and a refresh sends all its
+  queries in one call. On a GPU ``index="auto"`` stays exact at every size; explicit IVF and HNSW
+  indexes stay on the CPU (IVF's in-place ``update_vectors`` is CPU-only); a search with
+  ``k >`` :data:`GPU_MAX_K` (GPU FAISS's limit) runs on the CPU.
+* **Compressed storage** for 10M+ samples: ``storage="float16"`` halves the slot array;
+  ``index="ivfpq"`` searches an ``IndexIVFPQ`` (``pq_bytes`` a vector + 16 bytes of id and direct
+  map) and re-scores ``rerank * k`` candidates exactly against the stored vectors;
+  ``storage_path`` keeps those in a memory-mapped file, so RAM holds the index and the metadata.
+* **Sharding** over processes: :mod:`hardneg.sharded_bank` (the same interface; the refresh talks
+  to a bank through ``query_share``, ``search_many``, ``reduce_sum`` and ``merge_top_n``).
 * **IVF past a size threshold** (``index="auto"``): an ``IndexIVFFlat`` with ~4*sqrt(N) lists,
   trained once when the bank first crosses ``ivf_threshold``; FAISS ids are the slots and an
   array direct map lets ``update_vectors`` replace vectors. Those updates (a coarse assignment
@@ -26,6 +36,7 @@ refresh thread); read by policies through :class:`hardneg.targeting.BankView`; o
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import threading
@@ -43,7 +54,11 @@ logger = logging.getLogger(__name__)
 Metric = Literal["cosine", "l2"]
 DEFAULT_IVF_THRESHOLD = 50_000  # "auto" switches from exact flat search to IVF past this many vectors
 GPU_TEMP_MEMORY = 256 * 1024 * 1024  # bytes of FAISS GPU scratch memory (FAISS's default is up to 1.5 GiB)
-IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
+RERANK_EXTRA_MAX = 2048  # re-ranked candidates past k, per query (a long-tail search asks for a large k)
+GPU_MAX_K = 2048  # GPU FAISS's largest k (and nprobe); a larger k searches on the CPU
+IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
+Storage = Literal["float32", "float16"]
+_EXACT_BLOCK = 65_536  # rows of a float16 slot array widened to float32 per exact-search block
 
 
 class BankError(ValueError):
@@ -89,6 +104,62 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
+_DICT_BYTES_PER_ITEM = 100  # rough CPython cost of one int -> int entry of the id -> slot map
+
+
+def _last_occurrence(ids: np.ndarray, vec: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The last occurrence of a repeated id within one batch wins."""
+    if len(np.unique(ids)) != len(ids):
+        _, last = np.unique(ids[::-1], return_index=True)
+        keep = np.sort(len(ids) - 1 - last)
+        ids, vec, lab = ids[keep], vec[keep], lab[keep]
+    return ids, vec, lab
+
+
+def _index_bytes(index: Any) -> int:
+    """Bytes of a FAISS index's own storage (IVF: codes + ids of every list; else serialised size)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+        invlists = ivf.invlists
+        n = sum(invlists.list_size(i) for i in range(invlists.nlist))
+        quantizer = ivf.nlist * ivf.d * 4
+        direct_map = 8 * n if ivf.direct_map.type != faiss.DirectMap.NoMap else 0  # slot -> list entry
+        return int(n * (invlists.code_size + 8) + direct_map + quantizer + _pq_table_bytes(ivf))
+    except (RuntimeError, AttributeError, TypeError):
+        return int(faiss.serialize_index(index).nbytes)
+
+
+def _pq_table_bytes(ivf: Any) -> int:
+    pq = getattr(faiss.downcast_index(ivf), "pq", None)
+    return int(pq.M * pq.ksub * pq.dsub * 4) if pq is not None else 0
+
+
+def _current_cuda_device() -> torch.device:
+    """``cuda:{current_device()}`` read on the constructing (main) thread: a bare ``"cuda"`` means
+    device 0 on other threads (the refresh thread), the wrong GPU on ranks > 0."""
+    try:
+        return torch.device("cuda", torch.cuda.current_device())
+    except (RuntimeError, AssertionError, AttributeError):  # no CUDA torch (tests stand in for the GPU)
+        return torch.device("cpu")
+
+
+def _enable_torch_knn_gpu() -> None:
+    """Let ``faiss.knn_gpu`` take device tensors (``faiss.contrib.torch_utils``) on a real GPU build."""
+    fn = getattr(faiss, "knn_gpu", None)
+    if fn is not None and str(getattr(fn, "__module__", "")).startswith("faiss"):
+        importlib.import_module("faiss.contrib.torch_utils")
+
+
+@contextmanager
+def _null_context() -> Iterator[None]:
+    yield
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous float32 view or copy (what FAISS takes) of a float32 / float16 array."""
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
 def _to_numpy_f32(x: Tensor | np.ndarray, name: str) -> np.ndarray:
     if isinstance(x, Tensor):
         if not x.is_floating_point():
@@ -120,6 +191,15 @@ class EmbeddingBank:
             vectors an ``"ivf"`` bank needs before its index is trained; below it search is exact).
         nprobe: IVF lists visited per query (recall vs speed).
         use_gpu: search on the GPU when a FAISS GPU build and a GPU are present.
+        storage: dtype of the stored vectors: ``"float32"``, or ``"float16"`` (half the memory;
+            reads return float32; class sums are of the stored values, so they never drift).
+        pq_bytes: bytes per vector of an ``"ivfpq"`` index (``IndexIVFPQ``, 8-bit codes; must
+            divide ``dim``); its lists also hold an 8-byte id per vector, the direct map another 8.
+        rerank: an ``"ivfpq"`` search fetches ``rerank * k`` candidates and re-scores them exactly
+            against the stored vectors (0: PQ scores as they are).
+        storage_path: keep the stored vectors in this file, memory-mapped, instead of in RAM (the
+            file is created or overwritten; with ``"ivfpq"`` RAM then holds the index and the
+            metadata; re-ranking and the refresh's source scan read the file).
     """
 
     def __init__(
@@ -131,13 +211,30 @@ class EmbeddingBank:
         ivf_threshold: int = DEFAULT_IVF_THRESHOLD,
         nprobe: int = 16,
         use_gpu: bool = True,
+        storage: Storage = "float32",
+        pq_bytes: int = 32,
+        rerank: int = 32,
+        storage_path: Optional[str] = None,
     ) -> None:
         if dim < 1 or num_classes < 1:
             raise BankError(f"dim and num_classes must be >= 1, got {dim}, {num_classes}")
         if metric not in ("cosine", "l2"):
             raise BankError(f"metric must be 'cosine' or 'l2', got {metric!r}")
-        if index not in ("auto", "flat", "ivf", "hnsw"):
-            raise BankError(f"index must be 'auto', 'flat', 'ivf' or 'hnsw', got {index!r}")
+        if index not in ("auto", "flat", "ivf", "ivfpq", "hnsw"):
+            raise BankError(f"index must be 'auto', 'flat', 'ivf', 'ivfpq' or 'hnsw', got {index!r}")
+        if storage not in ("float32", "float16"):
+            raise BankError(f"storage must be 'float32' or 'float16', got {storage!r}")
+        if index == "ivfpq" and (pq_bytes < 1 or dim % pq_bytes):
+            raise BankError(f"pq_bytes must divide dim={dim} (a PQ sub-vector per byte), got {pq_bytes}; "
+                            f"e.g. {max(b for b in range(1, min(dim, 64) + 1) if dim % b == 0)}")
+        if rerank < 0:
+            raise BankError(f"rerank must be >= 0, got {rerank}")
+        self.storage: Storage = storage
+        self._dtype = np.float16 if storage == "float16" else np.float32
+        self.pq_bytes = int(pq_bytes)
+        self.rerank = int(rerank)
+        self.storage_path = None if storage_path is None else str(storage_path)
+        self._ivf_pq = False
         self.dim = int(dim)
         self.num_classes = int(num_classes)
         self.metric: Metric = metric
@@ -147,7 +244,11 @@ class EmbeddingBank:
         self._faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
         self._lock = ReadWriteLock()
         self._size = 0
-        self._vectors = np.zeros((0, self.dim), dtype=np.float32)
+        self._vectors = np.zeros((0, self.dim), dtype=self._dtype)
+        if self.storage_path is not None:
+            with open(self.storage_path, "wb"):
+                pass  # created or emptied: this bank's file from now on
+            self._resize_slots(1)
         self._labels = np.zeros(0, dtype=np.int64)
         self._steps = np.zeros(0, dtype=np.int64)
         self._ids = np.zeros(0, dtype=np.int64)
@@ -161,7 +262,14 @@ class EmbeddingBank:
         self._ivf_pending: set[int] = set()  # slots whose new vectors the IVF index has not seen yet
         self._ivf_count = 0  # slots [0, _ivf_count) have been added to the IVF index
         self._gpu_res = self._make_gpu_resources() if use_gpu else None
-        self._gpu_lock = threading.Lock()
+        self._gpu_lock = threading.Lock()  # one StandardGpuResources must never serve two threads at once
+        # The GPU-resident copy of the slot array (a torch tensor on the main thread's CUDA device),
+        # written row by row by upsert: searches never re-upload the bank.
+        self._gpu_device: Optional[torch.device] = _current_cuda_device() if self._gpu_res is not None else None
+        self._gpu_vectors: Optional[Tensor] = None
+        if self._gpu_res is not None:
+            self._gpu_vectors = torch.zeros((0, self.dim), dtype=self._torch_dtype, device=self._gpu_device)
+        self._warned_large_k = False
 
     # ------------------------------------------------------------------ properties
     def __len__(self) -> int:
@@ -182,13 +290,46 @@ class EmbeddingBank:
 
     @property
     def active_index(self) -> str:
-        """Which search structure answers queries now: ``"flat"``, ``"ivf"`` or ``"hnsw"``."""
+        """Which search structure answers queries now: ``"flat"``, ``"ivf"``, ``"ivfpq"`` or ``"hnsw"``."""
+        if self._ann_kind == "ivf" and self._ivf_pq:
+            return "ivfpq"
         return self._ann_kind or "flat"
 
     @property
+    def _torch_dtype(self) -> torch.dtype:
+        return torch.float16 if self.storage == "float16" else torch.float32
+
+    @property
     def on_gpu(self) -> bool:
-        """Whether exact searches run on the GPU (``faiss.knn_gpu``)."""
+        """Whether exact searches run on the GPU (``faiss.knn_gpu`` over the GPU-resident copy).
+
+        With a GPU, ``index="auto"`` stays exact at every size (one brute-force GPU search beats a
+        CPU IVF); an explicit ``"ivf"``/``"hnsw"`` index searches on the CPU, the GPU then serves
+        only the exact searches (before the index is built, a stale HNSW graph). A search with
+        ``k >`` :data:`GPU_MAX_K` runs on the CPU.
+        """
         return self._gpu_res is not None
+
+    @property
+    def collective(self) -> bool:
+        """Whether searches and lookups are collective calls across processes (a sharded bank)."""
+        return False
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this process holds for the bank: ``vectors`` (the slot array, the GPU copy not
+        counted; 0 when they live in ``storage_path``, then given as ``vectors_on_disk``), ``index``
+        (an ANN index's own storage), ``metadata`` (ids, labels, steps, the
+        id -> slot map, class sums) and ``total``."""
+        with self._lock.read():
+            on_disk = isinstance(self._vectors, np.memmap)
+            vectors = 0 if on_disk else int(self._vectors.nbytes)
+            meta = int(self._labels.nbytes + self._steps.nbytes + self._ids.nbytes + self._class_sums.nbytes
+                       + self._class_counts.nbytes) + _DICT_BYTES_PER_ITEM * len(self._slot_of)
+            index = _index_bytes(self._ann) if self._ann is not None else 0
+        out = {"vectors": vectors, "index": index, "metadata": meta, "total": vectors + index + meta}
+        if on_disk:
+            out["vectors_on_disk"] = int(self._vectors.nbytes)
+        return out
 
     # ------------------------------------------------------------------ writing
     def upsert(
@@ -199,12 +340,11 @@ class EmbeddingBank:
         step: int = 0,
     ) -> None:
         """Insert or replace the vectors of ``ids`` (O(batch)); a re-observed id keeps one slot."""
-        ids_np, vec, lab = self._validate(ids, embeddings, labels)
-        # The last occurrence of a repeated id within one batch wins.
-        if len(np.unique(ids_np)) != len(ids_np):
-            _, last = np.unique(ids_np[::-1], return_index=True)
-            keep = np.sort(len(ids_np) - 1 - last)
-            ids_np, vec, lab = ids_np[keep], vec[keep], lab[keep]
+        ids_np, vec, lab = _last_occurrence(*self._validate(ids, embeddings, labels))
+        self._upsert_valid(ids_np, vec, lab, step)
+
+    def _upsert_valid(self, ids_np: np.ndarray, vec: np.ndarray, lab: np.ndarray, step: int) -> None:
+        """:meth:`upsert` of validated, normalised rows with unique ids (a sharded bank's owned rows)."""
         with self._lock.write():
             get = self._slot_of.get
             slots = np.fromiter((get(i, -1) for i in ids_np.tolist()), dtype=np.int64, count=len(ids_np))
@@ -217,9 +357,12 @@ class EmbeddingBank:
             old = slots[~new_mask]  # replaced samples leave their old class sums first
             np.subtract.at(self._class_sums, self._labels[old], self._vectors[old].astype(np.float64))
             np.subtract.at(self._class_counts, self._labels[old], 1)
+            vec = vec.astype(self._dtype, copy=False)  # the sums are of the stored values (float16: rounded)
             np.add.at(self._class_sums, lab, vec.astype(np.float64))
             np.add.at(self._class_counts, lab, 1)
             self._vectors[slots] = vec
+            if self._gpu_vectors is not None:
+                self._gpu_write(slots, vec)
             self._labels[slots] = lab
             self._steps[slots] = int(step)
             self._ids[slots] = ids_np
@@ -237,13 +380,19 @@ class EmbeddingBank:
             mask = np.ones(self._size, dtype=bool)
             mask[drop] = False
             keep = np.flatnonzero(mask)
-            self._vectors = self._vectors[keep].copy()
+            if self.storage_path is None:
+                self._vectors = self._vectors[keep].copy()
+            else:  # compact the file in place, a chunk at a time (destination rows never pass the sources)
+                for a in range(0, len(keep), _EXACT_BLOCK):
+                    rows = keep[a : a + _EXACT_BLOCK]
+                    self._vectors[a : a + len(rows)] = self._vectors[rows]
             self._labels = self._labels[keep].copy()
             self._steps = self._steps[keep].copy()
             self._ids = self._ids[keep].copy()
             self._size = len(keep)
             self._slot_of = {int(i): s for s, i in enumerate(self._ids.tolist())}
             self._recount_classes()
+            self._gpu_upload_all()
             self._ann, self._ann_kind = None, None
             self._maybe_build_ann()
             return len(set(drop))
@@ -277,10 +426,10 @@ class EmbeddingBank:
                     take = sorted(self._ivf_pending)[:chunk]
                     self._ivf_pending.difference_update(take)
                     slots = np.asarray(take, dtype=np.int64)
-                    self._ann.update_vectors(slots, np.ascontiguousarray(self._vectors[slots]))
+                    self._ann.update_vectors(slots, _f32(self._vectors[slots]))
                 elif self._ivf_count < self._size:
                     end = min(self._size, self._ivf_count + chunk)
-                    self._ann.add(self._vectors[self._ivf_count : end])
+                    self._ann.add(_f32(self._vectors[self._ivf_count : end]))
                     self._ivf_count = end
 
     @property
@@ -308,7 +457,10 @@ class EmbeddingBank:
         self, queries: Tensor | np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like :meth:`search`, also returning the neighbours' labels (``-1`` for missing)."""
-        q = self._validate_queries(queries)
+        return self._search_labelled(self._validate_queries(queries), k)
+
+    def _search_labelled(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search_with_labels` of validated, normalised queries."""
         self.flush()
         with self._lock.read():
             scores, slots = self._search_slots(q, k)
@@ -342,7 +494,36 @@ class EmbeddingBank:
             slots = np.fromiter((get(i, -1) for i in ids_np.tolist()), dtype=np.int64, count=len(ids_np))
             keep = slots >= 0
             slots = slots[keep]
-            return ids_np[keep], self._vectors[slots].copy(), self._labels[slots].copy()
+            return ids_np[keep], self._vectors[slots].astype(np.float32), self._labels[slots].copy()
+
+    # ------------------------------------------------------------------ refresh hooks
+    # The confusion refresh talks to the bank through these, so that a sharded bank
+    # (hardneg.sharded_bank) can split the work across processes; here they are the plain forms.
+    def query_share(self, ids: Tensor | np.ndarray | list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, vectors, labels)`` of the refresh queries ``ids`` this process answers: all of
+        them here (:meth:`lookup`); a sharded bank's rank answers those it stores."""
+        return self.lookup(ids)
+
+    def search_many(self, queries: Tensor | np.ndarray, k: int, chunk: int = 64
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search_with_labels` of many queries, ``chunk`` per search so an upsert waits for
+        one chunk at most; on the GPU all queries go in one call (one short GPU search)."""
+        q = self._validate_queries(queries)
+        if self.on_gpu and self._ann is None and k <= GPU_MAX_K:
+            chunk = max(1, len(q))
+        if len(q) == 0:
+            return (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int64))
+        parts = [self._search_labelled(q[i : i + chunk], k) for i in range(0, len(q), chunk)]
+        return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
+
+    def reduce_sum(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Sum per-process partial results over processes (identity for a one-process bank)."""
+        return arrays
+
+    def merge_top_n(self, best: dict[Any, tuple[np.ndarray, np.ndarray]], n: int
+                    ) -> dict[Any, tuple[np.ndarray, np.ndarray]]:
+        """Merge per-process ``{key: (scores, ids)}`` top-``n`` lists (identity for a one-process bank)."""
+        return best
 
     def scan(self, visit: Callable[[np.ndarray, np.ndarray, np.ndarray], None], chunk: int = 65_536) -> None:
         """Call ``visit(ids, vectors, labels)`` on consecutive chunks of the stored samples.
@@ -371,7 +552,7 @@ class EmbeddingBank:
             if missing:
                 raise KeyError(f"sample ids not in the bank: {missing[:10]}")
             slots = np.array([self._slot_of[i] for i in ids_np.tolist()], dtype=np.int64)
-            return self._vectors[slots].copy(), self._labels[slots].copy()
+            return self._vectors[slots].astype(np.float32), self._labels[slots].copy()
 
     def __contains__(self, sample_id: int) -> bool:
         return int(sample_id) in self._slot_of
@@ -397,6 +578,9 @@ class EmbeddingBank:
             "index": self.index_kind,
             "ivf_threshold": self.ivf_threshold,
             "nprobe": self._nprobe,
+            "storage": self.storage,
+            "pq_bytes": self.pq_bytes,
+            "rerank": self.rerank,
             "ids": torch.from_numpy(ids),
             "vectors": torch.from_numpy(vecs),
             "labels": torch.from_numpy(labels),
@@ -418,20 +602,27 @@ class EmbeddingBank:
         ids = np.asarray(state["ids"], dtype=np.int64)
         with self._lock.write():
             n = len(ids)
-            self._vectors = np.ascontiguousarray(np.asarray(state["vectors"], dtype=np.float32))
+            if self.storage_path is None:
+                self._vectors = np.ascontiguousarray(np.asarray(state["vectors"]).astype(self._dtype))
+            else:
+                self._resize_slots(max(n, 1))
+                self._vectors[:n] = np.asarray(state["vectors"]).astype(self._dtype)
             self._labels = np.asarray(state["labels"], dtype=np.int64).copy()
             self._steps = np.asarray(state["steps"], dtype=np.int64).copy()
             self._ids = ids.copy()
             self._size = n
             self._slot_of = {int(i): s for s, i in enumerate(ids.tolist())}
             self._recount_classes()
+            self._gpu_upload_all()
             self._ann, self._ann_kind = None, None
             self._maybe_build_ann()
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], use_gpu: bool = True) -> "EmbeddingBank":
         bank = cls(int(state["dim"]), int(state["num_classes"]), state["metric"], state["index"],
-                   int(state["ivf_threshold"]), int(state["nprobe"]), use_gpu=use_gpu)
+                   int(state["ivf_threshold"]), int(state["nprobe"]), use_gpu=use_gpu,
+                   storage=state.get("storage", "float32"), pq_bytes=int(state.get("pq_bytes", 32)),
+                   rerank=int(state.get("rerank", 32)))
         bank.load_state_dict(state)
         return bank
 
@@ -487,14 +678,28 @@ class EmbeddingBank:
         if n <= cap:
             return
         new_cap = max(n, 2 * cap, 1024)
-        vectors = np.zeros((new_cap, self.dim), dtype=np.float32)
-        vectors[: self._size] = self._vectors[: self._size]
-        self._vectors = vectors
+        self._resize_slots(new_cap)
         for name in ("_labels", "_steps", "_ids"):
             old = getattr(self, name)
             arr = np.zeros(new_cap, dtype=np.int64)
             arr[: self._size] = old[: self._size]
             setattr(self, name, arr)
+
+    def _resize_slots(self, rows: int) -> None:
+        """Make the slot array ``rows`` long, keeping what its first rows hold (in RAM: a copy; in a
+        file: the file is extended, or cut, and mapped again)."""
+        if self.storage_path is None:
+            vectors = np.zeros((rows, self.dim), dtype=self._dtype)
+            keep = min(rows, len(self._vectors))
+            vectors[:keep] = self._vectors[:keep]
+            self._vectors = vectors
+            return
+        if isinstance(self._vectors, np.memmap):
+            self._vectors.flush()
+        self._vectors = np.zeros((0, self.dim), dtype=self._dtype)  # drop the old mapping first
+        with open(self.storage_path, "r+b") as f:
+            f.truncate(rows * self.dim * np.dtype(self._dtype).itemsize)
+        self._vectors = np.memmap(self.storage_path, dtype=self._dtype, mode="r+", shape=(rows, self.dim))
 
     def _update_ann(self, changed_slots: np.ndarray, changed_vec: np.ndarray, old_size: int, n_new: int) -> None:
         if self._ann is None:
@@ -504,45 +709,54 @@ class EmbeddingBank:
             self._ivf_pending.update(int(v) for v in changed_slots.tolist() if v < self._ivf_count)
         else:  # hnsw: append new vectors; replaced ones make the graph stale
             if n_new:
-                self._ann.add(self._vectors[old_size : old_size + n_new])
+                self._ann.add(_f32(self._vectors[old_size : old_size + n_new]))
             if len(changed_slots):
                 self._hnsw_stale = True
 
     def _maybe_build_ann(self, force: bool = False) -> None:
         n = self._size
         want = self.index_kind
-        if want == "auto":
-            want = "ivf" if n >= self.ivf_threshold else "flat"
+        if want == "auto":  # on a GPU exact search stays fastest: "auto" never leaves it
+            want = "ivf" if n >= self.ivf_threshold and self._gpu_res is None else "flat"
         if want == "flat" or n == 0:
             return
-        if want == "ivf" and (n >= self.ivf_threshold or force) and n >= 2:
+        if want in ("ivf", "ivfpq") and (n >= self.ivf_threshold or force) and n >= 2:
             self._build_ivf()
         elif want == "hnsw":
             self._build_hnsw()
 
     def _build_ivf(self) -> None:
         n = self._size
-        nlist = int(max(1, min(4 * math.sqrt(n), n // 39 if n >= 39 else 1)))
+        pq = self.index_kind == "ivfpq"
+        # IVF-PQ: sqrt(N) lists, fewer and longer than IVF-flat's 4*sqrt(N): scanning a list of PQ
+        # codes is cheap, while every add and update pays a coarse assignment against every list.
+        lists = math.sqrt(n) if pq else 4 * math.sqrt(n)
+        nlist = int(max(1, min(lists, n // 39 if n >= 39 else 1)))
         quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "cosine" else faiss.IndexFlatL2(self.dim)
-        ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, self._faiss_metric)
+        if pq:  # 8-bit codes of pq_bytes sub-vectors, on the residual to the list centroid
+            ivf = faiss.IndexIVFPQ(quantizer, self.dim, nlist, self.pq_bytes, 8, self._faiss_metric)
+        else:
+            ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, self._faiss_metric)
         train = self._vectors[:n]
-        max_train = 64 * nlist
+        max_train = max(64 * nlist, 64 * 256) if pq else 64 * nlist  # PQ: 256 centroids per sub-quantizer
         if n > max_train:
             pick = np.random.default_rng(0).choice(n, size=max_train, replace=False)
             train = train[np.sort(pick)]
-        ivf.train(np.ascontiguousarray(train))
+        ivf.train(_f32(train))
         ivf.make_direct_map(True)
-        ivf.add(self._vectors[:n])
+        for start in range(0, n, _EXACT_BLOCK):
+            ivf.add(_f32(self._vectors[start : min(n, start + _EXACT_BLOCK)]))
         self._ivf_count, self._ivf_pending = n, set()
         ivf.nprobe = self._nprobe
         self._ann, self._ann_kind = ivf, "ivf"
         self._ivf_quantizer = quantizer  # keep alive alongside the index
+        self._ivf_pq = pq
         logger.info("embedding bank switched to IVF: %d vectors, %d lists, nprobe %d", n, nlist, self._nprobe)
 
     def _build_hnsw(self) -> None:
         h = faiss.IndexHNSWFlat(self.dim, 32, self._faiss_metric)
         h.hnsw.efSearch = max(64, self._nprobe * 4)
-        h.add(self._vectors[: self._size])
+        h.add(_f32(self._vectors[: self._size]))
         self._ann, self._ann_kind, self._hnsw_stale = h, "hnsw", False
 
     def _search_slots(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -555,24 +769,105 @@ class EmbeddingBank:
             # Readers may not write; stale graphs answer exactly until the next rebuild().
             return self._exact(q, k)
         if self._ann is not None:
+            if self._ann_kind == "ivf" and self._ivf_pq and self.rerank > 0:
+                return self._reranked(q, k)
             scores, slots = self._ann.search(q, k)
             return scores, slots
         return self._exact(q, k)
+
+    def _reranked(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """IVF-PQ candidates (``rerank * k``, at most ``k + RERANK_EXTRA_MAX``) re-scored exactly
+        against the stored vectors."""
+        kk = min(self._size, self.rerank * k, k + RERANK_EXTRA_MAX)
+        _, cand = self._ann.search(q, kk)
+        valid = cand >= 0
+        vec = self._vectors[np.clip(cand, 0, None)].astype(np.float32)  # (Q, kk, D)
+        exact = np.einsum("qd,qkd->qk", q, vec)
+        if self.metric == "cosine":
+            key = np.where(valid, -exact, np.inf)
+        else:
+            exact = (q * q).sum(1)[:, None] - 2 * exact + (vec * vec).sum(2)
+            key = np.where(valid, exact, np.inf)
+        order = np.argsort(key, axis=1, kind="stable")[:, :k]
+        slots = np.take_along_axis(np.where(valid, cand, -1), order, 1)
+        scores = np.where(slots >= 0, np.take_along_axis(exact, order, 1), np.nan).astype(np.float32)
+        if slots.shape[1] < k:
+            pad = k - slots.shape[1]
+            scores = np.concatenate([scores, np.full((len(q), pad), np.nan, np.float32)], 1)
+            slots = np.concatenate([slots, np.full((len(q), pad), -1, np.int64)], 1)
+        return scores, slots
 
     def _exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = self._size
         kk = min(k, n)
         xb = self._vectors[:n]
-        if self._gpu_res is not None:
-            with self._gpu_lock:
-                scores, slots = faiss.knn_gpu(self._gpu_res, q, xb, kk, metric=self._faiss_metric)
+        if self._gpu_res is not None and kk <= GPU_MAX_K:
+            scores, slots = self._knn_gpu(q, kk)
         else:
-            scores, slots = faiss.knn(q, xb, kk, metric=self._faiss_metric)
+            if self._gpu_res is not None and not self._warned_large_k:
+                self._warned_large_k = True
+                logger.info("hardneg: a bank search with k=%d > %d (GPU FAISS's limit) runs on the CPU", kk, GPU_MAX_K)
+            scores, slots = self._knn_cpu(q, xb, kk)
         if kk < k:
             pad = k - kk
             scores = np.concatenate([scores, np.full((len(q), pad), np.nan, np.float32)], 1)
             slots = np.concatenate([slots, np.full((len(q), pad), -1, np.int64)], 1)
         return scores, slots
+
+    def _knn_cpu(self, q: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``faiss.knn``; a float16 slot array is widened to float32 a block at a time and merged."""
+        if xb.dtype == np.float32:
+            return faiss.knn(q, xb, k, metric=self._faiss_metric)
+        best_s = best_i = None
+        for start in range(0, len(xb), _EXACT_BLOCK):
+            block = _f32(xb[start : start + _EXACT_BLOCK])
+            s, i = faiss.knn(q, block, min(k, len(block)), metric=self._faiss_metric)
+            i = i + start
+            if best_s is None:
+                best_s, best_i = s, i
+                continue
+            s, i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
+            key = -s if self.metric == "cosine" else s
+            order = np.argsort(key, axis=1, kind="stable")[:, :k]
+            best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+        return best_s, best_i
+
+    def _knn_gpu(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One ``faiss.knn_gpu`` call over the GPU-resident copy (caller holds the read lock)."""
+        with self._gpu_lock:
+            xq = torch.from_numpy(q).to(self._gpu_device)
+            scores, slots = faiss.knn_gpu(self._gpu_res, xq, self._gpu_vectors[: self._size], k,
+                                          metric=self._faiss_metric)
+            return (scores.cpu().numpy().astype(np.float32, copy=False),
+                    slots.cpu().numpy().astype(np.int64, copy=False))
+
+    def _gpu_write(self, slots: np.ndarray, vec: np.ndarray) -> None:
+        """Write rows into the GPU-resident copy, growing it with the slot array (write lock held).
+
+        On CUDA the copy runs on the device's default stream, the stream FAISS searches on
+        (``faiss.contrib.torch_utils`` uses the caller's current stream; the refresh thread's is the
+        default), so a search queued after this upsert never reads a half-written row.
+        """
+        with self._gpu_lock:
+            cap = len(self._vectors)
+            dev = self._gpu_device
+            stream = torch.cuda.stream(torch.cuda.default_stream(dev)) if dev.type == "cuda" else _null_context()
+            with stream:
+                if self._gpu_vectors.shape[0] != cap:
+                    grown = torch.zeros((cap, self.dim), dtype=self._torch_dtype, device=dev)
+                    n_old = min(self._gpu_vectors.shape[0], cap)
+                    grown[:n_old] = self._gpu_vectors[:n_old]
+                    self._gpu_vectors = grown
+                if len(slots):
+                    self._gpu_vectors.index_copy_(0, torch.from_numpy(slots).to(dev),
+                                                  torch.from_numpy(vec).to(dev, self._torch_dtype))
+
+    def _gpu_upload_all(self) -> None:
+        """Replace the GPU-resident copy with the whole slot array (after remove / load; O(N))."""
+        if self._gpu_vectors is None:
+            return
+        with self._gpu_lock:
+            self._gpu_vectors = torch.from_numpy(np.ascontiguousarray(self._vectors)).to(self._gpu_device).clone()
 
     @staticmethod
     def _make_gpu_resources() -> Any:
@@ -580,6 +875,7 @@ class EmbeddingBank:
             if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
                 res = faiss.StandardGpuResources()
                 res.setTempMemory(GPU_TEMP_MEMORY)
+                _enable_torch_knn_gpu()
                 logger.info("hardneg: exact bank search runs on the GPU (FAISS GPU build, %d GPU(s))",
                             faiss.get_num_gpus())
                 return res
@@ -599,18 +895,44 @@ class BankOptions:
     ivf_threshold: int = DEFAULT_IVF_THRESHOLD  # "auto" switches from exact flat to IVF past this many vectors
     nprobe: int = 16
     use_gpu_index: bool = True  # only used when a FAISS GPU build and a GPU are present
+    # "id-mod": in a torch.distributed run each rank stores the vectors of ids with id % world == rank
+    # and refreshes collectively (hardneg.sharded_bank); every rank must observe the same gathered
+    # batch, as HardNegAccelerate does. "off": every rank holds the whole bank.
+    bank_sharding: Literal["off", "id-mod"] = "off"
+    # Compressed storage for 10M+ samples: "float16" stores the vectors in half precision;
+    # index="ivfpq" searches an IndexIVFPQ of bank_pq_bytes bytes a vector (must divide the
+    # dimension), re-scoring bank_rerank * k candidates exactly (0: PQ scores as they are).
+    bank_storage: Literal["float32", "float16"] = "float32"
+    bank_pq_bytes: int = 32
+    bank_rerank: int = 32
+    bank_storage_path: Optional[str] = None  # keep the vectors in this file (memory-mapped), not in RAM
 
     def __post_init__(self) -> None:
-        from hardneg._checks import choice, int_at_least
+        from hardneg._checks import ConfigError, choice, int_at_least
 
         if self.embedding_dim is not None:
             int_at_least(self, "embedding_dim", 1)
         choice(self, "metric", ("cosine", "l2"))
-        choice(self, "index", ("auto", "flat", "ivf", "hnsw"))
+        choice(self, "index", ("auto", "flat", "ivf", "ivfpq", "hnsw"))
         int_at_least(self, "ivf_threshold", 1)
         int_at_least(self, "nprobe", 1)
+        choice(self, "bank_sharding", ("off", "id-mod"))
+        choice(self, "bank_storage", ("float32", "float16"))
+        int_at_least(self, "bank_pq_bytes", 1)
+        int_at_least(self, "bank_rerank", 0)
+        if self.index == "ivfpq" and self.embedding_dim is not None and self.embedding_dim % self.bank_pq_bytes:
+            raise ConfigError(f"bank_pq_bytes={self.bank_pq_bytes} must divide embedding_dim={self.embedding_dim} "
+                              "(one PQ sub-vector per byte)")
 
     def make_bank(self, dim: int, num_classes: int) -> "EmbeddingBank":
-        """An empty bank of ``dim``-dimensional embeddings with these settings."""
+        """An empty bank of ``dim``-dimensional embeddings with these settings (sharded over the ranks
+        of a torch.distributed run when ``bank_sharding`` is on)."""
+        storage = {"storage": self.bank_storage, "pq_bytes": self.bank_pq_bytes, "rerank": self.bank_rerank,
+                   "storage_path": self.bank_storage_path}
+        if self.bank_sharding != "off":
+            from hardneg.sharded_bank import ShardedEmbeddingBank
+
+            return ShardedEmbeddingBank(dim, num_classes, self.metric, self.index, self.ivf_threshold, self.nprobe,
+                                        self.use_gpu_index, **storage)
         return EmbeddingBank(dim, num_classes, self.metric, self.index, self.ivf_threshold, self.nprobe,
-                             self.use_gpu_index)
+                             self.use_gpu_index, **storage)

@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover - the options live in their components' mo
     from hardneg.value_space import ValueSpaceOptions
 
 Metric = Literal["cosine", "l2"]
-IndexKind = Literal["auto", "flat", "ivf", "hnsw"]
+IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
 WorkerBackend = Literal["thread", "process"]
 MixMode = Literal["append", "substitute"]
 Schedule = str  # a curriculum name: one of hardneg.curriculum.CURRICULA (the one list)
@@ -133,6 +133,17 @@ class HardNegConfig:
     ivf_threshold: int = 50_000  # "auto" switches from exact flat to IVF past this many vectors (= bank default)
     nprobe: int = 16
     use_gpu_index: bool = True  # only used when a FAISS GPU build and a GPU are present
+    # "id-mod": in a torch.distributed run each rank stores the vectors of ids with id % world == rank
+    # and refreshes collectively (hardneg.sharded_bank); every rank must observe the same gathered
+    # batch, as HardNegAccelerate does. "off": every rank holds the whole bank.
+    bank_sharding: Literal["off", "id-mod"] = "off"
+    # Compressed storage for 10M+ samples: "float16" stores the vectors in half precision;
+    # index="ivfpq" searches an IndexIVFPQ of bank_pq_bytes bytes a vector (must divide the
+    # dimension), re-scoring bank_rerank * k candidates exactly (0: PQ scores as they are).
+    bank_storage: Literal["float32", "float16"] = "float32"
+    bank_pq_bytes: int = 32
+    bank_rerank: int = 32
+    bank_storage_path: Optional[str] = None  # keep the vectors in this file (memory-mapped), not in RAM
     # --- confusion mining -----------------------------------------------------------------
     knn_k: int = 10
     # steps between confusion refreshes (and generation requests); "auto": a quarter epoch, at most 50

@@ -141,7 +141,7 @@ class ConfusionGraph:
         knn_acc = np.ones(k, dtype=np.float64)
         counts = np.bincount(labels, minlength=k)
         if len(ids) > 1:
-            q_ids, q_vec, q_lab = bank.lookup(ids[self._query_subset(labels)])
+            q_ids, q_vec, q_lab = bank.query_share(ids[self._query_subset(labels)])  # a sharded bank: this rank's
             knn, knn_acc = self._knn_disagreement(bank, q_ids, q_vec, q_lab)
         have = prob_count > 0
         combined = knn
@@ -193,11 +193,7 @@ class ConfusionGraph:
         k = self.num_classes
         # Chunked: each search holds the bank's read lock only briefly, so training-step upserts
         # (writers) slip in between chunks instead of waiting for the whole refresh.
-        c = self.search_chunk
-        parts = [bank.search_with_labels(q_vec[i : i + c], self.knn_k + 1) for i in range(0, len(q_vec), c)]
-        scores = np.concatenate([p[0] for p in parts])
-        nn_ids = np.concatenate([p[1] for p in parts])
-        nn_lab = np.concatenate([p[2] for p in parts])
+        scores, nn_ids, nn_lab = bank.search_many(q_vec, self.knn_k + 1, self.search_chunk)
         not_self = (nn_ids != q_ids[:, None]) & (nn_ids >= 0)
         # Keep the first knn_k neighbours that are not the query itself.
         order = np.cumsum(not_self, axis=1)
@@ -216,6 +212,7 @@ class ConfusionGraph:
         sums = np.zeros((k, k), dtype=np.float64)
         np.add.at(sums, q_lab, per_sample)
         n_per_class = np.bincount(q_lab, minlength=k)
+        sums, n_per_class = bank.reduce_sum(sums, n_per_class)  # a sharded bank: over every rank's queries
         mean = sums / np.maximum(n_per_class, 1)[:, None]
         knn_acc = np.where(n_per_class > 0, np.diag(mean), 1.0)
         np.fill_diagonal(mean, 0.0)

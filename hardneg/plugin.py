@@ -332,6 +332,9 @@ class HardNeg:
     def _start_background_refresh(self) -> None:
         if self.bank is None or len(self.bank) < 2:
             return
+        if self.bank.collective:  # a sharded bank: every rank refreshes together, at this step
+            self.refresh()
+            return
         if self._refresh_future is not None:  # the previous one is still running: skip, never queue up
             self._counters["refreshes_skipped"] += 1
             return
@@ -657,7 +660,7 @@ class HardNeg:
     def _apply_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         if state["bank"] is not None:
-            self.bank = EmbeddingBank.from_state_dict(state["bank"], use_gpu=self.config.use_gpu_index)
+            self.bank = self._bank_from_state(state["bank"])
         else:
             self.bank = None
         self.confusion.load_state_dict(state["confusion"])
@@ -765,6 +768,13 @@ class HardNeg:
             "(wait_for_generation(), fewer images_per_refresh, a GPU worker_device) or failing (see the worker's "
             "log).", self.step, c["requests_made"], w.get("state", "?"), int(w.get("images_produced", 0) or 0),
             f", last error: {w['last_error']}" if w.get("last_error") else "")
+
+    def _bank_from_state(self, state: dict[str, Any]) -> EmbeddingBank:
+        if self.config.bank_sharding == "off" and self.config.bank_storage_path is None:
+            return EmbeddingBank.from_state_dict(state, use_gpu=self.config.use_gpu_index)
+        bank = self._make_bank(int(state["dim"]))  # sharded: keeps the vectors of its ids; or in its file
+        bank.load_state_dict(state)
+        return bank
 
     def _make_bank(self, dim: int) -> EmbeddingBank:
         c = self.config

@@ -70,6 +70,7 @@ def boundary_sources(bank: "EmbeddingBank", candidates: Sequence[tuple[int, int]
                 best[(a, b)] = (c, i)  # concatenate made fresh arrays: no view of the bank survives
 
     bank.scan(visit)
+    best = bank.merge_top_n(best, n_keep)  # a sharded bank scanned its shard: merge over ranks
     sources = {}
     for p, (c, i) in best.items():
         if len(i):

@@ -246,3 +246,99 @@ def test_engine_substitute_mode_stores_only_the_rows_that_stayed_real():
     engine.observe(labels=y, logits=model(x), ids=ids)
     handle.remove()
     assert_bank_holds_only_real_rows(engine.bank, ids[:12], seen[-1][:12], data.labels[ids[:12]])
+
+
+# ---------------------------------------------------------------------- compressed storage
+def _modes(n, d=32, k=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k * 4, d, generator=g)
+    y = torch.arange(n) % k
+    mode = y * 4 + torch.randint(0, 4, (n,), generator=g)
+    return centres[mode] + 0.35 * torch.randn(n, d, generator=g), y
+
+
+def test_float16_storage_halves_memory_and_searches_like_float32():
+    x, y = _modes(3000)
+    full = EmbeddingBank(32, 5, index="flat", use_gpu=False)
+    half = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16")
+    for bank in (full, half):
+        bank.upsert(torch.arange(3000), x, y)
+        bank.upsert(torch.arange(100), x[100:200], y[100:200])  # replacements keep the class sums exact
+    assert half._vectors.dtype == np.float16
+    assert half.memory_bytes()["vectors"] * 2 == full.memory_bytes()["vectors"]
+    _, want = full.search(x[:50], 10)
+    scores, got = half.search(x[:50], 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)]) > 0.97
+    vec, _ = half.get([5, 7])
+    assert vec.dtype == np.float32
+    means = half.class_means()
+    half.rebuild()
+    np.testing.assert_allclose(means, half.class_means(), atol=1e-6)
+    restored = EmbeddingBank.from_state_dict(half.state_dict(), use_gpu=False)
+    assert restored.storage == "float16"
+    np.testing.assert_array_equal(restored.search(x[:5], 3)[1], half.search(x[:5], 3)[1])
+
+
+def test_ivfpq_with_rerank_reaches_recall_and_updates_in_place():
+    n = 8_000
+    x, y = _modes(n)
+    exact = EmbeddingBank(32, 5, index="flat", use_gpu=False)
+    pq = EmbeddingBank(32, 5, index="ivfpq", ivf_threshold=n, nprobe=16, use_gpu=False, storage="float16",
+                       pq_bytes=8, rerank=16)
+    for bank in (exact, pq):
+        bank.upsert(torch.arange(n), x, y)
+    assert pq.active_index == "ivfpq"
+    mem = pq.memory_bytes()
+    assert (mem["index"] - 4 * 32 * pq._ann.nlist - 8 * 256 * 4 * 4) / n <= 8 + 16 + 1  # codes + id + map
+    q = x[:200] + 0.05
+    _, want = exact.search(q, 10)
+    recall = lambda got: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])  # noqa: E731
+    assert recall(pq.search(q, 10)[1]) >= 0.9
+    pq.rerank = 0
+    plain = recall(pq.search(q, 10)[1])
+    pq.rerank = 16
+    assert recall(pq.search(q, 10)[1]) > plain + 0.3  # re-ranking is what pays here
+    pq.upsert([3], x[[7000]], y[[7000]])  # a replaced vector is found at its new place
+    assert pq.search(x[[7000]], 2)[1][0].tolist() in ([7000, 3], [3, 7000])
+
+
+def test_engine_builds_the_compressed_bank_from_the_config():
+    from hardneg import HardNeg, HardNegConfig
+    from hardneg.config import ConfigError
+
+    cfg = HardNegConfig(num_classes=5, embedding_dim=32, index="ivfpq", bank_storage="float16", bank_pq_bytes=8,
+                        bank_rerank=16, ivf_threshold=2_000, async_refresh=False, refresh_every=1000)
+    engine = HardNeg(cfg)
+    x, y = _modes(2_000)
+    engine.observe(embeddings=x, labels=y, ids=torch.arange(2_000))
+    bank = engine.bank
+    assert (bank.storage, bank.pq_bytes, bank.rerank, bank.active_index) == ("float16", 8, 16, "ivfpq")
+    restored = HardNeg(cfg)
+    restored.load_state_dict(engine.state_dict())
+    assert restored.bank.storage == "float16" and restored.bank.active_index == "ivfpq"
+    engine.close()
+    restored.close()
+    with pytest.raises(ConfigError, match="bank_pq_bytes"):
+        HardNegConfig(num_classes=5, embedding_dim=30, index="ivfpq", bank_pq_bytes=8)
+
+
+def test_vectors_in_a_memory_mapped_file(tmp_path):
+    x, y = _modes(3000)
+    path = tmp_path / "bank.f16"
+    ram = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16")
+    disk = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16", storage_path=str(path))
+    for bank in (ram, disk):
+        for start in range(0, 3000, 700):  # the file grows with the bank
+            bank.upsert(torch.arange(start, min(3000, start + 700)), x[start : start + 700], y[start : start + 700])
+        bank.remove([5, 17, 2999])
+        bank.upsert([6], x[[100]], y[[100]])
+    assert isinstance(disk._vectors, np.memmap) and path.stat().st_size >= 2997 * 32 * 2
+    mem = disk.memory_bytes()
+    assert mem["vectors"] == 0 and mem["vectors_on_disk"] >= 2997 * 32 * 2
+    np.testing.assert_array_equal(disk.search(x[:20], 5)[1], ram.search(x[:20], 5)[1])
+    np.testing.assert_array_equal(disk.get([6, 7])[0], ram.get([6, 7])[0])
+    np.testing.assert_allclose(disk.class_means(), ram.class_means())
+    other = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16", storage_path=str(tmp_path / "b2"))
+    other.load_state_dict(disk.state_dict())
+    assert isinstance(other._vectors, np.memmap)
+    np.testing.assert_array_equal(other.search(x[:20], 5)[1], ram.search(x[:20], 5)[1])

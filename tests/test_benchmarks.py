@@ -67,6 +67,23 @@ def test_bank_quick(tmp_path):
     assert "| N | index |" in data["table_markdown"]
 
 
+@pytest.mark.slow
+def test_bank_sharded_and_compressed_sections_quick(tmp_path):
+    data = _run_cli(["bench", "bank", "--quick", "--out", str(tmp_path), "--sections", "sharded,compressed",
+                     "--shard-worlds", "1,2", "--shard-size", "2k", "--refresh-queries", "200",
+                     "--compressed-sizes", "12k"])
+    runs = data["sharded"]["runs"]
+    assert [r["world"] for r in runs] == [1, 2]
+    assert all(r["pairs_equal_w1"] and r["same_on_every_rank"] for r in runs)  # sharding changes nothing found
+    assert runs[1]["vector_memory_vs_w1"] < 0.75  # each of 2 ranks stores about half the vectors
+    assert all(_positive(r["refresh_wall_s"]) and _positive(r["refresh_cpu_s_per_rank"]) for r in runs)
+    (c,) = data["compressed"]
+    assert c["bytes_per_vector"]["ivfpq_index_per_vector"] <= 64
+    assert 0.0 <= c["recall"]["rerank0"] <= c["recall"][f"rerank{c['rerank']}"] <= 1.0
+    assert all(_positive(v) for v in c["refresh_s"].values()) and all(_positive(v) for v in c["update_ms"].values())
+    assert "| N | flat B/vec |" in data["compressed_table_markdown"]
+
+
 def test_generator_quick(tmp_path):
     data = _run_cli(["bench", "generator", "--quick", "--out", str(tmp_path), "--ratios", "0.3,0.8"])
     assert set(data["generators"]) == {"class-conditional", "sd-tiny"}
