@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import functools
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,7 +50,7 @@ from hardneg.checkpoint import CheckpointError, load_safe, save_atomic
 from hardneg.config import AUTO_REFRESH_MAX, AUTO_REFRESHES_PER_EPOCH, HardNegConfig
 from hardneg.confusion import ConfusionGraph, PairScore, pair_weights
 from hardneg.curriculum import make_curriculum
-from hardneg.device import resolve_device, use_device
+from hardneg.device import resolve_device
 from hardneg.generators.base import Generator
 from hardneg.labels import (balanced_posterior, filter_by_posterior, restricted_posterior, target_probability,
                             target_weights)
@@ -61,8 +60,10 @@ from hardneg.prefetch import MixPrefetcher
 from hardneg.step import MixedStep
 from hardneg.targeting import PlannedPair, make_policy
 from hardneg.teacher import Teacher, output_logits
+from hardneg.threads import helper_thread_init, refresh_thread_init
 from hardneg.value_space import ValueSpace, ValueSpaceError
 from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker
+from hardneg.worker_protocol import WorkerArg
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,12 @@ class HardNeg:
             in ``config.worker_device``) is resolved now, on the calling thread, to
             ``cuda:{torch.cuda.current_device()}``: the engine's own threads, the worker and its
             child process would otherwise all land on GPU 0.
+        worker: a generation worker to use instead of the one the engine builds (any object with
+            :class:`~hardneg.worker_protocol.WorkerProtocol`'s methods), or a callable that receives
+            the engine's own worker (None when this process does not generate) and returns the one
+            to use (several processes: :meth:`hardneg.distributed.SharedWorker.wrapping`).
+        communicator: the process group when one engine runs per rank
+            (:class:`hardneg.distributed.Communicator`); ranks > 0 draw their own synthetic rows.
     """
 
     def __init__(
@@ -123,6 +130,8 @@ class HardNeg:
         start_worker: bool = True,
         teacher_model: Optional[nn.Module] = None,
         device: Union[str, torch.device, None] = None,
+        worker: WorkerArg = None,
+        communicator: Any = None,
     ) -> None:
         if not isinstance(config, HardNegConfig):
             raise HardNegError(f"config must be a HardNegConfig, got {type(config).__name__}")
@@ -184,7 +193,7 @@ class HardNeg:
         self._suppress_capture = False  # set while the engine itself runs the model (arrival scoring)
         self._hooks: list[Any] = []
         # observe's bookkeeping (bank upsert, logit stats, curriculum feedback) runs here, in call order
-        self._background = Background("hardneg-observe", initializer=functools.partial(use_device, self.device))
+        self._background = Background("hardneg-observe", initializer=functools.partial(helper_thread_init, self.device))
         self._buffer_lock = threading.Lock()  # the prefetch thread draws while collect() may add
         self._prefetch = MixPrefetcher(self.buffer, self._buffer_lock, device=self.device)
         self._mix_target: Optional[tuple[torch.device, torch.dtype]] = None  # where the last mix's rows went
@@ -207,6 +216,11 @@ class HardNeg:
             )
             if start_worker:
                 self._start_worker_checked()
+        if worker is not None:
+            self.worker = worker if hasattr(worker, "submit") else worker(self.worker)
+        self.communicator = communicator
+        self.rank = int(getattr(communicator, "rank", 0))
+        self._reseed_for_rank()
 
     # ================================================================== public API
     def observe(
@@ -284,7 +298,8 @@ class HardNeg:
                 self._start_background_refresh()
             else:
                 self.refresh()
-        self._schedule_prefetch(n_in)
+        if not self._prefetch.pending:  # none made by mix (observe without mix, or undone by a refresh)
+            self._schedule_prefetch(n_in, self.step)
         self._counters["engine_seconds"] += time.perf_counter() - t0
 
     def _record_observation(self, staged: Any, n_real: int, synth: list[tuple[int, int]], step: int) -> None:
@@ -318,14 +333,15 @@ class HardNeg:
         self._background.drain()
         self._prefetch.cancel()
 
-    def _schedule_prefetch(self, n: int) -> None:
-        """Draw the next ``mix``'s synthetic rows now, on the prefetch thread (see :mod:`hardneg.prefetch`)."""
+    def _schedule_prefetch(self, n: int, step: int) -> None:
+        """Draw the synthetic rows of a ``mix`` of ``n`` rows at ``step`` now, on the prefetch thread
+        (see :mod:`hardneg.prefetch`)."""
         k = int(round(self.config.synthetic_fraction * n))
         if k <= 0 or len(self.buffer) == 0:
             self._prefetch.cancel()
             return
         device, dtype = self._mix_target if self._mix_target is not None else (None, None)
-        self._prefetch.schedule(n, k, self.step, self._pair_weights, device=device, dtype=dtype)
+        self._prefetch.schedule(n, k, step, self._pair_weights, device=device, dtype=dtype)
 
     def mix(self, x: Tensor, y: Tensor) -> MixedStep:
         """Add ready hard negatives to a batch; returns the :class:`~hardneg.step.MixedStep`, which
@@ -368,6 +384,9 @@ class HardNeg:
         pairs = [(int(a), int(b)) for a, b in sample.pairs.tolist()] if sample is not None and n_syn else []
         self._last_mix = _MixRecord(n_in=n, n_total=mixed.x.shape[0], n_real=mixed.n_real, synthetic_pairs=pairs)
         self._counters["synthetic_used"] += n_syn
+        # the next mix's rows are drawn while this step's forward and backward run (its step count is
+        # this one's + 1: the observe of this batch comes first); a refresh or a hand-over undoes it
+        self._schedule_prefetch(n, self.step + 1)
         self._counters["engine_seconds"] += time.perf_counter() - t0
         return mixed
 
@@ -405,6 +424,11 @@ class HardNeg:
     def curriculum(self, value: Any) -> None:
         self._wait_for_observer()
         self._curriculum = value
+
+    def _reseed_for_rank(self) -> None:
+        """Ranks > 0 draw their own synthetic rows (rank 0 draws as a single process would)."""
+        if self.rank > 0:
+            self.buffer.reseed(self.config.seed * 1_000_003 + 7919 * self.rank + self.step)
 
     def _wait_for_observer(self) -> None:
         background = self.__dict__.get("_background")
@@ -444,7 +468,7 @@ class HardNeg:
             return
         if self._refresh_pool is None:
             self._refresh_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardneg-refresh",
-                                                    initializer=_refresh_thread_init,
+                                                    initializer=refresh_thread_init,
                                                     initargs=(self.config.refresh_threads, self.device))
         self._refresh_future = self._refresh_pool.submit(_refresh_after, self._background.last, self._confusion,
                                                          self._bank, self.step)
@@ -823,6 +847,8 @@ class HardNeg:
         self._wall_offset = float(state.get("wall_seconds", 0.0))
         self._wall_start = None  # the clock restarts at the next step; time spent down is not counted
         self._last_mix = None
+        if getattr(self, "rank", 0) > 0:
+            self._reseed_for_rank()
 
     def save(self, path: str) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (a crash mid-write keeps the previous file)."""
@@ -1043,11 +1069,13 @@ class HardNeg:
         if ids_t.is_floating_point() or ids_t.dtype == torch.bool or ids_t.ndim != 1:
             raise HardNegError(f"ids must be an integer (N,) tensor of sample ids, got {ids_t.dtype} {tuple(ids_t.shape)}")
         # Values: one fused flag per device, read back once; the messages below only on failure.
-        flags = [~torch.isfinite(emb).all()]
+        # A sum is finite when every element is (one pass, no mask); the exact checks run only when it
+        # is not (an overflowing sum of finite values then passes them).
+        flags = [~torch.isfinite(emb.sum(dtype=torch.float32) if logits is None
+                                 else emb.sum(dtype=torch.float32) + logits.sum(dtype=torch.float32))]
         if labels.numel():
-            flags.append(((labels < 0) | (labels >= k)).any())
-        if logits is not None:
-            flags.append(~torch.isfinite(logits).all())
+            lo, hi = torch.aminmax(labels)
+            flags.append((lo < 0) | (hi >= k))
         if ids_t.numel():
             flags.append((ids_t < 0).any())
         if any_bad(flags):
@@ -1059,7 +1087,8 @@ class HardNeg:
                 )
             if logits is not None and not torch.isfinite(logits).all():
                 raise HardNegError("logits contain NaN/inf; nothing was recorded for this step")
-            raise HardNegError(f"ids must be dataset indices >= 0, got min {int(ids_t.min())}")
+            if ids_t.numel() and int(ids_t.min()) < 0:
+                raise HardNegError(f"ids must be dataset indices >= 0, got min {int(ids_t.min())}")
         return emb, labels, logits, ids_t.long()
 
     def _validate_synthetic_pairs(self, synthetic_pairs: Any, n_rows: int) -> list[tuple[int, int]]:
@@ -1325,44 +1354,6 @@ def _refresh_after(before: Optional[Future], confusion: ConfusionGraph, bank: Em
     if len(bank) < 2:
         return None  # nothing to mine yet: not a refresh
     return confusion.refresh(bank, step)
-
-
-REFRESH_NICE = 10  # niceness added to the background refresh thread (Linux: per thread)
-
-
-def _refresh_thread_init(threads: int, device: Optional[torch.device] = None) -> None:
-    """Set up the background refresh thread so it yields the cores to the training step: bound its
-    FAISS and torch OpenMP teams to ``threads`` (0: leave them), lower its scheduling priority, and
-    make the engine's GPU current (FAISS ``knn_gpu`` and torch use the current device)."""
-    _limit_search_threads(threads)
-    if threads > 0:
-        _limit_omp_threads(threads)
-    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
-        try:  # on Linux the nice value is per thread; the OpenMP threads this one starts inherit it
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + REFRESH_NICE))
-        except OSError:  # not permitted / not supported: keep the priority
-            pass
-    use_device(device)
-
-
-def _limit_omp_threads(threads: int) -> None:
-    """Cap the OpenMP team size of parallel regions the calling thread starts, in every OpenMP
-    runtime loaded (torch's bundled libgomp and FAISS's): the ICV is per thread, so the training
-    thread keeps its own. BLAS pools are process-wide and are left alone."""
-    from threadpoolctl import ThreadpoolController  # a dependency of scikit-learn
-
-    torch.get_num_threads()  # torch sets this thread's OpenMP ICV lazily on first use: let it, then cap
-    ThreadpoolController().select(user_api="openmp").limit(limits=int(threads))
-
-
-def _limit_search_threads(threads: int) -> None:
-    """Cap FAISS's OpenMP threads for the calling thread only (the refresh thread), so a background
-    kNN pass does not take every core from the training step; 0 keeps FAISS's default."""
-    if threads > 0:
-        import faiss
-
-        faiss.omp_set_num_threads(int(threads))
 
 
 def _module_device(model: nn.Module) -> torch.device:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from hardneg.buffer import SyntheticBuffer, SyntheticSample
-from hardneg.device import use_device
+from hardneg.threads import helper_thread_init
 
 __all__ = ["MixPrefetcher"]
 
@@ -79,7 +79,7 @@ class MixPrefetcher:
         draw = _Draw(n, k, step, pair_weights, device, dtype)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardneg-prefetch",
-                                            initializer=use_device, initargs=(self.device,))
+                                            initializer=helper_thread_init, initargs=(self.device,))
         draw.future = self._pool.submit(self._run, draw)
         self._draw = draw
 

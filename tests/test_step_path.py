@@ -187,7 +187,7 @@ def test_mix_and_observe_run_on_meta_tensors():
 
 
 def test_bare_cuda_resolves_to_the_current_device_on_the_constructing_thread(monkeypatch):
-    from hardneg import plugin
+    from hardneg.threads import refresh_thread_init
     from hardneg.device import resolve_device
     from _engine_generators import BlendGenerator
 
@@ -201,6 +201,6 @@ def test_bare_cuda_resolves_to_the_current_device_on_the_constructing_thread(mon
                      device="cuda")
     assert engine.device == torch.device("cuda:1")
     assert engine.worker.device == torch.device("cuda:1")  # the worker thread / child sets it, not GPU 0
-    plugin._refresh_thread_init(1, engine.device)  # what the refresh thread runs first
+    refresh_thread_init(1, engine.device)  # what the refresh thread runs first
     assert made == [torch.device("cuda:1")]
     engine.close()
