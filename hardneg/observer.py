@@ -16,10 +16,28 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Background", "Staged", "any_bad", "stage"]
+__all__ = ["Background", "Staged", "any_bad", "finite_sum", "stage"]
+
+# dtypes numpy handles natively: CPU work on them goes through numpy, single-threaded, instead of an
+# OpenMP team that would wait on cores the training step (or the generation worker) is using
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool)
+
+
+def _numpy_ok(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad
+
+
+def finite_sum(t: Tensor) -> Tensor:
+    """A boolean scalar on ``t``'s device: True when the float32 sum of ``t`` is not finite (so
+    some element may not be; an overflowing sum of finite values also sets it, and the caller then
+    checks exactly). One pass, no mask; CPU tensors are summed by numpy on the calling thread."""
+    if _numpy_ok(t):
+        return torch.tensor(not np.isfinite(np.sum(t.numpy(), dtype=np.float32)))
+    return ~torch.isfinite(t.sum(dtype=torch.float32))
 
 
 class Staged:
@@ -57,6 +75,8 @@ def stage(**tensors: Optional[Tensor]) -> Staged:
             event.record(torch.cuda.current_stream(t.device))  # the last record covers every copy before it
         elif t.is_meta:
             out[name] = t
+        elif _numpy_ok(t.detach()):
+            out[name] = torch.from_numpy(t.detach().numpy().copy())  # one memcpy on this thread
         else:
             out[name] = t.detach().clone()
     return Staged(out, event)

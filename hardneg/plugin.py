@@ -55,7 +55,7 @@ from hardneg.generators.base import Generator
 from hardneg.labels import (balanced_posterior, filter_by_posterior, restricted_posterior, target_probability,
                             target_weights)
 from hardneg.mixing import MixedBatch, mix_batch
-from hardneg.observer import Background, any_bad, stage
+from hardneg.observer import Background, any_bad, finite_sum, stage
 from hardneg.prefetch import MixPrefetcher
 from hardneg.step import MixedStep
 from hardneg.targeting import PlannedPair, make_policy
@@ -1071,8 +1071,7 @@ class HardNeg:
         # Values: one fused flag per device, read back once; the messages below only on failure.
         # A sum is finite when every element is (one pass, no mask); the exact checks run only when it
         # is not (an overflowing sum of finite values then passes them).
-        flags = [~torch.isfinite(emb.sum(dtype=torch.float32) if logits is None
-                                 else emb.sum(dtype=torch.float32) + logits.sum(dtype=torch.float32))]
+        flags = [finite_sum(emb)] + ([finite_sum(logits)] if logits is not None else [])
         if labels.numel():
             lo, hi = torch.aminmax(labels)
             flags.append((lo < 0) | (hi >= k))

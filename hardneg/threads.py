@@ -18,10 +18,11 @@ import torch
 
 from hardneg.device import use_device
 
-__all__ = ["REFRESH_NICE", "helper_thread_init", "limit_omp_threads", "refresh_thread_init"]
+__all__ = ["HELPER_NICE", "REFRESH_NICE", "helper_thread_init", "limit_omp_threads", "lower_priority", "refresh_thread_init"]
 
 
 REFRESH_NICE = 19  # niceness added to the background refresh thread (Linux: per thread): training wins every core
+HELPER_NICE = 10  # the observe / prefetch threads: ~10% of a contended core, enough to finish within a step
 
 
 def refresh_thread_init(threads: int, device: Optional[torch.device] = None) -> None:
@@ -30,19 +31,29 @@ def refresh_thread_init(threads: int, device: Optional[torch.device] = None) -> 
     make the engine's GPU current (FAISS ``knn_gpu`` and torch use the current device)."""
     if threads > 0:
         limit_omp_threads(threads)  # FAISS's OpenMP runtime (and its BLAS's) included
-    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
-        try:  # on Linux the nice value is per thread; the OpenMP threads this one starts inherit it
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + REFRESH_NICE))
-        except OSError:  # not permitted / not supported: keep the priority
-            pass
+    lower_priority()
     use_device(device)
+
+
+def lower_priority(by: int = REFRESH_NICE) -> None:
+    """Raise the calling thread's nice value by ``by`` (Linux: per thread; threads it starts inherit
+    it). A woken helper then never preempts the training thread, and takes a core only when training
+    leaves it idle. A no-op where not supported or not permitted."""
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+        except OSError:
+            pass
 
 
 def helper_thread_init(device: Optional[torch.device] = None) -> None:
     """The observe and prefetch threads: their torch work is small, so one OpenMP thread each (a team
-    of all cores would fight the training step's own), on the engine's GPU."""
+    of all cores would fight the training step's own), at low priority (waking one must not preempt
+    the training thread: the engine waits for their results only where it needs them), on the
+    engine's GPU."""
     limit_omp_threads(1)
+    lower_priority(HELPER_NICE)
     use_device(device)
 
 
