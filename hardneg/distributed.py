@@ -158,7 +158,7 @@ class RowGather:
             if cap >= n:
                 packed[1 : n + 1] = rows
             gathered = self.comm.all_gather(packed).cpu().view(self.comm.world, cap + 1, width)
-            heads = gathered[:, 0, :4].contiguous().view(torch.int64)  # (world, 2): rows, width
+            heads = _as_int64(gathered[:, 0, :4])  # (world, 2): rows, width
             widths = set(heads[:, 1].tolist())
             if len(widths) != 1:
                 from hardneg.plugin import HardNegError
@@ -173,7 +173,7 @@ class RowGather:
         every = torch.cat([gathered[r, 1 : 1 + c] for r, c in enumerate(counts)])
         d = int(emb.shape[1])
         k = int(logits.shape[1]) if logits is not None else 0
-        meta_all = every[:, d + k :].contiguous().view(torch.int64)
+        meta_all = _as_int64(every[:, d + k :])
         syn = meta_all[:, 4] == 2
         order = torch.cat([(~syn).nonzero().flatten(), syn.nonzero().flatten()])
         every, meta_all = every[order], meta_all[order]
@@ -181,6 +181,14 @@ class RowGather:
         all_pairs = [(int(a), int(b)) for a, b in meta_all[n_real_all:, 2:4].tolist()]
         return (every[:, :d], meta_all[:, 0], every[:, d : d + k] if k else None, meta_all[:n_real_all, 1],
                 all_pairs)
+
+
+def _as_int64(words: Tensor) -> Tensor:
+    """``(n, 2m)`` float32 words back to the ``(n, m)`` int64 values they hold (bit-cast)."""
+    n = int(words.shape[0])
+    if n == 0:
+        return torch.zeros(0, int(words.shape[1]) // 2, dtype=torch.int64)
+    return words.contiguous().reshape(-1).view(torch.int64).reshape(n, -1)
 
 
 # ---------------------------------------------------------------------- shared generation

@@ -49,6 +49,12 @@ class MixedStep(tuple):
             (``config.separate_synthetic_loss``).
     """
 
+    batch: MixedBatch
+    n_in: int
+    pairs: list[tuple[int, int]]
+    separate: bool
+    engine_step: int
+
     def __new__(cls, batch: MixedBatch, n_in: int, pairs: list[tuple[int, int]], separate: bool = False,
                 step: int = 0) -> "MixedStep":
         obj = super().__new__(cls, (batch.x, batch.y, batch.weights))
