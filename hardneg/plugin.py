@@ -195,7 +195,7 @@ class HardNeg:
         # observe's bookkeeping (bank upsert, logit stats, curriculum feedback) runs here, in call order
         self._background = Background("hardneg-observe", initializer=functools.partial(helper_thread_init, self.device))
         self._buffer_lock = threading.Lock()  # the prefetch thread draws while collect() may add
-        self._prefetch = MixPrefetcher(self.buffer, self._buffer_lock, device=self.device)
+        self._prefetch = MixPrefetcher(self._buffer, self._buffer_lock, device=self.device)
         self._mix_target: Optional[tuple[torch.device, torch.dtype]] = None  # where the last mix's rows went
         if model is not None:
             self._install_hooks(model, embedding_layer)
@@ -337,7 +337,7 @@ class HardNeg:
         """Draw the synthetic rows of a ``mix`` of ``n`` rows at ``step`` now, on the prefetch thread
         (see :mod:`hardneg.prefetch`)."""
         k = int(round(self.config.synthetic_fraction * n))
-        if k <= 0 or len(self.buffer) == 0:
+        if k <= 0 or len(self._buffer) == 0:
             self._prefetch.cancel()
             return
         device, dtype = self._mix_target if self._mix_target is not None else (None, None)
@@ -370,12 +370,12 @@ class HardNeg:
         k = int(round(self.config.synthetic_fraction * n))
         sample = None
         self._mix_target = (x.device, x.dtype)
-        if k > 0 and len(self.buffer) > 0:
+        if k > 0 and len(self._buffer) > 0:
             self._check_mix_shape(x)  # before the draw: a rejected mix leaves use counts and the RNG alone
             hit, sample = self._prefetch.take(n, k, self.step, self._pair_weights, exact=self.config.deterministic)
             if not hit:
                 with self._buffer_lock:
-                    sample = self.buffer.sample(k, step=self.step, pair_weights=self._pair_weights or None)
+                    sample = self._buffer.sample(k, step=self.step, pair_weights=self._pair_weights or None)
         elif self._prefetch.pending:
             self._prefetch.cancel()
         mixed = mix_batch(x, y, sample, mode=self.config.mix_mode, synthetic_weight=self.config.synthetic_weight,
@@ -424,6 +424,19 @@ class HardNeg:
     def curriculum(self, value: Any) -> None:
         self._wait_for_observer()
         self._curriculum = value
+
+    @property
+    def buffer(self) -> SyntheticBuffer:
+        """The synthetic buffer. Reading it from outside first undoes a prefetched draw (see
+        :mod:`hardneg.prefetch`), so its use counts and RNG state are what a synchronous engine's are."""
+        prefetch = self.__dict__.get("_prefetch")
+        if prefetch is not None and prefetch.pending:
+            prefetch.cancel()
+        return self._buffer
+
+    @buffer.setter
+    def buffer(self, value: SyntheticBuffer) -> None:
+        self._buffer = value
 
     def _reseed_for_rank(self) -> None:
         """Ranks > 0 draw their own synthetic rows (rank 0 draws as a single process would)."""
@@ -582,7 +595,7 @@ class HardNeg:
             if cfg.label_mode != "hard":
                 weights = target_weights(cfg.label_mode, result.ratios, cfg.label_gamma, teacher_p)
             with self._buffer_lock:
-                n = self.buffer.add(result, step=self.step, target_weight=weights, teacher_p_target=teacher_p,
+                n = self._buffer.add(result, step=self.step, target_weight=weights, teacher_p_target=teacher_p,
                                     model_p_target=model_p)
             added += n
             self._counters["images_rejected"] += len(result.images) - n
@@ -1126,7 +1139,7 @@ class HardNeg:
                                f"{self.config.num_classes}")
 
     def _check_mix_shape(self, x: Tensor) -> None:
-        shape = self.buffer.image_shape
+        shape = self._buffer.image_shape
         if shape is not None and tuple(x.shape[1:]) != shape:
             hint = ""
             if x.ndim == 4 and len(shape) == 3 and x.shape[1] != shape[0]:

@@ -204,3 +204,14 @@ def test_bare_cuda_resolves_to_the_current_device_on_the_constructing_thread(mon
     refresh_thread_init(1, engine.device)  # what the refresh thread runs first
     assert made == [torch.device("cuda:1")]
     engine.close()
+
+
+def test_reading_the_buffer_undoes_a_prefetched_draw():
+    """The draw for the next mix starts at the end of this one; whoever reads engine.buffer sees the
+    use counts of the draws made so far, however far the prefetch thread got."""
+    engine = _filled(HardNeg(_cfg(deterministic=True)))
+    x, y, _, _ = _batch(0)
+    engine.mix(x, y)
+    engine._prefetch._draw.future.result()  # the next draw has been made (and counted) on its thread
+    assert int(engine.buffer.provenance()["uses"].sum()) == 2  # only the mixed rows: round(0.25 * 8)
+    engine.close()
