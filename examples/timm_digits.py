@@ -77,6 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 lr_scheduler.step_update(num_updates=num_updates)
                 if num_updates >= args.max_steps:
                     break
+        mixup_fn.flush()  # the last step's observe (each one runs after its backward, at the next call)
         return _common.summary("timm", engine, model, test, started, model_name=args.model)
     finally:
         mixup_fn.close()

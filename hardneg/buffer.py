@@ -107,6 +107,10 @@ class SyntheticBuffer:
     def __len__(self) -> int:
         return int(self._valid.sum())
 
+    def reseed(self, seed: int) -> None:
+        """Restart the sampling generator from ``seed`` (e.g. a per-rank stream); stored images stay."""
+        self._rng.manual_seed(int(seed))
+
     @property
     def image_shape(self) -> Optional[tuple[int, ...]]:
         """``(C, H, W)`` of the stored images, or None before the first add."""
@@ -218,14 +222,16 @@ class SyntheticBuffer:
         log_w = -age / self.freshness_half_life * math.log(2.0)
         if pair_weights:
             top = max(max(float(v), 0.0) for v in pair_weights.values())
-            src = self._meta["source_labels"][slots].tolist()
-            tgt = self._meta["target_labels"][slots].tolist()
-            factors = []
-            for a, b in zip(src, tgt):
-                v = pair_weights.get((a, b))
-                f = unlisted_weight if v is None else (max(float(v), 0.0) / top if top > 0 else 0.0)
-                factors.append(f)
-            factor = torch.tensor(factors, dtype=torch.float64)
+            src = self._meta["source_labels"][slots]
+            tgt = self._meta["target_labels"][slots]
+            # one (K, K) table of factors looked up per slot: O(pairs) Python, not O(slots) (this runs on
+            # the prefetch thread, where every Python line holds the GIL the training step waits for)
+            k = 1 + max(int(src.max()), int(tgt.max()), *(max(int(a), int(b)) for a, b in pair_weights))
+            table = torch.full((k, k), float(unlisted_weight), dtype=torch.float64)
+            for (a, b), v in pair_weights.items():
+                if a >= 0 and b >= 0:
+                    table[a, b] = max(float(v), 0.0) / top if top > 0 else 0.0
+            factor = table[src, tgt]
             if bool((factor > 0).any()):  # favour, never starve: all-zero factors fall back to freshness
                 log_w = log_w + torch.log(factor)
         # Relative to the best sample so old samples never underflow to exactly 0; a floor keeps

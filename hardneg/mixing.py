@@ -125,7 +125,7 @@ def mix_batch(
                          "first (e.g. x.float() / 255 for uint8 images) to the range the generator was trained on")
     syn_x = images[:k].to(device=x.device, dtype=x.dtype, non_blocking=True)
     n_real = n if mode == "append" else n - k
-    x_out = torch.cat([x[:n_real], syn_x])
+    x_out = _cat_rows(x[:n_real], syn_x)
     tw = synthetic.target_weights
     if tw is not None and bool((tw[:k] < 1).any()):
         y_out = _soft_batch_targets(y[:n_real], synthetic, k, num_classes)
@@ -137,6 +137,17 @@ def mix_batch(
     mask = torch.zeros(total, dtype=torch.bool, device=x.device)
     mask[n_real:] = True
     return MixedBatch(x_out, y_out, weights, mask, n_real)
+
+
+def _cat_rows(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.cat([a, b])``; two CPU float32 image blocks are joined by numpy on the calling thread
+    (one memcpy each, no OpenMP team waiting for cores the training step or the worker holds)."""
+    if (a.device.type == b.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+            and not (a.requires_grad or b.requires_grad)):
+        import numpy as np
+
+        return torch.from_numpy(np.concatenate([a.numpy(), b.numpy()]))
+    return torch.cat([a, b])
 
 
 def _soft_batch_targets(y_real: Tensor, synthetic: SyntheticSample, k: int, num_classes: Optional[int]) -> Tensor:

@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
@@ -58,19 +60,25 @@ from hardneg.checkpoint import CheckpointError, load_safe, save_atomic
 from hardneg.config import AUTO_REFRESH_MAX, AUTO_REFRESHES_PER_EPOCH, HardNegConfig
 from hardneg.confusion import ConfusionGraph, PairScore, pair_weights
 from hardneg.curriculum import make_curriculum
+from hardneg.device import resolve_device
 from hardneg.generators.base import Generator
 from hardneg.labels import (balanced_posterior, filter_by_posterior, restricted_posterior, target_probability,
                             target_weights)
 from hardneg.items import item_image, item_label
 from hardneg.mixing import MixedBatch, mix_batch
+from hardneg.observer import Background, any_bad, finite_sum, stage
 from hardneg.persistence import STATE_FORMAT, check_state, result_from_state, result_state
+from hardneg.prefetch import MixPrefetcher
 from hardneg.requests import RequestBuilder
+from hardneg.step import MixedStep
 from hardneg.targeting import BankView, PlannedPair, PolicyContext, make_policy
 from hardneg.teacher import Teacher, output_logits
+from hardneg.threads import helper_thread_init, refresh_thread_init
 from hardneg.validation import (HardNegError, check_mix_shape, labels_as_ids, validate_mix_input,
                                 validate_observation, validate_synthetic_pairs)
 from hardneg.value_space import ValueSpace
 from hardneg.worker import GenerationResult, GenerationWorker, ObjectFactory
+from hardneg.worker_protocol import WorkerArg
 
 __all__ = ["GeneratorLike", "HardNeg", "HardNegError", "register_embedding_hook"]
 
@@ -112,6 +120,17 @@ class HardNeg:
         teacher_model: the classifier that scores arriving images when ``config.teacher`` is
             ``"model"`` (eval mode, no grad; its weights are never changed). ``config.teacher ==
             "ema"`` builds an EMA copy of ``model`` instead.
+        device: this process's training device (adapters pass their rank's: ``accelerator.device``,
+            ``pl_module.device``, ``args.device``); default the model's. A bare ``"cuda"`` (here or
+            in ``config.worker_device``) is resolved now, on the calling thread, to
+            ``cuda:{torch.cuda.current_device()}``: the engine's own threads, the worker and its
+            child process would otherwise all land on GPU 0.
+        worker: a generation worker to use instead of the one the engine builds (any object with
+            :class:`~hardneg.worker_protocol.WorkerProtocol`'s methods), or a callable that receives
+            the engine's own worker (None when this process does not generate) and returns the one
+            to use (several processes: :meth:`hardneg.distributed.SharedWorker.wrapping`).
+        communicator: the process group when one engine runs per rank
+            (:class:`hardneg.distributed.Communicator`); ranks > 0 draw their own synthetic rows.
     """
 
     def __init__(
@@ -124,10 +143,15 @@ class HardNeg:
         embedding_layer: Optional[str] = None,
         start_worker: bool = True,
         teacher_model: Optional[nn.Module] = None,
+        device: Union[str, torch.device, None] = None,
+        worker: WorkerArg = None,
+        communicator: Any = None,
     ) -> None:
         if not isinstance(config, HardNegConfig):
             raise HardNegError(f"config must be a HardNegConfig, got {type(config).__name__}")
         self.config = config
+        self.device = resolve_device(device if device is not None else (
+            _module_device(model) if model is not None else "cpu"))
         k = config.num_classes
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
         if len(self.class_names) != k:
@@ -176,6 +200,11 @@ class HardNeg:
         # forward hooks keeping the last training-mode embedding and logits (capture.py)
         self.capture: Optional[ForwardCapture] = (
             ForwardCapture(model, embedding_layer, k) if model is not None else None)
+        # observe's bookkeeping (bank upsert, logit stats, curriculum feedback) runs here, in call order
+        self._background = Background("hardneg-observe", initializer=functools.partial(helper_thread_init, self.device))
+        self._buffer_lock = threading.Lock()  # the prefetch thread draws while collect() may add
+        self._prefetch = MixPrefetcher(self._buffer, self._buffer_lock, device=self.device)
+        self._mix_target: Optional[tuple[torch.device, torch.dtype]] = None  # where the last mix's rows went
         self.worker: Optional[GenerationWorker] = None
         factory = self._generator_factory(generator)
         if factory is not None:
@@ -187,12 +216,18 @@ class HardNeg:
             self._check_value_space()
             self.worker = GenerationWorker(
                 factory, backend=config.worker_backend, queue_size=config.queue_size,
-                max_restarts=config.max_restarts, num_threads=config.worker_threads, device=config.worker_device,
+                max_restarts=config.max_restarts, num_threads=config.worker_threads,
+                device=resolve_device(config.worker_device, like=self.device),
                 request_timeout=config.request_timeout, max_batch=config.worker_max_batch,
                 memory_fraction=config.worker_memory_fraction, warmup=config.worker_warmup,
             )
             if start_worker:
                 self._start_worker_checked()
+        if worker is not None:
+            self.worker = worker if hasattr(worker, "submit") else worker(self.worker)
+        self.communicator = communicator
+        self.rank = int(getattr(communicator, "rank", 0))
+        self._reseed_for_rank()
 
     # ================================================================== public API
     def observe(
@@ -202,8 +237,15 @@ class HardNeg:
         logits: Optional[Tensor] = None,
         ids: Optional[Union[Tensor, Sequence[int]]] = None,
         synthetic_pairs: Optional[Sequence[tuple[int, int]]] = None,
+        mixed: Optional[MixedStep] = None,
     ) -> None:
-        """Record one training step.
+        """Record one training step (call it after backward).
+
+        On the calling thread: shape/dtype checks, one fused finite-and-in-range check read back
+        once, a copy of the tensors (pinned host memory, non-blocking, from a GPU) and a hand-over;
+        the bank upsert, logit statistics and curriculum feedback run on the engine's background
+        thread (drained before a refresh, ``state_dict``, ``stats`` and ``close``). Bad input raises
+        here, and nothing of a rejected batch is recorded.
 
         Args:
             embeddings: ``(N, D)`` embeddings of the batch returned by :meth:`mix` (or of the
@@ -214,10 +256,13 @@ class HardNeg:
                 Synthetic rows are recognised from the last ``mix`` and feed the curriculum.
             synthetic_pairs: describe the batch explicitly instead (e.g. a batch gathered across
                 processes): its last ``len(synthetic_pairs)`` rows are synthetic, of these pairs.
+            mixed: the :class:`~hardneg.step.MixedStep` that :meth:`mix` returned for this batch
+                (instead of relying on "the last mix").
         """
         t0 = time.perf_counter()
         if self._wall_start is None:
             self._wall_start = t0
+        self._background.check()  # a failed upsert of an earlier step fails here
         if labels is None:
             raise HardNegError("observe() needs labels")
         if ids is None:
@@ -230,9 +275,10 @@ class HardNeg:
             )
         if logits is None:
             logits = self._captured_logits
-        labels = labels_as_ids(labels, emb, self._last_mix, synthetic_pairs)
+        from_step = _record_of(mixed) if mixed is not None and synthetic_pairs is None else None
+        labels = labels_as_ids(labels, emb, from_step if from_step is not None else self._last_mix, synthetic_pairs)
         emb, labels, logits, ids_t = validate_observation(emb, labels, logits, ids, self.config.num_classes)
-        record = None
+        record = from_step
         if synthetic_pairs is not None:
             pairs = validate_synthetic_pairs(synthetic_pairs, emb.shape[0], self.config.num_classes)
             n_syn = len(pairs)
@@ -240,26 +286,15 @@ class HardNeg:
                                 synthetic_pairs=pairs)
         n_real, synth = self._split_real_synthetic(emb.shape[0], ids_t.shape[0], record)
         self._finish_background_refresh()
-        if self.bank is None:
-            self.bank = self._make_bank(emb.shape[1])
-        real_ids, real_emb, real_labels = ids_t[:n_real], emb[:n_real], labels[:n_real]
-        if self.config.metric == "cosine":
-            nonzero = real_emb.flatten(1).abs().sum(1) > 0
-            if not bool(nonzero.all()):
-                # A zero embedding (e.g. dead ReLUs) has no direction: keep it out of the bank.
-                skipped = int((~nonzero).sum())
-                if not self._counters["zero_embeddings_skipped"]:
-                    logger.warning("hardneg: %d all-zero embedding(s) skipped (no cosine direction); counted in "
-                                   "stats()['zero_embeddings_skipped']", skipped)
-                self._counters["zero_embeddings_skipped"] += skipped
-                keep = nonzero.cpu()
-                real_ids, real_emb, real_labels = real_ids[keep], real_emb[nonzero], real_labels[keep]
-        self.bank.upsert(real_ids, real_emb, real_labels, step=self.step)
-        if logits is not None:
-            self.confusion.accumulate_logits(labels[:n_real], logits[:n_real])
-            if synth:
-                self._curriculum_feedback(logits[n_real:], labels[n_real:], synth)
-        self._counters["observed"] += n_real
+        if self._bank is None:
+            self._bank = self._make_bank(emb.shape[1])
+        elif emb.shape[1] != self._bank.dim:
+            raise HardNegError(f"embeddings have dimension {emb.shape[1]}, the bank holds {self._bank.dim}-dimensional "
+                               "ones: observe the same layer of the same model every step")
+        m = record if record is not None else self._last_mix
+        n_in = m.n_in if m is not None and emb.shape[0] == m.n_total else n_real
+        staged = stage(emb=emb, labels=labels, logits=logits, ids=ids_t)
+        self._background.submit(self._record_observation, staged, n_real, synth, self.step)
         if self.teacher is not None and self.model is not None:
             self.teacher.update(self.model)
         self._captured_embeddings = self._captured_logits = None
@@ -270,14 +305,64 @@ class HardNeg:
                 self._start_background_refresh()
             else:
                 self.refresh()
+        if not self._prefetch.pending:  # none made by mix (observe without mix, or undone by a refresh)
+            self._schedule_prefetch(n_in, self.step)
         self._counters["engine_seconds"] += time.perf_counter() - t0
 
-    def mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Add ready hard negatives to a batch; returns ``(x, y, per-sample loss weights)``.
+    def _record_observation(self, staged: Any, n_real: int, synth: list[tuple[int, int]], step: int) -> None:
+        """The background half of :meth:`observe`: bank upsert, logit statistics, curriculum feedback."""
+        t = staged.ready()
+        emb, labels, logits, ids_t = t["emb"], t["labels"], t["logits"], t["ids"]
+        if emb.is_meta or labels.is_meta:
+            return  # a shape-only dry run (meta tensors): there are no values to record
+        labels = labels.cpu()
+        real_ids, real_emb, real_labels = ids_t[:n_real].cpu(), emb[:n_real], labels[:n_real]
+        if self.config.metric == "cosine":
+            nonzero = real_emb.flatten(1).abs().sum(1) > 0
+            if not bool(nonzero.all()):
+                # A zero embedding (e.g. dead ReLUs) has no direction: keep it out of the bank.
+                skipped = int((~nonzero).sum())
+                if not self._counters["zero_embeddings_skipped"]:
+                    logger.warning("hardneg: %d all-zero embedding(s) skipped (no cosine direction); counted in "
+                                   "stats()['zero_embeddings_skipped']", skipped)
+                self._counters["zero_embeddings_skipped"] += skipped
+                real_ids, real_emb, real_labels = real_ids[nonzero], real_emb[nonzero], real_labels[nonzero]
+        self._bank.upsert(real_ids, real_emb, real_labels, step=step)
+        if logits is not None:
+            self._confusion.accumulate_logits(labels[:n_real], logits[:n_real])
+            if synth:
+                self._curriculum_feedback(logits[n_real:], labels[n_real:], synth, step)
+        self._counters["observed"] += n_real
+
+    def _settle(self) -> None:
+        """Let the background half of every observe finish and undo a prefetched draw, so what follows
+        reads (or saves) exactly the state a synchronous engine would have."""
+        self._background.drain()
+        self._prefetch.cancel()
+
+    def _schedule_prefetch(self, n: int, step: int) -> None:
+        """Draw the synthetic rows of a ``mix`` of ``n`` rows at ``step`` now, on the prefetch thread
+        (see :mod:`hardneg.prefetch`)."""
+        k = int(round(self.config.synthetic_fraction * n))
+        if k <= 0 or len(self._buffer) == 0:
+            self._prefetch.cancel()
+            return
+        device, dtype = self._mix_target if self._mix_target is not None else (None, None)
+        self._prefetch.schedule(n, k, step, self._pair_weights, device=device, dtype=dtype)
+
+    def mix(self, x: Tensor, y: Tensor) -> MixedStep:
+        """Add ready hard negatives to a batch; returns the :class:`~hardneg.step.MixedStep`, which
+        unpacks as ``(x, y, per-sample loss weights)`` and offers ``.loss(per_sample_loss)``.
 
         Never waits for the generator: with an empty buffer it is the identity (weights of ones).
+        The rows were drawn ahead of time on a background thread (:mod:`hardneg.prefetch`), so this
+        is a concatenation; nothing here reads a device value back.
         """
-        return self.mix_batch(x, y).as_tuple()
+        step = self.step
+        mixed = self.mix_batch(x, y)
+        m = self._last_mix
+        return MixedStep(mixed, n_in=int(x.shape[0]), pairs=m.synthetic_pairs if m is not None else [],
+                         separate=self.config.separate_synthetic_loss, step=step)
 
     def mix_batch(self, x: Tensor, y: Tensor) -> MixedBatch:
         """Like :meth:`mix` but returns the full :class:`MixedBatch` (with the synthetic mask)."""
@@ -291,18 +376,85 @@ class HardNeg:
         n = x.shape[0]
         k = int(round(self.config.synthetic_fraction * n))
         sample = None
-        if k > 0 and len(self.buffer) > 0:
+        self._mix_target = (x.device, x.dtype)
+        if k > 0 and len(self._buffer) > 0:
             # before the draw: a rejected mix leaves use counts and the RNG alone
-            check_mix_shape(x, self.buffer.image_shape)
-            sample = self.buffer.sample(k, step=self.step, pair_weights=self._pair_weights or None)
+            check_mix_shape(x, self._buffer.image_shape)
+            hit, sample = self._prefetch.take(n, k, self.step, self._pair_weights, exact=self.config.deterministic)
+            if not hit:
+                with self._buffer_lock:
+                    sample = self._buffer.sample(k, step=self.step, pair_weights=self._pair_weights or None)
+        elif self._prefetch.pending:
+            self._prefetch.cancel()
         mixed = mix_batch(x, y, sample, mode=self.config.mix_mode, synthetic_weight=self.config.synthetic_weight,
                           num_classes=self.config.num_classes)
-        n_syn = int(mixed.synthetic_mask.sum())
-        pairs = [tuple(int(v) for v in p) for p in sample.pairs] if sample is not None and n_syn else []
+        n_syn = int(mixed.x.shape[0]) - mixed.n_real  # from shapes: no device read
+        pairs = [(int(a), int(b)) for a, b in sample.pairs.tolist()] if sample is not None and n_syn else []
         self._last_mix = _MixRecord(n_in=n, n_total=mixed.x.shape[0], n_real=mixed.n_real, synthetic_pairs=pairs)
         self._counters["synthetic_used"] += n_syn
+        # the next mix's rows are drawn while this step's forward and backward run (its step count is
+        # this one's + 1: the observe of this batch comes first); a refresh or a hand-over undoes it
+        self._schedule_prefetch(n, self.step + 1)
         self._counters["engine_seconds"] += time.perf_counter() - t0
         return mixed
+
+    # The parts observe's background thread writes: reading one from outside first lets that thread
+    # finish what was queued (the engine's own step path uses the underscored names).
+    @property
+    def bank(self) -> Optional[EmbeddingBank]:
+        """The embedding bank (None until the first observe without ``config.embedding_dim``)."""
+        self._wait_for_observer()
+        return self._bank
+
+    @bank.setter
+    def bank(self, value: Optional[EmbeddingBank]) -> None:
+        self._wait_for_observer()
+        self._bank = value
+
+    @property
+    def confusion(self) -> ConfusionGraph:
+        """The confusion graph (its logit statistics are up to date with every observed step)."""
+        self._wait_for_observer()
+        return self._confusion
+
+    @confusion.setter
+    def confusion(self, value: ConfusionGraph) -> None:
+        self._wait_for_observer()
+        self._confusion = value
+
+    @property
+    def curriculum(self) -> Any:
+        """The noise-ratio curriculum (its training feedback is up to date with every observed step)."""
+        self._wait_for_observer()
+        return self._curriculum
+
+    @curriculum.setter
+    def curriculum(self, value: Any) -> None:
+        self._wait_for_observer()
+        self._curriculum = value
+
+    @property
+    def buffer(self) -> SyntheticBuffer:
+        """The synthetic buffer. Reading it from outside first undoes a prefetched draw (see
+        :mod:`hardneg.prefetch`), so its use counts and RNG state are what a synchronous engine's are."""
+        prefetch = self.__dict__.get("_prefetch")
+        if prefetch is not None and prefetch.pending:
+            prefetch.cancel()
+        return self._buffer
+
+    @buffer.setter
+    def buffer(self, value: SyntheticBuffer) -> None:
+        self._buffer = value
+
+    def _reseed_for_rank(self) -> None:
+        """Ranks > 0 draw their own synthetic rows (rank 0 draws as a single process would)."""
+        if self.rank > 0:
+            self.buffer.reseed(self.config.seed * 1_000_003 + 7919 * self.rank + self.step)
+
+    def _wait_for_observer(self) -> None:
+        background = self.__dict__.get("_background")
+        if background is not None and not background.on_thread():
+            background.drain()
 
     @property
     def last_mix_pairs(self) -> list[tuple[int, int]]:
@@ -312,12 +464,14 @@ class HardNeg:
     def refresh(self) -> list[PairScore]:
         """Re-mine confusion now (inline) and, with a generator, request negatives for the plan."""
         self._finish_background_refresh(wait=True)
+        self._background.drain()  # every observed step is in the bank
         if self.bank is None or len(self.bank) < 2:
             return []
         self.confusion.refresh(self.bank, step=self.step)
         return self._after_refresh()
 
     def _after_refresh(self) -> list[PairScore]:
+        self._background.drain()  # the plan reads the bank, the curriculum and the counters
         self._counters["refreshes"] += 1
         self._pairs = self.confusion.top_pairs(self.config.top_pairs, self.config.min_pair_score)
         self._pair_weights = pair_weights(self._pairs)
@@ -330,7 +484,7 @@ class HardNeg:
         return list(self._pairs)
 
     def _start_background_refresh(self) -> None:
-        if self.bank is None or len(self.bank) < 2:
+        if self._bank is None:  # (not self.bank: that would wait for the observe thread; the size is checked there)
             return
         if self.bank.collective:  # a sharded bank: every rank refreshes together, at this step
             self.refresh()
@@ -340,9 +494,10 @@ class HardNeg:
             return
         if self._refresh_pool is None:
             self._refresh_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardneg-refresh",
-                                                    initializer=_limit_search_threads,
-                                                    initargs=(self.config.refresh_threads,))
-        self._refresh_future = self._refresh_pool.submit(self.confusion.refresh, self.bank, self.step)
+                                                    initializer=refresh_thread_init,
+                                                    initargs=(self.config.refresh_threads, self.device))
+        self._refresh_future = self._refresh_pool.submit(_refresh_after, self._background.last, self._confusion,
+                                                         self._bank, self.step)
 
     def _finish_background_refresh(self, wait: bool = False) -> None:
         """Act on a finished background refresh (plan + requests); errors surface here."""
@@ -350,8 +505,8 @@ class HardNeg:
         if fut is None or (not wait and not fut.done()):
             return
         self._refresh_future = None
-        fut.result()
-        self._after_refresh()
+        if fut.result() is not None:
+            self._after_refresh()
 
     def wait_for_generation(self, timeout: float = 600.0) -> int:
         """Block until every submitted request has finished (or failed), collect it; returns images added."""
@@ -405,6 +560,7 @@ class HardNeg:
 
     def known_samples(self) -> tuple[np.ndarray, np.ndarray]:
         """(sample ids, labels) of every sample in the bank, for targeting policies."""
+        self._background.drain()
         if self.bank is None:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         return self.bank.ids_and_labels()
@@ -433,6 +589,9 @@ class HardNeg:
         """
         cfg = self.config
         added = 0
+        results = list(results)
+        if results and cfg.deterministic:
+            self._prefetch.cancel()  # the draw for the next mix must see these images, as it always did
         for result in results:
             self._counters["images_received"] += len(result.images)
             result = dataclasses.replace(result, images=self.value_space.from_pixels(result.images))
@@ -460,8 +619,9 @@ class HardNeg:
             weights = None
             if cfg.label_mode != "hard":
                 weights = target_weights(cfg.label_mode, result.ratios, cfg.label_gamma, teacher_p)
-            n = self.buffer.add(result, step=self.step, target_weight=weights, teacher_p_target=teacher_p,
-                                model_p_target=model_p)
+            with self._buffer_lock:
+                n = self._buffer.add(result, step=self.step, target_weight=weights, teacher_p_target=teacher_p,
+                                    model_p_target=model_p)
             added += n
             self._counters["images_rejected"] += len(result.images) - n
         return added
@@ -559,6 +719,7 @@ class HardNeg:
         data = dataset if dataset is not None else self.dataset
         if data is None:
             raise HardNegError("refresh_bank() needs a dataset")
+        self._background.drain()  # queued upserts first: the re-embedded vectors win
         n = len(data)
         iterator: Iterable[int] = range(0, n, batch_size)
         if progress:
@@ -576,6 +737,7 @@ class HardNeg:
 
     def stats(self) -> dict[str, Any]:
         """Counters for logs and plots: engine time share, synthetic use, worker and buffer state."""
+        self._settle()
         c = dict(self._counters)
         wall = self._wall_offset + ((time.perf_counter() - self._wall_start) if self._wall_start else 0.0)
         c["wall_seconds"] = wall
@@ -601,6 +763,7 @@ class HardNeg:
         exactly the images the uninterrupted run would have; otherwise requests still being generated
         are not saved (the resumed run requests anew at its next refresh).
         """
+        self._settle()
         self._finish_background_refresh(wait=True)
         if self.worker is not None:
             if self.config.deterministic:
@@ -642,6 +805,7 @@ class HardNeg:
         never leaves a half-loaded engine.
         """
         self._check_state(state)
+        self._settle()
         self._finish_background_refresh(wait=True)
         backup = self._snapshot()  # no worker drain: the backup is only for putting this engine back
         try:
@@ -680,6 +844,8 @@ class HardNeg:
         self._wall_offset = float(state.get("wall_seconds", 0.0))
         self._wall_start = None  # the clock restarts at the next step; time spent down is not counted
         self._last_mix = None
+        if getattr(self, "rank", 0) > 0:
+            self._reseed_for_rank()
 
     def save(self, path: str) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (a crash mid-write keeps the previous file)."""
@@ -700,6 +866,8 @@ class HardNeg:
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the worker and the refresh thread, remove the hooks. Safe to call twice."""
+        self._prefetch.close()
+        self._background.close()
         if self._refresh_pool is not None:
             self._refresh_pool.shutdown(wait=True)
             self._refresh_pool, self._refresh_future = None, None
@@ -875,13 +1043,15 @@ class HardNeg:
             raise HardNegError(f"got {n_ids} ids for {n_rows} embeddings")
         return n_rows, []
 
-    def _curriculum_feedback(self, logits: Tensor, targets: Tensor, pairs: list[tuple[int, int]]) -> None:
+    def _curriculum_feedback(self, logits: Tensor, targets: Tensor, pairs: list[tuple[int, int]],
+                             step: Optional[int] = None) -> None:
+        step = self.step if step is None else step
         correct = (logits.argmax(1).cpu() == targets.cpu()).tolist()
         per_pair: dict[tuple[int, int], list[int]] = {}
         for pair, ok in zip(pairs, correct):
             per_pair.setdefault(pair, []).append(int(ok))
         for pair, oks in per_pair.items():
-            self.curriculum.feedback(pair, sum(oks), len(oks), self.step)
+            self._curriculum.feedback(pair, sum(oks), len(oks), step)
         self._counters["synthetic_feedback"] += len(correct)
         self._counters["synthetic_correct"] += sum(correct)
 
@@ -937,13 +1107,21 @@ class HardNeg:
 
 
 # ---------------------------------------------------------------------- helpers
-def _limit_search_threads(threads: int) -> None:
-    """Cap FAISS's OpenMP threads for the calling thread only (the refresh thread), so a background
-    kNN pass does not take every core from the training step; 0 keeps FAISS's default."""
-    if threads > 0:
-        import faiss
+def _record_of(mixed: Any) -> Optional[_MixRecord]:
+    """What ``observe`` needs from a :class:`~hardneg.step.MixedStep` (None for anything else)."""
+    if not isinstance(mixed, MixedStep):
+        return None
+    return _MixRecord(n_in=mixed.n_in, n_total=mixed.n_total, n_real=mixed.n_real, synthetic_pairs=mixed.pairs)
 
-        faiss.omp_set_num_threads(int(threads))
+
+def _refresh_after(before: Optional[Future], confusion: ConfusionGraph, bank: EmbeddingBank, step: int) -> Any:
+    """The background refresh: first let the observe work queued before it land in the bank (its
+    errors surface on the training thread), then mine."""
+    if before is not None:
+        before.exception()  # waits; never raises here
+    if len(bank) < 2:
+        return None  # nothing to mine yet: not a refresh
+    return confusion.refresh(bank, step)
 
 
 def _module_device(model: nn.Module) -> torch.device:

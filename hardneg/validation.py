@@ -24,14 +24,15 @@ class HardNegError(ValueError):
 def labels_as_ids(labels: Any, emb: Any, last_mix: Any,
                   synthetic_pairs: Optional[Sequence[tuple[int, int]]]) -> Any:
     """Class ids from ``(N, K)`` soft targets (what :meth:`mix` returns with soft labels): real
-    rows their argmax, synthetic rows their target class; anything else is returned as is."""
+    rows their argmax, synthetic rows their target class; anything else is returned as is.
+    ``last_mix`` is the record of the mix that made the batch. Stays on the labels' device (no host read)."""
     try:
         y = torch.as_tensor(labels)
     except (TypeError, ValueError, RuntimeError):
         return labels  # validate_observation says what is wrong with it
     if y.ndim != 2 or not y.is_floating_point():
         return labels
-    ids = y.detach().argmax(1).cpu()
+    ids = y.detach().argmax(1)
     m = last_mix
     if synthetic_pairs is not None:
         pairs, n_real = list(synthetic_pairs), ids.shape[0] - len(synthetic_pairs)
@@ -40,7 +41,8 @@ def labels_as_ids(labels: Any, emb: Any, last_mix: Any,
     else:
         pairs, n_real = [], ids.shape[0]
     if pairs and n_real >= 0:
-        ids[n_real:] = torch.tensor([int(b) for _, b in pairs], dtype=ids.dtype)
+        targets = torch.tensor([int(b) for _, b in pairs], dtype=ids.dtype)
+        ids = torch.cat([ids[:n_real], targets.to(ids.device, non_blocking=True)])
     return ids
 
 
@@ -48,7 +50,10 @@ def validate_observation(
     emb: Tensor, labels: Any, logits: Optional[Tensor], ids: Any, num_classes: int
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """``(embeddings, labels, logits, ids)`` of one ``observe`` checked and detached (labels and ids
-    int64 on the CPU); raises :class:`HardNegError` before anything is recorded."""
+    int64, where they were); raises :class:`HardNegError` before anything is recorded. The value
+    checks are one fused flag per device, read back once (no host sync per check)."""
+    from hardneg.observer import any_bad, finite_sum
+
     k = num_classes
     if not isinstance(emb, Tensor) or emb.ndim != 2:
         raise HardNegError(f"embeddings must be a (N, D) tensor, got {getattr(emb, 'shape', type(emb))}")
@@ -60,25 +65,35 @@ def validate_observation(
                            "mask or a True/False target is never taken for classes 0 and 1 by accident")
     if labels.is_floating_point() or labels.ndim != 1 or labels.shape[0] != emb.shape[0]:
         raise HardNegError(f"labels must be integer (N,) with N={emb.shape[0]}, got {labels.dtype} {tuple(labels.shape)}")
-    labels = labels.detach().cpu().long()
-    if labels.numel() and (labels.min() < 0 or labels.max() >= k):
-        raise HardNegError(f"labels must lie in [0, {k}), got min {int(labels.min())} max {int(labels.max())}")
+    labels = labels.detach().long()
     emb = emb.detach()
-    if not torch.isfinite(emb).all():
-        raise HardNegError(
-            "embeddings contain NaN/inf (the model has probably diverged); nothing was recorded for this step"
-        )
     if logits is not None:
         logits = logits.detach()
         if logits.ndim != 2 or logits.shape != (emb.shape[0], k):
             raise HardNegError(f"logits must have shape ({emb.shape[0]}, {k}), got {tuple(logits.shape)}")
-        if not torch.isfinite(logits).all():
-            raise HardNegError("logits contain NaN/inf; nothing was recorded for this step")
-    ids_t = as_tensor(ids, "ids", "integer dataset indices (N,)").detach().cpu()
+    ids_t = as_tensor(ids, "ids", "integer dataset indices (N,)").detach()
     if ids_t.is_floating_point() or ids_t.dtype == torch.bool or ids_t.ndim != 1:
         raise HardNegError(f"ids must be an integer (N,) tensor of sample ids, got {ids_t.dtype} {tuple(ids_t.shape)}")
-    if ids_t.numel() and int(ids_t.min()) < 0:
-        raise HardNegError(f"ids must be dataset indices >= 0, got min {int(ids_t.min())}")
+    # Values: one fused flag per device, read back once; the messages below only on failure.
+    # A sum is finite when every element is (one pass, no mask); the exact checks run only when it
+    # is not (an overflowing sum of finite values then passes them).
+    flags = [finite_sum(emb)] + ([finite_sum(logits)] if logits is not None else [])
+    if labels.numel():
+        lo, hi = torch.aminmax(labels)
+        flags.append((lo < 0) | (hi >= k))
+    if ids_t.numel():
+        flags.append((ids_t < 0).any())
+    if any_bad(flags):
+        if labels.numel() and (labels.min() < 0 or labels.max() >= k):
+            raise HardNegError(f"labels must lie in [0, {k}), got min {int(labels.min())} max {int(labels.max())}")
+        if not torch.isfinite(emb).all():
+            raise HardNegError(
+                "embeddings contain NaN/inf (the model has probably diverged); nothing was recorded for this step"
+            )
+        if logits is not None and not torch.isfinite(logits).all():
+            raise HardNegError("logits contain NaN/inf; nothing was recorded for this step")
+        if ids_t.numel() and int(ids_t.min()) < 0:
+            raise HardNegError(f"ids must be dataset indices >= 0, got min {int(ids_t.min())}")
     return emb, labels, logits, ids_t.long()
 
 

@@ -67,6 +67,7 @@ def _mine(accelerator, steps=12):
         "bank_ids": bank["ids"][order],
         "bank_vectors": bank["vectors"][order],
         "matrix": hn.engine.confusion.matrix(),
+        "calls": dict(hn.communicator.calls),
     }
     hn.close()
     return out
@@ -98,7 +99,8 @@ def _generate(accelerator, mode, max_steps=5000):
            "produced": (s["worker"] or {}).get("images_produced", 0),
            "shared_in": s["worker"]["images_shared_in"],
            "pairs": [(p.a, p.b) for p in hn.confusions()],
-           "provenance": {k: v.clone() for k, v in hn.engine.buffer.provenance().items()}}
+           "provenance": {k: v.clone() for k, v in hn.engine.buffer.provenance().items()},
+           "calls": dict(hn.communicator.calls), "exchanges": s["worker"]["exchanges"]}
     hn.close()
     return out
 
@@ -224,6 +226,14 @@ def test_two_processes_find_the_pairs_one_process_finds_and_share_generation(tmp
         for got, want in zip(m["pairs"], single["pairs"]):
             assert got[2] == pytest.approx(want[2], abs=1e-5)
     assert {(0, 1), (1, 0)} & {p[:2] for p in single["pairs"]}
+    for r in ranks:  # traffic: one all_gather per observe (two on the first step, to agree on a row count)
+        assert r["mine"]["calls"]["all_gather"] == 12 + 1
+        assert r["mine"]["calls"]["all_reduce"] == 0  # no generator: mix talks to nobody
+        for mode in ("main", "all"):
+            g = r[mode]
+            assert g["calls"]["all_reduce"] == g["step"]  # one integer per mix: "anything ready?"
+            objects = g["calls"]["broadcast_objects"] + g["calls"]["gather_objects"]
+            assert objects == g["exchanges"] < g["step"]  # results pickled only when some rank had any
 
     main = [r["main"] for r in ranks]
     assert main[0]["produced"] > 0 and main[1]["produced"] == 0  # only the main process generates...

@@ -63,6 +63,7 @@ def test_train_py_shaped_loop_with_mixup_gets_hard_negatives_and_observes():
         seen.append((input.shape[0], target.shape))
         if input.shape[0] > 16:
             break
+    mixup_fn.flush()  # the last step is observed after its backward: at the next call, flush() or close()
     s = engine.stats()
     engine.close()
     assert s["step"] == len(seen)
@@ -83,7 +84,8 @@ def test_synthetic_rows_are_not_blended_and_keep_one_hot_targets():
     ids = torch.arange(0, 64, 4)  # 4 samples of each class
     x, y = data.images[ids], data.labels[ids]
     xm, ym = mixup_fn(x, y)
-    mixup_fn.after_forward(model(xm), ym, ids)  # refreshes: requests hard negatives
+    mixup_fn.after_forward(model(xm), ym, ids)
+    mixup_fn.flush()  # (backward would run here) observed now: refreshes, requests hard negatives
     engine.wait_for_refresh(120)  # wait for the refresh and the worker thread to fill the buffer
     assert engine.wait_for_images(4, 120)
     xm, ym = mixup_fn(x, y)
@@ -139,6 +141,7 @@ def test_soft_synthetic_labels_reach_the_loss_and_observe_gets_class_ids():
         torch.testing.assert_close(SoftTargetCrossEntropy()(output, ym), want)  # train.py's mixup loss
         torch.testing.assert_close(mixup_fn.soft_loss(output, ym), want)
         mixup_fn.after_forward(output, ym, ids)
+        mixup_fn.flush()
         assert seen[-1].dtype == torch.int64 and seen[-1][16:].tolist() == [1] * 4  # the target, not the argmax
     engine.close()
     assert engine.stats()["synthetic_feedback"] == 8
@@ -163,6 +166,7 @@ def test_generated_rows_never_enter_or_overwrite_the_bank():
         assert xm.shape[0] == 20
         mixup_fn.after_forward(model(xm), ym, ids)
         all_ids.append(ids)
+    mixup_fn.flush()
     handle.remove()
     ids = torch.cat(all_ids)
     assert_bank_holds_only_real_rows(engine.bank, ids, torch.cat([e[:16] for e in seen]), data.labels[ids])

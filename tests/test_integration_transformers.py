@@ -157,6 +157,7 @@ def test_soft_synthetic_labels_reach_the_loss_and_observe_gets_class_ids(tmp_pat
               "sample_id": torch.tensor([it["sample_id"] for it in items])}
     model.train()
     loss = trainer.compute_loss(model, inputs)
+    cb.flush()  # what training_step does once backward has run
     m, = mixed
     assert m.y.shape == (10, K)  # 8 real rows + round(0.25 * 8) generated ones, soft targets
     torch.testing.assert_close(m.y[8:], torch.tensor([[0.75, 0.25, 0.0, 0.0]] * 2))
@@ -191,6 +192,7 @@ def test_generated_rows_never_enter_or_overwrite_the_bank(tmp_path):
                   "sample_id": torch.tensor([it["sample_id"] for it in items])}
         all_ids.append(inputs["sample_id"])
         trainer.compute_loss(model, inputs)
+        cb.flush()  # what training_step does once backward has run
         assert seen[-1].shape[0] == 10  # 8 real rows + 2 generated ones
     handle.remove()
     ids = torch.cat(all_ids)
@@ -233,3 +235,31 @@ def test_resume_from_a_mid_run_checkpoint_ends_where_the_uninterrupted_run_ends(
     b = torch.load(tmp_path / "resumed" / "checkpoint-12" / STATE_FILE, weights_only=True)
     assert a["counters"]["synthetic_used"] > 0
     assert state_differences(a, b) == []  # bank, confusion, curriculum, buffer with provenance, counters
+
+
+def test_training_step_observes_after_backward(tmp_path):
+    """The engine observes once the gradients exist (its one device read never stalls backward)."""
+    from types import SimpleNamespace
+
+    train = WithSampleIds(DictImages())
+    cb = HardNegTrainerCallback(_cfg())
+    trainer = HardNegTrainer(model=_model(), args=_args(tmp_path), train_dataset=train, hardneg=cb)
+    model = trainer.model
+    cb.on_train_begin(trainer.args, SimpleNamespace(global_step=0), None, model=model)
+    grads_at_observe = []
+    inner = cb.engine.observe
+
+    def observe(*args, **kwargs):
+        grads_at_observe.append(all(p.grad is not None for p in model.parameters() if p.requires_grad))
+        return inner(*args, **kwargs)
+
+    cb.engine.observe = observe
+    items = [train[i] for i in range(0, 64, 8)]
+    inputs = {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
+              "labels": torch.tensor([it["labels"] for it in items]),
+              "sample_id": torch.tensor([it["sample_id"] for it in items])}
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's own loop before each step
+    trainer.training_step(model, inputs)
+    assert grads_at_observe == [True] and cb.engine.step == 1
+    cb.close()

@@ -1,4 +1,10 @@
-"""What the trainer adapters share: finding images, labels and sample ids in a batch.
+"""What the trainer adapters share: :class:`StepAdapter` (the step contract) and finding images,
+labels and sample ids in a batch.
+
+Every adapter drives the engine the same way (:class:`StepAdapter`): ``mix`` before the forward
+returns a :class:`~hardneg.step.MixedStep`, the loss is that step's weighted reduction, and
+``observe`` runs after backward with the step passed in, so no adapter re-implements the reduction
+or the real/generated split.
 
 Trainers hand batches around in three shapes: a sequence ``(x, y, ids, ...)`` (what the default
 collate makes of ``(image, label, index)`` items, e.g. :class:`hardneg.data.ImageDataset`), a dict
@@ -17,7 +23,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from hardneg.plugin import HardNegError
+from hardneg.plugin import HardNeg, HardNegError
+from hardneg.step import MixedStep, per_sample_cross_entropy
 
 IMAGE_KEYS = ("pixel_values", "image", "images", "x", "input", "inputs")
 LABEL_KEYS = ("labels", "label", "y", "target", "targets")
@@ -150,3 +157,60 @@ def flat_stats(stats: Mapping[str, Any], prefix: str = "hardneg/") -> dict[str, 
         elif isinstance(value, (int, float)) and value == value:
             out[name] = float(value)
     return out
+
+
+class StepAdapter:
+    """The one step contract every adapter follows, over ``self.engine`` (a :class:`HardNeg`).
+
+    ``_mix(x, y)`` (before the forward) keeps the returned :class:`~hardneg.step.MixedStep`;
+    :meth:`loss` / :meth:`soft_loss` reduce with its weights; ``_observe(...)`` (after backward)
+    hands the step back to the engine (the step stays readable until the next ``_mix``).
+    """
+
+    engine: Optional[HardNeg]
+    _step: Optional[MixedStep] = None
+
+    @property
+    def step_record(self) -> Optional[MixedStep]:
+        """The current training step's :class:`~hardneg.step.MixedStep` (None outside a step)."""
+        return self._step
+
+    @property
+    def weights(self) -> Optional[Tensor]:
+        """Per-sample loss weights of the current training batch (None outside a training step)."""
+        return self._step.weights if self._step is not None else None
+
+    @property
+    def synthetic_mask(self) -> Optional[Tensor]:
+        """Which rows of the current training batch are generated (None outside a training step)."""
+        return self._step.synthetic_mask if self._step is not None else None
+
+    def loss(self, per_sample_loss: Tensor) -> Tensor:
+        """Reduce a per-sample loss (``reduction="none"``) with the current batch's weights (the plain
+        mean outside a training step or for a loss of another length)."""
+        if self._step is None:
+            return per_sample_loss.mean()
+        return self._step.loss(per_sample_loss)
+
+    def soft_loss(self, output: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """Cross entropy for class-id or ``(N, K)`` soft targets, reduced like :meth:`loss`."""
+        return self.loss(per_sample_cross_entropy(output, target, label_smoothing))
+
+    def _mix(self, x: Tensor, y: Tensor) -> MixedStep:
+        assert self.engine is not None
+        self._step = self.engine.mix(x, y)
+        return self._step
+
+    def _observe(self, logits: Optional[Tensor], ids: Any, labels: Optional[Tensor] = None,
+                 step: Optional[MixedStep] = None) -> None:
+        """Observe the step (after backward): labels default to the step's class ids."""
+        assert self.engine is not None
+        step = step if step is not None else self._step
+        if labels is None:
+            if step is None:
+                raise HardNegError("observe needs labels when no mixed step is current")
+            labels = step.labels
+        if step is not None and int(labels.shape[0]) != step.n_total:
+            step = None  # a batch other than the mixed one (e.g. mixup dropped a row): observe it as given
+        self.engine.observe(labels=labels, logits=None if logits is None else logits.detach(), ids=ids,
+                            mixed=step)

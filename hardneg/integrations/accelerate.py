@@ -23,9 +23,14 @@ its finished images with ``broadcast_object_list``; ``"all"`` runs a generator o
 each serving its share of the requests (request id modulo world size), and shares results with
 ``gather_object``. Either way every rank's buffer receives the same images in the same step. Each
 rank draws its synthetic rows with its own seed, so the global batch holds different negatives.
+The engine is given the process group (:class:`hardneg.distributed.AccelerateCommunicator`) and a
+worker that shares results (:class:`hardneg.distributed.SharedWorker`); nothing of it is patched.
 
 Collectives: ``mix`` (when generating) and ``observe`` are collective calls; call them on every
-process each step, and pass ``logits`` on all ranks or on none. Refreshes run inline (never on a
+process each step, and pass ``logits`` on all ranks or on none. Per step: ``observe`` packs its
+rows on the device and does one ``all_gather`` (:class:`hardneg.distributed.RowGather`; two on
+the first step and when the batch grows); ``mix`` does one one-integer ``all_reduce``, and shares
+generated results (pickled) only when some rank has any. Refreshes run inline (never on a
 background thread) so that every rank re-mines at the same step. With ``deterministic=True``
 generated images are handed over only at refreshes: every rank waits there for its generator to
 finish what was requested, then the results are shared, so a seeded multi-process run repeats
@@ -47,8 +52,7 @@ filtered images and the ``"band"`` curriculum. Soft labels from ``mix`` are ``(N
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -56,113 +60,19 @@ from torch import Tensor, nn
 from hardneg._optional import require
 from hardneg.config import HardNegConfig
 from hardneg.confusion import PairScore
-from hardneg.integrations._common import flat_stats, generation_on, hard_labels
+from hardneg.distributed import AccelerateCommunicator, GenerateOn, RowGather, SharedWorker
+from hardneg.integrations._common import StepAdapter, flat_stats, generation_on, hard_labels
 from hardneg.mixing import MixedBatch
 from hardneg.plugin import GeneratorLike, HardNeg, HardNegError, register_embedding_hook
-from hardneg.worker import GenerationRequest, GenerationResult, GenerationWorker
+from hardneg.step import MixedStep
 
 A = require("accelerate", "accelerate")
 _ops = require("accelerate.utils", "accelerate")
 
-GenerateOn = Literal["main", "all"]
-
 __all__ = ["GenerateOn", "HardNegAccelerate"]
 
 
-class _SharedWorker:
-    """Takes the engine's worker slot so every rank's engine receives the same generated results.
-
-    ``sync()`` (collective) collects what the local generator finished and exchanges it between
-    ranks; the engine's own non-blocking ``poll()`` then hands the shared results to its buffer.
-    """
-
-    def __init__(self, accelerator: Any, real: Optional[GenerationWorker], mode: GenerateOn) -> None:
-        self.accelerator = accelerator
-        self.real = real
-        self.mode = mode
-        self._inbox: list[GenerationResult] = []
-        self._failed = False
-        self.received = 0
-
-    def start(self) -> "_SharedWorker":
-        if self.real is not None:
-            self.real.start()
-        return self
-
-    def _serves(self, request: GenerationRequest) -> bool:
-        acc = self.accelerator
-        if self.mode == "main":
-            return bool(acc.is_main_process)
-        return request.request_id % acc.num_processes == acc.process_index
-
-    def submit(self, request: GenerationRequest) -> bool:
-        if self.real is not None and self._serves(request):
-            return self.real.submit(request)
-        return True  # another rank generates it
-
-    @property
-    def failed(self) -> bool:
-        """Whether generation has given up (main mode: the main's worker; all mode: every rank's)."""
-        return self._failed
-
-    @property
-    def alive(self) -> bool:
-        return self.real.alive if self.real is not None else not self._failed
-
-    def sync(self) -> None:
-        """Collect finished local results and exchange them (and the failure state) between ranks."""
-        self._exchange(self.real.poll() if self.real is not None else [])
-
-    def drain(self, timeout: float = 600.0) -> list[GenerationResult]:
-        """Collective: every rank waits for its own generator to settle, then all results are shared.
-
-        The deterministic hand-over: called at the same step on every rank (an inline refresh), so
-        every rank's buffer receives the same images at the same step whatever the generators' speed.
-        """
-        self._exchange(self.real.drain(timeout) if self.real is not None else [])
-        return self.poll()
-
-    def _exchange(self, local: list[GenerationResult]) -> None:
-        failed = bool(self.real.failed) if self.real is not None else False
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            shared = local
-        elif self.mode == "main":
-            box: list[Any] = [(local, failed) if acc.is_main_process else None]
-            _ops.broadcast_object_list(box, from_process=0)
-            shared, failed = box[0]
-        else:
-            parts = _ops.gather_object([(local, failed)])
-            shared = [r for results, _ in parts for r in results]
-            failed = all(f for _, f in parts)
-        self._failed = failed
-        self.received += sum(len(r) for r in shared)
-        self._inbox.extend(shared)
-
-    def poll(self, max_items: Optional[int] = None) -> list[GenerationResult]:
-        n = len(self._inbox) if max_items is None else min(max_items, len(self._inbox))
-        out, self._inbox = self._inbox[:n], self._inbox[n:]
-        return out
-
-    def stats(self) -> dict[str, Any]:
-        base = self.real.stats() if self.real is not None else {"backend": "shared", "alive": False,
-                                                                 "images_per_s": 0.0}
-        return {**base, "generate_on": self.mode, "images_shared_in": self.received}
-
-    def close(self, timeout: float = 10.0) -> None:
-        if self.real is not None:
-            self.real.close(timeout=timeout)
-
-
-@dataclass
-class _LocalMix:
-    n_in: int
-    n_total: int
-    n_real: int
-    pairs: list[tuple[int, int]] = field(default_factory=list)
-
-
-class HardNegAccelerate:
+class HardNegAccelerate(StepAdapter):
     """A :class:`hardneg.HardNeg` engine per process, fed the batch gathered from all processes.
 
     Args:
@@ -220,34 +130,31 @@ class HardNegAccelerate:
             # whenever its thread does, so refreshes run inline here.
             config = config.replace(async_refresh=False)
         inner = accelerator.unwrap_model(model) if model is not None else None
+        self.communicator = AccelerateCommunicator(accelerator)
         self.engine = HardNeg(
             config if here else config.replace(generator=None), model=inner, class_names=class_names,
             dataset=dataset, generator=generator if here else None, embedding_layer=embedding_layer,
-            teacher_model=teacher_model,
+            teacher_model=teacher_model, device=accelerator.device, communicator=self.communicator,
+            worker=SharedWorker.wrapping(self.communicator, generate_on) if generating else None,
         )
-        self.engine.dataset = dataset
-        self._shared: Optional[_SharedWorker] = None
-        if generating:
-            self._shared = _SharedWorker(accelerator, self.engine.worker, generate_on)
-            self.engine.worker = self._shared  # type: ignore[assignment]
+        self.engine.dataset = dataset  # sources are fetched on every rank, also where nothing generates
+        self._shared: Optional[SharedWorker] = self.engine.worker if generating else None  # type: ignore[assignment]
         self._capture = _EmbeddingCapture(inner, embedding_layer) if inner is not None else None
-        self._local: Optional[_LocalMix] = None
-        self._reseed_buffer()
+        self._rows = RowGather(self.communicator)
+        self._step = None
         self.log_every_n_steps = int(log_every_n_steps)
 
     # ------------------------------------------------------------------ training events
-    def mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Add ready hard negatives to this rank's batch; returns ``(x, y, weights)``. Collective."""
-        return self.mix_batch(x, y).as_tuple()
+    def mix(self, x: Tensor, y: Tensor) -> MixedStep:
+        """Add ready hard negatives to this rank's batch; returns the :class:`~hardneg.step.MixedStep`
+        (unpacks as ``(x, y, weights)``; ``.loss(per_sample_loss)``). Collective."""
+        if self._shared is not None and not self.engine.config.deterministic:
+            self._shared.sync()  # deterministic: images arrive only at refreshes (a collective drain)
+        return self._mix(x, y)
 
     def mix_batch(self, x: Tensor, y: Tensor) -> MixedBatch:
         """Like :meth:`mix` but returns the :class:`~hardneg.mixing.MixedBatch`. Collective."""
-        if self._shared is not None and not self.engine.config.deterministic:
-            self._shared.sync()  # deterministic: images arrive only at refreshes (a collective drain)
-        mixed = self.engine.mix_batch(x, y)
-        pairs = self.engine.last_mix_pairs
-        self._local = _LocalMix(int(x.shape[0]), int(mixed.x.shape[0]), mixed.n_real, pairs)
-        return mixed
+        return self.mix(x, y).batch
 
     def observe(
         self,
@@ -271,7 +178,7 @@ class HardNegAccelerate:
             raise HardNegError("no embeddings: pass embeddings=, or give HardNegAccelerate the model")
         ids_t = torch.as_tensor(ids).reshape(-1)
         n = int(emb.shape[0])
-        local, self._local = self._local, None
+        local, self._step = self._step, None
         mixed_here = local is not None and n == local.n_total
         labels = hard_labels(torch.as_tensor(labels), local.pairs if mixed_here else None).reshape(-1)
         if mixed_here:
@@ -284,18 +191,8 @@ class HardNegAccelerate:
                 raise HardNegError(f"got {ids_t.numel()} ids for {n} embeddings")
         if labels.shape[0] != n or (logits is not None and logits.shape[0] != n):
             raise HardNegError(f"labels/logits must have {n} rows like the embeddings")
-        rows = _pack(emb, labels, logits, ids_t[:n_real], n_real, pairs)
-        rows = self._gather_rows(rows)
-        d = int(emb.shape[1])
-        k = int(logits.shape[1]) if logits is not None else 0
-        syn = rows[:, -1] > 0.5
-        ordered = torch.cat([rows[~syn], rows[syn]])
-        n_real_all = int((~syn).sum())
-        all_pairs = [(int(a), int(b)) for a, b in ordered[n_real_all:, d + k + 2 : d + k + 4].long().tolist()]
-        emb_all = ordered[:, :d].float()
-        logits_all = ordered[:, d : d + k].float() if k else None
-        labels_all = ordered[:, d + k].long()
-        ids_all = ordered[:n_real_all, d + k + 1].long()
+        emb_all, labels_all, logits_all, ids_all, all_pairs = self._rows.gather(
+            emb, labels, logits, ids_t, n_real, pairs)
         # The gathered batch is one mixed batch: its synthetic rows (at the end) are of these pairs.
         self.engine.observe(embeddings=emb_all, labels=labels_all, logits=logits_all, ids=ids_all,
                             synthetic_pairs=all_pairs)
@@ -319,57 +216,12 @@ class HardNegAccelerate:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore an engine state on this rank (its buffer draws keep a per-rank seed)."""
         self.engine.load_state_dict(state)
-        self._reseed_buffer()
 
     def close(self) -> None:
         """Stop the generator and remove the hooks. Safe to call twice."""
         self.engine.close()
         if self._capture is not None:
             self._capture.remove()
-
-    # ------------------------------------------------------------------ internals
-    def _reseed_buffer(self) -> None:
-        """Give ranks > 0 their own buffer draws (rank 0 draws as a single process would)."""
-        if self.rank == 0:
-            return
-        state = self.engine.buffer.state_dict()
-        seed = self.engine.config.seed * 1_000_003 + 7919 * self.rank + self.engine.step
-        state["rng_state"] = torch.Generator().manual_seed(seed).get_state()
-        self.engine.buffer.load_state_dict(state)
-
-    def _gather_rows(self, rows: Tensor) -> Tensor:
-        """Concatenate ``rows`` of every process in rank order (row counts may differ)."""
-        if self.world == 1:
-            return rows
-        acc = self.accelerator
-        counts = acc.gather(torch.tensor([rows.shape[0]], device=acc.device)).cpu().tolist()
-        width = acc.gather(torch.tensor([rows.shape[1]], device=acc.device)).cpu().tolist()
-        if len(set(width)) != 1:
-            raise HardNegError(f"ranks observed rows of different widths {width}: pass logits on all ranks "
-                               "or on none, and use the same model on every rank")
-        top = max(counts)
-        padded = rows
-        if rows.shape[0] < top:
-            padded = torch.cat([rows, rows.new_zeros(top - rows.shape[0], rows.shape[1])])
-        gathered = acc.gather(padded.to(acc.device)).cpu()
-        return torch.cat([gathered[r * top : r * top + c] for r, c in enumerate(counts)])
-
-
-def _pack(emb: Tensor, labels: Tensor, logits: Optional[Tensor], real_ids: Tensor, n_real: int,
-          pairs: list[tuple[int, int]]) -> Tensor:
-    """One float64 row per sample: ``[embedding | logits | label | id | pair a | pair b | synthetic]``."""
-    n = emb.shape[0]
-    meta = torch.zeros(n, 5, dtype=torch.float64)
-    meta[:, 0] = labels.detach().cpu().double()
-    meta[:n_real, 1] = real_ids.detach().cpu().double()
-    if pairs:
-        meta[n_real:, 2:4] = torch.tensor(pairs, dtype=torch.float64)
-    meta[n_real:, 4] = 1.0
-    parts = [emb.detach().cpu().double()]
-    if logits is not None:
-        parts.append(logits.detach().cpu().double())
-    parts.append(meta)
-    return torch.cat(parts, dim=1)
 
 
 class _EmbeddingCapture:

@@ -40,13 +40,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from hardneg._optional import require
 from hardneg.config import HardNegConfig
-from hardneg.integrations._common import BatchLayout, flat_stats, generation_on, hard_labels, require_ids
-from hardneg.mixing import weighted_loss
+from hardneg.integrations._common import BatchLayout, StepAdapter, flat_stats, generation_on, require_ids
 from hardneg.plugin import GeneratorLike, HardNeg, HardNegError
 
 L = require("lightning.pytorch", "lightning")
@@ -61,14 +59,11 @@ class _BatchRecord:
     """What the current training batch needs at observe time."""
 
     batch: Any
-    labels: Tensor
     ids: Tensor
-    weights: Tensor
-    synthetic_mask: Tensor
     from_mixin: bool
 
 
-class HardNegCallback(L.Callback):
+class HardNegCallback(StepAdapter, L.Callback):
     """Runs a :class:`hardneg.HardNeg` engine inside ``lightning.Trainer.fit``.
 
     Args:
@@ -114,24 +109,7 @@ class HardNegCallback(L.Callback):
         self._record: Optional[_BatchRecord] = None
 
     # ------------------------------------------------------------------ public helpers
-    @property
-    def weights(self) -> Optional[Tensor]:
-        """Per-sample loss weights of the current training batch (None outside a training step)."""
-        return self._record.weights if self._record is not None else None
-
-    @property
-    def synthetic_mask(self) -> Optional[Tensor]:
-        """Which rows of the current training batch are generated (None outside a training step)."""
-        return self._record.synthetic_mask if self._record is not None else None
-
-    def loss(self, per_sample_loss: Tensor) -> Tensor:
-        """Reduce ``cross_entropy(..., reduction="none")`` with the current batch's weights."""
-        rec = self._record
-        if rec is None or rec.weights.shape != per_sample_loss.shape:
-            return per_sample_loss.mean()
-        separate = self.config.separate_synthetic_loss
-        out = weighted_loss(per_sample_loss, rec.weights, rec.synthetic_mask, separate)
-        return out.loss if separate else out  # type: ignore[union-attr]
+    # weights, synthetic_mask, loss(per_sample_loss): the current batch's MixedStep (StepAdapter)
 
     def mix_into(self, batch: Any, in_place: bool = False, from_mixin: bool = False) -> Any:
         """Mix ready hard negatives into a training ``batch``; returns the batch to train on.
@@ -152,16 +130,14 @@ class HardNegCallback(L.Callback):
                     "LightningModule (class Model(HardNegLightningMixin, L.LightningModule)) or collate "
                     "batches into a list/dict"
                 )
-            # mining only: observe the batch as it is
-            ones = torch.ones(x.shape[0], device=x.device)
-            no_synthetic = torch.zeros_like(ones, dtype=torch.bool)
-            self._record = _BatchRecord(batch, hard_labels(y), ids, ones, no_synthetic, from_mixin)
+            # mining only: no worker, so an empty buffer and mix is the identity; observe the batch as it is
+            self._mix(x, y)
+            self._record = _BatchRecord(batch, ids, from_mixin)
             return batch
-        mixed = engine.mix_batch(x, y)
+        mixed = self._mix(x, y)
         if mixed.n_synthetic or mixed.n_real != x.shape[0]:
             batch = self._layout.write(batch, mixed.x, mixed.y, in_place=in_place)
-        self._record = _BatchRecord(batch, hard_labels(mixed.y, engine.last_mix_pairs), ids, mixed.weights,
-                                    mixed.synthetic_mask, from_mixin)
+        self._record = _BatchRecord(batch, ids, from_mixin)
         return batch
 
     # ------------------------------------------------------------------ lifecycle
@@ -187,7 +163,8 @@ class HardNegCallback(L.Callback):
         if rec is None or self.engine is None:
             return
         logits = outputs.get("logits") if isinstance(outputs, Mapping) else None
-        self.engine.observe(labels=rec.labels, logits=logits, ids=rec.ids)
+        self._observe(logits, rec.ids)  # after backward and the optimizer step
+        self._step = None  # weights / synthetic_mask are None outside a training step
         if self._should_log(trainer):
             self._log(pl_module)
 
@@ -207,6 +184,7 @@ class HardNegCallback(L.Callback):
             self.engine.close()
         self._closed = True
         self._record = None
+        self._step = None
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -230,7 +208,7 @@ class HardNegCallback(L.Callback):
         previous = self.engine.state_dict() if self.engine is not None else None
         self.engine = HardNeg(self.config, model=pl_module, class_names=self.class_names, dataset=dataset,
                               generator=self.generator, embedding_layer=self.embedding_layer,
-                              teacher_model=self.teacher_model)
+                              teacher_model=self.teacher_model, device=getattr(pl_module, "device", None))
         self._closed = False
         state = self._pending_state if self._pending_state is not None else previous
         if state is not None:

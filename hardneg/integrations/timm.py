@@ -43,8 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from hardneg.integrations._common import hard_labels
-from hardneg.mixing import weighted_loss
+from hardneg.integrations._common import StepAdapter, hard_labels
 from hardneg.plugin import HardNeg, HardNegError
 
 __all__ = ["HardNegTimm", "IndexedDataset"]
@@ -52,8 +51,12 @@ __all__ = ["HardNegTimm", "IndexedDataset"]
 MixupFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-class HardNegTimm:
+class HardNegTimm(StepAdapter):
     """``mixup_fn``-compatible callable that adds hard negatives, plus :meth:`after_forward`.
+
+    :meth:`after_forward` is called inside train.py's forward, before backward: it keeps the step's
+    logits and ids, and the engine observes them at the next call (after that backward and the
+    optimizer step), at :meth:`flush` or at :meth:`close`.
 
     Args:
         engine: the :class:`hardneg.HardNeg` engine (built with ``model=`` so its hook captures
@@ -66,9 +69,9 @@ class HardNegTimm:
             raise HardNegError(f"HardNegTimm needs a HardNeg engine, got {type(engine).__name__}")
         self.engine = engine
         self.mixup_fn = mixup_fn
-        self.weights: Optional[Tensor] = None
-        self.synthetic_mask: Optional[Tensor] = None
+        self._step = None
         self._labels: Optional[Tensor] = None
+        self._pending: Optional[tuple[Any, ...]] = None  # (logits, labels, ids, step) awaiting backward
 
     @property
     def mixup_enabled(self) -> bool:
@@ -82,56 +85,50 @@ class HardNegTimm:
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Apply ``mixup_fn`` (if any) to the real batch, then append ready hard negatives."""
+        self.flush()  # the previous step's observe: its backward has run by now
         hard = hard_labels(y)
         if self.mixup_fn is not None:
             x, y = self.mixup_fn(x, y)
         # The engine mixes class ids; soft targets (mixup) keep their real rows, synthetic rows get
         # their label distribution (one-hot for hard labels).
-        mixed = self.engine.mix_batch(x, hard if y.ndim == 2 else y)
+        mixed = self._mix(x, hard if y.ndim == 2 else y)
         n = mixed.n_real
-        labels = hard_labels(mixed.y, self.engine.last_mix_pairs)
+        labels = mixed.labels
         y_out = mixed.y
         if y.ndim == 2:
             syn = mixed.y[n:] if mixed.y.ndim == 2 else F.one_hot(labels[n:].to(y.device), y.shape[1])
             y_out = torch.cat([y[:n], syn.to(y.device, y.dtype)])
-        self.weights, self.synthetic_mask = mixed.weights, mixed.synthetic_mask
         self._labels = labels
         return mixed.x, y_out
 
     def after_forward(self, output: Any, target: Tensor, ids: Union[Tensor, Sequence[int]]) -> None:
-        """Observe one step: ``output`` are the logits of the batch :meth:`__call__` returned,
-        ``ids`` the dataset ids of the batch that went in."""
+        """Record one step for observing: ``output`` are the logits of the batch :meth:`__call__`
+        returned, ``ids`` the dataset ids of the batch that went in. The engine observes it once
+        backward has run (next call, :meth:`flush` or :meth:`close`)."""
+        self.flush()
         logits = output[0] if isinstance(output, (tuple, list)) else output
         labels = self._labels
         if labels is None or labels.shape[0] != logits.shape[0]:
             labels = hard_labels(target)
         self._labels = None
-        self.engine.observe(labels=labels, logits=logits.detach(), ids=ids)
+        self._pending = (logits.detach(), labels, ids, self._step)
 
-    def soft_loss(self, output: Tensor, target: Tensor) -> Tensor:
-        """Cross entropy for class-id or ``(N, K)`` soft targets, reduced with the last batch's weights.
+    def flush(self) -> None:
+        """Observe the step recorded by :meth:`after_forward`, if any (call after backward)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            logits, labels, ids, step = pending
+            self._observe(logits, ids, labels=labels, step=step)
 
-        A drop-in ``loss_fn(output, target)`` for train.py when its own loss cannot take soft targets.
-        """
-        if target.ndim == 1:
-            per_sample = F.cross_entropy(output, target, reduction="none")
-        else:
-            per_sample = -(target * F.log_softmax(output, dim=1)).sum(1)
-        return self.loss(per_sample)
-
-    def loss(self, per_sample_loss: Tensor) -> Tensor:
-        """Reduce a per-sample loss with the weights of the last batch (their mean when unset)."""
-        if self.weights is None or self.weights.shape != per_sample_loss.shape:
-            return per_sample_loss.mean()
-        separate = self.engine.config.separate_synthetic_loss
-        mask = self.synthetic_mask
-        assert mask is not None
-        out = weighted_loss(per_sample_loss, self.weights, mask, separate)
-        return out.loss if separate else out  # type: ignore[union-attr]
+    # loss(per_sample_loss) and soft_loss(output, target): the current step's reduction (StepAdapter);
+    # soft_loss is a drop-in ``loss_fn(output, target)`` for train.py when its loss cannot take soft targets
 
     def close(self) -> None:
-        """Stop the engine's worker (end of training)."""
-        self.engine.close()
+        """Observe what is left and stop the engine's worker (end of training)."""
+        try:
+            self.flush()
+        finally:
+            self.engine.close()
 
 
 PREFETCHER_ERROR = (

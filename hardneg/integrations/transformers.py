@@ -36,13 +36,11 @@ import logging
 import os
 from typing import Any, Optional, Sequence, Union
 
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from hardneg._optional import require
 from hardneg.config import HardNegConfig
-from hardneg.integrations._common import IMAGE_KEYS, LABEL_KEYS, flat_stats, hard_labels, require_ids
-from hardneg.mixing import weighted_loss
+from hardneg.integrations._common import IMAGE_KEYS, LABEL_KEYS, StepAdapter, flat_stats, require_ids
 from hardneg.plugin import GeneratorLike, HardNeg, HardNegError
 from hardneg.value_space import normalization_from
 
@@ -55,7 +53,7 @@ STATE_FILE = "hardneg_state.pt"
 __all__ = ["HardNegTrainer", "HardNegTrainerCallback", "HardNegTrainerMixin", "STATE_FILE", "WithSampleIds"]
 
 
-class HardNegTrainerCallback(T.TrainerCallback):
+class HardNegTrainerCallback(StepAdapter, T.TrainerCallback):
     """Builds, checkpoints, restores and stops the :class:`hardneg.HardNeg` engine of a Trainer run.
 
     Args:
@@ -96,6 +94,7 @@ class HardNegTrainerCallback(T.TrainerCallback):
         self.resume_from_checkpoint: Optional[str] = None  # set by HardNegTrainerMixin.train
         self.restored_from: Optional[str] = None
         self._closed = False
+        self._pending: Optional[tuple[Any, Any, Any]] = None  # (logits, ids, step) awaiting backward
 
     @property
     def active(self) -> bool:
@@ -109,7 +108,7 @@ class HardNegTrainerCallback(T.TrainerCallback):
         self.config = _with_processor_normalization(self.config, kwargs.get("processing_class"))
         self.engine = HardNeg(self.config, model=model, class_names=names, dataset=self.dataset,
                               generator=self.generator, embedding_layer=self.embedding_layer,
-                              teacher_model=self.teacher_model)
+                              teacher_model=self.teacher_model, device=getattr(args, "device", None))
         self._closed = False
         self.restored_from = None
         folder = self._resume_folder(args, state)
@@ -139,8 +138,16 @@ class HardNegTrainerCallback(T.TrainerCallback):
     def close(self) -> None:
         """Stop the worker and remove the hooks; the engine stays readable (confusions, stats)."""
         if self.engine is not None and not self._closed:
+            self.flush()
             self.engine.close()
         self._closed = True
+
+    def flush(self) -> None:
+        """Observe the step whose loss :class:`HardNegTrainerMixin` computed (after its backward)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and self.active:
+            logits, ids, step = pending
+            self._observe(logits, ids, step=step)
 
     def _resume_folder(self, args: Any, state: Any) -> Optional[str]:
         folder = self.resume_from_checkpoint
@@ -217,25 +224,21 @@ class HardNegTrainerMixin:
         if xk is None or yk is None:
             raise HardNegError(f"HardNegTrainer needs images ({IMAGE_KEYS}) and labels ({LABEL_KEYS}) in the "
                                f"inputs, got keys {list(inputs)}")
-        mixed = engine.mix_batch(inputs[xk], inputs.pop(yk))
+        cb.flush()  # a step computed outside training_step (no backward seen) is observed now
+        mixed = cb._mix(inputs[xk], inputs.pop(yk))
         inputs[xk] = mixed.x
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        labels = mixed.y
         smoothing = float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0)  # type: ignore
-        if labels.ndim == 1:
-            per_sample = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=smoothing)
-        elif smoothing:
-            per_sample = F.cross_entropy(logits.float(), labels.float(), reduction="none",
-                                         label_smoothing=smoothing)
-        else:
-            per_sample = -(labels * F.log_softmax(logits.float(), dim=1)).sum(1)
-        separate = engine.config.separate_synthetic_loss
-        loss = weighted_loss(per_sample, mixed.weights, mixed.synthetic_mask, separate)
-        if separate:
-            loss = loss.loss  # type: ignore[union-attr]
-        engine.observe(labels=hard_labels(labels, engine.last_mix_pairs), logits=logits.detach(), ids=ids)
+        loss = mixed.cross_entropy(logits, label_smoothing=smoothing)
+        cb._pending = (logits.detach(), ids, mixed)  # observed in training_step, after backward
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's step (forward, loss, backward); then the engine observes it: after backward."""
+        loss = super().training_step(*args, **kwargs)  # type: ignore[misc]
+        self.hardneg_callback.flush()
+        return loss
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: Optional[list[str]] = None) -> Any:

@@ -1,0 +1,184 @@
+"""Off-the-step bookkeeping of ``HardNeg.observe``: :class:`Background`, :func:`stage` and :func:`any_bad`.
+
+``observe`` does on the training thread only what must fail at the call that passed bad input:
+shape and dtype checks (metadata), one fused "anything non-finite or out of range?" flag per
+device read back once (:func:`any_bad`), and a copy of the step's tensors (:func:`stage`: a pinned
+host buffer filled by a non-blocking copy when they live on a GPU). The rest (bank upsert,
+running logit statistics, curriculum feedback) runs on :class:`Background`'s single thread, in
+call order. The engine drains it (:meth:`Background.drain`) before anything reads what it writes:
+a refresh, ``state_dict``, ``stats``, ``close``; so nothing is lost and a deterministic run does
+the same work in the same order as a synchronous one.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["Background", "Staged", "any_bad", "finite_sum", "stage"]
+
+# dtypes numpy handles natively: CPU work on them goes through numpy, single-threaded, instead of an
+# OpenMP team that would wait on cores the training step (or the generation worker) is using
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool)
+
+
+def _numpy_ok(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad
+
+
+def finite_sum(t: Tensor) -> Tensor:
+    """A boolean scalar on ``t``'s device: True when the float32 sum of ``t`` is not finite (so
+    some element may not be; an overflowing sum of finite values also sets it, and the caller then
+    checks exactly). One pass, no mask; CPU tensors are summed by numpy on the calling thread."""
+    if _numpy_ok(t):
+        return torch.tensor(not np.isfinite(np.sum(t.numpy(), dtype=np.float32)))
+    return ~torch.isfinite(t.sum(dtype=torch.float32))
+
+
+class Staged:
+    """Tensors copied off the step; :meth:`ready` waits for a non-blocking device copy to land."""
+
+    def __init__(self, tensors: dict[str, Optional[Tensor]], event: Any = None) -> None:
+        self.tensors = tensors
+        self._event = event
+
+    def ready(self) -> dict[str, Optional[Tensor]]:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self.tensors
+
+
+def stage(**tensors: Optional[Tensor]) -> Staged:
+    """Private copies of ``tensors`` the training loop may overwrite or free after the call.
+
+    CUDA tensors go to pinned host memory by a non-blocking copy (PyTorch's caching host allocator
+    reuses the block only once the copy is done) and one event marks the copies; CPU tensors are
+    cloned; meta tensors (shape-only dry runs) are kept as they are: they hold no values.
+    """
+    out: dict[str, Optional[Tensor]] = {}
+    event = None
+    for name, t in tensors.items():
+        if t is None:
+            out[name] = None
+        elif t.is_cuda:
+            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            host.copy_(t.detach(), non_blocking=True)
+            out[name] = host
+            if event is None:
+                event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(t.device))  # the last record covers every copy before it
+        elif t.is_meta:
+            out[name] = t
+        elif _numpy_ok(t.detach()):
+            out[name] = torch.from_numpy(t.detach().numpy().copy())  # one memcpy on this thread
+        else:
+            out[name] = t.detach().clone()
+    return Staged(out, event)
+
+
+def any_bad(flags: list[Tensor]) -> bool:
+    """Whether any of the boolean scalars ``flags`` is set, reading each device back once.
+
+    Flags of one device are fused into a single reduction; CPU flags cost no device sync; meta
+    flags (no values) count as not set.
+    """
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for f in flags:
+        by_device.setdefault(f.device, []).append(f.reshape(()))
+    for device, fs in by_device.items():
+        if device.type == "meta":
+            continue
+        if bool(torch.stack(fs).any()):  # the one host read per device
+            return True
+    return False
+
+
+class Background:
+    """One daemon thread running submitted work in submission order; errors surface on the caller.
+
+    A failure of one task is re-raised by the next :meth:`check` or :meth:`drain` (then cleared), so
+    a bank that cannot take an upsert fails the next training event rather than passing silently.
+    """
+
+    def __init__(self, name: str = "hardneg-observe", initializer: Optional[Callable[[], None]] = None) -> None:
+        self._name = name
+        self._initializer = initializer
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pending: list[Future] = []
+        self._lock = threading.Lock()
+        self._thread_id: Optional[int] = None
+        self.max_pending = 8  # backpressure: a caller far ahead of the thread waits for the oldest task
+
+    def _init_thread(self) -> None:
+        self._thread_id = threading.get_ident()
+        if self._initializer is not None:
+            self._initializer()
+
+    def on_thread(self) -> bool:
+        """Whether the caller is this background thread (which must never wait for itself)."""
+        return self._thread_id is not None and threading.get_ident() == self._thread_id
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue ``fn(*args)`` after everything queued before it; returns its future."""
+        self.check()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name,
+                                            initializer=self._init_thread)
+        fut = self._pool.submit(fn, *args)
+        with self._lock:
+            self._pending.append(fut)
+            oldest = self._pending[0] if len(self._pending) > self.max_pending else None
+        if oldest is not None:
+            oldest.exception()  # waits; its error surfaces at the next check()
+        return fut
+
+    @property
+    def last(self) -> Optional[Future]:
+        """The most recently queued task still tracked (what a later reader has to wait for)."""
+        with self._lock:
+            return self._pending[-1] if self._pending else None
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return all(f.done() for f in self._pending)
+
+    def check(self) -> None:
+        """Forget finished tasks; re-raise the first failure among them."""
+        with self._lock:
+            done = [f for f in self._pending if f.done()]
+            self._pending = [f for f in self._pending if not f.done()]
+        for f in done:
+            exc = f.exception()
+            if exc is not None:
+                raise exc
+
+    def drain(self) -> None:
+        """Wait for everything queued so far; re-raise the first failure."""
+        if self.on_thread():
+            return
+        with self._lock:
+            pending, self._pending = self._pending, []
+        error: Optional[BaseException] = None
+        for f in pending:
+            exc = f.exception()  # waits
+            if exc is not None and error is None:
+                error = exc
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Finish queued work and stop the thread (errors of that work are dropped: shutting down)."""
+        try:
+            self.drain()
+        except Exception:  # noqa: BLE001 - close must not fail because the last upsert did
+            pass
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

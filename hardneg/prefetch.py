@@ -1,0 +1,175 @@
+"""The next step's synthetic rows, drawn ahead of time: :class:`MixPrefetcher`.
+
+``HardNeg.observe`` ends by scheduling the draw the next ``mix`` would make (same row count, same
+step, same pair weights) on a background thread: ``SyntheticBuffer.sample`` and the stacking of
+the drawn images, then (on a GPU) the copy to the training device on a side stream. ``mix`` takes
+the ready draw when it still fits (same batch size, step and pair weights) and only concatenates.
+
+Deterministic mode stays exact: a draw is made with exactly the arguments the synchronous one
+would use, and nothing else touches the buffer between the draw and the ``mix`` that takes it.
+When something would (an image hand-over, a state save or load, a changed batch size), the
+prefetched draw is undone first (:meth:`MixPrefetcher.cancel`: the sampling RNG state and the use
+counts go back to what they were), and ``mix`` draws synchronously as it always did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from hardneg.buffer import SyntheticBuffer, SyntheticSample
+from hardneg.threads import helper_thread_init
+
+__all__ = ["MixPrefetcher"]
+
+
+@dataclass
+class _Draw:
+    n: int
+    k: int
+    step: int
+    pair_weights: Any  # the very mapping object the draw used (compared by identity)
+    device: Optional[torch.device]
+    dtype: Optional[torch.dtype]
+    future: Optional[Future] = None
+    sample: Optional[SyntheticSample] = None
+    rng_state: Optional[Tensor] = None
+    version: Optional[tuple[int, int]] = None
+    event: Any = None
+
+
+def _buffer_version(buffer: SyntheticBuffer) -> tuple[int, int]:
+    """Changes whenever images are added (``_next_seq``) or the state is replaced (the meta dict)."""
+    return int(buffer._next_seq), id(buffer._meta)
+
+
+class MixPrefetcher:
+    """Draws ``buffer.sample(k, step, pair_weights)`` on its own thread, one draw ahead.
+
+    Args:
+        buffer: the engine's synthetic buffer.
+        lock: held around every buffer access (the engine holds it around ``buffer.add``).
+        device: the engine's device, made current on the prefetch thread (its side stream lives there).
+    """
+
+    def __init__(self, buffer: SyntheticBuffer, lock: threading.Lock, device: Optional[torch.device] = None) -> None:
+        self.buffer = buffer
+        self.lock = lock
+        self.device = device
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._draw: Optional[_Draw] = None
+        self._stream: Any = None
+        self.hits = 0
+        self.misses = 0
+
+    # ------------------------------------------------------------------ schedule / take / cancel
+    def schedule(self, n: int, k: int, step: int, pair_weights: Optional[Mapping[Any, float]],
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        """Start drawing ``k`` rows for the next batch of ``n`` rows at ``step`` (a previous draw
+        still outstanding is cancelled first)."""
+        self.cancel()
+        if k <= 0:
+            return
+        draw = _Draw(n, k, step, pair_weights, device, dtype)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardneg-prefetch",
+                                            initializer=helper_thread_init, initargs=(self.device,))
+        draw.future = self._pool.submit(self._run, draw)
+        self._draw = draw
+
+    def take(self, n: int, k: int, step: int, pair_weights: Any, exact: bool) -> tuple[bool, Optional[SyntheticSample]]:
+        """``(True, sample)`` when the prefetched draw fits this ``mix``; ``(False, None)`` otherwise
+        (the draw is then undone when it can be: always when ``exact``, i.e. deterministic mode).
+
+        With ``exact`` the buffer must be unchanged since the draw; without it a draw made before
+        images arrived is still good to train on (it is one step old).
+        """
+        draw = self._draw
+        if draw is None:
+            return False, None
+        fits = draw.n == n and draw.k == k and draw.step == step and draw.pair_weights is pair_weights
+        if not fits:
+            self.misses += 1
+            self.cancel()
+            return False, None
+        assert draw.future is not None
+        draw.future.result()  # re-raises a failed draw here; usually long finished
+        changed = draw.version != _buffer_version(self.buffer)
+        if changed and (exact or draw.sample is None):  # (an empty draw from before images arrived: draw anew)
+            self.misses += 1
+            self.cancel()
+            return False, None
+        self._draw = None
+        self.hits += 1
+        if draw.event is not None:  # the side-stream copy must land before the step reads the rows
+            torch.cuda.current_stream(draw.device).wait_event(draw.event)
+            for t in (draw.sample.images, draw.sample.labels, draw.sample.source_labels):
+                t.record_stream(torch.cuda.current_stream(draw.device))
+        return True, draw.sample
+
+    def cancel(self) -> None:
+        """Undo the outstanding draw (wait for it; restore the RNG and use counts when the buffer has
+        not changed since, else just drop it)."""
+        draw, self._draw = self._draw, None
+        if draw is None or draw.future is None:
+            return
+        try:
+            draw.future.result()
+        except Exception:  # noqa: BLE001 - a failed draw changed nothing worth undoing
+            return
+        if draw.sample is None:
+            return
+        with self.lock:
+            if draw.version == _buffer_version(self.buffer):
+                buf = self.buffer
+                buf._meta["uses"][draw.sample.slots] -= 1
+                buf._counts["drawn"] -= len(draw.sample)
+                buf._rng.set_state(draw.rng_state)
+
+    @property
+    def pending(self) -> bool:
+        return self._draw is not None
+
+    def close(self) -> None:
+        self.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    # ------------------------------------------------------------------ the background side
+    def _run(self, draw: _Draw) -> None:
+        with self.lock:
+            buf = self.buffer
+            draw.rng_state = buf._rng.get_state()
+            sample = buf.sample(draw.k, step=draw.step, pair_weights=draw.pair_weights or None)
+            draw.version = _buffer_version(buf)
+        if sample is None:
+            draw.sample = None
+            return
+        if draw.device is not None and draw.device.type == "cuda":
+            sample = self._to_device(sample, draw)
+        elif draw.dtype is not None and sample.images.dtype != draw.dtype and draw.device is not None \
+                and draw.device.type == "cpu":
+            sample = dataclasses.replace(sample, images=sample.images.to(draw.dtype))
+        draw.sample = sample
+
+    def _to_device(self, sample: SyntheticSample, draw: _Draw) -> SyntheticSample:
+        """Copy the rows the step reads to the training device on a side stream (pinned, non-blocking)."""
+        device = draw.device
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        with torch.cuda.stream(self._stream):
+            images = sample.images.pin_memory().to(device, draw.dtype or sample.images.dtype, non_blocking=True)
+            labels = sample.labels.pin_memory().to(device, non_blocking=True)
+            source = sample.source_labels.pin_memory().to(device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        draw.event = event
+        tw = sample.target_weights.pin_memory() if sample.target_weights is not None else None
+        return dataclasses.replace(sample, images=images, labels=labels, source_labels=source, target_weights=tw)
