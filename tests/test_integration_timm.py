@@ -1,3 +1,4 @@
+import itertools
 """timm adapter: HardNegTimm in a loop shaped like timm's train.py (timm model, Mixup, soft-target loss)."""
 
 import pytest
@@ -48,7 +49,7 @@ def test_train_py_shaped_loop_with_mixup_gets_hard_negatives_and_observes():
                                          generator=torch.Generator().manual_seed(0))
     model.train()
     seen = []
-    batches = iter(loader)  # one epoch (6 batches): every id is new to the bank
+    batches = itertools.chain(loader, loader)  # two epochs of 4 batches: negatives arrive in the second
     for input, target, ids in batches:  # until a batch carries hard negatives
         if len(seen) == 4:  # refreshes have run: wait for their images instead of racing the threads
             engine.wait_for_refresh(120)
