@@ -85,6 +85,7 @@ def test_train_py_loop_with_timm_loader_and_task_mixes_normalised_hard_negatives
                 mixed_batches.append((input.detach(), engine.last_mix_pairs))
         if engine.wait_for_generation(timeout=60) and mixed_batches:
             break
+    mixup_fn.flush()  # the last step is observed after its backward: at the next call, flush() or close()
     s = engine.stats()
     mixup_fn.close()
     assert s["bank_size"] == 32 and s["step"] >= 4  # ids reached the bank through timm's loader
