@@ -400,3 +400,32 @@ def test_load_state_resumes_a_run_exactly(tmp_path, single_process_accelerator):
     assert state_differences(whole["model"], resumed["model"]) == []
     assert state_differences(whole["optimizer"], resumed["optimizer"]) == []
     assert state_differences(whole["engine"], resumed["engine"]) == []
+
+
+def test_the_adapter_hooks_the_model_only_through_the_engine_capture(single_process_accelerator):
+    """One capture code path (capture.py): the adapter adds no hook of its own, reads the embedding
+    the engine's capture kept, and close() leaves the model without hardneg hooks."""
+    from hardneg import HardNeg
+    from hardneg.integrations.accelerate import HardNegAccelerate
+
+    def hooks(m):
+        return sum(len(sub._forward_hooks) + len(sub._forward_pre_hooks) for sub in m.modules())
+
+    data = _toy_data()
+    model = TinyNet()
+    hn = HardNegAccelerate(single_process_accelerator, _cfg(refresh_every=1000), model=model)
+    engine_only = TinyNet()
+    plain = HardNeg(_cfg(refresh_every=1000), model=engine_only, start_worker=False)
+    assert hooks(model) == hooks(engine_only) == 2  # embedding (head input) and logits
+    plain.close()
+    x, y = data.images[:16], data.labels[:16]
+    model(x)
+    kept = hn.engine.capture.embeddings
+    assert kept is not None and kept.shape == (16, 16)
+    hn.observe(labels=y, ids=torch.arange(16))  # embeddings from the engine's capture
+    assert hn.engine.capture.embeddings is None
+    assert len(hn.engine.bank) == 16
+    torch.testing.assert_close(torch.as_tensor(hn.engine.bank.get(torch.arange(16))[0]),
+                               torch.nn.functional.normalize(kept, dim=1))
+    hn.close()
+    assert hooks(model) == 0

@@ -63,7 +63,7 @@ from hardneg.confusion import PairScore
 from hardneg.distributed import AccelerateCommunicator, GenerateOn, RowGather, SharedWorker
 from hardneg.integrations._common import StepAdapter, flat_stats, generation_on, hard_labels
 from hardneg.mixing import MixedBatch
-from hardneg.plugin import GeneratorLike, HardNeg, HardNegError, register_embedding_hook
+from hardneg.plugin import GeneratorLike, HardNeg, HardNegError
 from hardneg.step import MixedStep
 
 A = require("accelerate", "accelerate")
@@ -139,7 +139,8 @@ class HardNegAccelerate(StepAdapter):
         )
         self.engine.dataset = dataset  # sources are fetched on every rank, also where nothing generates
         self._shared: Optional[SharedWorker] = self.engine.worker if generating else None  # type: ignore[assignment]
-        self._capture = _EmbeddingCapture(inner, embedding_layer) if inner is not None else None
+        # The engine's own forward capture (capture.py) of the unwrapped model: one hook, one code path.
+        self._capture = self.engine.capture
         self._rows = RowGather(self.communicator)
         self._step = None
         self.log_every_n_steps = int(log_every_n_steps)
@@ -218,27 +219,6 @@ class HardNegAccelerate(StepAdapter):
         self.engine.load_state_dict(state)
 
     def close(self) -> None:
-        """Stop the generator and remove the hooks. Safe to call twice."""
+        """Stop the generator and remove the hooks (the engine's capture). Safe to call twice."""
         self.engine.close()
-        if self._capture is not None:
-            self._capture.remove()
 
-
-class _EmbeddingCapture:
-    """Keeps the last training-mode embedding of ``model`` (the layer the engine would hook)."""
-
-    def __init__(self, model: nn.Module, embedding_layer: Optional[str]) -> None:
-        self.model = model
-        self.value: Optional[Tensor] = None
-        self._handle = register_embedding_hook(model, embedding_layer, self._keep)
-
-    def _keep(self, tensor: Tensor) -> None:
-        if self.model.training:
-            self.value = tensor.detach().flatten(1)
-
-    def pop(self) -> Optional[Tensor]:
-        value, self.value = self.value, None
-        return value
-
-    def remove(self) -> None:
-        self._handle.remove()
