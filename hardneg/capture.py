@@ -3,9 +3,9 @@
 Serves the *forward* event of a training step: :class:`ForwardCapture` keeps the last
 training-mode embedding (and, when asked, the ``(N, K)`` logits) of a model, so ``observe`` can be
 called with labels and ids only. Callers: :class:`hardneg.HardNeg` (its capture, its
-:meth:`~hardneg.HardNeg.embed`, silenced while the engine scores arrivals), and any adapter that
-needs the same embedding the engine would hook (:func:`register_embedding_hook`, used by
-``integrations/accelerate.py``). Hook functions are defined in this ``hardneg`` module, so
+:meth:`~hardneg.HardNeg.embed`, silenced while the engine scores arrivals), and adapters that
+need the local embedding before the engine sees it (``integrations/accelerate.py`` pops
+``engine.capture`` to gather it across processes; it installs no hook of its own). Hook functions are defined in this ``hardneg`` module, so
 :func:`hardneg.teacher.strip_hardneg_hooks` recognises them on an EMA copy.
 """
 
