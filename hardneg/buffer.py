@@ -318,6 +318,31 @@ class SyntheticBuffer:
         out.update({key: self._meta[key][slots].clone() for key in keys})
         return out
 
+    def snapshot(self) -> Optional[SyntheticSample]:
+        """Every stored sample as one :class:`SyntheticSample` (None when empty), read-only.
+
+        Rows are in slot order, the order of :meth:`provenance` (row ``i`` is sample
+        ``provenance()["slots"][i]``); ``images`` are a copy, ``target_weights`` are always given.
+        Unlike :meth:`sample` it counts no use and leaves the sampling RNG alone, so reading the
+        buffer (a report, a grid of negatives) never changes what training draws next.
+        """
+        slots = self._valid.nonzero().flatten()
+        if slots.numel() == 0 or self._images is None:
+            return None
+        m = self._meta
+        src, tgt = m["source_labels"][slots], m["target_labels"][slots]
+        return SyntheticSample(
+            images=self._images[slots].clone(),
+            labels=tgt.clone(),
+            source_labels=src.clone(),
+            ratios=m["ratios"][slots].clone(),
+            pairs=torch.stack([src, tgt], dim=1),
+            slots=slots,
+            source_ids=m["source_ids"][slots].clone(),
+            steps=m["step_added"][slots].clone(),
+            target_weights=m["target_weight"][slots].clone(),
+        )
+
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         """Everything, images and sampling RNG included, as tensors and plain Python values.

@@ -201,3 +201,39 @@ def test_pair_weights_are_relative_scores_of_directed_pairs() -> None:
     slots = buf.provenance()["slots"]
     by_source = dict(zip(buf.provenance()["source_ids"].tolist(), w[slots].tolist()))
     assert by_source == pytest.approx({0: 1.0, 1: 1.0, 10: 0.5, 11: 0.5, 20: 0.05, 21: 0.05})
+
+
+def with_gaps(buf: SyntheticBuffer, drop: list[int]) -> SyntheticBuffer:
+    """A buffer restored from ``buf``'s state with the samples in slots ``drop`` gone (free slots
+    between stored ones, as a checkpoint may hold)."""
+    state = buf.state_dict()
+    keep = [i for i, s in enumerate(state["slots"].tolist()) if s not in drop]
+    state["valid"][drop] = False
+    state["slots"], state["images"] = state["slots"][keep], state["images"][keep]
+    out = SyntheticBuffer(buf.capacity)
+    out.load_state_dict(state)
+    return out
+
+
+def test_snapshot_lists_the_stored_samples_and_changes_nothing() -> None:
+    full = SyntheticBuffer(12, seed=3)
+    full.add(result(6, pair=(3, 8), r=0.6, first_id=100), step=0)
+    full.add(result(6, pair=(4, 9), r=0.8, first_id=200), step=2)
+    buf = with_gaps(full, drop=[1, 4, 7])  # stored: slots 0, 2, 3, 5, 6, 8-11
+    assert SyntheticBuffer(4).snapshot() is None
+    before = buf.state_dict()
+    snap = buf.snapshot()
+    assert snap is not None and len(snap) == len(buf) == 9
+    prov = buf.provenance()
+    assert snap.slots.tolist() == prov["slots"].tolist() == [0, 2, 3, 5, 6, 8, 9, 10, 11]
+    assert snap.source_ids.tolist() == [100, 102, 103, 105, 200, 202, 203, 204, 205]
+    for img, sid in zip(snap.images, snap.source_ids):  # row i is the i-th stored sample, image and all
+        assert torch.all(img == float(sid))
+    assert snap.pairs.tolist() == [[3, 8]] * 4 + [[4, 9]] * 5
+    assert snap.ratios.tolist() == pytest.approx([0.6] * 4 + [0.8] * 5)
+    assert snap.target_weights is not None and snap.target_weights.tolist() == [1.0] * 9
+    snap.images.zero_()  # a copy: the buffer's images stay
+    after = buf.state_dict()
+    assert torch.equal(after["images"], before["images"])
+    assert torch.equal(after["meta"]["uses"], before["meta"]["uses"])  # no use counted
+    assert torch.equal(after["rng_state"], before["rng_state"])  # the next draw is unchanged

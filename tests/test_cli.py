@@ -93,3 +93,35 @@ def test_generate_rejects_bad_arguments(tmp_path, tiny_generator_dir, argv, matc
     assert len(err) == 1 and err[0].startswith("error: ") and re.search(match, err[0])
     with pytest.raises(ValueError, match=match):  # --debug: the exception itself
         main(["--debug"] + base + argv)
+
+
+def test_demo_grid_shows_the_stored_negatives_of_each_row_when_the_buffer_has_free_slots():
+    """The grid reads the buffer's stored samples, not slot numbers: with free slots between stored
+    ones every image in a row is a stored image of that row's pair."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from hardneg.buffer import SyntheticBuffer
+    from hardneg.commands.demo import _negatives_grid
+    from hardneg.worker import GenerationRequest, GenerationResult
+
+    full = SyntheticBuffer(16)
+    for n, pair, first in ((6, (1, 2), 0), (5, (3, 4), 100)):
+        ids = torch.arange(first, first + n)
+        req = GenerationRequest(request_id=first, pair=pair, source_ids=ids, sources=None, source_labels=pair[0],
+                                target_labels=pair[1], ratios=0.5, step=0)
+        full.add(GenerationResult(req, ids.float().view(-1, 1, 1, 1).expand(n, 1, 4, 4).clone()), step=0)
+    state = full.state_dict()  # restored with slots 0, 2, 4 free
+    keep = [i for i, s in enumerate(state["slots"].tolist()) if s not in (0, 2, 4)]
+    state["valid"][[0, 2, 4]] = False
+    state["slots"], state["images"] = state["slots"][keep], state["images"][keep]
+    buf = SyntheticBuffer(16)
+    buf.load_state_dict(state)
+    rows, labels = _negatives_grid(SimpleNamespace(buffer=buf, class_names=[str(c) for c in range(5)]))
+    assert labels[0].startswith("3→4") and labels[1].startswith("1→2")  # most stocked pair first
+    stored = [{100, 101, 102, 103, 104}, {1, 3, 5}]  # each image is filled with its source id
+    for row, ids in zip(rows, stored):
+        assert len(row) == len(ids)
+        assert {int(img.flatten()[0]) for img in row} <= ids
+        assert all(torch.all(img == img.flatten()[0]) for img in row)

@@ -296,18 +296,17 @@ def _write_outputs(args: argparse.Namespace, engine: Any, epochs_log: list, name
 
 def _negatives_grid(engine: Any, per_row: int = 8) -> Any:
     """Rows of buffered negatives per pair (most stocked pairs first), sorted by r, labelled 'a→b'."""
-    prov = engine.buffer.provenance()
-    if prov["slots"].numel() == 0:
+    stored = engine.buffer.snapshot()  # row i: the i-th stored sample (never a slot number)
+    if stored is None:
         return None
-    images = engine.buffer.state_dict()["images"]
     by_pair: dict[tuple[int, int], list[int]] = {}
-    for i, (a, b) in enumerate(zip(prov["source_labels"].tolist(), prov["target_labels"].tolist())):
+    for i, (a, b) in enumerate(stored.pairs.tolist()):
         by_pair.setdefault((a, b), []).append(i)
     rows, labels = [], []
     for (a, b), members in sorted(by_pair.items(), key=lambda kv: -len(kv[1]))[:6]:
-        members = sorted(members, key=lambda i: float(prov["ratios"][i]))
+        members = sorted(members, key=lambda i: float(stored.ratios[i]))
         pick = [members[round(j * (len(members) - 1) / max(per_row - 1, 1))] for j in range(min(per_row, len(members)))]
-        rows.append([images[int(prov["slots"][i])] for i in pick])
-        rs = [float(prov["ratios"][i]) for i in pick]
+        rows.append([stored.images[i] for i in pick])
+        rs = [float(stored.ratios[i]) for i in pick]
         labels.append(f"{engine.class_names[a]}→{engine.class_names[b]}\nr {min(rs):.2f}-{max(rs):.2f}")
     return rows, labels
