@@ -348,6 +348,59 @@ def test_weights_that_do_not_match_the_config_raise(gen, tmp_path):
         ClassConditionalGenerator.load(tmp_path / "missing")
 
 
+def _same_outputs(a, b) -> bool:
+    x, s, t = sources(3), torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])
+    return torch.equal(a.generate(x, s, t, 0.6, seed=5), b.generate(x, s, t, 0.6, seed=5))
+
+
+def _crash_while_writing_weights(state, path, *args, **kwargs):
+    with open(path, "wb") as f:
+        f.write(b"half a safetensors file")
+    raise OSError("disk full (simulated crash mid-save)")
+
+
+def test_a_save_that_fails_midway_leaves_the_saved_generator_intact(gen, tmp_path, monkeypatch):
+    path = tmp_path / "g"
+    gen.save(path)
+    before = sorted(p.name for p in path.iterdir())
+    other = ClassConditionalGenerator(tiny_config(), seed=7)
+    assert not _same_outputs(gen, other)
+    monkeypatch.setattr("safetensors.torch.save_file", _crash_while_writing_weights)
+    with pytest.raises(OSError, match="simulated"):
+        other.save(path)
+    with pytest.raises(OSError, match="simulated"):
+        other.save(tmp_path / "fresh")
+    monkeypatch.undo()
+    assert sorted(p.name for p in path.iterdir()) == before  # no partial or temporary file left
+    assert _same_outputs(gen, ClassConditionalGenerator.load(path))  # the old generator, whole
+    assert list((tmp_path / "fresh").iterdir()) == []  # a first save that failed: no generator at all
+
+
+def test_a_crash_while_renaming_into_place_never_leaves_a_mixed_generator(gen, tmp_path, monkeypatch):
+    import os
+
+    path = tmp_path / "g"
+    gen.save(path)
+    other = ClassConditionalGenerator(tiny_config(), seed=7)
+    real_replace = os.replace
+
+    def crash_at_config(src, dst):
+        if os.path.basename(dst) == "config.json":
+            raise OSError("killed (simulated) between the renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_at_config)
+    with pytest.raises(OSError, match="simulated"):
+        other.save(path)
+    monkeypatch.undo()
+    assert not (path / "config.json").exists()  # new weights in place, so the old config is gone
+    with pytest.raises(GeneratorError, match="config.json"):
+        ClassConditionalGenerator.load(path)  # says so instead of loading new weights as the old generator
+    other.save(path)  # the next save completes it
+    assert _same_outputs(other, ClassConditionalGenerator.load(path))
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "unet.safetensors"]
+
+
 # --------------------------------------------------------------------------- training
 def test_tiny_fit_lowers_the_loss():
     images, labels = toy_data()

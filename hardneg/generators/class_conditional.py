@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -606,18 +607,51 @@ class ClassConditionalGenerator:
 
     # ---------------------------------------------------------------- persistence
     def save(self, directory: Union[str, os.PathLike]) -> str:
-        """Write ``config.json`` and ``unet.safetensors`` (plus ``vae/`` in latent mode) to ``directory``."""
+        """Write ``config.json`` and ``unet.safetensors`` (plus ``vae/`` in latent mode) to ``directory``.
+
+        Crash-safe: every file is first written (and ``fsync``-ed) under a temporary name beside
+        its target, so a failure while writing leaves a generator already in ``directory`` as it
+        was; then they are renamed into place with ``config.json`` last (the old one removed
+        first). A folder holding ``config.json`` therefore always holds the weights written with
+        it; a crash during the renames leaves no ``config.json`` (``load`` says so, the demo fits
+        again), never a half-written generator that loads.
+        """
         from safetensors.torch import save_file
 
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.unet.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_FILE), metadata={"format": FORMAT})
-        if self.vae is not None:
-            self.vae.save_pretrained(str(path / VAE_DIR), safe_serialization=True)
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": self.config.to_dict(),
                 "training": self.training_info}
-        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        tag = f"{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        staged = {name: path / f".{name}.{tag}" for name in (WEIGHTS_FILE, CONFIG_FILE, VAE_DIR)}
+        try:
+            save_file(state, str(staged[WEIGHTS_FILE]), metadata={"format": FORMAT})
+            _fsync_file(staged[WEIGHTS_FILE])
+            if self.vae is not None:
+                self.vae.save_pretrained(str(staged[VAE_DIR]), safe_serialization=True)
+                for file in staged[VAE_DIR].rglob("*"):
+                    if file.is_file():
+                        _fsync_file(file)
+            staged[CONFIG_FILE].write_text(json.dumps(meta, indent=2) + "\n")
+            _fsync_file(staged[CONFIG_FILE])
+            # commit: the folder is no generator until config.json, written last, names the new weights
+            (path / CONFIG_FILE).unlink(missing_ok=True)
+            os.replace(staged[WEIGHTS_FILE], path / WEIGHTS_FILE)
+            if self.vae is not None:
+                old_vae = path / f".{VAE_DIR}.old.{tag}"
+                if (path / VAE_DIR).exists():
+                    os.replace(path / VAE_DIR, old_vae)
+                os.replace(staged[VAE_DIR], path / VAE_DIR)
+                shutil.rmtree(old_vae, ignore_errors=True)
+            os.replace(staged[CONFIG_FILE], path / CONFIG_FILE)
+            _fsync_dir(path)
+        finally:
+            for tmp in staged.values():  # what a failure left staged
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                elif tmp.exists():
+                    tmp.unlink()
         return str(path)
 
     @classmethod
@@ -667,6 +701,28 @@ class ClassConditionalGenerator:
         space = "latent" if c.latent else "pixel"
         return (f"ClassConditionalGenerator(num_classes={c.num_classes}, image_size={c.image_size}, "
                 f"in_channels={c.in_channels}, {space} space, params={self.num_parameters():,})")
+
+
+def _fsync_file(file: Path) -> None:
+    """Flush a written file to disk (before it is renamed into place)."""
+    with open(file, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the renames in ``folder`` (POSIX); a no-op where folders cannot be opened."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _build_unet(diffusers: Any, config: ClassConditionalConfig, channels: int, size: int) -> Any:
