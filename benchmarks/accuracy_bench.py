@@ -118,6 +118,8 @@ DEFAULT_METHODS = ("none", "base", "mixup", "da-fusion", "offline-genie", "diff-
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from hardneg.commands._args import device  # --device is checked when parsed, as the CLI's commands do
+
     C.add_common_arguments(p, NAME)
     p.add_argument("--data", default="digits", help="'digits' or an image folder (train/<class>/*, test/<class>/*)")
     p.add_argument("--channels", type=int, default=None, help="channels of an image folder, 1 or 3 (default: 3; digits: 1)")
@@ -147,7 +149,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a folder; stable-diffusion: a hub id or local folder")
     p.add_argument("--generator-backend", choices=["class-conditional", "stable-diffusion"],
                    default="class-conditional", help="stable-diffusion: your own SD weights (--generator ID_OR_PATH)")
-    p.add_argument("--device", default="cpu", help="device of the classifier and the generator (e.g. cuda)")
+    p.add_argument("--device", type=device, default="cpu", help="device of the classifier and the generator (e.g. cuda)")
     p.add_argument("--generator-fit-steps", default=None,
                    help="fit steps, or a list of stages (fidelity after each), e.g. 400,800 (default: 500 digits, 800 "
                         "folder; quick 0)")

@@ -36,6 +36,8 @@ HELP = "images/s of each generator at r in {0.3,0.5,0.8,1.0}; cost ratio against
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from hardneg.commands._args import device  # --device is checked when parsed, as the CLI's commands do
+
     C.add_common_arguments(p, NAME)
     p.add_argument("--generators", default="class-conditional,sd-tiny",
                    help="comma-separated: class-conditional, sd-tiny, sd (needs --sd-model)")
@@ -49,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sd-model", default=None, help="diffusers checkpoint (hub id or folder) for --generators sd")
     p.add_argument("--resolution", type=int, default=512, help="model resolution for --generators sd")
     p.add_argument("--dtype", default=None, help="fp16 / bf16 / fp32 for --generators sd (default: fp16 on cuda)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device, default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads; 1 is what the engine's worker process runs a generator with "
                         "on a CPU (HardNegConfig.worker_threads); 0 keeps torch's default")

@@ -84,3 +84,16 @@ def test_cli_rejects_an_unknown_class_with_one_error_line(tmp_path, capsys, argv
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "unknown class 'eleven'" in err[0], err
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.parametrize("argv", [["bench", "accuracy"], ["bench", "generator"], ["demo"]],
+                         ids=lambda a: " ".join(a))
+@pytest.mark.parametrize("bad,why", [("gpu0", "is not a torch device"), ("xla", "unsupported device")])
+def test_device_is_checked_when_parsed(argv, bad, why, capsys):
+    """A wrong --device fails at once with argparse's one-line error (exit code 2), before any work."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([*argv, "--device", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and why in err, err
+    assert build_parser().parse_args([*argv, "--device", "cpu"]).device == "cpu"

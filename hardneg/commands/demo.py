@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from hardneg.commands._args import HelpFormatter, UsageError, plain, positive_int
+from hardneg.commands._args import HelpFormatter, UsageError, device, plain, positive_int
 
 
 def add_parser(subparsers: Any) -> None:
@@ -49,7 +49,7 @@ def add_parser(subparsers: Any) -> None:
                    help="resolution a generator fitted on --data works at (default: the image size, at most 16)")
     p.add_argument("--fidelity-per-class", type=int, default=20,
                    help="samples per class scored by the judge after fitting a generator on --data")
-    p.add_argument("--device", default="cpu", help="device of the classifier and the generator (e.g. cuda)")
+    p.add_argument("--device", type=device, default="cpu", help="device of the classifier and the generator (e.g. cuda)")
     p.add_argument("--epochs", type=positive_int, default=8, help="training epochs")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many training steps (quick look)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="training batch size")
