@@ -175,7 +175,7 @@ def _one_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
         return bank
 
     banks: dict[str, Any] = {"flat": build("flat"), "ivf": build("ivf")}
-    out["ivf_nlist"] = int(banks["ivf"]._ann.nlist) if banks["ivf"].active_index == "ivf" else None
+    out["ivf_nlist"] = banks["ivf"].nlist
     out["ivf_default_nprobe"] = banks["ivf"].nprobe
     if n <= s["hnsw_max"]:
         banks["hnsw"] = build("hnsw")
@@ -453,19 +453,19 @@ def _compressed_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
     comp.flush()
     out["build_s"]["ivfpq"] = time.perf_counter() - t
     exact = EmbeddingBank(d, K, index="flat", use_gpu=False)
-    exact._ensure_capacity(n)  # one allocation: no doubling copy of a multi-GB slot array
+    exact.reserve(n)  # one allocation: no doubling copy of a multi-GB slot array
     t = time.perf_counter()
     C.upsert_in_chunks(exact, ids, vectors, labels)
     out["build_s"]["flat"] = time.perf_counter() - t
     del vectors
     print(f"{tag} build flat {out['build_s']['flat']:.1f}s, ivfpq {out['build_s']['ivfpq']:.1f}s "
-          f"({comp._ann.nlist} lists)", flush=True)
-    out["nlist"], out["nprobe"] = int(comp._ann.nlist), comp.nprobe
+          f"({comp.nlist} lists)", flush=True)
+    out["nlist"], out["nprobe"] = comp.nlist, comp.nprobe
     mem_exact, mem = exact.memory_bytes(), comp.memory_bytes()
-    cap_exact = len(exact._vectors)
+    cap_exact = exact.capacity
     out["bytes_per_vector"] = {
         "flat_float32_vectors": mem_exact["vectors"] / cap_exact,
-        "ivfpq_index_per_vector": comp._ann.code_size + 8 + 8,  # PQ code + list id + direct map entry
+        "ivfpq_index_per_vector": comp.pq_bytes + 8 + 8,  # PQ code (8-bit codes) + list id + direct map entry
         "ivfpq_index": mem["index"] / n,  # the above + the shared centroids and PQ tables, spread over N
         "float16_vectors": 2 * d,
         "metadata": mem["metadata"] / n,

@@ -296,6 +296,22 @@ class EmbeddingBank:
         return self._ann_kind or "flat"
 
     @property
+    def nlist(self) -> Optional[int]:
+        """Inverted lists of the IVF / IVF-PQ index; None while no IVF index answers queries."""
+        return int(self._ann.nlist) if self._ann_kind == "ivf" else None
+
+    @property
+    def capacity(self) -> int:
+        """Slots allocated (``len(bank)`` of them used); grows by doubling, or at once by :meth:`reserve`."""
+        return len(self._vectors)
+
+    def reserve(self, n: int) -> None:
+        """Allocate slots for ``n`` samples now (a bank about to receive ``n`` rows: one allocation,
+        no doubling copies of a large slot array)."""
+        with self._lock.write():
+            self._ensure_capacity(int(n))
+
+    @property
     def _torch_dtype(self) -> torch.dtype:
         return torch.float16 if self.storage == "float16" else torch.float32
 

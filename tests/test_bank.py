@@ -289,7 +289,8 @@ def test_ivfpq_with_rerank_reaches_recall_and_updates_in_place():
         bank.upsert(torch.arange(n), x, y)
     assert pq.active_index == "ivfpq"
     mem = pq.memory_bytes()
-    assert (mem["index"] - 4 * 32 * pq._ann.nlist - 8 * 256 * 4 * 4) / n <= 8 + 16 + 1  # codes + id + map
+    assert pq.nlist == pq._ann.nlist and pq._ann.code_size == pq.pq_bytes  # the public view (bank_bench)
+    assert (mem["index"] - 4 * 32 * pq.nlist - 8 * 256 * 4 * 4) / n <= 8 + 16 + 1  # codes + id + map
     q = x[:200] + 0.05
     _, want = exact.search(q, 10)
     recall = lambda got: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])  # noqa: E731
@@ -342,3 +343,17 @@ def test_vectors_in_a_memory_mapped_file(tmp_path):
     other.load_state_dict(disk.state_dict())
     assert isinstance(other._vectors, np.memmap)
     np.testing.assert_array_equal(other.search(x[:20], 5)[1], ram.search(x[:20], 5)[1])
+
+
+def test_reserve_allocates_slots_once_and_nlist_says_whether_an_ivf_answers():
+    bank = EmbeddingBank(8, 3, index="flat", use_gpu=False)
+    assert bank.nlist is None and bank.capacity == 0
+    bank.reserve(5000)
+    assert bank.capacity == 5000 and len(bank) == 0
+    x, y = _modes(3000, 8, k=3)
+    bank.upsert(torch.arange(3000), x, y)
+    assert bank.capacity == 5000 and len(bank) == 3000  # no reallocation below the reserve
+    assert bank.get([5])[1].tolist() == [int(y[5])]
+    ivf = EmbeddingBank(8, 3, index="ivf", ivf_threshold=1000, use_gpu=False)
+    ivf.upsert(torch.arange(3000), x, y)
+    assert ivf.active_index == "ivf" and ivf.nlist is not None and ivf.nlist >= 1
