@@ -36,12 +36,14 @@ import logging
 import os
 from typing import Any, Optional, Sequence, Union
 
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from hardneg._optional import require
 from hardneg.config import HardNegConfig
 from hardneg.integrations._common import IMAGE_KEYS, LABEL_KEYS, StepAdapter, flat_stats, require_ids
 from hardneg.plugin import GeneratorLike, HardNeg, HardNegError
+from hardneg.step import MixedStep
 from hardneg.value_space import normalization_from
 
 T = require("transformers", "transformers")
@@ -142,6 +144,16 @@ class HardNegTrainerCallback(StepAdapter, T.TrainerCallback):
             self.engine.close()
         self._closed = True
 
+    def mix(self, x: Tensor, y: Tensor) -> MixedStep:
+        """Mix ready hard negatives into a training batch (before the forward); returns the
+        :class:`~hardneg.step.MixedStep`, kept as this step's (what :meth:`loss` reduces with)."""
+        return self._mix(x, y)
+
+    def defer_observe(self, logits: Tensor, ids: Any, step: MixedStep) -> None:
+        """Hold a computed step (its ``logits``, sample ``ids`` and :class:`~hardneg.step.MixedStep`)
+        for :meth:`flush` to observe once its backward has run."""
+        self._pending = (logits.detach(), ids, step)
+
     def flush(self) -> None:
         """Observe the step whose loss :class:`HardNegTrainerMixin` computed (after its backward)."""
         pending, self._pending = self._pending, None
@@ -225,13 +237,13 @@ class HardNegTrainerMixin:
             raise HardNegError(f"HardNegTrainer needs images ({IMAGE_KEYS}) and labels ({LABEL_KEYS}) in the "
                                f"inputs, got keys {list(inputs)}")
         cb.flush()  # a step computed outside training_step (no backward seen) is observed now
-        mixed = cb._mix(inputs[xk], inputs.pop(yk))
+        mixed = cb.mix(inputs[xk], inputs.pop(yk))
         inputs[xk] = mixed.x
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         smoothing = float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0)  # type: ignore
         loss = mixed.cross_entropy(logits, label_smoothing=smoothing)
-        cb._pending = (logits.detach(), ids, mixed)  # observed in training_step, after backward
+        cb.defer_observe(logits, ids, mixed)  # observed in training_step, after backward
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
