@@ -83,7 +83,7 @@ def test_normalised_pipeline_gets_generated_rows_with_the_real_rows_statistics()
     # and each generated row is exactly (up to float error) a normalised source image
     prov = engine.buffer.provenance()
     assert prov["source_ids"].numel() > 0
-    torch.testing.assert_close(engine.buffer._images[prov["slots"]], data.images[prov["source_ids"]], atol=1e-5,
+    torch.testing.assert_close(engine.buffer.snapshot().images, data.images[prov["source_ids"]], atol=1e-5,
                                rtol=0)
 
 
@@ -94,7 +94,7 @@ def test_plain_pixel_pipeline_is_unchanged():
     with HardNeg(_cfg(), model=model, dataset=data, generator=PixelIdentityGenerator(K)) as engine:
         _run_until_mixed(engine, model, data)
         prov = engine.buffer.provenance()
-        images = engine.buffer._images[prov["slots"]]
+        images = engine.buffer.snapshot().images  # in provenance order
     torch.testing.assert_close(images, pixels[prov["source_ids"]], atol=1e-6, rtol=0)
 
 
