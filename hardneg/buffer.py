@@ -112,6 +112,24 @@ class SyntheticBuffer:
         self._rng.manual_seed(int(seed))
 
     @property
+    def version(self) -> tuple[int, int]:
+        """Changes whenever images are added or the whole state is replaced (``load_state_dict``);
+        a draw can be taken back exactly (:meth:`undo_draw`) while it is unchanged."""
+        return int(self._next_seq), id(self._meta)
+
+    def rng_state(self) -> Tensor:
+        """The sampling generator's state; taken before a draw, it lets :meth:`undo_draw` restore it."""
+        return self._rng.get_state()
+
+    def undo_draw(self, sample: SyntheticSample, rng_state: Tensor) -> None:
+        """Take back the draw ``sample`` (its uses, the ``drawn`` counter, the sampling generator's
+        ``rng_state`` from before it), as if it never happened: a prefetched draw that went unused.
+        Only exact while :attr:`version` is the one the draw saw (the caller checks)."""
+        self._meta["uses"][sample.slots] -= 1
+        self._counts["drawn"] -= len(sample)
+        self._rng.set_state(rng_state)
+
+    @property
     def image_shape(self) -> Optional[tuple[int, ...]]:
         """``(C, H, W)`` of the stored images, or None before the first add."""
         return None if self._images is None else tuple(self._images.shape[1:])

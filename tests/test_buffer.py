@@ -237,3 +237,22 @@ def test_snapshot_lists_the_stored_samples_and_changes_nothing() -> None:
     assert torch.equal(after["images"], before["images"])
     assert torch.equal(after["meta"]["uses"], before["meta"]["uses"])  # no use counted
     assert torch.equal(after["rng_state"], before["rng_state"])  # the next draw is unchanged
+
+
+def test_an_undone_draw_leaves_the_buffer_as_if_it_never_happened() -> None:
+    a, b = SyntheticBuffer(16, seed=4, max_uses=2), SyntheticBuffer(16, seed=4, max_uses=2)
+    for buf in (a, b):
+        buf.add(result(10, pair=(3, 8)), step=0)
+    version, state = a.version, a.rng_state()
+    drawn = a.sample(6, step=1)
+    assert drawn is not None and a.version == version  # drawing changes no version
+    a.undo_draw(drawn, state)
+    assert a.stats() == b.stats() and torch.equal(a.provenance()["uses"], b.provenance()["uses"])
+    for step in (1, 2, 3):  # the same draws as a buffer that never drew
+        sa, sb = a.sample(5, step=step), b.sample(5, step=step)
+        assert torch.equal(sa.slots, sb.slots)
+    a.add(result(2, first_id=50), step=4)
+    assert a.version != version
+    restored = SyntheticBuffer(16)
+    restored.load_state_dict(a.state_dict())
+    assert restored.version[0] == a.version[0] and restored.version != a.version  # a replaced state
