@@ -429,3 +429,29 @@ def test_the_adapter_hooks_the_model_only_through_the_engine_capture(single_proc
                                torch.nn.functional.normalize(kept, dim=1))
     hn.close()
     assert hooks(model) == 0
+
+
+class _MirrorCommunicator:
+    """Two ranks that observed the same rows: all_gather returns two copies."""
+
+    world, rank, device = 2, 0, torch.device("cpu")
+
+    def all_gather(self, tensor):
+        return torch.cat([tensor, tensor])
+
+
+def test_observe_without_logits_gathers_the_captured_logits(single_process_accelerator):
+    """With logits=None the captured (local) logits travel with the gathered rows, so a batch gathered
+    from several ranks is observed with logits of its own row count (not this rank's local ones)."""
+    from hardneg.distributed import RowGather
+    from hardneg.integrations.accelerate import HardNegAccelerate
+
+    data = _toy_data()
+    model = TinyNet()
+    hn = HardNegAccelerate(single_process_accelerator, _cfg(refresh_every=1000), model=model)
+    hn._rows = RowGather(_MirrorCommunicator())  # stand-in for a second rank
+    x, y = data.images[:8], data.labels[:8]
+    model(x)
+    hn.observe(labels=y, ids=torch.arange(8))  # neither embeddings nor logits: both from the capture
+    assert hn.engine.step == 1 and len(hn.engine.bank) == 8
+    hn.close()

@@ -168,7 +168,8 @@ class HardNegAccelerate(StepAdapter):
 
         Args:
             labels: ``(N,)`` labels (or ``(N, K)`` soft targets) of the batch returned by :meth:`mix`.
-            logits: ``(N, K)`` model outputs (all ranks pass them, or none does).
+            logits: ``(N, K)`` model outputs (all ranks pass them, or none does); default the
+                forward-hook capture of the last training forward.
             ids: global dataset ids of the batch passed to :meth:`mix`.
             embeddings: ``(N, D)``; default the forward-hook capture of the last training forward.
         """
@@ -179,6 +180,11 @@ class HardNegAccelerate(StepAdapter):
             raise HardNegError("no embeddings: pass embeddings=, or give HardNegAccelerate the model")
         ids_t = torch.as_tensor(ids).reshape(-1)
         n = int(emb.shape[0])
+        captured = self._capture.logits if self._capture is not None else None
+        if logits is None and captured is not None and int(captured.shape[0]) == n:
+            # the engine's capture kept this rank's logits: gather them with the rows (the engine would
+            # otherwise fall back to these local rows for the gathered batch, a row-count mismatch)
+            logits = captured
         local, self._step = self._step, None
         mixed_here = local is not None and n == local.n_total
         labels = hard_labels(torch.as_tensor(labels), local.pairs if mixed_here else None).reshape(-1)
