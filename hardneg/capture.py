@@ -5,8 +5,9 @@ training-mode embedding (and, when asked, the ``(N, K)`` logits) of a model, so 
 called with labels and ids only. Callers: :class:`hardneg.HardNeg` (its capture, its
 :meth:`~hardneg.HardNeg.embed`, silenced while the engine scores arrivals), and adapters that
 need the local embedding before the engine sees it (``integrations/accelerate.py`` pops
-``engine.capture`` to gather it across processes; it installs no hook of its own). Hook functions are defined in this ``hardneg`` module, so
-:func:`hardneg.teacher.strip_hardneg_hooks` recognises them on an EMA copy.
+``engine.capture`` to gather it across processes; it installs no hook of its own). Hook
+functions are defined in this ``hardneg`` module, so :func:`hardneg.teacher.strip_hardneg_hooks`
+recognises them on an EMA copy.
 """
 
 from __future__ import annotations
