@@ -104,6 +104,12 @@ class Background:
 
     A failure of one task is re-raised by the next :meth:`check` or :meth:`drain` (then cleared), so
     a bank that cannot take an upsert fails the next training event rather than passing silently.
+
+    Submitted work is queued here without waking the thread (:meth:`submit`, :meth:`run_later`);
+    :meth:`wake` hands everything queued over in one go. Waking a sleeping thread costs the caller
+    from a fraction of a millisecond to more on a loaded machine, so the engine wakes it once per
+    step, at the end of ``mix``, just before the forward pass (which releases the GIL). Anything that
+    waits for queued work (:meth:`drain`, :attr:`last`, a full queue) wakes it first.
     """
 
     def __init__(self, name: str = "hardneg-observe", initializer: Optional[Callable[[], None]] = None) -> None:
@@ -113,7 +119,9 @@ class Background:
         self._pending: list[Future] = []
         self._lock = threading.Lock()
         self._thread_id: Optional[int] = None
+        self._queued: list[tuple[Future, Callable[..., Any], tuple]] = []  # not yet handed to the thread
         self.max_pending = 8  # backpressure: a caller far ahead of the thread waits for the oldest task
+        self.max_queued = 4  # a caller that never wakes the thread (observe without mix) hands over in batches
 
     def _init_thread(self) -> None:
         self._thread_id = threading.get_ident()
@@ -125,22 +133,48 @@ class Background:
         return self._thread_id is not None and threading.get_ident() == self._thread_id
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """Queue ``fn(*args)`` after everything queued before it; returns its future."""
+        """Queue ``fn(*args)`` after everything queued before it; returns its future. Its failure
+        surfaces at the next :meth:`check` or :meth:`drain`. Runs after the next :meth:`wake`."""
         self.check()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name,
-                                            initializer=self._init_thread)
-        fut = self._pool.submit(fn, *args)
+        fut = self._queue(fn, args)
         with self._lock:
             self._pending.append(fut)
             oldest = self._pending[0] if len(self._pending) > self.max_pending else None
         if oldest is not None:
+            self.wake()
             oldest.exception()  # waits; its error surfaces at the next check()
+        elif len(self._queued) >= self.max_queued:
+            self.wake()
         return fut
+
+    def run_later(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue ``fn(*args)`` like :meth:`submit`, but untracked: its error stays in the returned
+        future (for its own reader), :meth:`check` and :meth:`drain` ignore it. The reader calls
+        :meth:`wake` before waiting on it."""
+        return self._queue(fn, args)
+
+    def _queue(self, fn: Callable[..., Any], args: tuple) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            self._queued.append((fut, fn, args))
+        return fut
+
+    def wake(self) -> None:
+        """Hand everything queued so far to the thread (one wake-up)."""
+        with self._lock:
+            batch, self._queued = self._queued, []
+            if not batch:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name,
+                                                initializer=self._init_thread)
+            self._pool.submit(_run_batch, batch)
 
     @property
     def last(self) -> Optional[Future]:
-        """The most recently queued task still tracked (what a later reader has to wait for)."""
+        """The most recently queued task still tracked (what a later reader has to wait for; handed
+        to the thread now, so waiting for it ends)."""
+        self.wake()
         with self._lock:
             return self._pending[-1] if self._pending else None
 
@@ -163,6 +197,7 @@ class Background:
         """Wait for everything queued so far; re-raise the first failure."""
         if self.on_thread():
             return
+        self.wake()
         with self._lock:
             pending, self._pending = self._pending, []
         error: Optional[BaseException] = None
@@ -179,6 +214,20 @@ class Background:
             self.drain()
         except Exception:  # noqa: BLE001 - close must not fail because the last upsert did
             pass
+        self.wake()  # untracked work (run_later) too
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def _run_batch(batch: list[tuple[Future, Callable[..., Any], tuple]]) -> None:
+    """Run queued tasks in order on the background thread, each result or error into its future."""
+    for fut, fn, args in batch:
+        if not fut.set_running_or_notify_cancel():
+            continue
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the future's reader
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)

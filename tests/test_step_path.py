@@ -43,6 +43,7 @@ def _hold(engine):
         assert release.wait(60)
 
     engine._background.submit(wait)
+    engine._background.wake()  # submitted work waits for the next wake-up (the end of a mix)
     assert started.wait(60)
     return release
 
