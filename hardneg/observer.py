@@ -27,6 +27,9 @@ __all__ = ["Background", "Staged", "any_bad", "finite_sum", "stage"]
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool)
 
 
+_TRUE, _FALSE = torch.tensor(True), torch.tensor(False)  # read-only flags of CPU checks
+
+
 def _numpy_ok(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad
 
@@ -36,7 +39,7 @@ def finite_sum(t: Tensor) -> Tensor:
     some element may not be; an overflowing sum of finite values also sets it, and the caller then
     checks exactly). One pass, no mask; CPU tensors are summed by numpy on the calling thread."""
     if _numpy_ok(t):
-        return torch.tensor(not np.isfinite(np.sum(t.numpy(), dtype=np.float32)))
+        return _TRUE if not np.isfinite(np.sum(t.numpy(), dtype=np.float32)) else _FALSE  # no tensor built
     return ~torch.isfinite(t.sum(dtype=torch.float32))
 
 
@@ -169,6 +172,14 @@ class Background:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name,
                                                 initializer=self._init_thread)
             self._pool.submit(_run_batch, batch)
+
+    def wake_for(self, fut: Future) -> None:
+        """Wake the thread only when ``fut`` is still queued here (a reader about to wait on it; one
+        handed over already needs no wake-up, and the work queued after it keeps waiting)."""
+        with self._lock:
+            queued = any(f is fut for f, _, _ in self._queued)
+        if queued:
+            self.wake()
 
     @property
     def last(self) -> Optional[Future]:

@@ -108,7 +108,7 @@ class MixPrefetcher:
             self.cancel()
             return False, None
         assert draw.future is not None
-        self._wake()
+        self._wake(draw)
         draw.future.result()  # re-raises a failed draw here; usually long finished
         changed = draw.version != _buffer_version(self.buffer)
         if changed and (exact or draw.sample is None):  # (an empty draw from before images arrived: draw anew)
@@ -129,7 +129,7 @@ class MixPrefetcher:
         draw, self._draw = self._draw, None
         if draw is None or draw.future is None:
             return
-        self._wake()
+        self._wake(draw)
         try:
             draw.future.result()
         except Exception:  # noqa: BLE001 - a failed draw changed nothing worth undoing
@@ -143,9 +143,10 @@ class MixPrefetcher:
                 buf._counts["drawn"] -= len(draw.sample)
                 buf._rng.set_state(draw.rng_state)
 
-    def _wake(self) -> None:
-        if self.runner is not None and not self.runner.on_thread():
-            self.runner.wake()
+    def _wake(self, draw: _Draw) -> None:
+        """Make sure the runner will run ``draw`` (queued there until its next wake-up)."""
+        if self.runner is not None and draw.future is not None and not self.runner.on_thread():
+            self.runner.wake_for(draw.future)
 
     @property
     def pending(self) -> bool:
