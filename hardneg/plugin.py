@@ -203,7 +203,7 @@ class HardNeg:
         # observe's bookkeeping (bank upsert, logit stats, curriculum feedback) runs here, in call order
         self._background = Background("hardneg-observe", initializer=functools.partial(helper_thread_init, self.device))
         self._buffer_lock = threading.Lock()  # the prefetch thread draws while collect() may add
-        # the next mix's draw runs on the same thread, woken once per step at the end of mix
+        # the next mix's draw runs on the same thread, which finds queued work without being woken
         self._prefetch = MixPrefetcher(self._buffer, self._buffer_lock, device=self.device, runner=self._background)
         self._mix_target: Optional[tuple[torch.device, torch.dtype]] = None  # where the last mix's rows went
         self.worker: Optional[GenerationWorker] = None
@@ -308,8 +308,6 @@ class HardNeg:
                 self.refresh()
         if not self._prefetch.pending:  # none made by mix (observe without mix, or undone by a refresh)
             self._schedule_prefetch(n_in, self.step)
-            if self._prefetch.pending:
-                self._background.wake()
         self._counters["engine_seconds"] += time.perf_counter() - t0
 
     def _record_observation(self, staged: Any, n_real: int, synth: list[tuple[int, int]], step: int) -> None:
@@ -397,10 +395,8 @@ class HardNeg:
         self._counters["synthetic_used"] += n_syn
         # the next mix's rows are drawn while this step's forward and backward run (its step count is
         # this one's + 1: the observe of this batch comes first); a refresh or a hand-over undoes it
+        # (queued on the helper thread, which looks for work by itself: no wake-up on the step path)
         self._schedule_prefetch(n, self.step + 1)
-        # the one wake-up per step of the helper thread: the previous observe's bookkeeping and this
-        # draw run while the forward and backward pass (which release the GIL) do
-        self._background.wake()
         self._counters["engine_seconds"] += time.perf_counter() - t0
         return mixed
 
