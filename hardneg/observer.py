@@ -12,8 +12,10 @@ the same work in the same order as a synchronous one.
 
 from __future__ import annotations
 
+import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from concurrent.futures import Future
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -22,9 +24,14 @@ from torch import Tensor
 
 __all__ = ["Background", "Staged", "any_bad", "finite_sum", "stage"]
 
+logger = logging.getLogger(__name__)
+
 # dtypes numpy handles natively: CPU work on them goes through numpy, single-threaded, instead of an
 # OpenMP team that would wait on cores the training step (or the generation worker) is using
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool)
+
+
+_TRUE, _FALSE = torch.tensor(True), torch.tensor(False)  # read-only flags of CPU checks
 
 
 def _numpy_ok(t: Tensor) -> bool:
@@ -36,7 +43,7 @@ def finite_sum(t: Tensor) -> Tensor:
     some element may not be; an overflowing sum of finite values also sets it, and the caller then
     checks exactly). One pass, no mask; CPU tensors are summed by numpy on the calling thread."""
     if _numpy_ok(t):
-        return torch.tensor(not np.isfinite(np.sum(t.numpy(), dtype=np.float32)))
+        return _TRUE if not np.isfinite(np.sum(t.numpy(), dtype=np.float32)) else _FALSE  # no tensor built
     return ~torch.isfinite(t.sum(dtype=torch.float32))
 
 
@@ -104,43 +111,111 @@ class Background:
 
     A failure of one task is re-raised by the next :meth:`check` or :meth:`drain` (then cleared), so
     a bank that cannot take an upsert fails the next training event rather than passing silently.
+
+    Submitted work is only appended to a list (:meth:`submit`, :meth:`run_later`): waking a
+    sleeping thread costs the caller from a fraction of a millisecond to several on a loaded
+    machine (the woken thread preempts it or takes the GIL), which is the whole budget of a step.
+    While work keeps coming the thread looks for it by itself, every quarter of the interval
+    between submissions (1 ms to 50 ms), so the training thread never wakes it; after a second
+    without work it sleeps until the next submission wakes it. Anything that waits for queued work
+    (:meth:`drain`, :attr:`last`, :meth:`wake_for`, a full queue) wakes it first (:meth:`wake`).
     """
 
     def __init__(self, name: str = "hardneg-observe", initializer: Optional[Callable[[], None]] = None) -> None:
         self._name = name
         self._initializer = initializer
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self._thread: Optional[threading.Thread] = None
         self._pending: list[Future] = []
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._thread_id: Optional[int] = None
+        self._queued: list[tuple[Future, Callable[..., Any], tuple]] = []  # not yet taken by the thread
+        self._asleep = True  # the thread waits without a timeout: the next submission must wake it
+        self._closing = False
+        self._last_submit = 0.0
+        self.interval = 0.05  # running estimate of the seconds between submissions (the thread's poll)
         self.max_pending = 8  # backpressure: a caller far ahead of the thread waits for the oldest task
+        self.idle_after = 1.0  # seconds without work after which the thread stops looking by itself
 
-    def _init_thread(self) -> None:
+    def _main(self) -> None:
+        """The thread: take what was queued, run it; look again after a poll interval, or sleep."""
         self._thread_id = threading.get_ident()
         if self._initializer is not None:
-            self._initializer()
+            try:
+                self._initializer()
+            except Exception as exc:  # noqa: BLE001 - priority and thread caps are best effort
+                logger.warning("hardneg: setting up the %s thread failed: %r", self._name, exc)
+        last_work = time.monotonic()
+        while True:
+            with self._cond:
+                while not self._queued and not self._closing:
+                    idle = time.monotonic() - last_work > self.idle_after
+                    self._asleep = idle
+                    self._cond.wait(None if idle else min(0.05, max(0.001, self.interval / 4)))
+                    self._asleep = False
+                if not self._queued:
+                    return  # closing, nothing left
+                batch, self._queued = self._queued, []
+            _run_batch(batch)
+            last_work = time.monotonic()
 
     def on_thread(self) -> bool:
         """Whether the caller is this background thread (which must never wait for itself)."""
         return self._thread_id is not None and threading.get_ident() == self._thread_id
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """Queue ``fn(*args)`` after everything queued before it; returns its future."""
+        """Queue ``fn(*args)`` after everything queued before it; returns its future. Its failure
+        surfaces at the next :meth:`check` or :meth:`drain`. Runs after the next :meth:`wake`."""
         self.check()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name,
-                                            initializer=self._init_thread)
-        fut = self._pool.submit(fn, *args)
+        fut = self._queue(fn, args)
         with self._lock:
             self._pending.append(fut)
             oldest = self._pending[0] if len(self._pending) > self.max_pending else None
         if oldest is not None:
+            self.wake()
             oldest.exception()  # waits; its error surfaces at the next check()
         return fut
 
+    def run_later(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue ``fn(*args)`` like :meth:`submit`, but untracked: its error stays in the returned
+        future (for its own reader), :meth:`check` and :meth:`drain` ignore it. The reader calls
+        :meth:`wake` before waiting on it."""
+        return self._queue(fn, args)
+
+    def _queue(self, fn: Callable[..., Any], args: tuple) -> Future:
+        fut: Future = Future()
+        now = time.perf_counter()
+        with self._lock:
+            self._queued.append((fut, fn, args))
+            if self._last_submit:
+                self.interval += 0.2 * (min(1.0, now - self._last_submit) - self.interval)
+            self._last_submit = now
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
+                self._thread.start()
+            elif self._asleep:  # idle for a while: nothing will look unless woken
+                self._cond.notify()
+        return fut
+
+    def wake(self) -> None:
+        """Have the thread take everything queued so far now (a reader is about to wait for it)."""
+        with self._lock:
+            if self._queued:
+                self._cond.notify()
+
+    def wake_for(self, fut: Future) -> None:
+        """Wake the thread only when ``fut`` is still queued here (a reader about to wait on it; one
+        handed over already needs no wake-up, and the work queued after it keeps waiting)."""
+        with self._lock:
+            queued = any(f is fut for f, _, _ in self._queued)
+        if queued:
+            self.wake()
+
     @property
     def last(self) -> Optional[Future]:
-        """The most recently queued task still tracked (what a later reader has to wait for)."""
+        """The most recently queued task still tracked (what a later reader has to wait for; handed
+        to the thread now, so waiting for it ends)."""
+        self.wake()
         with self._lock:
             return self._pending[-1] if self._pending else None
 
@@ -163,6 +238,7 @@ class Background:
         """Wait for everything queued so far; re-raise the first failure."""
         if self.on_thread():
             return
+        self.wake()
         with self._lock:
             pending, self._pending = self._pending, []
         error: Optional[BaseException] = None
@@ -179,6 +255,22 @@ class Background:
             self.drain()
         except Exception:  # noqa: BLE001 - close must not fail because the last upsert did
             pass
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        with self._cond:
+            self._closing = True  # the thread runs what is still queued (run_later's too), then exits
+            self._cond.notify()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+
+def _run_batch(batch: list[tuple[Future, Callable[..., Any], tuple]]) -> None:
+    """Run queued tasks in order on the background thread, each result or error into its future."""
+    for fut, fn, args in batch:
+        if not fut.set_running_or_notify_cancel():
+            continue
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the future's reader
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)

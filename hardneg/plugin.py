@@ -203,7 +203,8 @@ class HardNeg:
         # observe's bookkeeping (bank upsert, logit stats, curriculum feedback) runs here, in call order
         self._background = Background("hardneg-observe", initializer=functools.partial(helper_thread_init, self.device))
         self._buffer_lock = threading.Lock()  # the prefetch thread draws while collect() may add
-        self._prefetch = MixPrefetcher(self._buffer, self._buffer_lock, device=self.device)
+        # the next mix's draw runs on the same thread, which finds queued work without being woken
+        self._prefetch = MixPrefetcher(self._buffer, self._buffer_lock, device=self.device, runner=self._background)
         self._mix_target: Optional[tuple[torch.device, torch.dtype]] = None  # where the last mix's rows went
         self.worker: Optional[GenerationWorker] = None
         factory = self._generator_factory(generator)
@@ -394,6 +395,7 @@ class HardNeg:
         self._counters["synthetic_used"] += n_syn
         # the next mix's rows are drawn while this step's forward and backward run (its step count is
         # this one's + 1: the observe of this batch comes first); a refresh or a hand-over undoes it
+        # (queued on the helper thread, which looks for work by itself: no wake-up on the step path)
         self._schedule_prefetch(n, self.step + 1)
         self._counters["engine_seconds"] += time.perf_counter() - t0
         return mixed
@@ -486,7 +488,7 @@ class HardNeg:
     def _start_background_refresh(self) -> None:
         if self._bank is None:  # (not self.bank: that would wait for the observe thread; the size is checked there)
             return
-        if self.bank.collective:  # a sharded bank: every rank refreshes together, at this step
+        if self._bank.collective:  # a sharded bank: every rank refreshes together, at this step
             self.refresh()
             return
         if self._refresh_future is not None:  # the previous one is still running: skip, never queue up

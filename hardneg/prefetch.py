@@ -56,12 +56,17 @@ class MixPrefetcher:
         buffer: the engine's synthetic buffer.
         lock: held around every buffer access (the engine holds it around ``buffer.add``).
         device: the engine's device, made current on the prefetch thread (its side stream lives there).
+        runner: a :class:`~hardneg.observer.Background` to draw on instead of an own thread (the
+            engine's observe thread: one thread, woken once per step by ``mix``); draws are queued
+            on it and run at its next ``wake``.
     """
 
-    def __init__(self, buffer: SyntheticBuffer, lock: threading.Lock, device: Optional[torch.device] = None) -> None:
+    def __init__(self, buffer: SyntheticBuffer, lock: threading.Lock, device: Optional[torch.device] = None,
+                 runner: Any = None) -> None:
         self.buffer = buffer
         self.lock = lock
         self.device = device
+        self.runner = runner
         self._pool: Optional[ThreadPoolExecutor] = None
         self._draw: Optional[_Draw] = None
         self._stream: Any = None
@@ -77,6 +82,10 @@ class MixPrefetcher:
         if k <= 0:
             return
         draw = _Draw(n, k, step, pair_weights, device, dtype)
+        if self.runner is not None:
+            draw.future = self.runner.run_later(self._run, draw)
+            self._draw = draw
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardneg-prefetch",
                                             initializer=helper_thread_init, initargs=(self.device,))
@@ -99,6 +108,7 @@ class MixPrefetcher:
             self.cancel()
             return False, None
         assert draw.future is not None
+        self._wake(draw)
         draw.future.result()  # re-raises a failed draw here; usually long finished
         changed = draw.version != _buffer_version(self.buffer)
         if changed and (exact or draw.sample is None):  # (an empty draw from before images arrived: draw anew)
@@ -119,6 +129,7 @@ class MixPrefetcher:
         draw, self._draw = self._draw, None
         if draw is None or draw.future is None:
             return
+        self._wake(draw)
         try:
             draw.future.result()
         except Exception:  # noqa: BLE001 - a failed draw changed nothing worth undoing
@@ -131,6 +142,11 @@ class MixPrefetcher:
                 buf._meta["uses"][draw.sample.slots] -= 1
                 buf._counts["drawn"] -= len(draw.sample)
                 buf._rng.set_state(draw.rng_state)
+
+    def _wake(self, draw: _Draw) -> None:
+        """Make sure the runner will run ``draw`` (queued there until its next wake-up)."""
+        if self.runner is not None and draw.future is not None and not self.runner.on_thread():
+            self.runner.wake_for(draw.future)
 
     @property
     def pending(self) -> bool:

@@ -429,6 +429,35 @@ def _child_main(
         del msg, req, outcome
 
 
+def _received(msg: Any) -> tuple:
+    """A message of the child as the parent books it: a result's images copied out of shared memory
+    into memory the caller owns, a ``start`` stamped with the time it was read."""
+    if msg[0] == "ok":
+        return ("ok", msg[1], msg[2].clone(), msg[3], msg[4])
+    if msg[0] == "start":
+        return ("start", msg[1], time.monotonic())
+    return tuple(msg)
+
+
+def _receive(out_q: Any, inbox: "collections.deque[tuple]", stop: threading.Event, name: str) -> None:
+    """Body of the process backend's receiver thread: read the child's messages as they come
+    (unpickling a result fetches its shared-memory handles from the child, which can take
+    milliseconds) and append them to ``inbox``, so the training thread's ``poll`` only pops."""
+    while not stop.is_set():
+        try:
+            msg = out_q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        except (EOFError, ValueError):  # the queue was closed under us: nothing more will come
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. a result whose sender died before we read it
+            if stop.is_set():
+                return
+            logger.warning("hardneg worker %s: could not read a result from the child: %r", name, exc)
+            continue
+        inbox.append(_received(msg))
+
+
 # ============================================================================ the worker
 _LIVE_WORKERS: "weakref.WeakSet[GenerationWorker]" = weakref.WeakSet()
 
@@ -540,6 +569,11 @@ class GenerationWorker:
         self._proc: Any = None
         self._in_q: Any = None
         self._out_q: Any = None
+        # the child's messages, read (unpickled, images copied out of shared memory) by a receiver
+        # thread, so poll() on the training thread only pops what is ready (see _receive)
+        self._inbox: collections.deque[tuple] = collections.deque()
+        self._receiver: Optional[threading.Thread] = None
+        self._receiver_stop: Optional[threading.Event] = None
         self._proc_stop: Any = None
         # counters
         self._started_at: Optional[float] = None
@@ -627,6 +661,7 @@ class GenerationWorker:
                 elif self._last_error and self._last_error.startswith("generator factory failed"):
                     reason = self._last_error
                 elif self._proc is None or not self._proc.is_alive():
+                    self._stop_receiver()  # then read the rest of the pipe here: the child's last word
                     self._drain()
                     if self._generator_info is not None:
                         return dict(self._generator_info)
@@ -799,6 +834,11 @@ class GenerationWorker:
                 f"or functools.partial of one; no lambdas or closures): {exc}"
             ) from exc
         self._proc = proc
+        stop = threading.Event()
+        self._receiver_stop = stop
+        self._receiver = threading.Thread(target=_receive, args=(self._out_q, self._inbox, stop, self.name),
+                                          name=f"{self.name}-receiver-{self._launches}", daemon=True)
+        self._receiver.start()
         self._pump()
 
     def _service(self) -> None:
@@ -820,9 +860,13 @@ class GenerationWorker:
             self._in_flight[ticket] = req.without_sources()
 
     def _drain(self) -> None:
-        """Move every message the child sent into results / counters (non-blocking)."""
+        """Move every message the child sent into results / counters (non-blocking): what the
+        receiver thread has read, then (once it is stopped) whatever is still in the pipe."""
+        inbox = self._inbox
+        while inbox:
+            self._handle(inbox.popleft())
         q = self._out_q
-        while q is not None:
+        while q is not None and self._receiver is None:
             try:
                 msg = q.get_nowait()
             except queue.Empty:
@@ -832,33 +876,44 @@ class GenerationWorker:
                     "hardneg worker %s: could not read a result from the child: %r", self.name, exc
                 )
                 return
-            kind, ticket = msg[0], msg[1]
-            if kind == "fatal":
-                self._last_error = msg[2]
-                continue
-            if kind == "ready":
-                self._generator_info = dict(msg[2])
-                continue
-            if kind == "start":  # timed by our clock: a late read only makes the deadline later
-                if ticket in self._in_flight:
-                    self._running[ticket] = time.monotonic()
-                continue
-            self._running.pop(ticket, None)
-            req = self._in_flight.pop(ticket, None)
-            if req is None:
-                continue
-            # The child serves requests in order: older tickets still outstanding will never come
-            # back (their message could not be read), so they stop occupying in-flight slots.
-            for old in [t for t in self._in_flight if t < ticket]:
-                lost = self._in_flight.pop(old)
-                self._lost += 1
-                logger.warning("hardneg worker %s: request %d was lost", self.name, lost.request_id)
-            if kind == "ok":
-                images = msg[2].clone()  # out of shared memory into memory the caller owns
-                self._record(req, _Outcome(True, images, "", msg[3], msg[4]))
-            else:
-                self._record(req, _Outcome(False, None, msg[2], msg[3], msg[4]))
-            del msg
+            self._handle(_received(msg))
+
+    def _stop_receiver(self) -> None:
+        """Stop and join the receiver thread (it never takes the lock), so :meth:`_drain` reads the
+        rest of the pipe itself."""
+        thread, stop = self._receiver, self._receiver_stop
+        self._receiver = self._receiver_stop = None
+        if thread is not None and stop is not None:
+            stop.set()
+            thread.join(5.0)
+
+    def _handle(self, msg: tuple) -> None:
+        """Book one message of the child (as :func:`_received` left it)."""
+        kind, ticket = msg[0], msg[1]
+        if kind == "fatal":
+            self._last_error = msg[2]
+            return
+        if kind == "ready":
+            self._generator_info = dict(msg[2])
+            return
+        if kind == "start":  # timed when it was read: a late read only makes the deadline later
+            if ticket in self._in_flight:
+                self._running[ticket] = msg[2]
+            return
+        self._running.pop(ticket, None)
+        req = self._in_flight.pop(ticket, None)
+        if req is None:
+            return
+        # The child serves requests in order: older tickets still outstanding will never come
+        # back (their message could not be read), so they stop occupying in-flight slots.
+        for old in [t for t in self._in_flight if t < ticket]:
+            lost = self._in_flight.pop(old)
+            self._lost += 1
+            logger.warning("hardneg worker %s: request %d was lost", self.name, lost.request_id)
+        if kind == "ok":
+            self._record(req, _Outcome(True, msg[2], "", msg[3], msg[4]))
+        else:
+            self._record(req, _Outcome(False, None, msg[2], msg[3], msg[4]))
 
     def _record(self, req: GenerationRequest, outcome: _Outcome) -> None:
         """Book one finished request: a result for :meth:`poll`, or a logged failure."""
@@ -892,6 +947,7 @@ class GenerationWorker:
         else:
             if self._proc is None or self._proc.is_alive():
                 return
+            self._stop_receiver()
             self._drain()  # results the child finished before it died
             reason = f"worker process exited with code {self._proc.exitcode}"
             if self._last_error and self._last_error.startswith("generator factory failed"):
@@ -923,6 +979,7 @@ class GenerationWorker:
                 self._thread = None
             reason += "; its thread was abandoned"
         elif self._proc is not None:
+            self._stop_receiver()
             self._drain()  # results the child finished before the one that hung
             self._stop_process(self._proc, 0.0)  # terminate, then kill
             reason += "; its process was killed"
@@ -957,6 +1014,7 @@ class GenerationWorker:
 
     def _stop_process(self, proc: Any, timeout: float) -> None:
         """Join the child, escalating to terminate and kill; then release its queues."""
+        self._stop_receiver()
         try:
             if self._in_q is not None and proc.is_alive():
                 try:

@@ -43,6 +43,7 @@ def _hold(engine):
         assert release.wait(60)
 
     engine._background.submit(wait)
+    engine._background.wake()  # submitted work waits for the next wake-up (the end of a mix)
     assert started.wait(60)
     return release
 
@@ -215,3 +216,30 @@ def test_reading_the_buffer_undoes_a_prefetched_draw():
     engine._prefetch._draw.future.result()  # the next draw has been made (and counted) on its thread
     assert int(engine.buffer.provenance()["uses"].sum()) == 2  # only the mixed rows: round(0.25 * 8)
     engine.close()
+
+
+def test_background_finds_submitted_work_without_being_woken():
+    """The training thread only appends: no notify while work keeps coming (the thread polls), and a
+    thread that went to sleep after a quiet spell is woken by the next submission."""
+    from hardneg.observer import Background
+
+    bg = Background("hardneg-test-bg")
+    first, second, third = threading.Event(), threading.Event(), threading.Event()
+    bg.submit(first.set)
+    assert first.wait(60)
+    notified = []
+    real_notify = bg._cond.notify
+    bg._cond.notify = lambda n=1: (notified.append(n), real_notify(n))
+    bg.submit(second.set)  # the thread polls: it finds this without a wake-up
+    assert second.wait(60)
+    assert notified == []
+    bg.idle_after = 0.0  # from now on it sleeps (no timeout) as soon as it runs out of work
+    bg.submit(lambda: None)
+    bg.drain()
+    bg.submit(third.set)  # found by a thread still finishing its loop, or woken from its sleep
+    assert third.wait(60)
+    failed = bg.submit(lambda: 1 / 0)
+    failed.exception(timeout=60)
+    with pytest.raises(ZeroDivisionError):
+        bg.check()
+    bg.close()

@@ -273,6 +273,8 @@ def test_process_worker_results_failures_and_shutdown(caplog: pytest.LogCaptureF
             for i in range(8):
                 assert w.submit(make_request(i))
             assert len(worker_children("hn-p-main")) == 1
+            # the receiver thread reads results off the pipe by itself: poll() only pops them
+            wait_until(lambda: any(m[0] == "ok" for m in list(w._inbox)), timeout=120)
             results = collect(w, 8, timeout=120)
             assert sorted(r.request_id for r in results) == [0, 1, 3, 6, 7]
             for res in results:
