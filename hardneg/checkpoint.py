@@ -30,7 +30,7 @@ import torch
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["CheckpointError", "save_atomic", "load_safe"]
+__all__ = ["CheckpointError", "fsync_dir", "save_atomic", "load_safe"]
 
 
 class CheckpointError(ValueError):
@@ -72,7 +72,7 @@ def save_atomic(obj: Any, path: PathLike) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def load_safe(path: PathLike, what: str = "checkpoint", keys: Iterable[str] = (),
@@ -140,7 +140,7 @@ def _reason(msg: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: Union[str, "os.PathLike[str]"]) -> None:
     """Persist a rename in ``folder`` (POSIX); a no-op where folders cannot be opened (Windows)."""
     if not hasattr(os, "O_DIRECTORY"):
         return

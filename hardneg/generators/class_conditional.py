@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hardneg._optional import require
+from hardneg.checkpoint import fsync_dir
 from hardneg.generators.compiled import CompiledDenoiser, CompileSpec, compile_backend
 from hardneg.generators.base import (
     GeneratorError,
@@ -645,7 +646,7 @@ class ClassConditionalGenerator:
                 os.replace(staged[VAE_DIR], path / VAE_DIR)
                 shutil.rmtree(old_vae, ignore_errors=True)
             os.replace(staged[CONFIG_FILE], path / CONFIG_FILE)
-            _fsync_dir(path)
+            fsync_dir(path)
         finally:
             for tmp in staged.values():  # what a failure left staged
                 if tmp.is_dir():
@@ -707,22 +708,6 @@ def _fsync_file(file: Path) -> None:
     """Flush a written file to disk (before it is renamed into place)."""
     with open(file, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist the renames in ``folder`` (POSIX); a no-op where folders cannot be opened."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _build_unet(diffusers: Any, config: ClassConditionalConfig, channels: int, size: int) -> Any:
