@@ -89,6 +89,7 @@ class SyntheticBuffer:
         self._rng = torch.Generator().manual_seed(self.seed)
         self._images: Optional[Tensor] = None  # (capacity, C, H, W), allocated on the first add
         self._valid = torch.zeros(capacity, dtype=torch.bool)
+        self._n_valid: Optional[int] = 0  # len(self), kept with _valid (None: count again); read every step
         self._meta: dict[str, Tensor] = {
             "source_ids": torch.zeros(capacity, dtype=torch.int64),
             "source_labels": torch.zeros(capacity, dtype=torch.int64),
@@ -105,7 +106,9 @@ class SyntheticBuffer:
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
-        return int(self._valid.sum())
+        if self._n_valid is None:
+            self._n_valid = int(self._valid.sum())
+        return self._n_valid
 
     def reseed(self, seed: int) -> None:
         """Restart the sampling generator from ``seed`` (e.g. a per-rank stream); stored images stay."""
@@ -195,6 +198,7 @@ class SyntheticBuffer:
         m["seq"][slots] = torch.arange(self._next_seq, self._next_seq + k)
         self._next_seq += k
         self._valid[slots] = True
+        self._n_valid = None
         self._counts["added"] += k
         return k
 
@@ -206,6 +210,7 @@ class SyntheticBuffer:
             return free
         victims = self.eviction_order()[:missing]
         self._valid[victims] = False
+        self._n_valid = None
         self._counts["evicted"] += int(victims.numel())
         return torch.cat([free, victims])
 
@@ -395,6 +400,7 @@ class SyntheticBuffer:
         self.max_uses = int(state["max_uses"])
         self.seed = int(state["seed"])
         self._valid = state["valid"].to("cpu", torch.bool).clone()
+        self._n_valid = None
         if state["image_shape"] is None:
             self._images = None
         else:

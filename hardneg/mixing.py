@@ -50,20 +50,12 @@ class MixedBatch:
 
 
 def _weight_dtype(x: Tensor) -> torch.dtype:
+    return _weight_dtype_of(x.dtype)
+
+
+def _weight_dtype_of(dtype: torch.dtype) -> torch.dtype:
     # Loss weights are at least float32 even for half-precision inputs (0.3 is not a bf16 number).
-    return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
-
-
-def _synthetic_labels(labels: Tensor, y: Tensor) -> Tensor:
-    """Synthetic class ids in the format of ``y``: ids ``(N,)`` or soft/one-hot targets ``(N, K)``."""
-    labels = labels.to(y.device, non_blocking=True)
-    if y.ndim == 1:
-        return labels.to(y.dtype)
-    if y.ndim == 2 and y.is_floating_point():
-        return F.one_hot(labels.long(), num_classes=y.shape[1]).to(y.dtype)
-    raise ValueError(
-        f"y must be class ids (N,) or float targets (N, K), got shape {tuple(y.shape)} {y.dtype}"
-    )
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
 
 
 def mix_batch(
@@ -123,51 +115,135 @@ def mix_batch(
     if not x.is_floating_point():  # casting [0, 1] floats to uint8 would turn every generated row into zeros
         raise ValueError(f"x must be floating point to take generated images, got {x.dtype}: convert the batch "
                          "first (e.g. x.float() / 255 for uint8 images) to the range the generator was trained on")
-    syn_x = images[:k].to(device=x.device, dtype=x.dtype, non_blocking=True)
-    n_real = n if mode == "append" else n - k
-    x_out = _cat_rows(x[:n_real], syn_x)
+    if not (y.ndim == 1 or (y.ndim == 2 and y.is_floating_point())):
+        raise ValueError(f"y must be class ids (N,) or float targets (N, K), got shape {tuple(y.shape)} {y.dtype}")
+    layout = MixLayout.of(x, y, mode, synthetic_weight, num_classes)
+    return prepare_mix(synthetic, n, layout).fill(x, y)
+
+
+@dataclass(frozen=True)
+class MixLayout:
+    """What a mixed batch looks like apart from its real rows' values: the batch's device, dtype,
+    per-sample shape and label format, the mixing mode and the synthetic rows' weight. Known one
+    step ahead (the last batch's), so :func:`prepare_mix` can build the batch before it exists."""
+
+    device: torch.device
+    dtype: torch.dtype
+    sample_shape: tuple[int, ...]
+    y_ndim: int
+    y_dtype: torch.dtype
+    y_classes: int  # K of (N, K) soft targets; 0 for class ids
+    mode: MixMode = "append"
+    synthetic_weight: float = 1.0
+    num_classes: Optional[int] = None
+
+    @classmethod
+    def of(cls, x: Tensor, y: Tensor, mode: MixMode = "append", synthetic_weight: float = 1.0,
+           num_classes: Optional[int] = None) -> "MixLayout":
+        return cls(x.device, x.dtype, tuple(x.shape[1:]), int(y.ndim), y.dtype,
+                   int(y.shape[1]) if y.ndim == 2 else 0, mode, float(synthetic_weight), num_classes)
+
+    def fits(self, x: Tensor, y: Tensor) -> bool:
+        """Whether a batch ``(x, y)`` has this layout (metadata only: no values read)."""
+        return (x.device == self.device and x.dtype == self.dtype and tuple(x.shape[1:]) == self.sample_shape
+                and y.ndim == self.y_ndim and y.dtype == self.y_dtype
+                and (y.ndim == 1 or int(y.shape[1]) == self.y_classes))
+
+
+@dataclass
+class PreparedMix:
+    """A mixed batch built before its real rows are known: synthetic rows, labels, weights and mask
+    in place, the real rows' slots still to fill. :meth:`fill` copies one batch's real rows in (a
+    copy into memory already allocated, nothing else), which is what ``mix`` does on the training
+    thread when the engine drew and prepared the rows ahead of time (:mod:`hardneg.prefetch`).
+
+    The tensors become the returned batch: a prepared mix is filled once.
+    """
+
+    x: Tensor
+    y: Tensor
+    weights: Tensor
+    synthetic_mask: Tensor
+    n_in: int
+    n_real: int
+    layout: MixLayout
+    soft_from_ids: bool  # y comes out as (N, K) soft targets while the batch's y are class ids
+    pairs: list[tuple[int, int]]
+    filled: bool = False
+
+    def fits(self, x: Tensor, y: Tensor) -> bool:
+        """Whether this can become the mixed batch of ``(x, y)`` (same rows, layout; not filled yet)."""
+        return not self.filled and int(x.shape[0]) == self.n_in == int(y.shape[0]) and self.layout.fits(x, y)
+
+    def fill(self, x: Tensor, y: Tensor) -> MixedBatch:
+        """The mixed batch of ``(x, y)``: its first ``n_real`` rows copied in front of the prepared ones."""
+        if not self.fits(x, y):
+            raise ValueError("this prepared mix does not fit the batch (rows, device, dtype, shape or label "
+                             "format changed, or it was filled already): call mix_batch instead")
+        self.filled = True
+        n = self.n_real
+        _copy_rows(self.x, x, n)
+        if self.soft_from_ids:
+            self.y[:n] = F.one_hot(y[:n].long(), int(self.y.shape[1])).to(self.y.dtype)
+        else:
+            _copy_rows(self.y, y, n)
+        return MixedBatch(self.x, self.y, self.weights, self.synthetic_mask, n)
+
+
+def prepare_mix(synthetic: SyntheticSample, n: int, layout: MixLayout) -> PreparedMix:
+    """The mixed batch of ``n`` real rows of ``layout`` and the draw ``synthetic``, real rows left to
+    :meth:`PreparedMix.fill`. Same values as :func:`mix_batch` (which is this and a fill)."""
+    k = len(synthetic) if layout.mode == "append" else min(len(synthetic), n)
+    n_real = n if layout.mode == "append" else n - k
+    total, device = n_real + k, layout.device
+    x = torch.empty((total, *layout.sample_shape), dtype=layout.dtype, device=device)
+    x[n_real:] = synthetic.images[:k].to(device=device, dtype=layout.dtype, non_blocking=True)
+    if device.type == "cpu":
+        x[:n_real].zero_()  # touch the pages now: the fill on the training thread then only copies
     tw = synthetic.target_weights
-    if tw is not None and bool((tw[:k] < 1).any()):
-        y_out = _soft_batch_targets(y[:n_real], synthetic, k, num_classes)
+    soft = tw is not None and bool((tw[:k] < 1).any())
+    soft_from_ids = False
+    if soft:
+        if layout.y_ndim == 2:
+            kk, ydtype = layout.y_classes, layout.y_dtype
+        else:
+            if layout.num_classes is None:
+                raise ValueError("synthetic rows carry soft labels but y holds class ids: pass num_classes= so "
+                                 "mix_batch can build (N, K) soft targets")
+            kk, ydtype, soft_from_ids = int(layout.num_classes), torch.float32, True
+        y = torch.empty((total, kk), dtype=ydtype, device=device)
+        y[n_real:] = soft_targets(synthetic.labels[:k].to(device), synthetic.source_labels[:k].to(device),
+                                  tw[:k].to(device), kk, ydtype)
+    elif layout.y_ndim == 1:
+        y = torch.empty(total, dtype=layout.y_dtype, device=device)
+        y[n_real:] = synthetic.labels[:k].to(device, non_blocking=True).to(layout.y_dtype)
     else:
-        y_out = torch.cat([y[:n_real], _synthetic_labels(synthetic.labels[:k], y)])
-    total = n_real + k
-    weights = torch.ones(total, dtype=wdtype, device=x.device)
-    weights[n_real:] = float(synthetic_weight)
-    mask = torch.zeros(total, dtype=torch.bool, device=x.device)
+        y = torch.empty((total, layout.y_classes), dtype=layout.y_dtype, device=device)
+        y[n_real:] = F.one_hot(synthetic.labels[:k].to(device).long(), layout.y_classes).to(layout.y_dtype)
+    wdtype = _weight_dtype_of(layout.dtype)
+    weights = torch.ones(total, dtype=wdtype, device=device)
+    weights[n_real:] = float(layout.synthetic_weight)
+    mask = torch.zeros(total, dtype=torch.bool, device=device)
     mask[n_real:] = True
-    return MixedBatch(x_out, y_out, weights, mask, n_real)
+    pairs = [(int(a), int(b)) for a, b in synthetic.pairs[:k].tolist()]
+    return PreparedMix(x, y, weights, mask, int(n), n_real, layout, soft_from_ids, pairs)
 
 
-def _cat_rows(a: Tensor, b: Tensor) -> Tensor:
-    """``torch.cat([a, b])``; two CPU float32 image blocks are joined by numpy on the calling thread
-    (one memcpy each, no OpenMP team waiting for cores the training step or the worker holds)."""
-    if (a.device.type == b.device.type == "cpu" and a.dtype == b.dtype == torch.float32
-            and not (a.requires_grad or b.requires_grad)):
+_NUMPY_COPY = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8)
+
+
+def _copy_rows(dst: Tensor, src: Tensor, n: int) -> None:
+    """``dst[:n] = src[:n]``; CPU tensors numpy knows are copied by numpy on the calling thread (one
+    memcpy, no OpenMP team waiting for cores the training step or the worker holds)."""
+    if n <= 0:
+        return
+    if dst.device.type == src.device.type == "cpu" and dst.dtype == src.dtype and dst.dtype in _NUMPY_COPY \
+            and not src.requires_grad:
         import numpy as np
 
-        return torch.from_numpy(np.concatenate([a.numpy(), b.numpy()]))
-    return torch.cat([a, b])
-
-
-def _soft_batch_targets(y_real: Tensor, synthetic: SyntheticSample, k: int, num_classes: Optional[int]) -> Tensor:
-    """``(n_real + k, K)`` targets: real rows one-hot (or as given if soft), synthetic rows soft."""
-    if y_real.ndim == 2 and y_real.is_floating_point():
-        kk, dtype = int(y_real.shape[1]), y_real.dtype
-        real = y_real
-    elif y_real.ndim == 1:
-        if num_classes is None:
-            raise ValueError("synthetic rows carry soft labels but y holds class ids: pass num_classes= so "
-                             "mix_batch can build (N, K) soft targets")
-        kk, dtype = int(num_classes), torch.float32
-        real = F.one_hot(y_real.long(), kk).to(dtype)
-    else:
-        raise ValueError(f"y must be class ids (N,) or float targets (N, K), got shape {tuple(y_real.shape)} "
-                         f"{y_real.dtype}")
-    device = y_real.device
-    syn = soft_targets(synthetic.labels[:k].to(device), synthetic.source_labels[:k].to(device),
-                       synthetic.target_weights[:k].to(device), kk, dtype)
-    return torch.cat([real, syn])
+        np.copyto(dst[:n].numpy(), src[:n].numpy())
+        return
+    dst[:n].copy_(src[:n], non_blocking=True)
 
 
 class SeparateLoss(NamedTuple):

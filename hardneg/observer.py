@@ -22,19 +22,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Background", "Staged", "any_bad", "finite_sum", "stage"]
+__all__ = ["Background", "Staged", "any_bad", "finite_sum", "numpy_ok", "stage"]
 
 logger = logging.getLogger(__name__)
 
 # dtypes numpy handles natively: CPU work on them goes through numpy, single-threaded, instead of an
 # OpenMP team that would wait on cores the training step (or the generation worker) is using
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool)
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool)
 
 
 _TRUE, _FALSE = torch.tensor(True), torch.tensor(False)  # read-only flags of CPU checks
 
 
-def _numpy_ok(t: Tensor) -> bool:
+def numpy_ok(t: Tensor) -> bool:
+    """Whether numpy can read ``t`` as it is (a CPU tensor of a numpy dtype, not part of a graph)."""
     return t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad
 
 
@@ -42,7 +43,7 @@ def finite_sum(t: Tensor) -> Tensor:
     """A boolean scalar on ``t``'s device: True when the float32 sum of ``t`` is not finite (so
     some element may not be; an overflowing sum of finite values also sets it, and the caller then
     checks exactly). One pass, no mask; CPU tensors are summed by numpy on the calling thread."""
-    if _numpy_ok(t):
+    if numpy_ok(t):
         return _TRUE if not np.isfinite(np.sum(t.numpy(), dtype=np.float32)) else _FALSE  # no tensor built
     return ~torch.isfinite(t.sum(dtype=torch.float32))
 
@@ -82,7 +83,7 @@ def stage(**tensors: Optional[Tensor]) -> Staged:
             event.record(torch.cuda.current_stream(t.device))  # the last record covers every copy before it
         elif t.is_meta:
             out[name] = t
-        elif _numpy_ok(t.detach()):
+        elif numpy_ok(t.detach()):
             out[name] = torch.from_numpy(t.detach().numpy().copy())  # one memcpy on this thread
         else:
             out[name] = t.detach().clone()
@@ -119,6 +120,15 @@ class Background:
     between submissions (1 ms to 50 ms), so the training thread never wakes it; after a second
     without work it sleeps until the next submission wakes it. Anything that waits for queued work
     (:meth:`drain`, :attr:`last`, :meth:`wake_for`, a full queue) wakes it first (:meth:`wake`).
+
+    **The gate** (:meth:`hold` / :meth:`release`): while the training thread is inside the engine
+    (``mix``, ``observe``, and from an ``observe`` to the next ``mix`` in a loop that mixes), the
+    thread starts nothing new. Its work is Python under the GIL; started then, it would hold the
+    GIL the training thread needs for its next call (up to the interpreter's 5 ms switch interval
+    each time), which is most of what the step path used to cost. Released, the thread runs while
+    forward and backward run (which spend their time in torch kernels, without the GIL). A wait
+    for queued work (:meth:`wake`) opens the gate until the queue is empty, and the gate never
+    stays shut longer than ``max_hold`` seconds.
     """
 
     def __init__(self, name: str = "hardneg-observe", initializer: Optional[Callable[[], None]] = None) -> None:
@@ -136,6 +146,9 @@ class Background:
         self.interval = 0.05  # running estimate of the seconds between submissions (the thread's poll)
         self.max_pending = 8  # backpressure: a caller far ahead of the thread waits for the oldest task
         self.idle_after = 1.0  # seconds without work after which the thread stops looking by itself
+        self.max_hold = 1.0  # seconds after which a held gate opens by itself (a loop that stopped calling)
+        self._held_since: Optional[float] = None  # monotonic time the gate was shut; None: open
+        self._forced = False  # a reader waits for queued work: run it whatever the gate says
 
     def _main(self) -> None:
         """The thread: take what was queued, run it; look again after a poll interval, or sleep."""
@@ -148,8 +161,8 @@ class Background:
         last_work = time.monotonic()
         while True:
             with self._cond:
-                while not self._queued and not self._closing:
-                    idle = time.monotonic() - last_work > self.idle_after
+                while not self._closing and (not self._queued or self._gate_shut()):
+                    idle = not self._queued and time.monotonic() - last_work > self.idle_after
                     self._asleep = idle
                     self._cond.wait(None if idle else min(0.05, max(0.001, self.interval / 4)))
                     self._asleep = False
@@ -158,6 +171,30 @@ class Background:
                 batch, self._queued = self._queued, []
             _run_batch(batch)
             last_work = time.monotonic()
+            with self._lock:
+                if not self._queued:
+                    self._forced = False
+
+    def _gate_shut(self) -> bool:
+        """(lock held) Whether queued work waits for the training thread to leave the engine."""
+        since = self._held_since
+        if since is None or self._forced:
+            return False
+        if time.monotonic() - since > self.max_hold:
+            self._held_since = None
+            return False
+        return True
+
+    def hold(self) -> None:
+        """Shut the gate: start no queued work until :meth:`release` (the training thread enters the
+        engine). No lock: one store, read by the thread at its next look."""
+        if self._held_since is None:
+            self._held_since = time.monotonic()
+
+    def release(self) -> None:
+        """Open the gate (the training thread leaves for forward and backward): the thread takes what
+        was queued at its next look, without being woken."""
+        self._held_since = None
 
     def on_thread(self) -> bool:
         """Whether the caller is this background thread (which must never wait for itself)."""
@@ -198,9 +235,11 @@ class Background:
         return fut
 
     def wake(self) -> None:
-        """Have the thread take everything queued so far now (a reader is about to wait for it)."""
+        """Have the thread take everything queued so far now (a reader is about to wait for it),
+        whatever the gate says."""
         with self._lock:
             if self._queued:
+                self._forced = True
                 self._cond.notify()
 
     def wake_for(self, fut: Future) -> None:

@@ -65,8 +65,8 @@ from hardneg.generators.base import Generator
 from hardneg.labels import (balanced_posterior, filter_by_posterior, restricted_posterior, target_probability,
                             target_weights)
 from hardneg.items import item_image, item_label
-from hardneg.mixing import MixedBatch, mix_batch
-from hardneg.observer import Background, any_bad, finite_sum, stage
+from hardneg.mixing import MixedBatch, MixLayout, mix_batch
+from hardneg.observer import Background, stage
 from hardneg.persistence import STATE_FORMAT, check_state, result_from_state, result_state
 from hardneg.prefetch import MixPrefetcher
 from hardneg.requests import RequestBuilder
@@ -74,8 +74,8 @@ from hardneg.step import MixedStep
 from hardneg.targeting import BankView, PlannedPair, PolicyContext, make_policy
 from hardneg.teacher import Teacher, output_logits
 from hardneg.threads import helper_thread_init, refresh_thread_init
-from hardneg.validation import (HardNegError, check_mix_shape, labels_as_ids, validate_mix_input,
-                                validate_observation, validate_synthetic_pairs)
+from hardneg.validation import (HardNegError, check_mix_shape, check_observation, check_observation_values,
+                                labels_as_ids, validate_mix_input, validate_synthetic_pairs)
 from hardneg.value_space import ValueSpace
 from hardneg.worker import GenerationResult, GenerationWorker, ObjectFactory
 from hardneg.worker_protocol import WorkerArg
@@ -197,6 +197,9 @@ class HardNeg:
         self._unsettled = 0  # requests submitted since the worker was last drained (deterministic mode)
         self._refresh_pool: Optional[ThreadPoolExecutor] = None
         self._refresh_future: Optional[Future] = None
+        # upserts held back while a background refresh reads the bank (see _record_observation)
+        self._deferred_upserts: list[tuple[Tensor, Tensor, Tensor, int]] = []
+        self._refresh_step = 0  # the engine step the background refresh in flight started at
         # forward hooks keeping the last training-mode embedding and logits (capture.py)
         self.capture: Optional[ForwardCapture] = (
             ForwardCapture(model, embedding_layer, k) if model is not None else None)
@@ -205,7 +208,7 @@ class HardNeg:
         self._buffer_lock = threading.Lock()  # the prefetch thread draws while collect() may add
         # the next mix's draw runs on the same thread, which finds queued work without being woken
         self._prefetch = MixPrefetcher(self._buffer, self._buffer_lock, device=self.device, runner=self._background)
-        self._mix_target: Optional[tuple[torch.device, torch.dtype]] = None  # where the last mix's rows went
+        self._mix_layout: Optional[MixLayout] = None  # the last mixed batch's layout: where the next rows go
         self.worker: Optional[GenerationWorker] = None
         factory = self._generator_factory(generator)
         if factory is not None:
@@ -260,55 +263,68 @@ class HardNeg:
             mixed: the :class:`~hardneg.step.MixedStep` that :meth:`mix` returned for this batch
                 (instead of relying on "the last mix").
         """
-        t0 = time.perf_counter()
-        if self._wall_start is None:
-            self._wall_start = t0
-        self._background.check()  # a failed upsert of an earlier step fails here
-        if labels is None:
-            raise HardNegError("observe() needs labels")
-        if ids is None:
-            raise HardNegError("observe() needs ids: the dataset sample ids of the batch (stable across epochs)")
-        emb = embeddings if embeddings is not None else self._captured_embeddings
-        if emb is None:
-            raise HardNegError(
-                "no embeddings: pass embeddings=, or give HardNeg the model (with embedding_layer= if it is "
-                "not a timm model) so a forward hook captures them"
-            )
-        if logits is None:
-            logits = self._captured_logits
-        from_step = _record_of(mixed) if mixed is not None and synthetic_pairs is None else None
-        labels = labels_as_ids(labels, emb, from_step if from_step is not None else self._last_mix, synthetic_pairs)
-        emb, labels, logits, ids_t = validate_observation(emb, labels, logits, ids, self.config.num_classes)
-        record = from_step
-        if synthetic_pairs is not None:
-            pairs = validate_synthetic_pairs(synthetic_pairs, emb.shape[0], self.config.num_classes)
-            n_syn = len(pairs)
-            record = _MixRecord(n_in=emb.shape[0] - n_syn, n_total=emb.shape[0], n_real=emb.shape[0] - n_syn,
-                                synthetic_pairs=pairs)
-        n_real, synth = self._split_real_synthetic(emb.shape[0], ids_t.shape[0], record)
-        self._finish_background_refresh()
-        if self._bank is None:
-            self._bank = self._make_bank(emb.shape[1])
-        elif emb.shape[1] != self._bank.dim:
-            raise HardNegError(f"embeddings have dimension {emb.shape[1]}, the bank holds {self._bank.dim}-dimensional "
-                               "ones: observe the same layer of the same model every step")
-        m = record if record is not None else self._last_mix
-        n_in = m.n_in if m is not None and emb.shape[0] == m.n_total else n_real
-        staged = stage(emb=emb, labels=labels, logits=logits, ids=ids_t)
-        self._background.submit(self._record_observation, staged, n_real, synth, self.step)
-        if self.teacher is not None and self.model is not None:
-            self.teacher.update(self.model)
-        self._captured_embeddings = self._captured_logits = None
-        self._last_mix = None
-        self.step += 1
-        if self._refresh_due(n_real):
-            if self.config.async_refresh and not self.config.deterministic:
-                self._start_background_refresh()
-            else:
-                self.refresh()
-        if not self._prefetch.pending:  # none made by mix (observe without mix, or undone by a refresh)
-            self._schedule_prefetch(n_in, self.step)
-        self._counters["engine_seconds"] += time.perf_counter() - t0
+        # the engine's helper thread starts nothing while the training thread is in here, nor (in a loop
+        # that mixes) until the next mix is done: see Background's gate
+        self._background.hold()
+        mixes = mixed is not None or self._last_mix is not None
+        try:
+            t0 = time.perf_counter()
+            if self._wall_start is None:
+                self._wall_start = t0
+            self._background.check()  # a failed upsert of an earlier step fails here
+            if labels is None:
+                raise HardNegError("observe() needs labels")
+            if ids is None:
+                raise HardNegError("observe() needs ids: the dataset sample ids of the batch (stable across epochs)")
+            emb = embeddings if embeddings is not None else self._captured_embeddings
+            if emb is None:
+                raise HardNegError(
+                    "no embeddings: pass embeddings=, or give HardNeg the model (with embedding_layer= if it is "
+                    "not a timm model) so a forward hook captures them"
+                )
+            if logits is None:
+                logits = self._captured_logits
+            from_step = _record_of(mixed) if mixed is not None and synthetic_pairs is None else None
+            labels = labels_as_ids(labels, emb, from_step if from_step is not None else self._last_mix, synthetic_pairs)
+            emb, labels, logits, ids_t = check_observation(emb, labels, logits, ids, self.config.num_classes)
+            staged = stage(emb=emb, labels=labels, logits=logits, ids=ids_t)
+            # the values: read from the copies just made (in cache) on a CPU; on a GPU one flag read back
+            copies = staged.tensors
+            check_observation_values(emb, labels, logits, ids_t, self.config.num_classes,
+                                     copies=(copies["emb"], copies["labels"], copies["logits"], copies["ids"]))
+            record = from_step
+            if synthetic_pairs is not None:
+                pairs = validate_synthetic_pairs(synthetic_pairs, emb.shape[0], self.config.num_classes)
+                n_syn = len(pairs)
+                record = _MixRecord(n_in=emb.shape[0] - n_syn, n_total=emb.shape[0], n_real=emb.shape[0] - n_syn,
+                                    synthetic_pairs=pairs)
+            n_real, synth = self._split_real_synthetic(emb.shape[0], ids_t.shape[0], record)
+            self._finish_background_refresh()
+            if self._bank is None:
+                self._bank = self._make_bank(emb.shape[1])
+            elif emb.shape[1] != self._bank.dim:
+                raise HardNegError(f"embeddings have dimension {emb.shape[1]}, the bank holds {self._bank.dim}-dimensional "
+                                   "ones: observe the same layer of the same model every step")
+            m = record if record is not None else self._last_mix
+            n_in = m.n_in if m is not None and emb.shape[0] == m.n_total else n_real
+            self._background.submit(self._record_observation, staged, n_real, synth, self.step)
+            if self.teacher is not None and self.model is not None:
+                self.teacher.update(self.model)
+            self._captured_embeddings = self._captured_logits = None
+            self._last_mix = None
+            self.step += 1
+            if self._refresh_due(n_real):
+                if self.config.async_refresh and not self.config.deterministic:
+                    self._start_background_refresh()
+                else:
+                    self.refresh()
+            if not self._prefetch.pending:  # none made by mix (observe without mix, or undone by a refresh)
+                self._schedule_prefetch(n_in, self.step)
+            self._counters["engine_seconds"] += time.perf_counter() - t0
+
+        finally:
+            if not mixes:
+                self._background.release()
 
     def _record_observation(self, staged: Any, n_real: int, synth: list[tuple[int, int]], step: int) -> None:
         """The background half of :meth:`observe`: bank upsert, logit statistics, curriculum feedback."""
@@ -328,17 +344,38 @@ class HardNeg:
                                    "stats()['zero_embeddings_skipped']", skipped)
                 self._counters["zero_embeddings_skipped"] += skipped
                 real_ids, real_emb, real_labels = real_ids[nonzero], real_emb[nonzero], real_labels[nonzero]
-        self._bank.upsert(real_ids, real_emb, real_labels, step=step)
+        self._upsert(real_ids, real_emb, real_labels, step)
         if logits is not None:
             self._confusion.accumulate_logits(labels[:n_real], logits[:n_real])
             if synth:
                 self._curriculum_feedback(logits[n_real:], labels[n_real:], synth, step)
         self._counters["observed"] += n_real
 
+    def _upsert(self, ids: Tensor, emb: Tensor, labels: Tensor, step: int) -> None:
+        """(background thread) Put one step's rows into the bank, or hold them back while a
+        background refresh is searching it: an upsert would wait for the refresh's read lock (one
+        search chunk of a thread at the lowest priority, which can take long on a busy machine), and
+        the next step's prefetched draw queued behind it would stall ``mix``. Held-back rows are
+        applied in order by the first upsert after the refresh (or by :meth:`_flush_upserts`), so
+        the bank ends exactly as without holding back; the refresh mines the bank as it started."""
+        fut = self._refresh_future
+        if fut is not None and step >= self._refresh_step and not fut.done() \
+                and len(self._deferred_upserts) < _MAX_DEFERRED_UPSERTS:  # (steps before it: the refresh waits for them)
+            self._deferred_upserts.append((ids, emb, labels, step))
+            return
+        self._flush_upserts()
+        self._bank.upsert(ids, emb, labels, step=step)
+
+    def _flush_upserts(self) -> None:
+        """(background thread) Apply the held-back upserts, oldest first."""
+        held, self._deferred_upserts = self._deferred_upserts, []
+        for ids, emb, labels, step in held:
+            self._bank.upsert(ids, emb, labels, step=step)
+
     def _settle(self) -> None:
         """Let the background half of every observe finish and undo a prefetched draw, so what follows
         reads (or saves) exactly the state a synchronous engine would have."""
-        self._background.drain()
+        self._wait_for_observer()
         self._prefetch.cancel()
 
     def _schedule_prefetch(self, n: int, step: int) -> None:
@@ -348,8 +385,12 @@ class HardNeg:
         if k <= 0 or len(self._buffer) == 0:
             self._prefetch.cancel()
             return
-        device, dtype = self._mix_target if self._mix_target is not None else (None, None)
-        self._prefetch.schedule(n, k, step, self._pair_weights, device=device, dtype=dtype)
+        layout = self._mix_layout
+        if layout is None:
+            self._prefetch.schedule(n, k, step, self._pair_weights)
+            return
+        self._prefetch.schedule(n, k, step, self._pair_weights, device=layout.device, dtype=layout.dtype,
+                                layout=layout)
 
     def mix(self, x: Tensor, y: Tensor) -> MixedStep:
         """Add ready hard negatives to a batch; returns the :class:`~hardneg.step.MixedStep`, which
@@ -367,38 +408,51 @@ class HardNeg:
 
     def mix_batch(self, x: Tensor, y: Tensor) -> MixedBatch:
         """Like :meth:`mix` but returns the full :class:`MixedBatch` (with the synthetic mask)."""
-        t0 = time.perf_counter()
-        if self._wall_start is None:
-            self._wall_start = t0
-        validate_mix_input(x, y, self.config.num_classes)
-        self._finish_background_refresh()
-        if not self.config.deterministic:
-            self.collect()
-        n = x.shape[0]
-        k = int(round(self.config.synthetic_fraction * n))
-        sample = None
-        self._mix_target = (x.device, x.dtype)
-        if k > 0 and len(self._buffer) > 0:
-            # before the draw: a rejected mix leaves use counts and the RNG alone
-            check_mix_shape(x, self._buffer.image_shape)
-            hit, sample = self._prefetch.take(n, k, self.step, self._pair_weights, exact=self.config.deterministic)
-            if not hit:
-                with self._buffer_lock:
-                    sample = self._buffer.sample(k, step=self.step, pair_weights=self._pair_weights or None)
-        elif self._prefetch.pending:
-            self._prefetch.cancel()
-        mixed = mix_batch(x, y, sample, mode=self.config.mix_mode, synthetic_weight=self.config.synthetic_weight,
-                          num_classes=self.config.num_classes)
-        n_syn = int(mixed.x.shape[0]) - mixed.n_real  # from shapes: no device read
-        pairs = [(int(a), int(b)) for a, b in sample.pairs.tolist()] if sample is not None and n_syn else []
-        self._last_mix = _MixRecord(n_in=n, n_total=mixed.x.shape[0], n_real=mixed.n_real, synthetic_pairs=pairs)
-        self._counters["synthetic_used"] += n_syn
-        # the next mix's rows are drawn while this step's forward and backward run (its step count is
-        # this one's + 1: the observe of this batch comes first); a refresh or a hand-over undoes it
-        # (queued on the helper thread, which looks for work by itself: no wake-up on the step path)
-        self._schedule_prefetch(n, self.step + 1)
-        self._counters["engine_seconds"] += time.perf_counter() - t0
-        return mixed
+        self._background.hold()  # see Background's gate
+        try:
+            t0 = time.perf_counter()
+            if self._wall_start is None:
+                self._wall_start = t0
+            validate_mix_input(x, y, self.config.num_classes)
+            self._finish_background_refresh()
+            if not self.config.deterministic:
+                self.collect()
+            cfg = self.config
+            n = x.shape[0]
+            k = int(round(cfg.synthetic_fraction * n))
+            sample = prepared = None
+            layout = self._mix_layout
+            if layout is None or not layout.fits(x, y) or layout.mode != cfg.mix_mode \
+                    or layout.synthetic_weight != cfg.synthetic_weight:
+                layout = self._mix_layout = MixLayout.of(x, y, cfg.mix_mode, cfg.synthetic_weight, cfg.num_classes)
+            if k > 0 and len(self._buffer) > 0:
+                # before the draw: a rejected mix leaves use counts and the RNG alone
+                check_mix_shape(x, self._buffer.image_shape)
+                hit, sample, prepared = self._prefetch.take(n, k, self.step, self._pair_weights, exact=cfg.deterministic)
+                if not hit:
+                    with self._buffer_lock:
+                        sample = self._buffer.sample(k, step=self.step, pair_weights=self._pair_weights or None)
+            elif self._prefetch.pending:
+                self._prefetch.cancel()
+            if prepared is not None and prepared.layout == layout and prepared.fits(x, y):  # drawn and built ahead: copy the real rows in
+                mixed = prepared.fill(x, y)
+                pairs = prepared.pairs
+            else:
+                mixed = mix_batch(x, y, sample, mode=cfg.mix_mode, synthetic_weight=cfg.synthetic_weight,
+                                  num_classes=cfg.num_classes)
+                n_syn = int(mixed.x.shape[0]) - mixed.n_real  # from shapes: no device read
+                pairs = [(int(a), int(b)) for a, b in sample.pairs[:n_syn].tolist()] if sample is not None and n_syn else []
+            n_syn = len(pairs)
+            self._last_mix = _MixRecord(n_in=n, n_total=mixed.x.shape[0], n_real=mixed.n_real, synthetic_pairs=pairs)
+            self._counters["synthetic_used"] += n_syn
+            # the next mix's rows are drawn while this step's forward and backward run (its step count is
+            # this one's + 1: the observe of this batch comes first); a refresh or a hand-over undoes it
+            # (queued on the helper thread, which looks for work by itself: no wake-up on the step path)
+            self._schedule_prefetch(n, self.step + 1)
+            self._counters["engine_seconds"] += time.perf_counter() - t0
+            return mixed
+        finally:
+            self._background.release()  # the helper thread works while forward and backward run
 
     # The parts observe's background thread writes: reading one from outside first lets that thread
     # finish what was queued (the engine's own step path uses the underscored names).
@@ -456,6 +510,8 @@ class HardNeg:
     def _wait_for_observer(self) -> None:
         background = self.__dict__.get("_background")
         if background is not None and not background.on_thread():
+            if self.__dict__.get("_deferred_upserts"):  # (read without a lock: a stale read only costs a task)
+                background.submit(self._flush_upserts)
             background.drain()
 
     @property
@@ -466,14 +522,14 @@ class HardNeg:
     def refresh(self) -> list[PairScore]:
         """Re-mine confusion now (inline) and, with a generator, request negatives for the plan."""
         self._finish_background_refresh(wait=True)
-        self._background.drain()  # every observed step is in the bank
+        self._wait_for_observer()  # every observed step is in the bank
         if self.bank is None or len(self.bank) < 2:
             return []
         self.confusion.refresh(self.bank, step=self.step)
         return self._after_refresh()
 
     def _after_refresh(self) -> list[PairScore]:
-        self._background.drain()  # the plan reads the bank, the curriculum and the counters
+        self._wait_for_observer()  # the plan reads the bank, the curriculum and the counters
         self._counters["refreshes"] += 1
         self._pairs = self.confusion.top_pairs(self.config.top_pairs, self.config.min_pair_score)
         self._pair_weights = pair_weights(self._pairs)
@@ -498,6 +554,7 @@ class HardNeg:
             self._refresh_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hardneg-refresh",
                                                     initializer=refresh_thread_init,
                                                     initargs=(self.config.refresh_threads, self.device))
+        self._refresh_step = self.step
         self._refresh_future = self._refresh_pool.submit(_refresh_after, self._background.last, self._confusion,
                                                          self._bank, self.step)
 
@@ -562,7 +619,7 @@ class HardNeg:
 
     def known_samples(self) -> tuple[np.ndarray, np.ndarray]:
         """(sample ids, labels) of every sample in the bank, for targeting policies."""
-        self._background.drain()
+        self._wait_for_observer()
         if self.bank is None:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         return self.bank.ids_and_labels()
@@ -721,7 +778,7 @@ class HardNeg:
         data = dataset if dataset is not None else self.dataset
         if data is None:
             raise HardNegError("refresh_bank() needs a dataset")
-        self._background.drain()  # queued upserts first: the re-embedded vectors win
+        self._wait_for_observer()  # queued upserts first: the re-embedded vectors win
         n = len(data)
         iterator: Iterable[int] = range(0, n, batch_size)
         if progress:
@@ -1109,6 +1166,9 @@ class HardNeg:
 
 
 # ---------------------------------------------------------------------- helpers
+_MAX_DEFERRED_UPSERTS = 1024  # steps held back during one background refresh at most; then upserts wait for it
+
+
 def _record_of(mixed: Any) -> Optional[_MixRecord]:
     """What ``observe`` needs from a :class:`~hardneg.step.MixedStep` (None for anything else)."""
     if not isinstance(mixed, MixedStep):

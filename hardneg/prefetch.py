@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from hardneg.buffer import SyntheticBuffer, SyntheticSample
+from hardneg.mixing import MixLayout, PreparedMix, prepare_mix
 from hardneg.threads import helper_thread_init
 
 __all__ = ["MixPrefetcher"]
@@ -37,16 +38,13 @@ class _Draw:
     pair_weights: Any  # the very mapping object the draw used (compared by identity)
     device: Optional[torch.device]
     dtype: Optional[torch.dtype]
+    layout: Optional[MixLayout] = None  # the batch the rows go into, when known: the mix is prepared too
     future: Optional[Future] = None
     sample: Optional[SyntheticSample] = None
+    prepared: Optional[PreparedMix] = None
     rng_state: Optional[Tensor] = None
     version: Optional[tuple[int, int]] = None
     event: Any = None
-
-
-def _buffer_version(buffer: SyntheticBuffer) -> tuple[int, int]:
-    """Changes whenever images are added (``_next_seq``) or the state is replaced (the meta dict)."""
-    return int(buffer._next_seq), id(buffer._meta)
 
 
 class MixPrefetcher:
@@ -72,16 +70,19 @@ class MixPrefetcher:
         self._stream: Any = None
         self.hits = 0
         self.misses = 0
+        self.prepared_taken = 0  # hits that came with the mixed batch built around them
 
     # ------------------------------------------------------------------ schedule / take / cancel
     def schedule(self, n: int, k: int, step: int, pair_weights: Optional[Mapping[Any, float]],
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                 layout: Optional[MixLayout] = None) -> None:
         """Start drawing ``k`` rows for the next batch of ``n`` rows at ``step`` (a previous draw
-        still outstanding is cancelled first)."""
+        still outstanding is cancelled first); with the batch's ``layout`` the mixed batch is
+        prepared too (:func:`hardneg.mixing.prepare_mix`), so ``mix`` only copies the real rows in."""
         self.cancel()
         if k <= 0:
             return
-        draw = _Draw(n, k, step, pair_weights, device, dtype)
+        draw = _Draw(n, k, step, pair_weights, device, dtype, layout)
         if self.runner is not None:
             draw.future = self.runner.run_later(self._run, draw)
             self._draw = draw
@@ -92,36 +93,43 @@ class MixPrefetcher:
         draw.future = self._pool.submit(self._run, draw)
         self._draw = draw
 
-    def take(self, n: int, k: int, step: int, pair_weights: Any, exact: bool) -> tuple[bool, Optional[SyntheticSample]]:
-        """``(True, sample)`` when the prefetched draw fits this ``mix``; ``(False, None)`` otherwise
-        (the draw is then undone when it can be: always when ``exact``, i.e. deterministic mode).
+    def take(self, n: int, k: int, step: int, pair_weights: Any,
+             exact: bool) -> tuple[bool, Optional[SyntheticSample], Optional[PreparedMix]]:
+        """``(True, sample, prepared)`` when the prefetched draw fits this ``mix`` (``prepared``: the
+        mixed batch built around it, or None); ``(False, None, None)`` otherwise (the draw is then
+        undone when it can be: always when ``exact``, i.e. deterministic mode).
 
         With ``exact`` the buffer must be unchanged since the draw; without it a draw made before
         images arrived is still good to train on (it is one step old).
         """
         draw = self._draw
         if draw is None:
-            return False, None
+            return False, None, None
         fits = draw.n == n and draw.k == k and draw.step == step and draw.pair_weights is pair_weights
         if not fits:
             self.misses += 1
             self.cancel()
-            return False, None
+            return False, None, None
         assert draw.future is not None
         self._wake(draw)
         draw.future.result()  # re-raises a failed draw here; usually long finished
-        changed = draw.version != _buffer_version(self.buffer)
+        changed = draw.version != self.buffer.version
         if changed and (exact or draw.sample is None):  # (an empty draw from before images arrived: draw anew)
             self.misses += 1
             self.cancel()
-            return False, None
+            return False, None, None
         self._draw = None
         self.hits += 1
+        self.prepared_taken += draw.prepared is not None
         if draw.event is not None:  # the side-stream copy must land before the step reads the rows
             torch.cuda.current_stream(draw.device).wait_event(draw.event)
+            stream = torch.cuda.current_stream(draw.device)
             for t in (draw.sample.images, draw.sample.labels, draw.sample.source_labels):
-                t.record_stream(torch.cuda.current_stream(draw.device))
-        return True, draw.sample
+                t.record_stream(stream)
+            if draw.prepared is not None:
+                for t in (draw.prepared.x, draw.prepared.y, draw.prepared.weights, draw.prepared.synthetic_mask):
+                    t.record_stream(stream)
+        return True, draw.sample, draw.prepared
 
     def cancel(self) -> None:
         """Undo the outstanding draw (wait for it; restore the RNG and use counts when the buffer has
@@ -137,11 +145,8 @@ class MixPrefetcher:
         if draw.sample is None:
             return
         with self.lock:
-            if draw.version == _buffer_version(self.buffer):
-                buf = self.buffer
-                buf._meta["uses"][draw.sample.slots] -= 1
-                buf._counts["drawn"] -= len(draw.sample)
-                buf._rng.set_state(draw.rng_state)
+            if draw.version == self.buffer.version:
+                self.buffer.undo_draw(draw.sample, draw.rng_state)
 
     def _wake(self, draw: _Draw) -> None:
         """Make sure the runner will run ``draw`` (queued there until its next wake-up)."""
@@ -162,18 +167,29 @@ class MixPrefetcher:
     def _run(self, draw: _Draw) -> None:
         with self.lock:
             buf = self.buffer
-            draw.rng_state = buf._rng.get_state()
+            draw.rng_state = buf.rng_state()
             sample = buf.sample(draw.k, step=draw.step, pair_weights=draw.pair_weights or None)
-            draw.version = _buffer_version(buf)
+            draw.version = buf.version
         if sample is None:
             draw.sample = None
             return
         if draw.device is not None and draw.device.type == "cuda":
             sample = self._to_device(sample, draw)
-        elif draw.dtype is not None and sample.images.dtype != draw.dtype and draw.device is not None \
-                and draw.device.type == "cpu":
-            sample = dataclasses.replace(sample, images=sample.images.to(draw.dtype))
+        else:
+            if draw.dtype is not None and sample.images.dtype != draw.dtype and draw.device is not None \
+                    and draw.device.type == "cpu":
+                sample = dataclasses.replace(sample, images=sample.images.to(draw.dtype))
+            draw.prepared = self._prepare(sample, draw)
         draw.sample = sample
+
+    @staticmethod
+    def _prepare(sample: SyntheticSample, draw: _Draw) -> Optional[PreparedMix]:
+        """The mixed batch around the draw, when the batch's layout is known and the draw fits it
+        (else ``mix`` mixes the sample itself, as it would without a prefetch)."""
+        layout = draw.layout
+        if layout is None or tuple(sample.images.shape[1:]) != layout.sample_shape:
+            return None
+        return prepare_mix(sample, draw.n, layout)
 
     def _to_device(self, sample: SyntheticSample, draw: _Draw) -> SyntheticSample:
         """Copy the rows the step reads to the training device on a side stream (pinned, non-blocking)."""
@@ -184,8 +200,11 @@ class MixPrefetcher:
             images = sample.images.pin_memory().to(device, draw.dtype or sample.images.dtype, non_blocking=True)
             labels = sample.labels.pin_memory().to(device, non_blocking=True)
             source = sample.source_labels.pin_memory().to(device, non_blocking=True)
+            tw = sample.target_weights.pin_memory() if sample.target_weights is not None else None
+            sample = dataclasses.replace(sample, images=images, labels=labels, source_labels=source,
+                                         target_weights=tw)
+            draw.prepared = self._prepare(sample, draw)  # built on the side stream too
             event = torch.cuda.Event()
             event.record(self._stream)
         draw.event = event
-        tw = sample.target_weights.pin_memory() if sample.target_weights is not None else None
-        return dataclasses.replace(sample, images=images, labels=labels, source_labels=source, target_weights=tw)
+        return sample

@@ -219,6 +219,10 @@ def test_failing_generators_are_isolated(gen):
     cfg = _cfg(refresh_every=1, max_restarts=2)
     with HardNeg(cfg, model=model, dataset=data, generator=gen) as engine:
         _run_loop(engine, model, data, steps=12, check_batch=lambda x, y, w: batches.append(x))
+        deadline = time.monotonic() + 120  # background refreshes skip while one runs: train until the
+        while engine.stats()["requests_made"] < 6 and time.monotonic() < deadline:  # generator was called enough
+            assert engine.wait_for_refresh(120)
+            _run_loop(engine, model, data, steps=2, check_batch=lambda x, y, w: batches.append(x))
         assert engine.wait_for_refresh(120)
         engine.wait_for_generation(120)  # every request made so far has succeeded or failed
         _run_loop(engine, model, data, steps=4, check_batch=lambda x, y, w: batches.append(x))
