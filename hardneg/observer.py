@@ -62,18 +62,22 @@ class Staged:
         return self.tensors
 
 
-def stage(**tensors: Optional[Tensor]) -> Staged:
+def stage(owned: tuple[str, ...] = (), **tensors: Optional[Tensor]) -> Staged:
     """Private copies of ``tensors`` the training loop may overwrite or free after the call.
 
     CUDA tensors go to pinned host memory by a non-blocking copy (PyTorch's caching host allocator
     reuses the block only once the copy is done) and one event marks the copies; CPU tensors are
-    cloned; meta tensors (shape-only dry runs) are kept as they are: they hold no values.
+    cloned, except those named in ``owned`` (already the engine's alone, e.g. what its forward hook
+    captured: no loop holds them, and the next forward allocates new ones); meta tensors
+    (shape-only dry runs) are kept as they are: they hold no values.
     """
     out: dict[str, Optional[Tensor]] = {}
     event = None
     for name, t in tensors.items():
         if t is None:
             out[name] = None
+        elif name in owned and t.device.type == "cpu":
+            out[name] = t
         elif t.is_cuda:
             host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
             host.copy_(t.detach(), non_blocking=True)

@@ -271,7 +271,6 @@ class HardNeg:
             t0 = time.perf_counter()
             if self._wall_start is None:
                 self._wall_start = t0
-            self._background.check()  # a failed upsert of an earlier step fails here
             if labels is None:
                 raise HardNegError("observe() needs labels")
             if ids is None:
@@ -287,7 +286,9 @@ class HardNeg:
             from_step = _record_of(mixed) if mixed is not None and synthetic_pairs is None else None
             labels = labels_as_ids(labels, emb, from_step if from_step is not None else self._last_mix, synthetic_pairs)
             emb, labels, logits, ids_t = check_observation(emb, labels, logits, ids, self.config.num_classes)
-            staged = stage(emb=emb, labels=labels, logits=logits, ids=ids_t)
+            # (embeddings the forward hook captured are the engine's alone: not copied on a CPU)
+            staged = stage(emb=emb, labels=labels, logits=logits, ids=ids_t,
+                           owned=("emb",) if embeddings is None else ())
             # the values: read from the copies just made (in cache) on a CPU; on a GPU one flag read back
             copies = staged.tensors
             check_observation_values(emb, labels, logits, ids_t, self.config.num_classes,
@@ -307,6 +308,7 @@ class HardNeg:
                                    "ones: observe the same layer of the same model every step")
             m = record if record is not None else self._last_mix
             n_in = m.n_in if m is not None and emb.shape[0] == m.n_total else n_real
+            # (submit re-raises a failed upsert of an earlier step first: then nothing of this one is queued)
             self._background.submit(self._record_observation, staged, n_real, synth, self.step)
             if self.teacher is not None and self.model is not None:
                 self.teacher.update(self.model)

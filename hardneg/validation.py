@@ -26,6 +26,8 @@ def labels_as_ids(labels: Any, emb: Any, last_mix: Any,
     """Class ids from ``(N, K)`` soft targets (what :meth:`mix` returns with soft labels): real
     rows their argmax, synthetic rows their target class; anything else is returned as is.
     ``last_mix`` is the record of the mix that made the batch. Stays on the labels' device (no host read)."""
+    if isinstance(labels, Tensor) and labels.ndim != 2:
+        return labels  # class ids already (the usual case: checked by check_observation)
     try:
         y = torch.as_tensor(labels)
     except (TypeError, ValueError, RuntimeError):
