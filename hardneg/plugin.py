@@ -268,65 +268,69 @@ class HardNeg:
         self._background.hold()
         mixes = mixed is not None or self._last_mix is not None
         try:
-            t0 = time.perf_counter()
-            if self._wall_start is None:
-                self._wall_start = t0
-            if labels is None:
-                raise HardNegError("observe() needs labels")
-            if ids is None:
-                raise HardNegError("observe() needs ids: the dataset sample ids of the batch (stable across epochs)")
-            emb = embeddings if embeddings is not None else self._captured_embeddings
-            if emb is None:
-                raise HardNegError(
-                    "no embeddings: pass embeddings=, or give HardNeg the model (with embedding_layer= if it is "
-                    "not a timm model) so a forward hook captures them"
-                )
-            if logits is None:
-                logits = self._captured_logits
-            from_step = _record_of(mixed) if mixed is not None and synthetic_pairs is None else None
-            labels = labels_as_ids(labels, emb, from_step if from_step is not None else self._last_mix, synthetic_pairs)
-            emb, labels, logits, ids_t = check_observation(emb, labels, logits, ids, self.config.num_classes)
-            # (embeddings the forward hook captured are the engine's alone: not copied on a CPU)
-            staged = stage(emb=emb, labels=labels, logits=logits, ids=ids_t,
-                           owned=("emb",) if embeddings is None else ())
-            # the values: read from the copies just made (in cache) on a CPU; on a GPU one flag read back
-            copies = staged.tensors
-            check_observation_values(emb, labels, logits, ids_t, self.config.num_classes,
-                                     copies=(copies["emb"], copies["labels"], copies["logits"], copies["ids"]))
-            record = from_step
-            if synthetic_pairs is not None:
-                pairs = validate_synthetic_pairs(synthetic_pairs, emb.shape[0], self.config.num_classes)
-                n_syn = len(pairs)
-                record = _MixRecord(n_in=emb.shape[0] - n_syn, n_total=emb.shape[0], n_real=emb.shape[0] - n_syn,
-                                    synthetic_pairs=pairs)
-            n_real, synth = self._split_real_synthetic(emb.shape[0], ids_t.shape[0], record)
-            self._finish_background_refresh()
-            if self._bank is None:
-                self._bank = self._make_bank(emb.shape[1])
-            elif emb.shape[1] != self._bank.dim:
-                raise HardNegError(f"embeddings have dimension {emb.shape[1]}, the bank holds {self._bank.dim}-dimensional "
-                                   "ones: observe the same layer of the same model every step")
-            m = record if record is not None else self._last_mix
-            n_in = m.n_in if m is not None and emb.shape[0] == m.n_total else n_real
-            # (submit re-raises a failed upsert of an earlier step first: then nothing of this one is queued)
-            self._background.submit(self._record_observation, staged, n_real, synth, self.step)
-            if self.teacher is not None and self.model is not None:
-                self.teacher.update(self.model)
-            self._captured_embeddings = self._captured_logits = None
-            self._last_mix = None
-            self.step += 1
-            if self._refresh_due(n_real):
-                if self.config.async_refresh and not self.config.deterministic:
-                    self._start_background_refresh()
-                else:
-                    self.refresh()
-            if not self._prefetch.pending:  # none made by mix (observe without mix, or undone by a refresh)
-                self._schedule_prefetch(n_in, self.step)
-            self._counters["engine_seconds"] += time.perf_counter() - t0
-
+            self._observe(embeddings, labels, logits, ids, synthetic_pairs, mixed)
         finally:
             if not mixes:
                 self._background.release()
+
+    def _observe(self, embeddings: Optional[Tensor], labels: Optional[Tensor], logits: Optional[Tensor],
+                 ids: Any, synthetic_pairs: Optional[Sequence[tuple[int, int]]], mixed: Optional[MixedStep]) -> None:
+        """The body of :meth:`observe` (which holds the helper thread's gate around it)."""
+        t0 = time.perf_counter()
+        if self._wall_start is None:
+            self._wall_start = t0
+        if labels is None:
+            raise HardNegError("observe() needs labels")
+        if ids is None:
+            raise HardNegError("observe() needs ids: the dataset sample ids of the batch (stable across epochs)")
+        emb = embeddings if embeddings is not None else self._captured_embeddings
+        if emb is None:
+            raise HardNegError(
+                "no embeddings: pass embeddings=, or give HardNeg the model (with embedding_layer= if it is "
+                "not a timm model) so a forward hook captures them"
+            )
+        if logits is None:
+            logits = self._captured_logits
+        from_step = _record_of(mixed) if mixed is not None and synthetic_pairs is None else None
+        labels = labels_as_ids(labels, emb, from_step if from_step is not None else self._last_mix, synthetic_pairs)
+        emb, labels, logits, ids_t = check_observation(emb, labels, logits, ids, self.config.num_classes)
+        # (embeddings the forward hook captured are the engine's alone: not copied on a CPU)
+        staged = stage(emb=emb, labels=labels, logits=logits, ids=ids_t,
+                       owned=("emb",) if embeddings is None else ())
+        # the values: read from the copies just made (in cache) on a CPU; on a GPU one flag read back
+        copies = staged.tensors
+        check_observation_values(emb, labels, logits, ids_t, self.config.num_classes,
+                                 copies=(copies["emb"], copies["labels"], copies["logits"], copies["ids"]))
+        record = from_step
+        if synthetic_pairs is not None:
+            pairs = validate_synthetic_pairs(synthetic_pairs, emb.shape[0], self.config.num_classes)
+            n_syn = len(pairs)
+            record = _MixRecord(n_in=emb.shape[0] - n_syn, n_total=emb.shape[0], n_real=emb.shape[0] - n_syn,
+                                synthetic_pairs=pairs)
+        n_real, synth = self._split_real_synthetic(emb.shape[0], ids_t.shape[0], record)
+        self._finish_background_refresh()
+        if self._bank is None:
+            self._bank = self._make_bank(emb.shape[1])
+        elif emb.shape[1] != self._bank.dim:
+            raise HardNegError(f"embeddings have dimension {emb.shape[1]}, the bank holds {self._bank.dim}-dimensional "
+                               "ones: observe the same layer of the same model every step")
+        m = record if record is not None else self._last_mix
+        n_in = m.n_in if m is not None and emb.shape[0] == m.n_total else n_real
+        # (submit re-raises a failed upsert of an earlier step first: then nothing of this one is queued)
+        self._background.submit(self._record_observation, staged, n_real, synth, self.step)
+        if self.teacher is not None and self.model is not None:
+            self.teacher.update(self.model)
+        self._captured_embeddings = self._captured_logits = None
+        self._last_mix = None
+        self.step += 1
+        if self._refresh_due(n_real):
+            if self.config.async_refresh and not self.config.deterministic:
+                self._start_background_refresh()
+            else:
+                self.refresh()
+        if not self._prefetch.pending:  # none made by mix (observe without mix, or undone by a refresh)
+            self._schedule_prefetch(n_in, self.step)
+        self._counters["engine_seconds"] += time.perf_counter() - t0
 
     def _record_observation(self, staged: Any, n_real: int, synth: list[tuple[int, int]], step: int) -> None:
         """The background half of :meth:`observe`: bank upsert, logit statistics, curriculum feedback."""
@@ -412,49 +416,53 @@ class HardNeg:
         """Like :meth:`mix` but returns the full :class:`MixedBatch` (with the synthetic mask)."""
         self._background.hold()  # see Background's gate
         try:
-            t0 = time.perf_counter()
-            if self._wall_start is None:
-                self._wall_start = t0
-            validate_mix_input(x, y, self.config.num_classes)
-            self._finish_background_refresh()
-            if not self.config.deterministic:
-                self.collect()
-            cfg = self.config
-            n = x.shape[0]
-            k = int(round(cfg.synthetic_fraction * n))
-            sample = prepared = None
-            layout = self._mix_layout
-            if layout is None or not layout.fits(x, y) or layout.mode != cfg.mix_mode \
-                    or layout.synthetic_weight != cfg.synthetic_weight:
-                layout = self._mix_layout = MixLayout.of(x, y, cfg.mix_mode, cfg.synthetic_weight, cfg.num_classes)
-            if k > 0 and len(self._buffer) > 0:
-                # before the draw: a rejected mix leaves use counts and the RNG alone
-                check_mix_shape(x, self._buffer.image_shape)
-                hit, sample, prepared = self._prefetch.take(n, k, self.step, self._pair_weights, exact=cfg.deterministic)
-                if not hit:
-                    with self._buffer_lock:
-                        sample = self._buffer.sample(k, step=self.step, pair_weights=self._pair_weights or None)
-            elif self._prefetch.pending:
-                self._prefetch.cancel()
-            if prepared is not None and prepared.layout == layout and prepared.fits(x, y):  # drawn and built ahead: copy the real rows in
-                mixed = prepared.fill(x, y)
-                pairs = prepared.pairs
-            else:
-                mixed = mix_batch(x, y, sample, mode=cfg.mix_mode, synthetic_weight=cfg.synthetic_weight,
-                                  num_classes=cfg.num_classes)
-                n_syn = int(mixed.x.shape[0]) - mixed.n_real  # from shapes: no device read
-                pairs = [(int(a), int(b)) for a, b in sample.pairs[:n_syn].tolist()] if sample is not None and n_syn else []
-            n_syn = len(pairs)
-            self._last_mix = _MixRecord(n_in=n, n_total=mixed.x.shape[0], n_real=mixed.n_real, synthetic_pairs=pairs)
-            self._counters["synthetic_used"] += n_syn
-            # the next mix's rows are drawn while this step's forward and backward run (its step count is
-            # this one's + 1: the observe of this batch comes first); a refresh or a hand-over undoes it
-            # (queued on the helper thread, which looks for work by itself: no wake-up on the step path)
-            self._schedule_prefetch(n, self.step + 1)
-            self._counters["engine_seconds"] += time.perf_counter() - t0
-            return mixed
+            return self._mix_batch(x, y)
         finally:
             self._background.release()  # the helper thread works while forward and backward run
+
+    def _mix_batch(self, x: Tensor, y: Tensor) -> MixedBatch:
+        """The body of :meth:`mix_batch` (which holds the helper thread's gate around it)."""
+        t0 = time.perf_counter()
+        if self._wall_start is None:
+            self._wall_start = t0
+        validate_mix_input(x, y, self.config.num_classes)
+        self._finish_background_refresh()
+        if not self.config.deterministic:
+            self.collect()
+        cfg = self.config
+        n = x.shape[0]
+        k = int(round(cfg.synthetic_fraction * n))
+        sample = prepared = None
+        layout = self._mix_layout
+        if layout is None or not layout.fits(x, y) or layout.mode != cfg.mix_mode \
+                or layout.synthetic_weight != cfg.synthetic_weight:
+            layout = self._mix_layout = MixLayout.of(x, y, cfg.mix_mode, cfg.synthetic_weight, cfg.num_classes)
+        if k > 0 and len(self._buffer) > 0:
+            # before the draw: a rejected mix leaves use counts and the RNG alone
+            check_mix_shape(x, self._buffer.image_shape)
+            hit, sample, prepared = self._prefetch.take(n, k, self.step, self._pair_weights, exact=cfg.deterministic)
+            if not hit:
+                with self._buffer_lock:
+                    sample = self._buffer.sample(k, step=self.step, pair_weights=self._pair_weights or None)
+        elif self._prefetch.pending:
+            self._prefetch.cancel()
+        if prepared is not None and prepared.layout == layout and prepared.fits(x, y):  # drawn and built ahead: copy the real rows in
+            mixed = prepared.fill(x, y)
+            pairs = prepared.pairs
+        else:
+            mixed = mix_batch(x, y, sample, mode=cfg.mix_mode, synthetic_weight=cfg.synthetic_weight,
+                              num_classes=cfg.num_classes)
+            n_syn = int(mixed.x.shape[0]) - mixed.n_real  # from shapes: no device read
+            pairs = [(int(a), int(b)) for a, b in sample.pairs[:n_syn].tolist()] if sample is not None and n_syn else []
+        n_syn = len(pairs)
+        self._last_mix = _MixRecord(n_in=n, n_total=mixed.x.shape[0], n_real=mixed.n_real, synthetic_pairs=pairs)
+        self._counters["synthetic_used"] += n_syn
+        # the next mix's rows are drawn while this step's forward and backward run (its step count is
+        # this one's + 1: the observe of this batch comes first); a refresh or a hand-over undoes it
+        # (queued on the helper thread, which looks for work by itself: no wake-up on the step path)
+        self._schedule_prefetch(n, self.step + 1)
+        self._counters["engine_seconds"] += time.perf_counter() - t0
+        return mixed
 
     # The parts observe's background thread writes: reading one from outside first lets that thread
     # finish what was queued (the engine's own step path uses the underscored names).
