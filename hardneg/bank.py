@@ -183,6 +183,13 @@ class SlotMap:
         self._table = _widen(self._table, int(slots.max()))
         self._table[ids] = slots
 
+    def reserve(self, n: int) -> None:
+        """Make a dense table ``n`` entries long now (ids ``0 .. n-1``: no regrowth while they arrive)."""
+        if self._dict is None and n > len(self._table):
+            grown = np.full(int(n), -1, dtype=self._table.dtype)
+            grown[: len(self._table)] = self._table
+            self._table = grown
+
     def reset(self, ids: np.ndarray) -> None:
         """Map ``ids[s] -> s`` for every slot ``s`` (after a compaction or a load), nothing else."""
         self._table, self._dict, self._count = np.zeros(0, dtype=np.int32), None, 0
@@ -406,9 +413,11 @@ class EmbeddingBank:
 
     def reserve(self, n: int) -> None:
         """Allocate slots for ``n`` samples now (a bank about to receive ``n`` rows: one allocation,
-        no doubling copies of a large slot array)."""
+        no doubling copies of a large slot array, and no slack of one: the metadata and the id -> slot
+        table are sized to ``n`` too)."""
         with self._lock.write():
             self._ensure_capacity(int(n))
+            self._slot_of.reserve(int(n))
 
     @property
     def _torch_dtype(self) -> torch.dtype:
@@ -1041,6 +1050,9 @@ class BankOptions:
     # an exact search's (benchmarks/README.md). None: bank_rerank / nprobe.
     bank_refresh_rerank: Optional[int] = 128
     bank_refresh_nprobe: Optional[int] = None
+    # Slots allocated when the bank is made (e.g. the dataset's length): a bank grown by doubling
+    # may hold up to 2x the slots, metadata and id -> slot table it needs; None: grow as samples come.
+    bank_reserve: Optional[int] = None
 
     def __post_init__(self) -> None:
         from hardneg._checks import ConfigError, choice, int_at_least
@@ -1059,6 +1071,8 @@ class BankOptions:
             int_at_least(self, "bank_refresh_rerank", 0)
         if self.bank_refresh_nprobe is not None:
             int_at_least(self, "bank_refresh_nprobe", 1)
+        if self.bank_reserve is not None:
+            int_at_least(self, "bank_reserve", 0)
         if self.index == "ivfpq" and self.embedding_dim is not None and self.embedding_dim % self.bank_pq_bytes:
             raise ConfigError(f"bank_pq_bytes={self.bank_pq_bytes} must divide embedding_dim={self.embedding_dim} "
                               "(one PQ sub-vector per byte)")
@@ -1072,7 +1086,11 @@ class BankOptions:
         if self.bank_sharding != "off":
             from hardneg.sharded_bank import ShardedEmbeddingBank
 
-            return ShardedEmbeddingBank(dim, num_classes, self.metric, self.index, self.ivf_threshold, self.nprobe,
-                                        self.use_gpu_index, **storage)
-        return EmbeddingBank(dim, num_classes, self.metric, self.index, self.ivf_threshold, self.nprobe,
-                             self.use_gpu_index, **storage)
+            bank: Any = ShardedEmbeddingBank(dim, num_classes, self.metric, self.index, self.ivf_threshold,
+                                             self.nprobe, self.use_gpu_index, **storage)
+        else:
+            bank = EmbeddingBank(dim, num_classes, self.metric, self.index, self.ivf_threshold, self.nprobe,
+                                 self.use_gpu_index, **storage)
+        if self.bank_reserve:
+            bank.reserve(self.bank_reserve)
+        return bank

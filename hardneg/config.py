@@ -149,6 +149,9 @@ class HardNegConfig:
     # an exact search's (benchmarks/README.md). None: bank_rerank / nprobe.
     bank_refresh_rerank: Optional[int] = 128
     bank_refresh_nprobe: Optional[int] = None
+    # Slots allocated when the bank is made (e.g. the dataset's length): a bank grown by doubling
+    # may hold up to 2x the slots, metadata and id -> slot table it needs; None: grow as samples come.
+    bank_reserve: Optional[int] = None
     # --- confusion mining -----------------------------------------------------------------
     knn_k: int = 10
     # steps between confusion refreshes (and generation requests); "auto": a quarter epoch, at most 50

@@ -196,6 +196,13 @@ class ShardedEmbeddingBank:
         self.shard.remove(ids_np[self.owns(ids_np)])
         return len(drop)
 
+    def reserve(self, n: int) -> None:
+        """Allocate for ``n`` samples now: the replicated metadata for all, the shard for its ~n / W."""
+        with self._meta_lock:
+            self._grow(int(n))
+            self._slot_of.reserve(int(n))
+        self.shard.reserve(-(-int(n) // self.world))
+
     def rebuild(self) -> None:
         self.shard.rebuild()
 

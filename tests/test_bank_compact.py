@@ -76,6 +76,11 @@ def test_config_carries_the_refresh_settings_to_the_bank_and_its_state():
     assert BankOptions().bank_refresh_rerank == 128 and BankOptions().bank_refresh_nprobe is None
     restored = EmbeddingBank.from_state_dict(bank.state_dict(), use_gpu=False)
     assert (restored.refresh_rerank, restored.refresh_nprobe) == (48, 24)
+    reserved = HardNegConfig(num_classes=5, embedding_dim=32, bank_reserve=5_000).bank_options.make_bank(32, 5)
+    assert reserved.capacity == 5_000 and reserved._slot_of.nbytes == 4 * 5_000
+    x, y = _modes(5_000)
+    reserved.upsert(torch.arange(5_000), x, y)
+    assert reserved.capacity == 5_000 and reserved._slot_of.nbytes == 4 * 5_000  # no growth, no slack
 
 
 # ---------------------------------------------------------------------- id -> slot table
