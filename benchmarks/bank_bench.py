@@ -557,6 +557,7 @@ def _compressed_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
             out["top_pairs"][name] = [[p.a, p.b, round(p.score, 5)] for p in graph.top_pairs(5)]
             if name != "flat":
                 out["refresh_recall"][name] = _recall(found[name][1], found["flat"][1])
+                out.setdefault("refresh_label_diffs", {})[name] = _label_diffs(found[name], found["flat"])
             print(f"{tag} refresh {name}: {out['refresh_s'][name]:.2f}s (sources {out['sources_s'][name]:.2f}s), top {out['top_pairs'][name]}, "
                   f"neighbour recall {out['refresh_recall'].get(name)}", flush=True)
 
@@ -592,6 +593,25 @@ def _compressed_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
     finally:
         banks.clear()
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _label_diffs(got: Any, want: Any, limit: int = 8) -> list[dict[str, Any]]:
+    """Refresh queries whose 11 neighbours' labels differ from exact's: the neighbours each search
+    has that the other lacks, as (id, label, score)."""
+    import numpy as np
+
+    out = []
+    for row in range(len(want[1])):
+        if sorted(got[2][row].tolist()) == sorted(want[2][row].tolist()):
+            continue
+        g, w = set(got[1][row].tolist()), set(want[1][row].tolist())
+        side = lambda r, ids: [(int(i), int(lab), round(float(sc), 5))  # noqa: E731
+                               for sc, i, lab in zip(r[0][row], r[1][row], r[2][row]) if int(i) in ids]
+        out.append({"row": row, "only_found": side(got, g - w), "only_exact": side(want, w - g),
+                    "kth_exact_score": round(float(np.nanmin(want[0][row])), 5)})
+        if len(out) == limit:
+            break
     return out
 
 
