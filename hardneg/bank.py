@@ -17,8 +17,12 @@ Why it is built this way:
   ``k >`` :data:`GPU_MAX_K` (GPU FAISS's limit) runs on the CPU.
 * **Compressed storage** for 10M+ samples: ``storage="float16"`` halves the slot array;
   ``index="ivfpq"`` searches an ``IndexIVFPQ`` (``pq_bytes`` a vector + 16 bytes of id and direct
-  map) and re-scores ``rerank * k`` candidates exactly against the stored vectors;
-  ``storage_path`` keeps those in a memory-mapped file, so RAM holds the index and the metadata.
+  map) and re-scores ``rerank * k`` candidates exactly against the stored vectors (the refresh's
+  few queries ``refresh_rerank * k``: their neighbours are then exact's); ``storage_path`` keeps
+  those in a memory-mapped file, so RAM holds the index and the metadata.
+* **Compact metadata**: the id -> slot map is a numpy table indexed by id (sample ids are dataset
+  indices; a dict only for sparse, hash-like ids), ids and steps int32 and labels int16 while they
+  fit: 14 bytes a sample (a Python dict alone took ~100).
 * **Sharding** over processes: :mod:`hardneg.sharded_bank` (the same interface; the refresh talks
   to a bank through ``query_share``, ``search_many``, ``reduce_sum`` and ``merge_top_n``).
 * **IVF past a size threshold** (``index="auto"``): an ``IndexIVFFlat`` with ~4*sqrt(N) lists,
