@@ -112,7 +112,6 @@ class ReadWriteLock:
 _DICT_BYTES_PER_ITEM = 100  # rough CPython cost of one int -> int entry of a dict (the sparse-id fallback)
 _DENSE_SLACK = 16  # a dense id -> slot table may have this many entries per id stored, or up to _DENSE_MIN
 _DENSE_MIN = 1 << 27  # 128M entries (512 MB of int32): any dataset index of a 100M-sample set
-_INT32_MAX = np.iinfo(np.int32).max
 
 
 def _widen(arr: np.ndarray, value: int) -> np.ndarray:
@@ -161,7 +160,7 @@ class SlotMap:
             get = self._dict.get
             return np.fromiter((get(i, -1) for i in ids.tolist()), dtype=np.int64, count=len(ids))
         table = self._table
-        inside = ids < len(table)
+        inside = (ids >= 0) & (ids < len(table))  # a negative id is unknown, not table[-1]
         out = np.full(len(ids), -1, dtype=np.int64)
         out[inside] = table[ids[inside]]
         return out

@@ -139,7 +139,8 @@ def _check_against(bank, ref, x, y):
     assert found.dtype == np.int64 and set(found.tolist()) <= set(ref)
     with pytest.raises(KeyError, match="not in the bank"):
         bank.get([0])
-    np.testing.assert_array_equal(bank.lookup(np.array([0, ids[3], 2]))[0], [ids[3]])
+    np.testing.assert_array_equal(bank.lookup(np.array([0, ids[3], 2, -1]))[0], [ids[3]])
+    assert -1 not in bank
 
 
 def test_numpy_slot_table_keeps_ids_through_reupserts_removals_and_state_loads(tmp_path):
