@@ -155,8 +155,11 @@ class ShardedEmbeddingBank:
             meta = int(self._ids.nbytes + self._labels.nbytes + self._steps.nbytes + self._counts.nbytes
                        + self._slot_of.nbytes)
         meta += shard["metadata"]
-        return {"vectors": shard["vectors"], "index": shard["index"], "metadata": meta,
-                "total": shard["vectors"] + shard["index"] + meta}
+        out = {"vectors": shard["vectors"], "index": shard["index"], "metadata": meta,
+               "total": shard["vectors"] + shard["index"] + meta}
+        if "vectors_on_disk" in shard:  # this rank's file (storage_path.rank<r>)
+            out["vectors_on_disk"] = shard["vectors_on_disk"]
+        return out
 
     # ------------------------------------------------------------------ writing (local)
     def upsert(self, ids: Tensor | np.ndarray | list, embeddings: Tensor | np.ndarray,
