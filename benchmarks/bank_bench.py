@@ -24,9 +24,12 @@ Two more sections (``--sections``, default ``main`` = the comparison above):
   be the same at every W. On a machine with fewer cores than W ranks the wall time cannot fall
   as 1/W; the per-rank CPU time shows the work each rank does.
 * ``compressed``: float16 storage + IVF-PQ (``bank_storage="float16"``, ``index="ivfpq"``) at
-  ``--compressed-sizes`` against the exact float32 bank: memory per vector (index codes + ids +
-  direct map, and the stored float16 vectors), recall@k with and without re-ranking, build, query,
-  update (128 replaced vectors) and refresh time, and the refresh's top pairs against exact.
+  ``--compressed-sizes`` against the exact float32 bank, with the vectors in a memory-mapped file
+  (``bank_storage_path``) and in RAM: ``memory_bytes()`` per vector (index, metadata, vectors in
+  RAM / in the file), recall@k with and without re-ranking, build, query, update (128 replaced
+  vectors) and refresh time (also with the file's pages dropped from the page cache), the
+  refresh's neighbour recall and its top pairs against exact (and against an exact search over
+  the same float16 vectors), with the refresh-only re-rank (``bank_refresh_rerank``) and without.
 """
 
 from __future__ import annotations
@@ -70,6 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pq-bytes", type=int, default=None, help="IVF-PQ bytes per vector (default: HardNegConfig's)")
     p.add_argument("--rerank", type=int, default=None, help="IVF-PQ re-rank factor (default: HardNegConfig's)")
     p.add_argument("--reranks", default="0,4,16,32", help="IVF-PQ re-rank factors whose recall is measured")
+    p.add_argument("--refresh-rerank", type=int, default=None,
+                   help="IVF-PQ re-rank factor of the refresh's searches (default: HardNegConfig's bank_refresh_rerank)")
+    p.add_argument("--compressed-variants", default=None,
+                   help="comma list: file (vectors memory-mapped, storage_path), ram (default: file,ram)")
+    p.add_argument("--no-exact16", action="store_true",
+                   help="skip the exact refresh over float16 vectors (what storage alone changes)")
     p.add_argument("--compressed-queries", type=int, default=None,
                    help="recall queries in the compressed section (default: 256; quick 64)")
     p.add_argument("--faiss-threads", type=int, default=1,
@@ -108,6 +117,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "compressed_refresh_queries": args.compressed_refresh_queries or (200 if q else 500),
         "compressed_queries": args.compressed_queries or (64 if q else 256),
         "reranks": C.parse_list(args.reranks, int),
+        "refresh_rerank": (args.refresh_rerank if args.refresh_rerank is not None
+                           else HardNegConfig(num_classes=2).bank_refresh_rerank),
+        "compressed_variants": C.parse_list(args.compressed_variants) or ["file", "ram"],
+        "compressed_exact16": not args.no_exact16,
         "faiss_threads": args.faiss_threads,
     }
 
@@ -426,11 +439,16 @@ def _shard_rank(rank: int, world: int, port: int, out_dir: str, s: dict[str, Any
 
 # ====================================================================== compressed: fp16 + IVF-PQ
 def _compressed_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
-    """float16 + IVF-PQ against the exact float32 bank at one size."""
+    """float16 + IVF-PQ against the exact float32 bank at one size: the vectors in RAM and in a
+    memory-mapped file (``storage_path``), each its own bank and index."""
+    import shutil
+    import tempfile
+
     import numpy as np
 
     from hardneg.bank import EmbeddingBank
     from hardneg.confusion import ConfusionGraph
+    from hardneg.sources import boundary_sources
 
     import faiss
 
@@ -443,94 +461,212 @@ def _compressed_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
     ids = np.arange(n)
     tag = f"[compressed N={C.human_size(n)}]"
     print(f"{tag} data {time.perf_counter() - t:.1f}s", flush=True)
-    out: dict[str, Any] = {"n": n, "dim": d, "pq_bytes": s["pq_bytes"], "rerank": s["rerank"], "build_s": {},
-                           "query_s": {}, "update_ms": {}, "refresh_s": {}, "top_pairs": {}}
+    out: dict[str, Any] = {"n": n, "dim": d, "pq_bytes": s["pq_bytes"], "rerank": s["rerank"],
+                           "refresh_rerank": s["refresh_rerank"], "variants": s["compressed_variants"],
+                           "build_s": {}, "query_s": {}, "update_ms": {}, "refresh_s": {}, "sources_s": {}, "refresh_recall": {},
+                           "top_pairs": {}, "bytes_per_vector": {}}
     threshold = max(2, n // 5)
-    comp = EmbeddingBank(d, K, index="ivfpq", ivf_threshold=threshold, use_gpu=False, storage="float16",
-                         pq_bytes=s["pq_bytes"], rerank=s["rerank"])
-    t = time.perf_counter()
-    C.upsert_in_chunks(comp, ids, vectors, labels, cuts=[threshold])
-    comp.flush()
-    out["build_s"]["ivfpq"] = time.perf_counter() - t
-    exact = EmbeddingBank(d, K, index="flat", use_gpu=False)
-    exact.reserve(n)  # one allocation: no doubling copy of a multi-GB slot array
-    t = time.perf_counter()
-    C.upsert_in_chunks(exact, ids, vectors, labels)
-    out["build_s"]["flat"] = time.perf_counter() - t
-    del vectors
-    print(f"{tag} build flat {out['build_s']['flat']:.1f}s, ivfpq {out['build_s']['ivfpq']:.1f}s "
-          f"({comp.nlist} lists)", flush=True)
-    out["nlist"], out["nprobe"] = comp.nlist, comp.nprobe
-    mem_exact, mem = exact.memory_bytes(), comp.memory_bytes()
-    cap_exact = exact.capacity
-    out["bytes_per_vector"] = {
-        "flat_float32_vectors": mem_exact["vectors"] / cap_exact,
-        "ivfpq_index_per_vector": comp.pq_bytes + 8 + 8,  # PQ code (8-bit codes) + list id + direct map entry
-        "ivfpq_index": mem["index"] / n,  # the above + the shared centroids and PQ tables, spread over N
-        "float16_vectors": 2 * d,
-        "metadata": mem["metadata"] / n,
-    }
-    out["memory_bytes"] = {"flat": mem_exact, "ivfpq_fp16": mem}
-    # ---- recall@k and query time
-    t = time.perf_counter()
-    _, truth = exact.search(queries, k)
-    out["query_s"]["flat"] = time.perf_counter() - t
-    recall = {}
-    for rr in sorted({0, s["rerank"], *s["reranks"]}):
-        comp.rerank = rr
-        t = time.perf_counter()
-        _, found = comp.search(queries, k)
-        out["query_s"][f"ivfpq_rerank{rr}"] = time.perf_counter() - t
-        recall[f"rerank{rr}"] = _recall(found, truth)
-    comp.rerank = s["rerank"]
-    out["recall"] = recall
-    print(f"{tag} recall@{k} {recall}, query s {out['query_s']}", flush=True)
-    # ---- update: replace 128 stored vectors (upsert + the IVF work it queues)
-    rng = np.random.default_rng(seed + 1)
-    for name, bank in (("flat", exact), ("ivfpq", comp)):
-        ts = []
-        for rep in range(s["repeats"] + 1):
-            pick = rng.choice(n, size=s["update_batch"], replace=False)
-            _, vec = bank.lookup(pick)[:2]
+    tmp = tempfile.mkdtemp(prefix="hardneg-bank-bench-")
+    banks: dict[str, EmbeddingBank] = {}
+    try:
+        for variant in s["compressed_variants"]:  # "file" first: the configuration recommended for 10M+
+            path = os.path.join(tmp, "vectors.f16") if variant == "file" else None
+            bank = EmbeddingBank(d, K, index="ivfpq", ivf_threshold=threshold, use_gpu=False, storage="float16",
+                                 pq_bytes=s["pq_bytes"], rerank=s["rerank"], refresh_rerank=s["refresh_rerank"],
+                                 storage_path=path)
+            bank.reserve(n)  # bank_reserve: the dataset's length known up front, no doubling slack
             t = time.perf_counter()
-            bank.upsert(pick, vec[::-1].copy(), labels[pick][::-1].copy())
+            C.upsert_in_chunks(bank, ids, vectors, labels, cuts=[threshold])
             bank.flush()
-            if rep:
-                ts.append(time.perf_counter() - t)
-            bank.upsert(pick, vec, labels[pick])  # put them back: the data stays the benchmark's
-            bank.flush()
-        out["update_ms"][name] = 1e3 * C.median(ts)
-    # ---- the confusion refresh: time and top pairs, same query subsample on both banks
-    for name, bank in (("flat", exact), ("ivfpq", comp)):
-        graph = ConfusionGraph(K, knn_k=10, max_queries=s["compressed_refresh_queries"], seed=seed)
+            out["build_s"][variant] = time.perf_counter() - t
+            banks[variant] = bank
+            print(f"{tag} build IVF-PQ ({variant}) {out['build_s'][variant]:.1f}s ({bank.nlist} lists)", flush=True)
+        exact = EmbeddingBank(d, K, index="flat", use_gpu=False)
+        exact.reserve(n)  # one allocation: no doubling copy of a multi-GB slot array
         t = time.perf_counter()
-        graph.refresh(bank)
-        out["refresh_s"][name] = time.perf_counter() - t
-        out["top_pairs"][name] = [[p.a, p.b, round(p.score, 4)] for p in graph.top_pairs(3)]
-    out["pairs_equal_exact"] = [p[:2] for p in out["top_pairs"]["ivfpq"]] == [p[:2] for p in out["top_pairs"]["flat"]]
-    out["pairs_same_set"] = ({tuple(p[:2]) for p in out["top_pairs"]["ivfpq"]}
-                             == {tuple(p[:2]) for p in out["top_pairs"]["flat"]})
-    print(f"{tag} refresh s {out['refresh_s']}, top pairs {out['top_pairs']}, update ms {out['update_ms']}",
-          flush=True)
-    del exact, comp
+        C.upsert_in_chunks(exact, ids, vectors, labels)
+        out["build_s"]["flat"] = time.perf_counter() - t
+        exact16 = None
+        if s["compressed_exact16"]:  # exact search over the same float16 vectors: what storage alone changes
+            exact16 = EmbeddingBank(d, K, index="flat", use_gpu=False, storage="float16")
+            exact16.reserve(n)
+            C.upsert_in_chunks(exact16, ids, vectors, labels)
+        del vectors
+        comp = next(iter(banks.values()))
+        out["nlist"], out["nprobe"] = comp.nlist, comp.nprobe
+        # ---- memory: what memory_bytes() measures, per vector
+        mem_exact = exact.memory_bytes()
+        out["memory_bytes"] = {"flat": mem_exact, **{f"ivfpq_{v}": b.memory_bytes() for v, b in banks.items()}}
+        out["bytes_per_vector"]["flat_float32"] = {key: v / n for key, v in mem_exact.items()}
+        for variant, bank in banks.items():
+            m = out["memory_bytes"][f"ivfpq_{variant}"]
+            out["bytes_per_vector"][f"ivfpq_{variant}"] = {key: v / n for key, v in m.items()}
+        out["bytes_per_vector"]["ivfpq_index_per_vector"] = comp.pq_bytes + 8 + 8  # code + list id + direct map
+        # ---- recall@k and query time (the same index and vectors in every variant: the first one)
+        t = time.perf_counter()
+        _, truth = exact.search(queries, k)
+        out["query_s"]["flat"] = time.perf_counter() - t
+        recall = {}
+        for rr in sorted({0, s["rerank"], s["refresh_rerank"], *s["reranks"]}):
+            comp.rerank = rr
+            t = time.perf_counter()
+            _, found = comp.search(queries, k)
+            out["query_s"][f"ivfpq_rerank{rr}"] = time.perf_counter() - t
+            recall[f"rerank{rr}"] = _recall(found, truth)
+        comp.rerank = s["rerank"]
+        out["recall"] = recall
+        print(f"{tag} recall@{k} {recall}, query s {out['query_s']}", flush=True)
+        # ---- update: replace 128 stored vectors (upsert + the IVF work it queues)
+        rng = np.random.default_rng(seed + 1)
+        for name, bank in (("flat", exact), *banks.items()):
+            ts = []
+            for rep in range(s["repeats"] + 1):
+                pick = rng.choice(n, size=s["update_batch"], replace=False)
+                _, vec = bank.lookup(pick)[:2]
+                t = time.perf_counter()
+                bank.upsert(pick, vec[::-1].copy(), labels[pick][::-1].copy())
+                bank.flush()
+                if rep:
+                    ts.append(time.perf_counter() - t)
+                bank.upsert(pick, vec, labels[pick])  # put them back: the data stays the benchmark's
+                bank.flush()
+            out["update_ms"][name] = 1e3 * C.median(ts)
+        # ---- the confusion refresh: time, top pairs and the neighbours' recall against exact
+        found: dict[str, Any] = {}
+
+        def refresh(name: str, bank: EmbeddingBank) -> None:
+            search_many = bank.search_many
+
+            def capture(q: Any, kk: int, chunk: int = 64) -> Any:
+                found[name] = r = search_many(q, kk, chunk)
+                return r
+
+            def timed_sources(*a: Any) -> Any:  # the refresh's O(N d) pass: one scan of every stored vector
+                t0 = time.perf_counter()
+                r = boundary_sources(*a)
+                out["sources_s"][name] = time.perf_counter() - t0
+                return r
+
+            bank.search_many = capture  # type: ignore[method-assign]
+            graph = ConfusionGraph(K, knn_k=10, max_queries=s["compressed_refresh_queries"], seed=seed,
+                                   source_finder=timed_sources)
+            t = time.perf_counter()
+            graph.refresh(bank)
+            out["refresh_s"][name] = time.perf_counter() - t
+            del bank.search_many
+            out["top_pairs"][name] = [[p.a, p.b, round(p.score, 5)] for p in graph.top_pairs(5)]
+            if name != "flat":
+                out["refresh_recall"][name] = _recall(found[name][1], found["flat"][1])
+                out.setdefault("refresh_label_diffs", {})[name] = _label_diffs(found[name], found["flat"])
+            print(f"{tag} refresh {name}: {out['refresh_s'][name]:.2f}s (sources {out['sources_s'][name]:.2f}s), top {out['top_pairs'][name]}, "
+                  f"neighbour recall {out['refresh_recall'].get(name)}", flush=True)
+
+        refresh("flat", exact)
+        if exact16 is not None:
+            refresh("exact_float16", exact16)
+            del exact16
+        for variant, bank in banks.items():
+            refresh(f"ivfpq_{variant}", bank)
+        comp.refresh_rerank = None  # the refresh searching like training-time searches (rerank x k)
+        refresh(f"ivfpq_{next(iter(banks))}_rerank{s['rerank']}", comp)
+        comp.refresh_rerank = s["refresh_rerank"]
+        if "file" in banks:  # this file's pages dropped from the page cache: the re-rank reads the disk
+            _drop_page_cache(banks["file"])
+            refresh("ivfpq_file_cold", banks["file"])
+        tol = 1.0 / (10 * max(1, s["compressed_refresh_queries"] // K))  # one neighbour of one query
+        out["tie_tolerance"] = tol
+        out["pairs_vs_exact"] = {name: _pairs_verdict(pairs, out["top_pairs"]["flat"], tol)
+                                 for name, pairs in out["top_pairs"].items() if name != "flat"}
+        first = f"ivfpq_{next(iter(banks))}"
+        out["pairs_equal_exact"] = out["pairs_vs_exact"][first] == "equal"
+        out["pairs_same_set"] = out["pairs_vs_exact"][first] in ("equal", "equal up to ties", "same set")
+        print(f"{tag} refresh s {out['refresh_s']}, pairs vs exact {out['pairs_vs_exact']}, "
+              f"update ms {out['update_ms']}", flush=True)
+        del exact, comp
+    finally:
+        banks.clear()
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _drop_page_cache(bank: Any) -> None:
+    """Evict a file-backed bank's vectors from the page cache (this file only; other processes'
+    cache is left alone). The kernel keeps pages that are mapped, so the bank's mapping is closed
+    first and opened again after (the bank's private slot array: a benchmark-only reach-in)."""
+    import gc
+
+    import numpy as np
+
+    mm = bank._vectors
+    rows, dtype, path = mm.shape[0], mm.dtype, bank.storage_path
+    mm.flush()
+    bank._vectors = np.zeros((0, bank.dim), dtype=dtype)
+    del mm
+    gc.collect()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    bank._vectors = np.memmap(path, dtype=dtype, mode="r+", shape=(rows, bank.dim))
+
+
+def _label_diffs(got: Any, want: Any, limit: int = 8) -> list[dict[str, Any]]:
+    """Refresh queries whose 11 neighbours' labels differ from exact's: the neighbours each search
+    has that the other lacks, as (id, label, score)."""
+    import numpy as np
+
+    out = []
+    for row in range(len(want[1])):
+        if sorted(got[2][row].tolist()) == sorted(want[2][row].tolist()):
+            continue
+        g, w = set(got[1][row].tolist()), set(want[1][row].tolist())
+        side = lambda r, ids: [(int(i), int(lab), round(float(sc), 5))  # noqa: E731
+                               for sc, i, lab in zip(r[0][row], r[1][row], r[2][row]) if int(i) in ids]
+        out.append({"row": row, "only_found": side(got, g - w), "only_exact": side(want, w - g),
+                    "kth_exact_score": round(float(np.nanmin(want[0][row])), 5)})
+        if len(out) == limit:
+            break
+    return out
+
+
+def _pairs_verdict(pairs: list[list[Any]], exact: list[list[Any]], tol: float, top: int = 3) -> str:
+    """``equal`` (the top pairs in exact's order), ``equal up to ties`` (the same pairs; only pairs
+    whose exact scores are within ``tol`` swapped), ``same set`` or ``differ``."""
+    mine, want = [tuple(p[:2]) for p in pairs[:top]], [tuple(p[:2]) for p in exact[:top]]
+    if mine == want:
+        return "equal"
+    if set(mine) != set(want):
+        return "differ"
+    score = {tuple(p[:2]): p[2] for p in exact}
+    swapped = [(a, b) for i, a in enumerate(mine) for b in mine[i + 1:] if want.index(a) > want.index(b)]
+    return "equal up to ties" if all(abs(score[a] - score[b]) <= tol for a, b in swapped) else "same set"
 
 
 def _compressed_table(rows: list[dict[str, Any]]) -> str:
     out = []
     for r in rows:
         b = r["bytes_per_vector"]
-        rr = f"rerank{r['rerank']}"
-        out.append([C.human_size(r["n"]), C.fmt(b["flat_float32_vectors"], ".0f"), C.fmt(b["ivfpq_index"], ".1f"),
-                    C.fmt(b["float16_vectors"], ".0f"), C.fmt(r["recall"].get("rerank0"), ".3f"),
-                    C.fmt(r["recall"].get(rr), ".3f"), C.fmt(r["build_s"]["flat"], ".1f"),
-                    C.fmt(r["build_s"]["ivfpq"], ".1f"), C.fmt(r["update_ms"]["flat"], ".1f"),
-                    C.fmt(r["update_ms"]["ivfpq"], ".1f"), C.fmt(r["refresh_s"]["flat"], ".1f"),
-                    C.fmt(r["refresh_s"]["ivfpq"], ".1f"), "yes" if r["pairs_equal_exact"] else ("same set" if r["pairs_same_set"] else "NO")])
+        for variant in r["variants"]:
+            m = b[f"ivfpq_{variant}"]
+            name = f"ivfpq_{variant}"
+            out.append([C.human_size(r["n"]), variant, C.fmt(m["index"], ".1f"), C.fmt(m["metadata"], ".1f"),
+                        C.fmt(m["vectors"], ".0f"), C.fmt(m.get("vectors_on_disk", 0), ".0f"), C.fmt(m["total"], ".1f"),
+                        C.fmt(r["recall"].get("rerank0"), ".3f"), C.fmt(r["recall"].get(f"rerank{r['rerank']}"), ".3f"),
+                        C.fmt(r["build_s"][variant], ".1f"), C.fmt(r["update_ms"][variant], ".1f"),
+                        C.fmt(r["refresh_s"][name], ".1f"), C.fmt(r["sources_s"].get(name), ".1f"),
+                        C.fmt(r["refresh_recall"].get(name), ".4f"),
+                        r["pairs_vs_exact"][name]])
+        out.append([C.human_size(r["n"]), "exact float32", "-", C.fmt(b["flat_float32"]["metadata"], ".1f"),
+                    C.fmt(b["flat_float32"]["vectors"], ".0f"), "0", C.fmt(b["flat_float32"]["total"], ".1f"), "1",
+                    "1", C.fmt(r["build_s"]["flat"], ".1f"), C.fmt(r["update_ms"]["flat"], ".1f"),
+                    C.fmt(r["refresh_s"]["flat"], ".1f"), C.fmt(r["sources_s"].get("flat"), ".1f"), "1", "-"])
     return C.markdown_table(
-        ["N", "flat B/vec", "IVF-PQ index B/vec", "fp16 B/vec", "recall@k PQ", f"recall@k re-ranked",
-         "build flat s", "build IVF-PQ s", "update 128 flat ms", "update 128 IVF-PQ ms", "refresh flat s",
-         "refresh IVF-PQ s", "top pairs = exact"], out)
+        ["N", "bank", "index B/vec", "metadata B/vec", "vectors RAM B/vec", "vectors file B/vec", "RAM B/vec",
+         "recall@k PQ", "recall@k re-ranked", "build s", "update 128 ms", "refresh s", "of it sources s",
+         "refresh recall@11",
+         "top-3 pairs vs exact"], out)
 
 
 def _table(per_size: list[dict[str, Any]]) -> str:

@@ -17,8 +17,12 @@ Why it is built this way:
   ``k >`` :data:`GPU_MAX_K` (GPU FAISS's limit) runs on the CPU.
 * **Compressed storage** for 10M+ samples: ``storage="float16"`` halves the slot array;
   ``index="ivfpq"`` searches an ``IndexIVFPQ`` (``pq_bytes`` a vector + 16 bytes of id and direct
-  map) and re-scores ``rerank * k`` candidates exactly against the stored vectors;
-  ``storage_path`` keeps those in a memory-mapped file, so RAM holds the index and the metadata.
+  map) and re-scores ``rerank * k`` candidates exactly against the stored vectors (the refresh's
+  few queries ``refresh_rerank * k``: their neighbours are then exact's); ``storage_path`` keeps
+  those in a memory-mapped file, so RAM holds the index and the metadata.
+* **Compact metadata**: the id -> slot map is a numpy table indexed by id (sample ids are dataset
+  indices; a dict only for sparse, hash-like ids), ids and steps int32 and labels int16 while they
+  fit: 14 bytes a sample (a Python dict alone took ~100).
 * **Sharding** over processes: :mod:`hardneg.sharded_bank` (the same interface; the refresh talks
   to a bank through ``query_share``, ``search_many``, ``reduce_sum`` and ``merge_top_n``).
 * **IVF past a size threshold** (``index="auto"``): an ``IndexIVFFlat`` with ~4*sqrt(N) lists,
@@ -54,6 +58,7 @@ logger = logging.getLogger(__name__)
 Metric = Literal["cosine", "l2"]
 DEFAULT_IVF_THRESHOLD = 50_000  # "auto" switches from exact flat search to IVF past this many vectors
 GPU_TEMP_MEMORY = 256 * 1024 * 1024  # bytes of FAISS GPU scratch memory (FAISS's default is up to 1.5 GiB)
+DEFAULT_REFRESH_RERANK = 128  # an IVF-PQ refresh re-ranks 128 x k candidates (its neighbours: exact's)
 RERANK_EXTRA_MAX = 2048  # re-ranked candidates past k, per query (a long-tail search asks for a large k)
 GPU_MAX_K = 2048  # GPU FAISS's largest k (and nprobe); a larger k searches on the CPU
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
@@ -104,7 +109,97 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
-_DICT_BYTES_PER_ITEM = 100  # rough CPython cost of one int -> int entry of the id -> slot map
+_DICT_BYTES_PER_ITEM = 100  # rough CPython cost of one int -> int entry of a dict (the sparse-id fallback)
+_DENSE_SLACK = 16  # a dense id -> slot table may have this many entries per id stored, or up to _DENSE_MIN
+_DENSE_MIN = 1 << 27  # 128M entries (512 MB of int32): any dataset index of a 100M-sample set
+
+
+def _widen(arr: np.ndarray, value: int) -> np.ndarray:
+    """``arr`` as int64 when ``value`` does not fit its (int16 / int32) dtype, else ``arr`` itself."""
+    if arr.dtype != np.int64 and not np.iinfo(arr.dtype).min <= value <= np.iinfo(arr.dtype).max:
+        return arr.astype(np.int64)
+    return arr
+
+
+class SlotMap:
+    """Sample id -> slot map held in numpy, not a Python dict (~100 B an entry in CPython).
+
+    Sample ids are dataset indices in practice (dense, ``0 .. N-1``), so the map is a dense table
+    indexed by id (``int32`` slots while they fit, 4 B an id; ``-1`` = absent) that grows by
+    doubling. Ids too sparse for a table (the largest id past both ``16 x count`` and 128M, e.g. hashes)
+    switch it, once, to a dict: correct at any id, at the dict's cost.
+    """
+
+    def __init__(self, dense_min: int = _DENSE_MIN) -> None:
+        self.dense_min = int(dense_min)
+        self._table: Optional[np.ndarray] = np.zeros(0, dtype=np.int32)
+        self._dict: Optional[dict[int, int]] = None
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, sample_id: int) -> bool:
+        return bool(self.get(np.asarray([int(sample_id)], dtype=np.int64))[0] >= 0)
+
+    @property
+    def dense(self) -> bool:
+        """Whether the map is the numpy table (False: the dict fallback for sparse ids)."""
+        return self._dict is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the dict fallback: an estimate)."""
+        if self._dict is not None:
+            return _DICT_BYTES_PER_ITEM * len(self._dict)
+        return int(self._table.nbytes)
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        """int64 slots of ``ids`` (``-1`` for unknown ids)."""
+        if self._dict is not None:
+            get = self._dict.get
+            return np.fromiter((get(i, -1) for i in ids.tolist()), dtype=np.int64, count=len(ids))
+        table = self._table
+        inside = (ids >= 0) & (ids < len(table))  # a negative id is unknown, not table[-1]
+        out = np.full(len(ids), -1, dtype=np.int64)
+        out[inside] = table[ids[inside]]
+        return out
+
+    def add(self, ids: np.ndarray, slots: np.ndarray, capacity: int = 0) -> None:
+        """Map new (absent, unique) ``ids`` to ``slots``; ``capacity``: the bank's slot count (a
+        table sized to it avoids regrowing while dense ids fill the bank)."""
+        if len(ids) == 0:
+            return
+        self._count += len(ids)
+        top = int(ids.max())
+        if self._dict is None and top >= len(self._table):
+            if top + 1 > max(_DENSE_SLACK * self._count, self.dense_min):  # sparse ids: fall back to a dict
+                self._dict = {int(i): int(s) for i, s in enumerate(self._table.tolist()) if s >= 0}
+                self._table = None
+            else:
+                grown = np.full(max(top + 1, 2 * len(self._table), capacity), -1, dtype=self._table.dtype)
+                grown[: len(self._table)] = self._table
+                self._table = grown
+        if self._dict is not None:
+            self._dict.update(zip(ids.tolist(), slots.tolist()))
+            return
+        self._table = _widen(self._table, int(slots.max()))
+        self._table[ids] = slots
+
+    def reserve(self, n: int) -> None:
+        """Make a dense table ``n`` entries long now (ids ``0 .. n-1``: no regrowth while they arrive)."""
+        if self._dict is None and n > len(self._table):
+            grown = np.full(int(n), -1, dtype=self._table.dtype)
+            grown[: len(self._table)] = self._table
+            self._table = grown
+
+    def reset(self, ids: np.ndarray) -> None:
+        """Map ``ids[s] -> s`` for every slot ``s`` (after a compaction or a load), nothing else."""
+        self._table, self._dict, self._count = np.zeros(0, dtype=np.int32), None, 0
+        self.add(np.asarray(ids, dtype=np.int64), np.arange(len(ids), dtype=np.int64))
+
+    def clear(self) -> None:
+        self.reset(np.zeros(0, dtype=np.int64))
 
 
 def _last_occurrence(ids: np.ndarray, vec: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -200,6 +295,11 @@ class EmbeddingBank:
         storage_path: keep the stored vectors in this file, memory-mapped, instead of in RAM (the
             file is created or overwritten; with ``"ivfpq"`` RAM then holds the index and the
             metadata; re-ranking and the refresh's source scan read the file).
+        refresh_rerank: ``rerank`` of the confusion refresh's searches (:meth:`search_many`) only:
+            a refresh asks few queries (e.g. 500), so it can afford a deeper re-rank than the
+            training-time searches; 128 makes the refresh's neighbours those of an exact search
+            (recall@11 0.996 at 1M; benchmarks/README.md). None: ``rerank``.
+        refresh_nprobe: ``nprobe`` of the refresh's searches only (None: ``nprobe``).
     """
 
     def __init__(
@@ -215,6 +315,8 @@ class EmbeddingBank:
         pq_bytes: int = 32,
         rerank: int = 32,
         storage_path: Optional[str] = None,
+        refresh_rerank: Optional[int] = DEFAULT_REFRESH_RERANK,
+        refresh_nprobe: Optional[int] = None,
     ) -> None:
         if dim < 1 or num_classes < 1:
             raise BankError(f"dim and num_classes must be >= 1, got {dim}, {num_classes}")
@@ -227,8 +329,12 @@ class EmbeddingBank:
         if index == "ivfpq" and (pq_bytes < 1 or dim % pq_bytes):
             raise BankError(f"pq_bytes must divide dim={dim} (a PQ sub-vector per byte), got {pq_bytes}; "
                             f"e.g. {max(b for b in range(1, min(dim, 64) + 1) if dim % b == 0)}")
-        if rerank < 0:
-            raise BankError(f"rerank must be >= 0, got {rerank}")
+        if rerank < 0 or (refresh_rerank is not None and refresh_rerank < 0):
+            raise BankError(f"rerank and refresh_rerank must be >= 0, got {rerank}, {refresh_rerank}")
+        if refresh_nprobe is not None and refresh_nprobe < 1:
+            raise BankError(f"refresh_nprobe must be >= 1 (or None: nprobe), got {refresh_nprobe}")
+        self.refresh_rerank = None if refresh_rerank is None else int(refresh_rerank)
+        self.refresh_nprobe = None if refresh_nprobe is None else int(refresh_nprobe)
         self.storage: Storage = storage
         self._dtype = np.float16 if storage == "float16" else np.float32
         self.pq_bytes = int(pq_bytes)
@@ -249,10 +355,13 @@ class EmbeddingBank:
             with open(self.storage_path, "wb"):
                 pass  # created or emptied: this bank's file from now on
             self._resize_slots(1)
-        self._labels = np.zeros(0, dtype=np.int64)
-        self._steps = np.zeros(0, dtype=np.int64)
-        self._ids = np.zeros(0, dtype=np.int64)
-        self._slot_of: dict[int, int] = {}
+        # Per-slot metadata in the narrowest dtypes that hold it (int16 labels below 32768 classes,
+        # int32 ids and steps, widened to int64 by the first value past int32): 10 B a slot, and the
+        # id -> slot table 4 B an id; reads return int64.
+        self._labels = np.zeros(0, dtype=np.int16 if self.num_classes <= np.iinfo(np.int16).max else np.int32)
+        self._steps = np.zeros(0, dtype=np.int32)
+        self._ids = np.zeros(0, dtype=np.int32)
+        self._slot_of = SlotMap()
         # Running per-class sums (float64) and counts, kept by upsert/remove: class_means() is O(K*D).
         self._class_sums = np.zeros((self.num_classes, self.dim), dtype=np.float64)
         self._class_counts = np.zeros(self.num_classes, dtype=np.int64)
@@ -307,9 +416,11 @@ class EmbeddingBank:
 
     def reserve(self, n: int) -> None:
         """Allocate slots for ``n`` samples now (a bank about to receive ``n`` rows: one allocation,
-        no doubling copies of a large slot array)."""
+        no doubling copies of a large slot array, and no slack of one: the metadata and the id -> slot
+        table are sized to ``n`` too)."""
         with self._lock.write():
             self._ensure_capacity(int(n))
+            self._slot_of.reserve(int(n))
 
     @property
     def _torch_dtype(self) -> torch.dtype:
@@ -335,12 +446,12 @@ class EmbeddingBank:
         """Bytes this process holds for the bank: ``vectors`` (the slot array, the GPU copy not
         counted; 0 when they live in ``storage_path``, then given as ``vectors_on_disk``), ``index``
         (an ANN index's own storage), ``metadata`` (ids, labels, steps, the
-        id -> slot map, class sums) and ``total``."""
+        id -> slot map, class sums) and ``total`` (RAM: ``vectors_on_disk`` is not in it)."""
         with self._lock.read():
             on_disk = isinstance(self._vectors, np.memmap)
             vectors = 0 if on_disk else int(self._vectors.nbytes)
             meta = int(self._labels.nbytes + self._steps.nbytes + self._ids.nbytes + self._class_sums.nbytes
-                       + self._class_counts.nbytes) + _DICT_BYTES_PER_ITEM * len(self._slot_of)
+                       + self._class_counts.nbytes + self._slot_of.nbytes)
             index = _index_bytes(self._ann) if self._ann is not None else 0
         out = {"vectors": vectors, "index": index, "metadata": meta, "total": vectors + index + meta}
         if on_disk:
@@ -362,14 +473,15 @@ class EmbeddingBank:
     def _upsert_valid(self, ids_np: np.ndarray, vec: np.ndarray, lab: np.ndarray, step: int) -> None:
         """:meth:`upsert` of validated, normalised rows with unique ids (a sharded bank's owned rows)."""
         with self._lock.write():
-            get = self._slot_of.get
-            slots = np.fromiter((get(i, -1) for i in ids_np.tolist()), dtype=np.int64, count=len(ids_np))
+            slots = self._slot_of.get(ids_np)
             new_mask = slots < 0
             n_new = int(new_mask.sum())
             slots[new_mask] = self._size + np.arange(n_new)
             self._ensure_capacity(self._size + n_new)
-            new_slots = slots[new_mask]
-            self._slot_of.update(zip(ids_np[new_mask].tolist(), new_slots.tolist()))
+            self._slot_of.add(ids_np[new_mask], slots[new_mask], capacity=len(self._vectors))
+            if len(ids_np):
+                self._ids = _widen(self._ids, int(ids_np.max()))
+            self._steps = _widen(self._steps, int(step))
             old = slots[~new_mask]  # replaced samples leave their old class sums first
             np.subtract.at(self._class_sums, self._labels[old], self._vectors[old].astype(np.float64))
             np.subtract.at(self._class_counts, self._labels[old], 1)
@@ -390,8 +502,9 @@ class EmbeddingBank:
         """Forget samples (O(N): compacts storage and rebuilds any ANN index). Returns how many."""
         ids_np = _to_numpy_i64(ids, "ids")
         with self._lock.write():
-            drop = [self._slot_of[i] for i in ids_np.tolist() if i in self._slot_of]
-            if not drop:
+            drop = np.unique(self._slot_of.get(ids_np))
+            drop = drop[drop >= 0]
+            if not len(drop):
                 return 0
             mask = np.ones(self._size, dtype=bool)
             mask[drop] = False
@@ -406,12 +519,12 @@ class EmbeddingBank:
             self._steps = self._steps[keep].copy()
             self._ids = self._ids[keep].copy()
             self._size = len(keep)
-            self._slot_of = {int(i): s for s, i in enumerate(self._ids.tolist())}
+            self._slot_of.reset(self._ids[: self._size])
             self._recount_classes()
             self._gpu_upload_all()
             self._ann, self._ann_kind = None, None
             self._maybe_build_ann()
-            return len(set(drop))
+            return len(drop)
 
     def rebuild(self) -> None:
         """Re-train and re-fill the ANN index from the current vectors (e.g. after drift)."""
@@ -466,7 +579,7 @@ class EmbeddingBank:
         self.flush()
         with self._lock.read():
             scores, slots = self._search_slots(q, k)
-            ids = np.where(slots >= 0, self._ids[np.clip(slots, 0, None)], -1)
+            ids = np.where(slots >= 0, self._ids[np.clip(slots, 0, None)], -1).astype(np.int64)
         return scores, ids
 
     def search_with_labels(
@@ -475,28 +588,31 @@ class EmbeddingBank:
         """Like :meth:`search`, also returning the neighbours' labels (``-1`` for missing)."""
         return self._search_labelled(self._validate_queries(queries), k)
 
-    def _search_labelled(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`search_with_labels` of validated, normalised queries."""
+    def _search_labelled(self, q: np.ndarray, k: int, refresh: bool = False
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search_with_labels` of validated, normalised queries (``refresh``: with the
+        refresh-only ``refresh_rerank`` / ``refresh_nprobe``)."""
         self.flush()
         with self._lock.read():
-            scores, slots = self._search_slots(q, k)
+            scores, slots = self._search_slots(q, k, refresh)
             valid = slots >= 0
             safe = np.clip(slots, 0, None)
-            ids = np.where(valid, self._ids[safe], -1)
-            labels = np.where(valid, self._labels[safe], -1)
+            ids = np.where(valid, self._ids[safe], -1).astype(np.int64)
+            labels = np.where(valid, self._labels[safe], -1).astype(np.int64)
         return scores, ids, labels
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Copies of (ids, vectors, labels, steps) taken under the read lock."""
         with self._lock.read():
             n = self._size
-            return (self._ids[:n].copy(), self._vectors[:n].copy(), self._labels[:n].copy(), self._steps[:n].copy())
+            return (self._ids[:n].astype(np.int64), self._vectors[:n].copy(), self._labels[:n].astype(np.int64),
+                    self._steps[:n].astype(np.int64))
 
     def ids_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the stored sample ids and their labels (no vectors: cheap)."""
         with self._lock.read():
             n = self._size
-            return self._ids[:n].copy(), self._labels[:n].copy()
+            return self._ids[:n].astype(np.int64), self._labels[:n].astype(np.int64)
 
     def lookup(self, ids: Tensor | np.ndarray | list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(ids, vectors, labels)`` copies of those of ``ids`` still stored (unknown ids skipped).
@@ -506,11 +622,10 @@ class EmbeddingBank:
         """
         ids_np = _to_numpy_i64(ids, "ids")
         with self._lock.read():
-            get = self._slot_of.get
-            slots = np.fromiter((get(i, -1) for i in ids_np.tolist()), dtype=np.int64, count=len(ids_np))
+            slots = self._slot_of.get(ids_np)
             keep = slots >= 0
             slots = slots[keep]
-            return ids_np[keep], self._vectors[slots].astype(np.float32), self._labels[slots].copy()
+            return ids_np[keep], self._vectors[slots].astype(np.float32), self._labels[slots].astype(np.int64)
 
     # ------------------------------------------------------------------ refresh hooks
     # The confusion refresh talks to the bank through these, so that a sharded bank
@@ -523,13 +638,14 @@ class EmbeddingBank:
     def search_many(self, queries: Tensor | np.ndarray, k: int, chunk: int = 64
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`search_with_labels` of many queries, ``chunk`` per search so an upsert waits for
-        one chunk at most; on the GPU all queries go in one call (one short GPU search)."""
+        one chunk at most; on the GPU all queries go in one call (one short GPU search). The
+        refresh's search: an IVF / IVF-PQ index answers with ``refresh_nprobe`` / ``refresh_rerank``."""
         q = self._validate_queries(queries)
         if self.on_gpu and self._ann is None and k <= GPU_MAX_K:
             chunk = max(1, len(q))
         if len(q) == 0:
             return (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int64))
-        parts = [self._search_labelled(q[i : i + chunk], k) for i in range(0, len(q), chunk)]
+        parts = [self._search_labelled(q[i : i + chunk], k, refresh=True) for i in range(0, len(q), chunk)]
         return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
 
     def reduce_sum(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -557,18 +673,18 @@ class EmbeddingBank:
                 end = min(self._size, start + chunk)
                 if start >= end:
                     return
-                visit(self._ids[start:end], self._vectors[start:end], self._labels[start:end])
+                visit(self._ids[start:end].astype(np.int64), self._vectors[start:end],
+                      self._labels[start:end].astype(np.int64))
             start = end
 
     def get(self, ids: Tensor | np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
         """(vectors, labels) of known ids; unknown ids raise :class:`KeyError`."""
         ids_np = _to_numpy_i64(ids, "ids")
         with self._lock.read():
-            missing = [i for i in ids_np.tolist() if i not in self._slot_of]
-            if missing:
-                raise KeyError(f"sample ids not in the bank: {missing[:10]}")
-            slots = np.array([self._slot_of[i] for i in ids_np.tolist()], dtype=np.int64)
-            return self._vectors[slots].astype(np.float32), self._labels[slots].copy()
+            slots = self._slot_of.get(ids_np)
+            if (slots < 0).any():
+                raise KeyError(f"sample ids not in the bank: {ids_np[slots < 0][:10].tolist()}")
+            return self._vectors[slots].astype(np.float32), self._labels[slots].astype(np.int64)
 
     def __contains__(self, sample_id: int) -> bool:
         return int(sample_id) in self._slot_of
@@ -597,6 +713,8 @@ class EmbeddingBank:
             "storage": self.storage,
             "pq_bytes": self.pq_bytes,
             "rerank": self.rerank,
+            "refresh_rerank": self.refresh_rerank,
+            "refresh_nprobe": self.refresh_nprobe,
             "ids": torch.from_numpy(ids),
             "vectors": torch.from_numpy(vecs),
             "labels": torch.from_numpy(labels),
@@ -623,11 +741,12 @@ class EmbeddingBank:
             else:
                 self._resize_slots(max(n, 1))
                 self._vectors[:n] = np.asarray(state["vectors"]).astype(self._dtype)
-            self._labels = np.asarray(state["labels"], dtype=np.int64).copy()
-            self._steps = np.asarray(state["steps"], dtype=np.int64).copy()
-            self._ids = ids.copy()
+            steps = np.asarray(state["steps"], dtype=np.int64)
+            self._labels = np.asarray(state["labels"]).astype(self._labels.dtype)
+            self._steps = steps.astype(_widen(np.zeros(0, np.int32), int(np.abs(steps).max()) if n else 0).dtype)
+            self._ids = ids.astype(_widen(np.zeros(0, np.int32), int(ids.max()) if n else 0).dtype)
             self._size = n
-            self._slot_of = {int(i): s for s, i in enumerate(ids.tolist())}
+            self._slot_of.reset(ids)
             self._recount_classes()
             self._gpu_upload_all()
             self._ann, self._ann_kind = None, None
@@ -638,7 +757,9 @@ class EmbeddingBank:
         bank = cls(int(state["dim"]), int(state["num_classes"]), state["metric"], state["index"],
                    int(state["ivf_threshold"]), int(state["nprobe"]), use_gpu=use_gpu,
                    storage=state.get("storage", "float32"), pq_bytes=int(state.get("pq_bytes", 32)),
-                   rerank=int(state.get("rerank", 32)))
+                   rerank=int(state.get("rerank", 32)),
+                   refresh_rerank=state.get("refresh_rerank", DEFAULT_REFRESH_RERANK),
+                   refresh_nprobe=state.get("refresh_nprobe"))
         bank.load_state_dict(state)
         return bank
 
@@ -684,22 +805,22 @@ class EmbeddingBank:
         sums = torch.zeros(self.num_classes, self.dim, dtype=torch.float64)
         for start in range(0, n, 65_536):  # chunked: no float64 copy of a whole large bank
             end = min(n, start + 65_536)
-            sums.index_add_(0, torch.from_numpy(self._labels[start:end]),
+            sums.index_add_(0, torch.from_numpy(self._labels[start:end].astype(np.int64)),
                             torch.from_numpy(self._vectors[start:end]).double())
         self._class_sums = sums.numpy()
         self._class_counts = np.bincount(self._labels[:n], minlength=self.num_classes).astype(np.int64)
 
     def _ensure_capacity(self, n: int) -> None:
         cap = len(self._vectors)
-        if n <= cap:
-            return
-        new_cap = max(n, 2 * cap, 1024)
-        self._resize_slots(new_cap)
-        for name in ("_labels", "_steps", "_ids"):
-            old = getattr(self, name)
-            arr = np.zeros(new_cap, dtype=np.int64)
-            arr[: self._size] = old[: self._size]
-            setattr(self, name, arr)
+        if n > cap:
+            cap = max(n, 2 * cap, 1024)
+            self._resize_slots(cap)
+        if len(self._ids) < cap:  # the metadata as long as the slot array (a file may be longer already)
+            for name in ("_labels", "_steps", "_ids"):
+                old = getattr(self, name)
+                arr = np.zeros(cap, dtype=old.dtype)
+                arr[: self._size] = old[: self._size]
+                setattr(self, name, arr)
 
     def _resize_slots(self, rows: int) -> None:
         """Make the slot array ``rows`` long, keeping what its first rows hold (in RAM: a copy; in a
@@ -775,7 +896,7 @@ class EmbeddingBank:
         h.add(_f32(self._vectors[: self._size]))
         self._ann, self._ann_kind, self._hnsw_stale = h, "hnsw", False
 
-    def _search_slots(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_slots(self, q: np.ndarray, k: int, refresh: bool = False) -> tuple[np.ndarray, np.ndarray]:
         if k < 1:
             raise BankError(f"k must be >= 1, got {k}")
         n = self._size
@@ -785,17 +906,22 @@ class EmbeddingBank:
             # Readers may not write; stale graphs answer exactly until the next rebuild().
             return self._exact(q, k)
         if self._ann is not None:
-            if self._ann_kind == "ivf" and self._ivf_pq and self.rerank > 0:
-                return self._reranked(q, k)
-            scores, slots = self._ann.search(q, k)
+            params = None
+            if self._ann_kind == "ivf" and refresh and self.refresh_nprobe not in (None, self._nprobe):
+                params = faiss.SearchParametersIVF(nprobe=self.refresh_nprobe)  # per call: thread-safe
+            if self._ann_kind == "ivf" and self._ivf_pq:
+                rerank = self.refresh_rerank if refresh and self.refresh_rerank is not None else self.rerank
+                if rerank > 0:
+                    return self._reranked(q, k, rerank, params)
+            scores, slots = self._ann.search(q, k, params=params)
             return scores, slots
         return self._exact(q, k)
 
-    def _reranked(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _reranked(self, q: np.ndarray, k: int, rerank: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """IVF-PQ candidates (``rerank * k``, at most ``k + RERANK_EXTRA_MAX``) re-scored exactly
         against the stored vectors."""
-        kk = min(self._size, self.rerank * k, k + RERANK_EXTRA_MAX)
-        _, cand = self._ann.search(q, kk)
+        kk = min(self._size, rerank * k, k + RERANK_EXTRA_MAX)
+        _, cand = self._ann.search(q, kk, params=params)
         valid = cand >= 0
         vec = self._vectors[np.clip(cand, 0, None)].astype(np.float32)  # (Q, kk, D)
         exact = np.einsum("qd,qkd->qk", q, vec)
@@ -922,6 +1048,14 @@ class BankOptions:
     bank_pq_bytes: int = 32
     bank_rerank: int = 32
     bank_storage_path: Optional[str] = None  # keep the vectors in this file (memory-mapped), not in RAM
+    # The confusion refresh's searches only (few queries: a deeper search is cheap there; training-time
+    # searches keep bank_rerank / nprobe): 128 x k re-ranked makes an IVF-PQ refresh's neighbours
+    # an exact search's (benchmarks/README.md). None: bank_rerank / nprobe.
+    bank_refresh_rerank: Optional[int] = 128
+    bank_refresh_nprobe: Optional[int] = None
+    # Slots allocated when the bank is made (e.g. the dataset's length): a bank grown by doubling
+    # may hold up to 2x the slots, metadata and id -> slot table it needs; None: grow as samples come.
+    bank_reserve: Optional[int] = None
 
     def __post_init__(self) -> None:
         from hardneg._checks import ConfigError, choice, int_at_least
@@ -936,6 +1070,12 @@ class BankOptions:
         choice(self, "bank_storage", ("float32", "float16"))
         int_at_least(self, "bank_pq_bytes", 1)
         int_at_least(self, "bank_rerank", 0)
+        if self.bank_refresh_rerank is not None:
+            int_at_least(self, "bank_refresh_rerank", 0)
+        if self.bank_refresh_nprobe is not None:
+            int_at_least(self, "bank_refresh_nprobe", 1)
+        if self.bank_reserve is not None:
+            int_at_least(self, "bank_reserve", 0)
         if self.index == "ivfpq" and self.embedding_dim is not None and self.embedding_dim % self.bank_pq_bytes:
             raise ConfigError(f"bank_pq_bytes={self.bank_pq_bytes} must divide embedding_dim={self.embedding_dim} "
                               "(one PQ sub-vector per byte)")
@@ -944,11 +1084,16 @@ class BankOptions:
         """An empty bank of ``dim``-dimensional embeddings with these settings (sharded over the ranks
         of a torch.distributed run when ``bank_sharding`` is on)."""
         storage = {"storage": self.bank_storage, "pq_bytes": self.bank_pq_bytes, "rerank": self.bank_rerank,
-                   "storage_path": self.bank_storage_path}
+                   "storage_path": self.bank_storage_path, "refresh_rerank": self.bank_refresh_rerank,
+                   "refresh_nprobe": self.bank_refresh_nprobe}
         if self.bank_sharding != "off":
             from hardneg.sharded_bank import ShardedEmbeddingBank
 
-            return ShardedEmbeddingBank(dim, num_classes, self.metric, self.index, self.ivf_threshold, self.nprobe,
-                                        self.use_gpu_index, **storage)
-        return EmbeddingBank(dim, num_classes, self.metric, self.index, self.ivf_threshold, self.nprobe,
-                             self.use_gpu_index, **storage)
+            bank: Any = ShardedEmbeddingBank(dim, num_classes, self.metric, self.index, self.ivf_threshold,
+                                             self.nprobe, self.use_gpu_index, **storage)
+        else:
+            bank = EmbeddingBank(dim, num_classes, self.metric, self.index, self.ivf_threshold, self.nprobe,
+                                 self.use_gpu_index, **storage)
+        if self.bank_reserve:
+            bank.reserve(self.bank_reserve)
+        return bank

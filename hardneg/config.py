@@ -144,6 +144,14 @@ class HardNegConfig:
     bank_pq_bytes: int = 32
     bank_rerank: int = 32
     bank_storage_path: Optional[str] = None  # keep the vectors in this file (memory-mapped), not in RAM
+    # The confusion refresh's searches only (few queries: a deeper search is cheap there; training-time
+    # searches keep bank_rerank / nprobe): 128 x k re-ranked makes an IVF-PQ refresh's neighbours
+    # an exact search's (benchmarks/README.md). None: bank_rerank / nprobe.
+    bank_refresh_rerank: Optional[int] = 128
+    bank_refresh_nprobe: Optional[int] = None
+    # Slots allocated when the bank is made (e.g. the dataset's length): a bank grown by doubling
+    # may hold up to 2x the slots, metadata and id -> slot table it needs; None: grow as samples come.
+    bank_reserve: Optional[int] = None
     # --- confusion mining -----------------------------------------------------------------
     knn_k: int = 10
     # steps between confusion refreshes (and generation requests); "auto": a quarter epoch, at most 50

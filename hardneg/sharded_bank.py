@@ -36,13 +36,14 @@ import torch
 from torch import Tensor
 
 from hardneg.bank import (
-    _DICT_BYTES_PER_ITEM,
     BankError,
     EmbeddingBank,
     IndexKind,
     Metric,
+    SlotMap,
     _last_occurrence,
     _to_numpy_i64,
+    _widen,
 )
 
 __all__ = ["ShardedEmbeddingBank", "ShardingError"]
@@ -96,10 +97,11 @@ class ShardedEmbeddingBank:
         self.dim, self.num_classes, self.metric = self.shard.dim, self.shard.num_classes, self.shard.metric
         self._meta_lock = threading.Lock()
         self._size = 0
-        self._ids = np.zeros(0, dtype=np.int64)
-        self._labels = np.zeros(0, dtype=np.int64)
-        self._steps = np.zeros(0, dtype=np.int64)
-        self._slot_of: dict[int, int] = {}
+        # every rank's samples, in the compact dtypes of the shard's own metadata (reads give int64)
+        self._ids = np.zeros(0, dtype=np.int32)
+        self._labels = np.zeros(0, dtype=self.shard._labels.dtype)
+        self._steps = np.zeros(0, dtype=np.int32)
+        self._slot_of = SlotMap()
         self._counts = np.zeros(self.num_classes, dtype=np.int64)
 
     # ------------------------------------------------------------------ properties
@@ -151,10 +153,13 @@ class ShardedEmbeddingBank:
         shard = self.shard.memory_bytes()
         with self._meta_lock:
             meta = int(self._ids.nbytes + self._labels.nbytes + self._steps.nbytes + self._counts.nbytes
-                       + _DICT_BYTES_PER_ITEM * len(self._slot_of))
+                       + self._slot_of.nbytes)
         meta += shard["metadata"]
-        return {"vectors": shard["vectors"], "index": shard["index"], "metadata": meta,
-                "total": shard["vectors"] + shard["index"] + meta}
+        out = {"vectors": shard["vectors"], "index": shard["index"], "metadata": meta,
+               "total": shard["vectors"] + shard["index"] + meta}
+        if "vectors_on_disk" in shard:  # this rank's file (storage_path.rank<r>)
+            out["vectors_on_disk"] = shard["vectors_on_disk"]
+        return out
 
     # ------------------------------------------------------------------ writing (local)
     def upsert(self, ids: Tensor | np.ndarray | list, embeddings: Tensor | np.ndarray,
@@ -163,13 +168,15 @@ class ShardedEmbeddingBank:
         every rank must upsert the same rows (the gathered batch)."""
         ids_np, vec, lab = _last_occurrence(*self.shard._validate(ids, embeddings, labels))
         with self._meta_lock:
-            get = self._slot_of.get
-            slots = np.fromiter((get(i, -1) for i in ids_np.tolist()), dtype=np.int64, count=len(ids_np))
+            slots = self._slot_of.get(ids_np)
             new = slots < 0
             n_new = int(new.sum())
             slots[new] = self._size + np.arange(n_new)
             self._grow(self._size + n_new)
-            self._slot_of.update(zip(ids_np[new].tolist(), slots[new].tolist()))
+            self._slot_of.add(ids_np[new], slots[new], capacity=len(self._ids))
+            if len(ids_np):
+                self._ids = _widen(self._ids, int(ids_np.max()))
+            self._steps = _widen(self._steps, int(step))
             np.subtract.at(self._counts, self._labels[slots[~new]], 1)
             np.add.at(self._counts, lab, 1)
             self._ids[slots], self._labels[slots], self._steps[slots] = ids_np, lab, int(step)
@@ -181,15 +188,23 @@ class ShardedEmbeddingBank:
         """Forget samples on this rank (O(N)); every rank removes the same ids. Returns how many."""
         ids_np = _to_numpy_i64(ids, "ids")
         with self._meta_lock:
-            drop = sorted({self._slot_of[i] for i in ids_np.tolist() if i in self._slot_of})
-            if drop:
+            drop = np.unique(self._slot_of.get(ids_np))
+            drop = drop[drop >= 0]
+            if len(drop):
                 keep = np.setdiff1d(np.arange(self._size), drop)
                 self._ids, self._labels, self._steps = (a[keep].copy() for a in (self._ids, self._labels, self._steps))
                 self._size = len(keep)
-                self._slot_of = {int(i): s for s, i in enumerate(self._ids.tolist())}
+                self._slot_of.reset(self._ids)
                 self._counts = np.bincount(self._labels, minlength=self.num_classes).astype(np.int64)
         self.shard.remove(ids_np[self.owns(ids_np)])
         return len(drop)
+
+    def reserve(self, n: int) -> None:
+        """Allocate for ``n`` samples now: the replicated metadata for all, the shard for its ~n / W."""
+        with self._meta_lock:
+            self._grow(int(n))
+            self._slot_of.reserve(int(n))
+        self.shard.reserve(-(-int(n) // self.world))
 
     def rebuild(self) -> None:
         self.shard.rebuild()
@@ -208,7 +223,7 @@ class ShardedEmbeddingBank:
     def ids_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
         """Every rank's samples (ids, labels) in one-process bank order; not collective."""
         with self._meta_lock:
-            return self._ids[: self._size].copy(), self._labels[: self._size].copy()
+            return self._ids[: self._size].astype(np.int64), self._labels[: self._size].astype(np.int64)
 
     def class_counts(self) -> np.ndarray:
         with self._meta_lock:
@@ -245,7 +260,7 @@ class ShardedEmbeddingBank:
         if self.shard.on_gpu and self.shard._ann is None:
             chunk = max(1, len(q))
         rounds = int(self._all_reduce(torch.tensor([math.ceil(len(q) / chunk)], dtype=torch.int64), "max")[0])
-        parts = [self._search(q[r * chunk : (r + 1) * chunk], k) for r in range(rounds)]
+        parts = [self._search(q[r * chunk : (r + 1) * chunk], k, refresh=True) for r in range(rounds)]
         if not parts:
             return (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int64))
         return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
@@ -278,15 +293,15 @@ class ShardedEmbeddingBank:
     def get(self, ids: Tensor | np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
         """Collective (vectors, labels) of known ids from their owners; unknown ids raise KeyError."""
         ids_np = _to_numpy_i64(ids, "ids")
-        missing = [i for i in ids_np.tolist() if i not in self._slot_of]
-        if missing:
-            raise KeyError(f"sample ids not in the bank: {missing[:10]}")
+        missing = ids_np[self._slot_of.get(ids_np) < 0]
+        if len(missing):
+            raise KeyError(f"sample ids not in the bank: {missing[:10].tolist()}")
         return self._fetch(ids_np)
 
     def lookup(self, ids: Tensor | np.ndarray | list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Collective :meth:`EmbeddingBank.lookup`: the known ids' (ids, vectors, labels)."""
         ids_np = _to_numpy_i64(ids, "ids")
-        ids_np = ids_np[np.fromiter((i in self._slot_of for i in ids_np.tolist()), dtype=bool, count=len(ids_np))]
+        ids_np = ids_np[self._slot_of.get(ids_np) >= 0]
         vectors, labels = self._fetch(ids_np)
         return ids_np, vectors, labels
 
@@ -301,7 +316,7 @@ class ShardedEmbeddingBank:
         """Collective: (ids, vectors, labels, steps) of the whole bank on every rank (one-process order)."""
         with self._meta_lock:
             n = self._size
-            ids, labels, steps = self._ids[:n].copy(), self._labels[:n].copy(), self._steps[:n].copy()
+            ids, labels, steps = (a[:n].astype(np.int64) for a in (self._ids, self._labels, self._steps))
         vectors = np.zeros((n, self.dim), dtype=self.shard._dtype)
         for start in range(0, max(n, 1), _STATE_CHUNK):
             end = min(n, start + _STATE_CHUNK)
@@ -314,7 +329,8 @@ class ShardedEmbeddingBank:
         s = self.shard
         return {"dim": self.dim, "num_classes": self.num_classes, "metric": s.metric, "index": s.index_kind,
                 "ivf_threshold": s.ivf_threshold, "nprobe": s.nprobe, "storage": s.storage, "pq_bytes": s.pq_bytes,
-                "rerank": s.rerank, "ids": torch.from_numpy(ids),
+                "rerank": s.rerank, "refresh_rerank": s.refresh_rerank, "refresh_nprobe": s.refresh_nprobe,
+                "ids": torch.from_numpy(ids),
                 "vectors": torch.from_numpy(vecs), "labels": torch.from_numpy(labels), "steps": torch.from_numpy(steps)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -328,10 +344,12 @@ class ShardedEmbeddingBank:
                                     "steps": torch.as_tensor(state["steps"])[torch.from_numpy(mine)]})
         self.metric = self.shard.metric
         with self._meta_lock:
-            self._ids, self._labels = ids.copy(), labels.copy()
-            self._steps = np.asarray(state["steps"], dtype=np.int64).copy()
+            steps = np.asarray(state["steps"], dtype=np.int64)
+            self._ids = ids.astype(_widen(np.zeros(0, np.int32), int(ids.max()) if len(ids) else 0).dtype)
+            self._labels = labels.astype(self._labels.dtype)
+            self._steps = steps.astype(_widen(np.zeros(0, np.int32), int(np.abs(steps).max()) if len(ids) else 0).dtype)
             self._size = len(ids)
-            self._slot_of = {int(i): s for s, i in enumerate(ids.tolist())}
+            self._slot_of.reset(ids)
             self._counts = np.bincount(labels, minlength=self.num_classes).astype(np.int64)
 
     # ------------------------------------------------------------------ internals
@@ -341,7 +359,7 @@ class ShardedEmbeddingBank:
             return
         new_cap = max(n, 2 * cap, 1024)
         for name in ("_ids", "_labels", "_steps"):
-            arr = np.zeros(new_cap, dtype=np.int64)
+            arr = np.zeros(new_cap, dtype=getattr(self, name).dtype)
             arr[: self._size] = getattr(self, name)[: self._size]
             setattr(self, name, arr)
 
@@ -362,7 +380,7 @@ class ShardedEmbeddingBank:
         """Raise on every rank when the ranks recorded different samples (they upserted different rows)."""
         with self._meta_lock:
             n = self._size
-            mix = int((self._ids[:n] * 1_000_003 + self._labels[:n]).sum() % (2**61 - 1)) if n else 0
+            mix = int((self._ids[:n].astype(np.int64) * 1_000_003 + self._labels[:n]).sum() % (2**61 - 1)) if n else 0
         got = self._all_gather(torch.tensor([n, mix], dtype=torch.int64))
         if any(not torch.equal(g, got[0]) for g in got):
             raise ShardingError(
@@ -384,11 +402,12 @@ class ShardedEmbeddingBank:
             vectors[torch.from_numpy(mine)] = torch.from_numpy(vecs)
         vectors = self._all_reduce(vectors, "sum") if len(ids_np) else vectors
         with self._meta_lock:
-            labels = self._labels[[self._slot_of[i] for i in ids_np.tolist()]] if len(ids_np) else np.zeros(0, np.int64)
+            labels = self._labels[self._slot_of.get(ids_np)] if len(ids_np) else np.zeros(0, np.int64)
         return vectors.numpy(), np.asarray(labels, dtype=np.int64)
 
-    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One collective search round: gather queries, search the shard, gather and merge top-k."""
+    def _search(self, q: np.ndarray, k: int, refresh: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One collective search round: gather queries, search the shard, gather and merge top-k
+        (``refresh``: the shard's refresh-only search settings, as in ``EmbeddingBank.search_many``)."""
         counts = [int(c[0]) for c in self._all_gather(torch.tensor([len(q)], dtype=torch.int64))]
         top = max(counts)
         if top == 0:
@@ -396,7 +415,7 @@ class ShardedEmbeddingBank:
         padded = torch.zeros((top, self.dim), dtype=torch.float32)
         padded[: len(q)] = torch.from_numpy(q)
         every = torch.cat([g[:c] for g, c in zip(self._all_gather(padded), counts)]).numpy()
-        scores, ids, labels = self.shard._search_labelled(every, k)
+        scores, ids, labels = self.shard._search_labelled(every, k, refresh)
         scores_all = torch.stack(self._all_gather(torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))))
         meta_all = torch.stack(self._all_gather(torch.from_numpy(np.stack([ids, labels]).astype(np.int64))))
         start = sum(counts[: self.rank])

@@ -81,7 +81,9 @@ def test_bank_sharded_and_compressed_sections_quick(tmp_path):
     assert c["bytes_per_vector"]["ivfpq_index_per_vector"] <= 64
     assert 0.0 <= c["recall"]["rerank0"] <= c["recall"][f"rerank{c['rerank']}"] <= 1.0
     assert all(_positive(v) for v in c["refresh_s"].values()) and all(_positive(v) for v in c["update_ms"].values())
-    assert "| N | flat B/vec |" in data["compressed_table_markdown"]
+    assert c["bytes_per_vector"]["ivfpq_file"]["vectors"] == 0 and c["bytes_per_vector"]["ivfpq_file"]["total"] < 200
+    assert set(c["pairs_vs_exact"]) >= {"ivfpq_file", "ivfpq_ram", "exact_float16", "ivfpq_file_cold"}
+    assert "| N | bank |" in data["compressed_table_markdown"]
 
 
 def test_generator_quick(tmp_path):

@@ -102,7 +102,9 @@ def _rank_main(rank, world, port, out_dir):
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
         from hardneg.sharded_bank import ShardedEmbeddingBank
 
-        result = {"bank": _bank_run(ShardedEmbeddingBank(D, K, index="flat", use_gpu=False)),
+        sharded = ShardedEmbeddingBank(D, K, index="flat", use_gpu=False)
+        sharded.reserve(N)  # allocated up front (bank_reserve): the same results as a bank grown by doubling
+        result = {"bank": _bank_run(sharded),
                   "engine": _engine_run("id-mod")}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         torch.distributed.destroy_process_group()

@@ -1,0 +1,206 @@
+"""EmbeddingBank at scale: refresh-only search settings, the numpy id -> slot table, compact
+metadata and the memory split (benchmarks/README.md, "Compressed storage")."""
+
+import numpy as np
+import pytest
+import torch
+
+from hardneg.bank import BankError, BankOptions, EmbeddingBank, SlotMap
+from hardneg.confusion import ConfusionGraph
+
+
+def _modes(n, d=32, k=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k * 4, d, generator=g)
+    y = torch.arange(n) % k
+    mode = y * 4 + torch.randint(0, 4, (n,), generator=g)
+    return centres[mode] + 0.35 * torch.randn(n, d, generator=g), y
+
+
+def _recall(got, want):
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(got.tolist(), want.tolist())]))
+
+
+# ---------------------------------------------------------------------- refresh-only search settings
+def test_refresh_searches_rerank_deeper_than_training_time_searches():
+    n = 20_000
+    x, y = _modes(n)
+    flip = torch.rand(n, generator=torch.Generator().manual_seed(3)) < 0.2  # label noise: classes disagree
+    y = torch.where(flip, (y + 1) % 5, y)
+    exact = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16")
+    pq = EmbeddingBank(32, 5, index="ivfpq", ivf_threshold=n, use_gpu=False, storage="float16", pq_bytes=4,
+                       rerank=1, refresh_rerank=64)
+    for bank in (exact, pq):
+        bank.upsert(torch.arange(n), x, y)
+    q = x[:300] + 0.05
+    want = exact.search(q, 11)[1]
+    train_time = _recall(pq.search(q, 11)[1], want)  # search / search_with_labels: rerank=1
+    assert _recall(pq.search_with_labels(q, 11)[1], want) == train_time
+    refresh = _recall(pq.search_many(q, 11)[1], want)  # the refresh's search: refresh_rerank=64
+    assert train_time < 0.8 and refresh > 0.97 and refresh > train_time + 0.2
+    # the confusion refresh goes through search_many: its scores are the exact (same float16) bank's
+    refresh_scores = lambda bank: ConfusionGraph(5, knn_k=10, max_queries=500, seed=0).refresh(bank)  # noqa: E731
+    want_scores = refresh_scores(exact)
+    deep = np.abs(refresh_scores(pq) - want_scores).max()
+    # None: the refresh searches like training-time searches
+    pq.refresh_rerank = None
+    assert _recall(pq.search_many(q, 11)[1], want) == train_time
+    shallow = np.abs(refresh_scores(pq) - want_scores).max()
+    assert deep < 0.01 and shallow > 5 * deep  # the deep re-rank is what brings the scores to exact's
+
+
+def test_refresh_nprobe_applies_to_the_refresh_searches_of_an_ivf_bank_only():
+    n = 20_000
+    x, y = _modes(n)
+    exact = EmbeddingBank(32, 5, index="flat", use_gpu=False)
+    ivf = EmbeddingBank(32, 5, index="ivf", ivf_threshold=n, nprobe=1, use_gpu=False, refresh_nprobe=64)
+    for bank in (exact, ivf):
+        bank.upsert(torch.arange(n), x, y)
+    q = x[:300] + 0.05
+    want = exact.search(q, 10)[1]
+    train_time = _recall(ivf.search(q, 10)[1], want)
+    refresh = _recall(ivf.search_many(q, 10)[1], want)
+    assert refresh > 0.99 and refresh > train_time + 0.05
+    assert ivf.nprobe == 1 and ivf._ann.nprobe == 1  # a per-call setting: the index's own nprobe is untouched
+    with pytest.raises(BankError, match="refresh_nprobe"):
+        EmbeddingBank(32, 5, refresh_nprobe=0)
+
+
+def test_config_carries_the_refresh_settings_to_the_bank_and_its_state():
+    from hardneg import HardNegConfig
+
+    cfg = HardNegConfig(num_classes=5, embedding_dim=32, index="ivfpq", bank_storage="float16", bank_pq_bytes=8,
+                        bank_refresh_rerank=48, bank_refresh_nprobe=24)
+    bank = cfg.bank_options.make_bank(32, 5)
+    assert (bank.refresh_rerank, bank.refresh_nprobe) == (48, 24)
+    assert BankOptions().bank_refresh_rerank == 128 and BankOptions().bank_refresh_nprobe is None
+    restored = EmbeddingBank.from_state_dict(bank.state_dict(), use_gpu=False)
+    assert (restored.refresh_rerank, restored.refresh_nprobe) == (48, 24)
+    reserved = HardNegConfig(num_classes=5, embedding_dim=32, bank_reserve=5_000).bank_options.make_bank(32, 5)
+    assert reserved.capacity == 5_000 and reserved._slot_of.nbytes == 4 * 5_000
+    x, y = _modes(5_000)
+    reserved.upsert(torch.arange(5_000), x, y)
+    assert reserved.capacity == 5_000 and reserved._slot_of.nbytes == 4 * 5_000  # no growth, no slack
+
+
+# ---------------------------------------------------------------------- id -> slot table
+def test_slot_table_answers_like_a_dict_and_falls_back_to_one_for_sparse_ids():
+    table = SlotMap()
+    ref: dict[int, int] = {}
+    rng = np.random.default_rng(0)
+    for step in range(50):
+        ids = np.unique(rng.integers(0, 5_000, size=200))
+        ids = ids[[i not in ref for i in ids.tolist()]]
+        slots = len(ref) + np.arange(len(ids))
+        table.add(ids, slots)
+        ref.update(zip(ids.tolist(), slots.tolist()))
+    probe = np.arange(-0, 6_000)
+    np.testing.assert_array_equal(table.get(probe), [ref.get(i, -1) for i in probe.tolist()])
+    assert table.dense and table.nbytes <= 4 * 2 * 5_000 and len(table) == len(ref)
+    assert table._table.dtype == np.int32
+    sparse = SlotMap(dense_min=10_000)
+    sparse.add(np.array([3, 7]), np.array([0, 1]))
+    sparse.add(np.array([2**40, 5]), np.array([2, 3]))  # a hash-like id: a table would need 2**40 entries
+    assert not sparse.dense
+    assert sparse.get(np.array([3, 7, 2**40, 5, 4])).tolist() == [0, 1, 2, 3, -1]
+    sparse.reset(np.array([9, 2**40]))
+    assert sparse.get(np.array([9, 2**40, 3])).tolist() == [0, 1, -1]
+
+
+def _ops(bank, x, y):
+    """Upserts (new and re-observed ids, shuffled), removals, re-inserts: a reference dict model alongside."""
+    rng = np.random.default_rng(1)
+    ref: dict[int, tuple[int, int]] = {}  # id -> (row of x, step)
+    for step in range(1, 40):
+        ids = rng.choice(4_000, size=128, replace=False) * 3 + 1  # gaps: ids are not slots
+        rows = rng.integers(0, len(x), size=128)
+        bank.upsert(ids, x[rows], y[rows], step=step)
+        ref.update({int(i): (int(r), step) for i, r in zip(ids, rows)})
+        if step % 10 == 0:
+            gone = rng.choice(sorted(ref), size=50, replace=False)
+            assert bank.remove(np.concatenate([gone, gone[:5], [10**6 + 1]])) == 50  # repeats, unknown ids
+            for i in gone.tolist():
+                del ref[i]
+    return ref
+
+
+def _check_against(bank, ref, x, y):
+    ids = np.array(sorted(ref))
+    vec, lab = bank.get(ids)
+    rows = np.array([ref[i][0] for i in ids.tolist()])
+    want = torch.nn.functional.normalize(x[rows], dim=1).numpy()
+    np.testing.assert_allclose(vec, want, atol=1e-5)
+    assert lab.dtype == np.int64 and lab.tolist() == y[rows].tolist()
+    s_ids, _, s_lab, s_steps = bank.snapshot()
+    assert s_ids.dtype == s_lab.dtype == s_steps.dtype == np.int64
+    assert dict(zip(s_ids.tolist(), s_steps.tolist())) == {i: s for i, (_, s) in ref.items()}
+    assert len(bank) == len(ref) and all(i in bank for i in ids[:50].tolist()) and 0 not in bank
+    found = bank.search(x[rows[:20]], 1)[1][:, 0]
+    assert found.dtype == np.int64 and set(found.tolist()) <= set(ref)
+    with pytest.raises(KeyError, match="not in the bank"):
+        bank.get([0])
+    np.testing.assert_array_equal(bank.lookup(np.array([0, ids[3], 2, -1]))[0], [ids[3]])
+    assert -1 not in bank
+
+
+def test_numpy_slot_table_keeps_ids_through_reupserts_removals_and_state_loads(tmp_path):
+    x, y = _modes(1_000)
+    bank = EmbeddingBank(32, 5, index="flat", use_gpu=False)
+    ref = _ops(bank, x, y)
+    _check_against(bank, ref, x, y)
+    assert bank._slot_of.dense and bank._ids.dtype == np.int32 and bank._labels.dtype == np.int16
+    assert bank._steps.dtype == np.int32
+    state = bank.state_dict()
+    assert state["ids"].dtype == state["labels"].dtype == state["steps"].dtype == torch.int64  # format unchanged
+    _check_against(EmbeddingBank.from_state_dict(state, use_gpu=False), ref, x, y)
+    on_disk = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage_path=str(tmp_path / "v"))
+    on_disk.upsert([5], x[:1], y[:1])  # a file-backed bank's first upsert of a single id
+    on_disk.load_state_dict(state)
+    _check_against(on_disk, ref, x, y)
+    on_disk.remove([sorted(ref)[0]])
+    on_disk.upsert([777_777], x[:1], y[:1])  # a new id after a compaction of the file
+    assert 777_777 in on_disk and sorted(ref)[0] not in on_disk
+
+
+def test_checkpoints_of_the_dict_era_still_load():
+    x, y = _modes(300)
+    old = {"dim": 32, "num_classes": 5, "metric": "cosine", "index": "flat", "ivf_threshold": 50_000, "nprobe": 16,
+           "ids": torch.arange(300, dtype=torch.int64) * 7, "vectors": torch.nn.functional.normalize(x, dim=1),
+           "labels": y.to(torch.int64), "steps": torch.full((300,), 3, dtype=torch.int64)}  # no storage / refresh keys
+    bank = EmbeddingBank.from_state_dict(old, use_gpu=False)
+    assert bank.refresh_rerank == 128 and bank.refresh_nprobe is None and bank.storage == "float32"
+    assert bank.search(x[[10]], 1)[1].tolist() == [[70]] and bank.get([70])[1].tolist() == [int(y[10])]
+
+
+def test_large_ids_and_steps_widen_the_metadata_to_int64():
+    x, y = _modes(10)
+    bank = EmbeddingBank(32, 5, index="flat", use_gpu=False)
+    bank.upsert(np.arange(5), x[:5], y[:5], step=2**31 + 5)
+    bank.upsert(np.array([2**40, 2**33]), x[5:7], y[5:7])
+    assert bank._ids.dtype == np.int64 and bank._steps.dtype == np.int64 and not bank._slot_of.dense
+    assert bank.search(x[[5]], 1)[1].tolist() == [[2**40]]
+    ids, _, _, steps = bank.snapshot()
+    assert dict(zip(ids.tolist(), steps.tolist()))[3] == 2**31 + 5
+    restored = EmbeddingBank.from_state_dict(bank.state_dict(), use_gpu=False)
+    assert restored.get([2**33])[1].tolist() == [int(y[6])] and 2**40 in restored
+
+
+# ---------------------------------------------------------------------- memory split
+def test_memory_bytes_split_index_metadata_and_vectors_in_ram_or_in_the_file(tmp_path):
+    n, d = 6_000, 32
+    x, y = _modes(n, d)
+    ram = EmbeddingBank(d, 5, index="ivfpq", ivf_threshold=n, use_gpu=False, storage="float16", pq_bytes=8)
+    disk = EmbeddingBank(d, 5, index="ivfpq", ivf_threshold=n, use_gpu=False, storage="float16", pq_bytes=8,
+                         storage_path=str(tmp_path / "bank.f16"))
+    for bank in (ram, disk):
+        bank.reserve(n)
+        bank.upsert(torch.arange(n), x, y)
+    m_ram, m_disk = ram.memory_bytes(), disk.memory_bytes()
+    assert m_ram["vectors"] == n * d * 2 and "vectors_on_disk" not in m_ram
+    assert m_disk["vectors"] == 0 and m_disk["vectors_on_disk"] == n * d * 2
+    assert m_disk["index"] == m_ram["index"] and m_disk["metadata"] == m_ram["metadata"]
+    assert m_disk["total"] == m_disk["index"] + m_disk["metadata"]
+    # ids int32 + labels int16 + steps int32 + the id -> slot table int32: 14 B a sample, + class sums
+    assert 14 * n <= m_disk["metadata"] <= 14 * n + 5 * d * 8 + 5 * 8
+    per_vector_index = 8 + 8 + 8  # PQ code + list id + direct map entry
+    assert per_vector_index * n <= m_disk["index"] <= per_vector_index * n + 4 * d * ram.nlist + 256 * d * 4 + 64
