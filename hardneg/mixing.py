@@ -26,6 +26,7 @@ from torch import Tensor
 
 from hardneg.buffer import SyntheticSample
 from hardneg.labels import soft_targets
+from hardneg.observer import numpy_ok
 
 MixMode = Literal["append", "substitute"]
 
@@ -229,16 +230,12 @@ def prepare_mix(synthetic: SyntheticSample, n: int, layout: MixLayout) -> Prepar
     return PreparedMix(x, y, weights, mask, int(n), n_real, layout, soft_from_ids, pairs)
 
 
-_NUMPY_COPY = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8)
-
-
 def _copy_rows(dst: Tensor, src: Tensor, n: int) -> None:
     """``dst[:n] = src[:n]``; CPU tensors numpy knows are copied by numpy on the calling thread (one
     memcpy, no OpenMP team waiting for cores the training step or the worker holds)."""
     if n <= 0:
         return
-    if dst.device.type == src.device.type == "cpu" and dst.dtype == src.dtype and dst.dtype in _NUMPY_COPY \
-            and not src.requires_grad:
+    if dst.dtype == src.dtype and numpy_ok(src) and numpy_ok(dst):
         import numpy as np
 
         np.copyto(dst[:n].numpy(), src[:n].numpy())

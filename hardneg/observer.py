@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Background", "Staged", "any_bad", "finite_sum", "numpy_ok", "stage"]
+__all__ = ["Background", "Staged", "any_bad", "finite_array", "finite_sum", "numpy_ok", "stage"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,24 @@ def numpy_ok(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad
 
 
+def finite_array(a: np.ndarray) -> bool:
+    """True when the array ``a`` may be all finite: its sum of squares (one BLAS dot, ~5 us for a
+    128 x 512 batch; a float32 sum for other dtypes) is finite. NaN and inf always make it not
+    finite; an overflow of finite values (|x| > ~1e19 in float32) does too, and then the caller's
+    exact check finds nothing wrong."""
+    flat = a.reshape(-1)
+    if flat.dtype in (np.float32, np.float64):
+        return bool(np.isfinite(np.dot(flat, flat)))
+    return bool(np.isfinite(np.sum(flat, dtype=np.float32)))
+
+
 def finite_sum(t: Tensor) -> Tensor:
     """A boolean scalar on ``t``'s device: True when the float32 sum of ``t`` is not finite (so
     some element may not be; an overflowing sum of finite values also sets it, and the caller then
-    checks exactly). One pass, no mask; CPU tensors are summed by numpy on the calling thread."""
+    checks exactly). One pass, no mask; CPU tensors are checked by numpy on the calling thread
+    (:func:`finite_array`)."""
     if numpy_ok(t):
-        return _TRUE if not np.isfinite(np.sum(t.numpy(), dtype=np.float32)) else _FALSE  # no tensor built
+        return _FALSE if finite_array(t.numpy()) else _TRUE  # no tensor built
     return ~torch.isfinite(t.sum(dtype=torch.float32))
 
 
