@@ -330,7 +330,7 @@ class ShardedEmbeddingBank:
         return {"dim": self.dim, "num_classes": self.num_classes, "metric": s.metric, "index": s.index_kind,
                 "ivf_threshold": s.ivf_threshold, "nprobe": s.nprobe, "storage": s.storage, "pq_bytes": s.pq_bytes,
                 "rerank": s.rerank, "refresh_rerank": s.refresh_rerank, "refresh_nprobe": s.refresh_nprobe,
-                "ids": torch.from_numpy(ids),
+                "opq": s.opq, "ids": torch.from_numpy(ids),
                 "vectors": torch.from_numpy(vecs), "labels": torch.from_numpy(labels), "steps": torch.from_numpy(steps)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
