@@ -43,6 +43,8 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import os
+import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -613,11 +615,32 @@ class EmbeddingBank:
         return scores, ids, labels
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Copies of (ids, vectors, labels, steps) taken under the read lock."""
+        """Copies of (ids, vectors, labels, steps) taken under the read lock.
+
+        A file-backed bank's vectors are copied into an unlinked file beside ``storage_path``
+        and returned memory-mapped: a checkpoint of a 10M-vector bank goes through the page
+        cache, not RAM, and the file's space is freed with the array."""
         with self._lock.read():
             n = self._size
-            return (self._ids[:n].astype(np.int64), self._vectors[:n].copy(), self._labels[:n].astype(np.int64),
+            return (self._ids[:n].astype(np.int64), self._copy_vectors(n), self._labels[:n].astype(np.int64),
                     self._steps[:n].astype(np.int64))
+
+    def _copy_vectors(self, n: int) -> np.ndarray:
+        """(read lock held) The first ``n`` stored vectors, copied: into RAM, or for a file-backed
+        bank into an unlinked temporary file beside its own, a block at a time."""
+        if self.storage_path is None or n == 0:
+            return self._vectors[:n].copy()
+        fd, path = tempfile.mkstemp(prefix=os.path.basename(self.storage_path) + ".snapshot-",
+                                    dir=os.path.dirname(os.path.abspath(self.storage_path)))
+        try:
+            os.close(fd)
+            out = np.memmap(path, dtype=self._dtype, mode="w+", shape=(n, self.dim))
+        finally:
+            os.unlink(path)  # the mapping keeps the data; nothing is left on disk once it is dropped
+        for start in range(0, n, _EXACT_BLOCK):
+            end = min(n, start + _EXACT_BLOCK)
+            out[start:end] = self._vectors[start:end]
+        return out
 
     def ids_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the stored sample ids and their labels (no vectors: cheap)."""
@@ -749,11 +772,14 @@ class EmbeddingBank:
         ids = np.asarray(state["ids"], dtype=np.int64)
         with self._lock.write():
             n = len(ids)
+            vectors = np.asarray(state["vectors"])  # (a view: a checkpoint loaded memory-mapped stays on disk)
             if self.storage_path is None:
-                self._vectors = np.ascontiguousarray(np.asarray(state["vectors"]).astype(self._dtype))
-            else:
+                self._vectors = np.ascontiguousarray(vectors.astype(self._dtype))
+            else:  # into the bank's file a block at a time: no whole copy in RAM
                 self._resize_slots(max(n, 1))
-                self._vectors[:n] = np.asarray(state["vectors"]).astype(self._dtype)
+                for start in range(0, n, _EXACT_BLOCK):
+                    end = min(n, start + _EXACT_BLOCK)
+                    self._vectors[start:end] = vectors[start:end]
             steps = np.asarray(state["steps"], dtype=np.int64)
             self._labels = np.asarray(state["labels"]).astype(self._labels.dtype)
             self._steps = steps.astype(_widen(np.zeros(0, np.int32), int(np.abs(steps).max()) if n else 0).dtype)

@@ -75,6 +75,18 @@ def save_atomic(obj: Any, path: PathLike) -> None:
     fsync_dir(folder)
 
 
+def _load_mapped(path: str, map_location: Any) -> Any:
+    """``torch.load(weights_only=True)``, memory-mapped where the file allows it (torch's zip
+    format): a large embedding bank's vectors are then read from disk as they are used, not copied
+    into RAM first. An older (non-zip) file loads the usual way."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    except (RuntimeError, ValueError) as exc:
+        if "mmap" not in str(exc) and "zipfile" not in str(exc).lower():
+            raise
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_safe(path: PathLike, what: str = "checkpoint", keys: Iterable[str] = (),
               map_location: Any = "cpu") -> Any:
     """Load a file written by :func:`save_atomic` (or ``torch.save``) without executing code.
@@ -101,7 +113,7 @@ def load_safe(path: PathLike, what: str = "checkpoint", keys: Iterable[str] = ()
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol warning would precede our error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            obj = _load_mapped(path, map_location)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
         if "GLOBAL" in msg or "Unsupported global" in msg:  # a class or function to import: refuse

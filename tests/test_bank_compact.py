@@ -240,3 +240,30 @@ def test_opq_rotation_lowers_the_pq_error_and_keeps_distances():
     restored = EmbeddingBank.from_state_dict(rotated.state_dict(), use_gpu=False)
     assert restored.opq and _recall(restored.search(q, 10)[1], rotated.search(q, 10)[1]) > 0.95
     assert BankOptions().bank_opq and BankOptions(bank_opq=False).make_bank(d, 5).opq is False
+
+
+# ---------------------------------------------------------------------- checkpoints of a file-backed bank
+def test_a_file_backed_banks_state_goes_through_a_file_and_loads_memory_mapped(tmp_path):
+    from hardneg.checkpoint import load_safe, save_atomic
+
+    n, d = 3_000, 32
+    x, y = _modes(n, d)
+    bank = EmbeddingBank(d, 5, use_gpu=False, storage="float16", storage_path=str(tmp_path / "bank.f16"))
+    bank.upsert(torch.arange(n), x, y)
+    before = bank.get(torch.arange(n))[0]
+    state = bank.state_dict()
+    # a snapshot, not a view: later upserts leave it alone; and no copy of all vectors in RAM (a
+    # memory-mapped file that is already unlinked: nothing left beside the bank's own file)
+    assert isinstance(bank.snapshot()[1], np.memmap)
+    bank.upsert(torch.arange(10), -x[:10], y[:10])
+    assert np.array_equal(state["vectors"].float().numpy(), before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.f16"]
+    save_atomic(state, tmp_path / "bank.pt")
+    loaded = load_safe(tmp_path / "bank.pt")  # memory-mapped from the checkpoint
+    restored = EmbeddingBank(d, 5, use_gpu=False, storage="float16", storage_path=str(tmp_path / "restored.f16"))
+    restored.load_state_dict(loaded)
+    assert np.array_equal(restored.get(torch.arange(n))[0], before)
+    assert np.allclose(restored.class_means(), EmbeddingBank.from_state_dict(state, use_gpu=False).class_means())
+    # a checkpoint in torch's older (non-zip) format cannot be memory-mapped: it loads the usual way
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert np.array_equal(load_safe(tmp_path / "legacy.pt")["vectors"].numpy(), state["vectors"].numpy())
