@@ -157,6 +157,37 @@ def _control_call() -> None:
 _CONTROL: dict[float, None] = {}
 
 
+class _Floor:
+    """The hand-over the issue asks of the training thread, and nothing else, as plain numpy: copy the
+    real rows into a batch prepared ahead (``mix``), copy the embeddings, logits, labels and ids out of
+    the step, check them (one dot per float array, min/max of labels and ids) and queue them
+    (``observe``). Timed where the engine's calls are: its cost is the floor any engine pays here."""
+
+    def __init__(self, batch: Any, synthetic: int, dim: int) -> None:
+        import queue
+
+        import numpy as np
+
+        x = batch.numpy()  # substitute mode (the bench's): the batch keeps its size, `synthetic` rows replaced
+        self.synthetic = synthetic
+        self.prepared = np.empty_like(x)
+        self.emb = np.random.default_rng(0).standard_normal((x.shape[0], dim)).astype(np.float32)
+        self.queue: Any = queue.SimpleQueue()
+
+    def __call__(self, x: Any, y: Any, logits: Any, ids: Any, k: int) -> None:
+        import numpy as np
+
+        n = x.shape[0] - self.synthetic
+        self.prepared[:n] = x.numpy()[:n]
+        e, lo, lab, i = self.emb[:n].copy(), logits.numpy().copy(), y.numpy().copy(), ids.numpy().copy()
+        er, lr = e.reshape(-1), lo.reshape(-1)
+        bad = not (np.isfinite(np.dot(er, er)) and np.isfinite(np.dot(lr, lr))) or lab.min() < 0 \
+            or lab.max() >= k or i.min() < 0
+        self.queue.put((e, lo, lab, i, bad))
+        while not self.queue.empty():  # (a consumer would take it on another thread)
+            self.queue.get()
+
+
 def _generator_folder(args: argparse.Namespace, tmp: str) -> tuple[str, str]:
     from hardneg.generators.class_conditional import (
         ClassConditionalConfig, ClassConditionalGenerator, default_digits_generator_path,
@@ -253,9 +284,12 @@ def _one_size(n: int, placement: str, s: dict[str, Any], ctx: dict[str, Any]) ->
             return real.images[idx], real.labels[idx], idx
 
         control_cold: list[float] = []
+        floor_cold: list[float] = []
+        floor = _Floor(next_batch()[0], int(round(s["synthetic_fraction"] * batch)), 512)
+        num_classes = engine.config.num_classes
 
         def plain_step() -> float:
-            x, y, _ = next_batch()
+            x, y, idx = next_batch()
             t = time.perf_counter()
             out = model(x)
             loss = torch.nn.functional.cross_entropy(out, y)
@@ -263,8 +297,13 @@ def _one_size(n: int, placement: str, s: dict[str, Any], ctx: dict[str, Any]) ->
             loss.backward()
             opt.step()
             t1 = time.perf_counter()
-            _control_call()  # (outside the step's time) the cold-call control
-            control_cold.append(time.perf_counter() - t1)
+            # (outside the step's time, alternating) the controls: a fixed call, and the floor
+            if len(control_cold) <= len(floor_cold):
+                _control_call()
+                control_cold.append(time.perf_counter() - t1)
+            else:
+                floor(x, y, out.detach(), idx, num_classes)
+                floor_cold.append(time.perf_counter() - t1)
             return t1 - t
 
         prof_steps = cProfile.Profile() if s["profile"] else None
@@ -302,6 +341,7 @@ def _one_size(n: int, placement: str, s: dict[str, Any], ctx: dict[str, Any]) ->
         with _paused_workers():
             plain_step()  # warm-up
         control_cold.clear()
+        floor_cold.clear()
         engine_step()
         helper_cores = {1} if own else None  # own-core: the engine's threads live with the worker
         _pin_engine_threads(helper_cores)
@@ -363,6 +403,7 @@ def _one_size(n: int, placement: str, s: dict[str, Any], ctx: dict[str, Any]) ->
             engine.observe(embeddings=emb_fixed, labels=ym, logits=logits_fixed, ids=idx)
             warm: list[float] = []
             control_warm: list[float] = []
+            floor_warm: list[float] = []
             for _ in range(s["warm_calls"]):
                 _settle_helper(engine)  # (untimed) what forward and backward would overlap: the helper's work
                 t = time.perf_counter()
@@ -375,6 +416,9 @@ def _one_size(n: int, placement: str, s: dict[str, Any], ctx: dict[str, Any]) ->
                 t = time.perf_counter()
                 _control_call()
                 control_warm.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                floor(x, y, logits_fixed[: x.shape[0]], idx, num_classes)
+                floor_warm.append(time.perf_counter() - t)
 
         # ---------------------------------------------------------------- more inline refreshes
         for _ in range((s["refresh_repeats"] if n <= 100_000 else 1) - 1):  # a 1M refresh takes minutes
@@ -408,6 +452,9 @@ def _one_size(n: int, placement: str, s: dict[str, Any], ctx: dict[str, Any]) ->
         "sync_warm_s": C.summary(warm),
         "control_call_after_step_s": C.summary(control_cold),
         "control_call_warm_s": C.summary(control_warm),
+        "floor_after_step_s": C.summary(floor_cold),
+        "floor_warm_s": C.summary(floor_warm),
+        "sync_vs_floor": C.ratio(C.median(sync), C.median(floor_cold)),
         "plain_worker_running_step_s": C.summary(plain_worker),
         "plain_worker_running_vs_plain": C.ratio(sum(plain_worker) / len(plain_worker), plain_mean),
         "end_to_end_vs_plain_worker_running": C.ratio(eng_mean, sum(plain_worker) / len(plain_worker)),
@@ -442,7 +489,8 @@ def _one_size(n: int, placement: str, s: dict[str, Any], ctx: dict[str, Any]) ->
           f" | engine sync (mix+observe) median {C.median(sync) * 1e3:.3f} ms, with a refresh in flight "
           f"{C.fmt(1e3 * C.median(sync_r) if sync_r else None, '.3f')} ms; back to back (warm) "
           f"{C.median(warm) * 1e3:.3f} ms | control call after a step {C.median(control_cold) * 1e6:.0f} us, "
-          f"warm {C.median(control_warm) * 1e6:.0f} us | plain with the worker running "
+          f"warm {C.median(control_warm) * 1e6:.0f} us | floor (the hand-over alone, numpy) after a step "
+          f"{C.median(floor_cold) * 1e3:.3f} ms, warm {C.median(floor_warm) * 1e3:.3f} ms | plain with the worker running "
           f"{res['plain_worker_running_vs_plain']:.3f}x plain", flush=True)
     print(f"{tag} plain {plain_med * 1e3:.0f} ms (median) | mix+observe {C.median(sync) * 1e3:.2f} ms "
           f"({100 * res['sync_fraction']:.2f}%) | inline refresh {refresh_med:.2f}s = "
@@ -539,6 +587,7 @@ def _table(runs: list[dict[str, Any]]) -> str:
             C.fmt(1e3 * r["plain_step_s"]["median"], ".0f"), C.fmt(1e3 * r["sync_s"]["median"], ".2f"),
             C.fmt(1e3 * r["sync_warm_s"]["median"], ".3f"),
             f'{C.fmt(1e6 * r["control_call_after_step_s"]["median"], ".0f")} / {C.fmt(1e6 * r["control_call_warm_s"]["median"], ".0f")}',
+            f'{C.fmt(1e3 * r["floor_after_step_s"]["median"], ".3f")} / {C.fmt(1e3 * r["floor_warm_s"]["median"], ".3f")}',
             C.fmt(100 * r["sync_fraction"], ".2f") + "%",
             C.fmt(100 * r["sync_during_refresh_mean_fraction"], ".1f") + "%" if r["sync_during_refresh_mean_fraction"] else "-",
             C.fmt(r["refresh_inline_s"]["median"], ".2f"),
@@ -551,7 +600,8 @@ def _table(runs: list[dict[str, Any]]) -> str:
         ])
     return C.markdown_table(
         ["placement", "bank", "index", "train threads", "plain step ms", "mix+observe ms (median)",
-         "mix+observe ms back to back (warm)", "control call us: after a step / warm", "of plain",
+         "mix+observe ms back to back (warm)", "control call us: after a step / warm",
+         "floor ms (hand-over alone): after a step / warm", "of plain",
          "mix+observe, refresh in flight (mean), of plain", "inline refresh s", "inline refresh / 50 steps, of plain",
          "fwd+bwd slowdown (worker running)", "plain with the worker running, of plain",
          "engine vs plain with the worker running", "end-to-end", "e2e, refresh in flight", "refresh duty",

@@ -110,7 +110,9 @@ def test_overhead_quick(tmp_path):
     assert run["end_to_end_inline_refresh_ratio"] >= run["end_to_end_ratio"]
     assert 0.0 <= run["background_refresh_duty"] <= 1.0
     assert run["plain_step_s"]["n"] == 2 and run["sync_s"]["n"] == 2 and run["sync_during_refresh_s"]["n"] == 2
-    assert run["sync_warm_s"]["n"] == 10 and run["control_call_after_step_s"]["n"] == 4  # plain + plain+worker
+    # 4 plain steps (plain + plain+worker): the fixed call and the floor after alternate ones
+    assert run["sync_warm_s"]["n"] == 10 and run["control_call_after_step_s"]["n"] == 2
+    assert run["floor_after_step_s"]["n"] == 2 and run["floor_warm_s"]["n"] == 10 and _positive(run["sync_vs_floor"])
     for key in ("plain_worker_running_vs_plain", "end_to_end_vs_plain_worker_running"):
         assert _positive(run[key]), key
     assert isinstance(data["targets"]["sync_warm_ms_met"], bool)
