@@ -194,6 +194,11 @@ class HardNeg:
         # Finished results taken out of the worker by state_dict() (deterministic mode waits for them
         # there), accepted at the next hand-over exactly as if they had stayed in the worker.
         self._held: list[GenerationResult] = []
+        # Results the helper thread took out of the worker while forward and backward ran (the
+        # worker's IPC, request pumping and health check are off the step), accepted by the next mix.
+        self._polled: list[GenerationResult] = []
+        self._polled_lock = threading.Lock()
+        self._poll_queued = False
         self._unsettled = 0  # requests submitted since the worker was last drained (deterministic mode)
         self._refresh_pool: Optional[ThreadPoolExecutor] = None
         self._refresh_future: Optional[Future] = None
@@ -428,7 +433,7 @@ class HardNeg:
         validate_mix_input(x, y, self.config.num_classes)
         self._finish_background_refresh()
         if not self.config.deterministic:
-            self.collect()
+            self._accept_polled()
         cfg = self.config
         n = x.shape[0]
         k = int(round(cfg.synthetic_fraction * n))
@@ -642,10 +647,35 @@ class HardNeg:
         """Move finished work forward without blocking: act on a finished background refresh, move
         finished images from the worker into the buffer. Returns how many images were added."""
         self._finish_background_refresh()
-        held, self._held = self._held, []
+        held, self._held = self._held + self._take_polled(), []
         if self.worker is None:
             return self._accept(held)
         return self._accept(held + self.worker.poll())
+
+    def _take_polled(self) -> list[GenerationResult]:
+        """What the helper thread polled out of the worker so far (oldest first)."""
+        with self._polled_lock:
+            got, self._polled = self._polled, []
+        return got
+
+    def _poll_worker(self) -> None:
+        """(helper thread) Take finished results out of the worker for the next mix to accept."""
+        self._poll_queued = False
+        got = self.worker.poll() if self.worker is not None else []
+        if got:
+            with self._polled_lock:
+                self._polled.extend(got)
+
+    def _accept_polled(self) -> int:
+        """(in mix) Accept what the helper thread polled, and queue its next poll: the step path pays
+        for the worker only when images arrive."""
+        self._finish_background_refresh()
+        held, self._held = self._held + self._take_polled(), []
+        added = self._accept(held) if held else 0
+        if self.worker is not None and not self._poll_queued:
+            self._poll_queued = True
+            self._background.submit(self._poll_worker)
+        return added
 
     def _accept(self, results: Iterable[GenerationResult]) -> int:
         """Put finished results into the buffer; returns images added.
@@ -834,6 +864,7 @@ class HardNeg:
         """
         self._settle()
         self._finish_background_refresh(wait=True)
+        self._held.extend(self._take_polled())
         if self.worker is not None:
             if self.config.deterministic:
                 self._held.extend(self.worker.drain())
@@ -908,6 +939,7 @@ class HardNeg:
         if self.teacher is not None and state.get("teacher") is not None:
             self.teacher.load_state_dict(state["teacher"])
         self._held = [result_from_state(r) for r in state.get("held", [])]
+        self._take_polled()  # (like the held results it replaces: the loaded state's are these)
         self.requests.ada_requests = {int(k): tuple(float(r) for r in v)
                                       for k, v in state.get("ada_requests", {}).items()}
         self._wall_offset = float(state.get("wall_seconds", 0.0))

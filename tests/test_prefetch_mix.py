@@ -3,6 +3,7 @@ rows in), the helper thread's gate (it starts nothing while the training thread 
 and upserts held back while a background refresh reads the bank."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -141,3 +142,67 @@ def test_upserts_wait_out_a_background_refresh_and_land_in_order():
     assert torch.allclose(torch.as_tensor(vectors[:4]), first[:4])
     assert torch.allclose(torch.as_tensor(vectors[4:]), later[-1])  # the last observation of each id wins
     engine.close()
+
+
+# ---------------------------------------------------------------------- the worker is polled off the step
+class _PollSpy:
+    """A worker holding finished results: records which thread polls it, hands out one result per
+    poll once ``ready`` is set."""
+
+    failed = False
+
+    def __init__(self, results):
+        self.results = list(results)
+        self.threads = []
+        self.ready = threading.Event()
+
+    def submit(self, request):
+        return True
+
+    def poll(self, max_items=None):
+        self.threads.append(threading.get_ident())
+        if not self.ready.is_set() or not self.results:
+            return []
+        return [self.results.pop(0)]
+
+    def drain(self, timeout=600.0):
+        out, self.results = self.results, []
+        return out
+
+    def stats(self):
+        return {"images_produced": 0}
+
+    def close(self, timeout=10.0):
+        pass
+
+
+def test_mix_takes_images_the_helper_thread_polled_and_never_polls_the_worker_itself():
+    results = [make_result(torch.full((4, 1, 8, 8), float(i) / 4), (0, 1), 0.5, request_id=i) for i in range(3)]
+    spy = _PollSpy(results)
+    cfg = HardNegConfig(num_classes=3, embedding_dim=8, refresh_every=10**9, use_gpu_index=False, seed=0)
+    engine = HardNeg(cfg, worker=spy, start_worker=False)
+    g = torch.Generator().manual_seed(0)
+    x, y, ids = torch.rand(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g), torch.arange(8)
+
+    def step():
+        xm, ym, _ = engine.mix(x, y)
+        engine.observe(embeddings=torch.randn(xm.shape[0], 8, generator=g), labels=ym, ids=ids)
+
+    try:
+        for _ in range(3):
+            step()
+        assert len(engine.buffer) == 0  # nothing finished yet
+        spy.ready.set()
+        deadline = time.monotonic() + 60
+        while len(engine._buffer) < 12 and time.monotonic() < deadline:  # all three results accepted
+            step()
+            engine._background.drain()  # (what forward and backward would give the helper: time)
+        assert len(engine._buffer) == 12
+        assert threading.get_ident() not in spy.threads and spy.threads  # polled, and only by the helper
+        # a result polled but not yet accepted is not lost to a checkpoint: state_dict holds it
+        spy.results = [make_result(torch.zeros(2, 1, 8, 8), (1, 2), 0.5, request_id=9)]
+        engine._background.submit(engine._poll_worker)
+        engine._background.drain()
+        assert [r["request_id"] for r in engine.state_dict()["held"]] == [9]
+    finally:
+        engine.close()
