@@ -149,7 +149,7 @@ class HardNegConfig:
     # an exact search's (benchmarks/README.md). None: bank_rerank / nprobe.
     bank_refresh_rerank: Optional[int] = 128
     bank_refresh_nprobe: Optional[int] = None
-    bank_opq: bool = True  # index="ivfpq": rotate the vectors by a trained OPQ matrix before PQ (lower code error)
+    bank_opq: bool = False  # index="ivfpq": rotate the vectors by a trained OPQ matrix before PQ (see EmbeddingBank)
     # Slots allocated when the bank is made (e.g. the dataset's length): a bank grown by doubling
     # may hold up to 2x the slots, metadata and id -> slot table it needs; None: grow as samples come.
     bank_reserve: Optional[int] = None

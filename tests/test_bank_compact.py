@@ -203,7 +203,7 @@ def test_memory_bytes_split_index_metadata_and_vectors_in_ram_or_in_the_file(tmp
     # ids int32 + labels int16 + steps int32 + the id -> slot table int32: 14 B a sample, + class sums
     assert 14 * n <= m_disk["metadata"] <= 14 * n + 5 * d * 8 + 5 * 8
     per_vector_index = 8 + 8 + 8  # PQ code + list id + direct map entry
-    assert per_vector_index * n <= m_disk["index"] <= per_vector_index * n + 4 * d * ram.nlist + 256 * d * 4 + d * d * 4 + 64  # + OPQ
+    assert per_vector_index * n <= m_disk["index"] <= per_vector_index * n + 4 * d * ram.nlist + 256 * d * 4 + 64
 
 
 # ---------------------------------------------------------------------- OPQ rotation of an IVF-PQ index
@@ -239,7 +239,7 @@ def test_opq_rotation_lowers_the_pq_error_and_keeps_distances():
     # saved and loaded: the setting survives and the rebuilt index answers the same queries alike
     restored = EmbeddingBank.from_state_dict(rotated.state_dict(), use_gpu=False)
     assert restored.opq and _recall(restored.search(q, 10)[1], rotated.search(q, 10)[1]) > 0.95
-    assert BankOptions().bank_opq and BankOptions(bank_opq=False).make_bank(d, 5).opq is False
+    assert not BankOptions().bank_opq and BankOptions(bank_opq=True).make_bank(d, 5).opq is True
 
 
 # ---------------------------------------------------------------------- checkpoints of a file-backed bank
