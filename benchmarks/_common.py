@@ -325,6 +325,26 @@ def upsert_in_chunks(bank: Any, ids: Any, vectors: Any, labels: Any, cuts: Seque
         bank.upsert(ids[a:b], vectors[a:b], labels[a:b])
 
 
+def resident_anon_bytes() -> Optional[int]:
+    """This process's resident anonymous memory (Linux ``RssAnon``: heap and private mappings, not
+    file pages), after a garbage collection and ``malloc_trim``, so freed memory the allocator can
+    return is not counted; None where ``/proc`` or glibc is not there. What a build really holds,
+    next to what ``memory_bytes()`` counts (allocator slack and growth capacity included)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, AttributeError, ValueError):
+        return None
+    return None
+
+
 @contextmanager
 def torch_threads(n: Optional[int]) -> Iterator[None]:
     """Temporarily run torch with ``n`` intra-op threads (None: leave as is)."""

@@ -474,11 +474,15 @@ def _compressed_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
             bank = EmbeddingBank(d, K, index="ivfpq", ivf_threshold=threshold, use_gpu=False, storage="float16",
                                  pq_bytes=s["pq_bytes"], rerank=s["rerank"], refresh_rerank=s["refresh_rerank"],
                                  storage_path=path)
+            rss_before = C.resident_anon_bytes()
             bank.reserve(n)  # bank_reserve: the dataset's length known up front, no doubling slack
             t = time.perf_counter()
             C.upsert_in_chunks(bank, ids, vectors, labels, cuts=[threshold])
             bank.flush()
             out["build_s"][variant] = time.perf_counter() - t
+            rss_after = C.resident_anon_bytes()
+            if rss_before is not None and rss_after is not None:  # (the vectors in RAM are anonymous too)
+                out.setdefault("resident_bytes_per_vector", {})[variant] = (rss_after - rss_before) / n
             banks[variant] = bank
             print(f"{tag} build IVF-PQ ({variant}) {out['build_s'][variant]:.1f}s ({bank.nlist} lists)", flush=True)
         exact = EmbeddingBank(d, K, index="flat", use_gpu=False)
@@ -653,17 +657,19 @@ def _compressed_table(rows: list[dict[str, Any]]) -> str:
             name = f"ivfpq_{variant}"
             out.append([C.human_size(r["n"]), variant, C.fmt(m["index"], ".1f"), C.fmt(m["metadata"], ".1f"),
                         C.fmt(m["vectors"], ".0f"), C.fmt(m.get("vectors_on_disk", 0), ".0f"), C.fmt(m["total"], ".1f"),
+                        C.fmt(r.get("resident_bytes_per_vector", {}).get(variant), ".1f"),
                         C.fmt(r["recall"].get("rerank0"), ".3f"), C.fmt(r["recall"].get(f"rerank{r['rerank']}"), ".3f"),
                         C.fmt(r["build_s"][variant], ".1f"), C.fmt(r["update_ms"][variant], ".1f"),
                         C.fmt(r["refresh_s"][name], ".1f"), C.fmt(r["sources_s"].get(name), ".1f"),
                         C.fmt(r["refresh_recall"].get(name), ".4f"),
                         r["pairs_vs_exact"][name]])
         out.append([C.human_size(r["n"]), "exact float32", "-", C.fmt(b["flat_float32"]["metadata"], ".1f"),
-                    C.fmt(b["flat_float32"]["vectors"], ".0f"), "0", C.fmt(b["flat_float32"]["total"], ".1f"), "1",
+                    C.fmt(b["flat_float32"]["vectors"], ".0f"), "0", C.fmt(b["flat_float32"]["total"], ".1f"), "-", "1",
                     "1", C.fmt(r["build_s"]["flat"], ".1f"), C.fmt(r["update_ms"]["flat"], ".1f"),
                     C.fmt(r["refresh_s"]["flat"], ".1f"), C.fmt(r["sources_s"].get("flat"), ".1f"), "1", "-"])
     return C.markdown_table(
-        ["N", "bank", "index B/vec", "metadata B/vec", "vectors RAM B/vec", "vectors file B/vec", "RAM B/vec",
+        ["N", "bank", "index B/vec", "metadata B/vec", "vectors RAM B/vec", "vectors file B/vec", "RAM B/vec (counted)",
+         "resident B/vec (RssAnon growth)",
          "recall@k PQ", "recall@k re-ranked", "build s", "update 128 ms", "refresh s", "of it sources s",
          "refresh recall@11",
          "top-3 pairs vs exact"], out)

@@ -84,6 +84,10 @@ def test_bank_sharded_and_compressed_sections_quick(tmp_path):
     assert c["bytes_per_vector"]["ivfpq_file"]["vectors"] == 0 and c["bytes_per_vector"]["ivfpq_file"]["total"] < 200
     assert set(c["pairs_vs_exact"]) >= {"ivfpq_file", "ivfpq_ram", "exact_float16", "ivfpq_file_cold"}
     assert "| N | bank |" in data["compressed_table_markdown"]
+    # what the build really holds (Linux): at least a float16 vector a sample in RAM, none when file-backed
+    resident = c.get("resident_bytes_per_vector")
+    if resident is not None:
+        assert resident["ram"] > 512 * 2 * 0.9 and resident["file"] < resident["ram"] - 512 * 2 * 0.8
 
 
 def test_generator_quick(tmp_path):
