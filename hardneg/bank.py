@@ -308,8 +308,8 @@ class EmbeddingBank:
             ``OPQMatrix``: one ``dim x dim`` float32 matrix), which balances the PQ sub-vectors and
             lowers the codes' error when the embeddings' variance is concentrated in a few
             directions; distances are unchanged (the rotation is orthogonal). Off by default: on
-            the benchmark's clustered embeddings it left recall unchanged (0.995 vs 0.996 at 1M),
-            added ~40 s to the build and ~30 MB resident memory (benchmarks/README.md).
+            the benchmark's clustered embeddings it left recall unchanged (0.995 vs 0.996 at 1M)
+            and held ~30 MB more resident memory (benchmarks/README.md).
     """
 
     def __init__(
