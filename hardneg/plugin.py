@@ -659,12 +659,21 @@ class HardNeg:
         return got
 
     def _poll_worker(self) -> None:
-        """(helper thread) Take finished results out of the worker for the next mix to accept."""
+        """(helper thread) Take finished results out of the worker. Those that need no model (no
+        teacher scores them, no GeNIe-Ada pick embeds them) go into the buffer here, while forward
+        and backward run; the rest wait for the next mix, which accepts them on the training thread
+        (a classifier must not run beside its own backward)."""
         self._poll_queued = False
         got = self.worker.poll() if self.worker is not None else []
-        if got:
+        if not got:
+            return
+        here = [r for r in got if self.teacher is None and r.request_id not in self.requests.ada_requests]
+        later = [r for r in got if not any(r is h for h in here)]
+        if later:
             with self._polled_lock:
-                self._polled.extend(got)
+                self._polled.extend(later)
+        if here:
+            self._accept(here)
 
     def _accept_polled(self) -> int:
         """(in mix) Accept what the helper thread polled, and queue its next poll: the step path pays

@@ -199,10 +199,16 @@ def test_mix_takes_images_the_helper_thread_polled_and_never_polls_the_worker_it
             engine._background.drain()  # (what forward and backward would give the helper: time)
         assert len(engine._buffer) == 12
         assert threading.get_ident() not in spy.threads and spy.threads  # polled, and only by the helper
-        # a result polled but not yet accepted is not lost to a checkpoint: state_dict holds it
-        spy.results = [make_result(torch.zeros(2, 1, 8, 8), (1, 2), 0.5, request_id=9)]
-        engine._background.submit(engine._poll_worker)
-        engine._background.drain()
+        # without a teacher the helper puts polled images into the buffer itself, no mix needed;
+        # a GeNIe-Ada result (its pick embeds the images with the classifier) waits for the next
+        # mix, and a checkpoint taken before it holds the result: nothing polled is lost
+        spy.results = [make_result(torch.zeros(2, 1, 8, 8), (1, 2), 0.5, request_id=8),
+                       make_result(torch.zeros(2, 1, 8, 8), (1, 2), 0.5, request_id=9)]
+        engine.requests.ada_requests[9] = (0.3, 0.5)
+        for _ in range(2):
+            engine._background.submit(engine._poll_worker)
+            engine._background.drain()
+        assert len(engine._buffer) == 14
         assert [r["request_id"] for r in engine.state_dict()["held"]] == [9]
     finally:
         engine.close()
