@@ -235,6 +235,10 @@ class HardNeg:
         if worker is not None:
             self.worker = worker if hasattr(worker, "submit") else worker(self.worker)
         self.communicator = communicator
+        # One process: the helper thread polls the worker and accepts what needs no model. Several:
+        # every rank must take the shared results at the same step (same buffers, same batch shapes
+        # for the collectives), so mix collects them on the training thread, in lockstep.
+        self._poll_off_step = int(getattr(communicator, "world", 1)) <= 1
         self.rank = int(getattr(communicator, "rank", 0))
         self._reseed_for_rank()
 
@@ -433,7 +437,10 @@ class HardNeg:
         validate_mix_input(x, y, self.config.num_classes)
         self._finish_background_refresh()
         if not self.config.deterministic:
-            self._accept_polled()
+            if self._poll_off_step:
+                self._accept_polled()
+            else:
+                self.collect()
         cfg = self.config
         n = x.shape[0]
         k = int(round(cfg.synthetic_fraction * n))
