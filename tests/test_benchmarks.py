@@ -441,3 +441,16 @@ def test_gpu_check_counts_only_this_threads_synchronising_calls(monkeypatch):
     with G._count_syncs(counts, "mix", enabled=False):
         warnings.warn("called a synchronizing CUDA operation")
     assert counts == {"mix": 2}
+
+
+def test_bank_pairs_seeds_compares_the_compressed_refresh_with_exact_per_query_draw(tmp_path):
+    from benchmarks import bank_pairs_seeds
+
+    out = tmp_path / "seeds.json"
+    rows = bank_pairs_seeds.main(["20k", str(out), "2", "200"])
+    assert [r["seed"] for r in rows] == [0, 1] and json.loads(out.read_text()) == rows
+    for r in rows:
+        assert len(r["exact"]) == len(r["ivfpq"]) == 5 and r["exact_s"] > 0 and r["ivfpq_s"] > 0
+        # at 20k the refresh's deep re-rank finds exact's neighbours: the same pairs, in order
+        assert r["same_set"] and r["same_order"] and r["same_top3_set"]
+    assert rows[0]["exact"] != rows[1]["exact"]  # another query draw, other scores

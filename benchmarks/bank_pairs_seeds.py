@@ -1,0 +1,72 @@
+"""The confusion refresh's top pairs on a compressed bank against an exact one, over several query draws.
+
+    PYTHONPATH=$PWD python -m benchmarks.bank_pairs_seeds 1M out.json 5 [QUERIES]
+
+Builds ``bank_bench``'s recommended compressed bank (``index="ivfpq"``, ``storage="float16"``,
+file-backed, the default refresh settings) and an exact float16 bank over the same clustered
+embeddings (d = 512, 10 classes), then refreshes a :class:`ConfusionGraph` (``QUERIES`` queries,
+500 by default) on both for each query seed ``0 .. SEEDS-1`` and writes, per seed, both top-5
+lists with their scores and whether they are the same set and the same order. Exact's own lists
+from one seed to the next show how much the query draw alone moves the pairs (benchmarks/README.md,
+compressed storage).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+
+def main(argv: list[str]) -> list[dict[str, Any]]:
+    from benchmarks import _common as C
+    from hardneg.bank import EmbeddingBank
+    from hardneg.confusion import ConfusionGraph
+
+    if len(argv) not in (3, 4):
+        raise SystemExit("usage: python -m benchmarks.bank_pairs_seeds N OUT.json SEEDS [QUERIES]")
+    n, out_path, seeds = C.parse_size(argv[0]), argv[1], int(argv[2])
+    queries = int(argv[3]) if len(argv) == 4 else 500
+    d, K = 512, 10
+    vectors, labels = C.clustered_embeddings(n, d, K, seed=0)
+    ids, threshold = np.arange(n), max(2, n // 5)
+    tmp = tempfile.mkdtemp(prefix="hardneg-pairs-seeds-")
+    rows: list[dict[str, Any]] = []
+    try:
+        comp = EmbeddingBank(d, K, index="ivfpq", ivf_threshold=threshold, use_gpu=False, storage="float16",
+                             storage_path=os.path.join(tmp, "vectors.f16"))
+        comp.reserve(n)
+        C.upsert_in_chunks(comp, ids, vectors, labels, cuts=[threshold])
+        comp.flush()
+        exact = EmbeddingBank(d, K, index="flat", use_gpu=False, storage="float16")
+        exact.reserve(n)
+        C.upsert_in_chunks(exact, ids, vectors, labels)
+        del vectors
+        for seed in range(seeds):
+            row: dict[str, Any] = {"seed": seed, "queries": queries}
+            for name, bank in (("exact", exact), ("ivfpq", comp)):
+                graph = ConfusionGraph(K, knn_k=10, max_queries=queries, seed=seed)
+                t = time.perf_counter()
+                graph.refresh(bank)
+                row[f"{name}_s"] = time.perf_counter() - t
+                row[name] = [[p.a, p.b, round(p.score, 5)] for p in graph.top_pairs(5)]
+            want, got = [tuple(p[:2]) for p in row["exact"]], [tuple(p[:2]) for p in row["ivfpq"]]
+            row["same_set"], row["same_order"] = sorted(want) == sorted(got), want == got
+            row["same_top3_set"] = sorted(want[:3]) == sorted(got[:3])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with open(out_path, "w") as f:
+                json.dump(rows, f, indent=1)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
