@@ -181,9 +181,7 @@ class SlotMap:
                 self._dict = {int(i): int(s) for i, s in enumerate(self._table.tolist()) if s >= 0}
                 self._table = None
             else:
-                grown = np.full(max(top + 1, 2 * len(self._table), capacity), -1, dtype=self._table.dtype)
-                grown[: len(self._table)] = self._table
-                self._table = grown
+                self.reserve(max(top + 1, 2 * len(self._table), capacity))
         if self._dict is not None:
             self._dict.update(zip(ids.tolist(), slots.tolist()))
             return
@@ -204,6 +202,14 @@ class SlotMap:
 
     def clear(self) -> None:
         self.reset(np.zeros(0, dtype=np.int64))
+
+
+def _copy_blocks(dst: np.ndarray, src: np.ndarray, n: int) -> None:
+    """``dst[:n] = src[:n]`` in blocks of ``_EXACT_BLOCK`` rows (into or out of a memory-mapped file:
+    no temporary of the whole array, e.g. a float32 -> float16 cast)."""
+    for start in range(0, n, _EXACT_BLOCK):
+        end = min(n, start + _EXACT_BLOCK)
+        dst[start:end] = src[start:end]
 
 
 def _last_occurrence(ids: np.ndarray, vec: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -639,9 +645,7 @@ class EmbeddingBank:
             out = np.memmap(path, dtype=self._dtype, mode="w+", shape=(n, self.dim))
         finally:
             os.unlink(path)  # the mapping keeps the data; nothing is left on disk once it is dropped
-        for start in range(0, n, _EXACT_BLOCK):
-            end = min(n, start + _EXACT_BLOCK)
-            out[start:end] = self._vectors[start:end]
+        _copy_blocks(out, self._vectors, n)
         return out
 
     def ids_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
@@ -779,9 +783,7 @@ class EmbeddingBank:
                 self._vectors = np.ascontiguousarray(vectors.astype(self._dtype))
             else:  # into the bank's file a block at a time: no whole copy in RAM
                 self._resize_slots(max(n, 1))
-                for start in range(0, n, _EXACT_BLOCK):
-                    end = min(n, start + _EXACT_BLOCK)
-                    self._vectors[start:end] = vectors[start:end]
+                _copy_blocks(self._vectors, vectors, n)
             steps = np.asarray(state["steps"], dtype=np.int64)
             self._labels = np.asarray(state["labels"]).astype(self._labels.dtype)
             self._steps = steps.astype(_widen(np.zeros(0, np.int32), int(np.abs(steps).max()) if n else 0).dtype)
@@ -1110,7 +1112,7 @@ class BankOptions:
     # The confusion refresh's searches only (few queries: a deeper search is cheap there; training-time
     # searches keep bank_rerank / nprobe): 128 x k re-ranked makes an IVF-PQ refresh's neighbours
     # an exact search's (benchmarks/README.md). None: bank_rerank / nprobe.
-    bank_refresh_rerank: Optional[int] = 128
+    bank_refresh_rerank: Optional[int] = DEFAULT_REFRESH_RERANK
     bank_refresh_nprobe: Optional[int] = None
     bank_opq: bool = False  # index="ivfpq": rotate the vectors by a trained OPQ matrix before PQ (see EmbeddingBank)
     # Slots allocated when the bank is made (e.g. the dataset's length): a bank grown by doubling

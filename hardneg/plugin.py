@@ -654,7 +654,7 @@ class HardNeg:
         """Move finished work forward without blocking: act on a finished background refresh, move
         finished images from the worker into the buffer. Returns how many images were added."""
         self._finish_background_refresh()
-        held, self._held = self._held + self._take_polled(), []
+        held = self._take_held()
         if self.worker is None:
             return self._accept(held)
         return self._accept(held + self.worker.poll())
@@ -665,6 +665,12 @@ class HardNeg:
             got, self._polled = self._polled, []
         return got
 
+    def _take_held(self) -> list[GenerationResult]:
+        """Every finished result taken out of the worker and not yet accepted: those a checkpoint
+        held, then those the helper thread polled."""
+        held, self._held = self._held + self._take_polled(), []
+        return held
+
     def _poll_worker(self) -> None:
         """(helper thread) Take finished results out of the worker. Those that need no model (no
         teacher scores them, no GeNIe-Ada pick embeds them) go into the buffer here, while forward
@@ -674,8 +680,11 @@ class HardNeg:
         got = self.worker.poll() if self.worker is not None else []
         if not got:
             return
-        here = [r for r in got if self.teacher is None and r.request_id not in self.requests.ada_requests]
-        later = [r for r in got if not any(r is h for h in here)]
+        here: list[GenerationResult] = []
+        later: list[GenerationResult] = []
+        for r in got:
+            needs_model = self.teacher is not None or r.request_id in self.requests.ada_requests
+            (later if needs_model else here).append(r)
         if later:
             with self._polled_lock:
                 self._polled.extend(later)
@@ -683,10 +692,9 @@ class HardNeg:
             self._accept(here)
 
     def _accept_polled(self) -> int:
-        """(in mix) Accept what the helper thread polled, and queue its next poll: the step path pays
-        for the worker only when images arrive."""
-        self._finish_background_refresh()
-        held, self._held = self._held + self._take_polled(), []
+        """(in mix, after its refresh check) Accept what the helper thread polled, and queue its next
+        poll: the step path pays for the worker only when images arrive."""
+        held = self._take_held()
         added = self._accept(held) if held else 0
         if self.worker is not None and not self._poll_queued:
             self._poll_queued = True

@@ -19,3 +19,13 @@ def striped_data(n_per_class: int = 24, k: int = 4, seed: int = 0, alike: bool =
     if alike:
         x[y == 1] = 0.5 * x[y == 1] + 0.5 * x[y == 0]
     return from_tensors(x.clamp(0, 1), y)
+
+
+def clustered_modes(n, d=32, k=5, seed=0):
+    """``n`` embeddings of ``k`` classes, each class 4 Gaussian modes in ``d`` dimensions (what the bank
+    tests search): ``(x (n, d) float32, y (n,) int64)``."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k * 4, d, generator=g)
+    y = torch.arange(n) % k
+    mode = y * 4 + torch.randint(0, 4, (n,), generator=g)
+    return centres[mode] + 0.35 * torch.randn(n, d, generator=g), y

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from _toy_data import clustered_modes
 from hardneg.bank import BankError, EmbeddingBank
 
 
@@ -249,16 +250,8 @@ def test_engine_substitute_mode_stores_only_the_rows_that_stayed_real():
 
 
 # ---------------------------------------------------------------------- compressed storage
-def _modes(n, d=32, k=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(k * 4, d, generator=g)
-    y = torch.arange(n) % k
-    mode = y * 4 + torch.randint(0, 4, (n,), generator=g)
-    return centres[mode] + 0.35 * torch.randn(n, d, generator=g), y
-
-
 def test_float16_storage_halves_memory_and_searches_like_float32():
-    x, y = _modes(3000)
+    x, y = clustered_modes(3000)
     full = EmbeddingBank(32, 5, index="flat", use_gpu=False)
     half = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16")
     for bank in (full, half):
@@ -281,7 +274,7 @@ def test_float16_storage_halves_memory_and_searches_like_float32():
 
 def test_ivfpq_with_rerank_reaches_recall_and_updates_in_place():
     n = 8_000
-    x, y = _modes(n)
+    x, y = clustered_modes(n)
     exact = EmbeddingBank(32, 5, index="flat", use_gpu=False)
     pq = EmbeddingBank(32, 5, index="ivfpq", ivf_threshold=n, nprobe=16, use_gpu=False, storage="float16",
                        pq_bytes=8, rerank=16)
@@ -310,7 +303,7 @@ def test_engine_builds_the_compressed_bank_from_the_config():
     cfg = HardNegConfig(num_classes=5, embedding_dim=32, index="ivfpq", bank_storage="float16", bank_pq_bytes=8,
                         bank_rerank=16, ivf_threshold=2_000, async_refresh=False, refresh_every=1000)
     engine = HardNeg(cfg)
-    x, y = _modes(2_000)
+    x, y = clustered_modes(2_000)
     engine.observe(embeddings=x, labels=y, ids=torch.arange(2_000))
     bank = engine.bank
     assert (bank.storage, bank.pq_bytes, bank.rerank, bank.active_index) == ("float16", 8, 16, "ivfpq")
@@ -324,7 +317,7 @@ def test_engine_builds_the_compressed_bank_from_the_config():
 
 
 def test_vectors_in_a_memory_mapped_file(tmp_path):
-    x, y = _modes(3000)
+    x, y = clustered_modes(3000)
     path = tmp_path / "bank.f16"
     ram = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16")
     disk = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16", storage_path=str(path))
@@ -350,7 +343,7 @@ def test_reserve_allocates_slots_once_and_nlist_says_whether_an_ivf_answers():
     assert bank.nlist is None and bank.capacity == 0
     bank.reserve(5000)
     assert bank.capacity == 5000 and len(bank) == 0
-    x, y = _modes(3000, 8, k=3)
+    x, y = clustered_modes(3000, 8, k=3)
     bank.upsert(torch.arange(3000), x, y)
     assert bank.capacity == 5000 and len(bank) == 3000  # no reallocation below the reserve
     assert bank.get([5])[1].tolist() == [int(y[5])]

@@ -5,16 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from _toy_data import clustered_modes
 from hardneg.bank import BankError, BankOptions, EmbeddingBank, SlotMap
 from hardneg.confusion import ConfusionGraph
-
-
-def _modes(n, d=32, k=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(k * 4, d, generator=g)
-    y = torch.arange(n) % k
-    mode = y * 4 + torch.randint(0, 4, (n,), generator=g)
-    return centres[mode] + 0.35 * torch.randn(n, d, generator=g), y
 
 
 def _recall(got, want):
@@ -24,7 +17,7 @@ def _recall(got, want):
 # ---------------------------------------------------------------------- refresh-only search settings
 def test_refresh_searches_rerank_deeper_than_training_time_searches():
     n = 20_000
-    x, y = _modes(n)
+    x, y = clustered_modes(n)
     flip = torch.rand(n, generator=torch.Generator().manual_seed(3)) < 0.2  # label noise: classes disagree
     y = torch.where(flip, (y + 1) % 5, y)
     exact = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16")
@@ -51,7 +44,7 @@ def test_refresh_searches_rerank_deeper_than_training_time_searches():
 
 def test_refresh_nprobe_applies_to_the_refresh_searches_of_an_ivf_bank_only():
     n = 20_000
-    x, y = _modes(n)
+    x, y = clustered_modes(n)
     exact = EmbeddingBank(32, 5, index="flat", use_gpu=False)
     ivf = EmbeddingBank(32, 5, index="ivf", ivf_threshold=n, nprobe=1, use_gpu=False, refresh_nprobe=64)
     for bank in (exact, ivf):
@@ -78,7 +71,7 @@ def test_config_carries_the_refresh_settings_to_the_bank_and_its_state():
     assert (restored.refresh_rerank, restored.refresh_nprobe) == (48, 24)
     reserved = HardNegConfig(num_classes=5, embedding_dim=32, bank_reserve=5_000).bank_options.make_bank(32, 5)
     assert reserved.capacity == 5_000 and reserved._slot_of.nbytes == 4 * 5_000
-    x, y = _modes(5_000)
+    x, y = clustered_modes(5_000)
     reserved.upsert(torch.arange(5_000), x, y)
     assert reserved.capacity == 5_000 and reserved._slot_of.nbytes == 4 * 5_000  # no growth, no slack
 
@@ -144,7 +137,7 @@ def _check_against(bank, ref, x, y):
 
 
 def test_numpy_slot_table_keeps_ids_through_reupserts_removals_and_state_loads(tmp_path):
-    x, y = _modes(1_000)
+    x, y = clustered_modes(1_000)
     bank = EmbeddingBank(32, 5, index="flat", use_gpu=False)
     ref = _ops(bank, x, y)
     _check_against(bank, ref, x, y)
@@ -163,7 +156,7 @@ def test_numpy_slot_table_keeps_ids_through_reupserts_removals_and_state_loads(t
 
 
 def test_checkpoints_of_the_dict_era_still_load():
-    x, y = _modes(300)
+    x, y = clustered_modes(300)
     old = {"dim": 32, "num_classes": 5, "metric": "cosine", "index": "flat", "ivf_threshold": 50_000, "nprobe": 16,
            "ids": torch.arange(300, dtype=torch.int64) * 7, "vectors": torch.nn.functional.normalize(x, dim=1),
            "labels": y.to(torch.int64), "steps": torch.full((300,), 3, dtype=torch.int64)}  # no storage / refresh keys
@@ -173,7 +166,7 @@ def test_checkpoints_of_the_dict_era_still_load():
 
 
 def test_large_ids_and_steps_widen_the_metadata_to_int64():
-    x, y = _modes(10)
+    x, y = clustered_modes(10)
     bank = EmbeddingBank(32, 5, index="flat", use_gpu=False)
     bank.upsert(np.arange(5), x[:5], y[:5], step=2**31 + 5)
     bank.upsert(np.array([2**40, 2**33]), x[5:7], y[5:7])
@@ -188,7 +181,7 @@ def test_large_ids_and_steps_widen_the_metadata_to_int64():
 # ---------------------------------------------------------------------- memory split
 def test_memory_bytes_split_index_metadata_and_vectors_in_ram_or_in_the_file(tmp_path):
     n, d = 6_000, 32
-    x, y = _modes(n, d)
+    x, y = clustered_modes(n, d)
     ram = EmbeddingBank(d, 5, index="ivfpq", ivf_threshold=n, use_gpu=False, storage="float16", pq_bytes=8)
     disk = EmbeddingBank(d, 5, index="ivfpq", ivf_threshold=n, use_gpu=False, storage="float16", pq_bytes=8,
                          storage_path=str(tmp_path / "bank.f16"))
@@ -247,7 +240,7 @@ def test_a_file_backed_banks_state_goes_through_a_file_and_loads_memory_mapped(t
     from hardneg.checkpoint import load_safe, save_atomic
 
     n, d = 3_000, 32
-    x, y = _modes(n, d)
+    x, y = clustered_modes(n, d)
     bank = EmbeddingBank(d, 5, use_gpu=False, storage="float16", storage_path=str(tmp_path / "bank.f16"))
     bank.upsert(torch.arange(n), x, y)
     before = bank.get(torch.arange(n))[0]
