@@ -575,6 +575,10 @@ def resnet50_step(ctx: Ctx) -> dict[str, Any]:
         for rep in range(rounds):
             for key in C.rotate(list(workers), rep):
                 times[key].append(train_steps(workers[key]))
+        for w in workers.values():  # (untimed) train on until each generator has made an image: on a
+            deadline = time.monotonic() + 300  # busy machine the short timed rounds may end first
+            while w is not None and not w.stats().get("images_produced") and time.monotonic() < deadline:
+                train_steps(w)
         for key, w in workers.items():
             if w is not None:
                 s = w.stats()
