@@ -22,14 +22,14 @@ def test_refresh_searches_rerank_deeper_than_training_time_searches():
     y = torch.where(flip, (y + 1) % 5, y)
     exact = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16")
     pq = EmbeddingBank(32, 5, index="ivfpq", ivf_threshold=n, use_gpu=False, storage="float16", pq_bytes=4,
-                       rerank=1, refresh_rerank=64)
+                       rerank=1, refresh_rerank=128)  # (128: the config's default bank_refresh_rerank)
     for bank in (exact, pq):
         bank.upsert(torch.arange(n), x, y)
     q = x[:300] + 0.05
     want = exact.search(q, 11)[1]
     train_time = _recall(pq.search(q, 11)[1], want)  # search / search_with_labels: rerank=1
     assert _recall(pq.search_with_labels(q, 11)[1], want) == train_time
-    refresh = _recall(pq.search_many(q, 11)[1], want)  # the refresh's search: refresh_rerank=64
+    refresh = _recall(pq.search_many(q, 11)[1], want)  # the refresh's search: refresh_rerank=128
     assert train_time < 0.8 and refresh > 0.97 and refresh > train_time + 0.2
     # the confusion refresh goes through search_many: its scores are the exact (same float16) bank's
     refresh_scores = lambda bank: ConfusionGraph(5, knn_k=10, max_queries=500, seed=0).refresh(bank)  # noqa: E731
@@ -39,7 +39,9 @@ def test_refresh_searches_rerank_deeper_than_training_time_searches():
     pq.refresh_rerank = None
     assert _recall(pq.search_many(q, 11)[1], want) == train_time
     shallow = np.abs(refresh_scores(pq) - want_scores).max()
-    assert deep < 0.01 and shallow > 5 * deep  # the deep re-rank is what brings the scores to exact's
+    # the deep re-rank is what brings the scores to exact's (at x64 they were 0.005 off with FAISS 1.15,
+    # closer with earlier versions: x128 finds exact's neighbours, the scores agree to rounding)
+    assert deep < 1e-4 and shallow > 0.01
 
 
 def test_refresh_nprobe_applies_to_the_refresh_searches_of_an_ivf_bank_only():
