@@ -40,6 +40,9 @@ class MixedBatch:
     weights: Tensor
     synthetic_mask: Tensor
     n_real: int
+    # class ids of the rows when y is soft targets the mix made from class ids (real rows: their
+    # id, generated rows: their target class), known without reading y; None otherwise
+    label_ids: Optional[Tensor] = None
 
     @property
     def n_synthetic(self) -> int:
@@ -170,6 +173,7 @@ class PreparedMix:
     layout: MixLayout
     soft_from_ids: bool  # y comes out as (N, K) soft targets while the batch's y are class ids
     pairs: list[tuple[int, int]]
+    label_ids: Optional[Tensor] = None  # with soft_from_ids: the rows' class ids, generated rows' in place
     filled: bool = False
 
     def fits(self, x: Tensor, y: Tensor) -> bool:
@@ -185,9 +189,13 @@ class PreparedMix:
         n = self.n_real
         _copy_rows(self.x, x, n)
         if self.soft_from_ids:
-            self.y[:n] = F.one_hot(y[:n].long(), int(self.y.shape[1])).to(self.y.dtype)
-        else:
-            _copy_rows(self.y, y, n)
+            ids = self.label_ids
+            assert ids is not None
+            ids[:n] = y[:n]
+            if not _one_hot_rows(self.y, ids, n):
+                self.y[:n] = F.one_hot(ids[:n], int(self.y.shape[1])).to(self.y.dtype)  # (raises on a bad id)
+            return MixedBatch(self.x, self.y, self.weights, self.synthetic_mask, n, ids)
+        _copy_rows(self.y, y, n)
         return MixedBatch(self.x, self.y, self.weights, self.synthetic_mask, n)
 
 
@@ -204,6 +212,7 @@ def prepare_mix(synthetic: SyntheticSample, n: int, layout: MixLayout) -> Prepar
     tw = synthetic.target_weights
     soft = tw is not None and bool((tw[:k] < 1).any())
     soft_from_ids = False
+    label_ids = None
     if soft:
         if layout.y_ndim == 2:
             kk, ydtype = layout.y_classes, layout.y_dtype
@@ -212,7 +221,11 @@ def prepare_mix(synthetic: SyntheticSample, n: int, layout: MixLayout) -> Prepar
                 raise ValueError("synthetic rows carry soft labels but y holds class ids: pass num_classes= so "
                                  "mix_batch can build (N, K) soft targets")
             kk, ydtype, soft_from_ids = int(layout.num_classes), torch.float32, True
+            label_ids = torch.empty(total, dtype=torch.long, device=device)
+            label_ids[n_real:] = synthetic.pairs[:k, 1].to(device)
         y = torch.empty((total, kk), dtype=ydtype, device=device)
+        if soft_from_ids and device.type == "cpu":
+            y[:n_real].zero_()  # the fill only sets the real rows' ones (_one_hot_rows)
         y[n_real:] = soft_targets(synthetic.labels[:k].to(device), synthetic.source_labels[:k].to(device),
                                   tw[:k].to(device), kk, ydtype)
     elif layout.y_ndim == 1:
@@ -227,7 +240,24 @@ def prepare_mix(synthetic: SyntheticSample, n: int, layout: MixLayout) -> Prepar
     mask = torch.zeros(total, dtype=torch.bool, device=device)
     mask[n_real:] = True
     pairs = [(int(a), int(b)) for a, b in synthetic.pairs[:k].tolist()]
-    return PreparedMix(x, y, weights, mask, int(n), n_real, layout, soft_from_ids, pairs)
+    return PreparedMix(x, y, weights, mask, int(n), n_real, layout, soft_from_ids, pairs, label_ids)
+
+
+def _one_hot_rows(y: Tensor, ids: Tensor, n: int) -> bool:
+    """Set ``y[i, ids[i]] = 1`` for the first ``n`` rows of ``y``, zeroed before (CPU, by numpy: a few
+    microseconds against ``F.one_hot``'s tens); False when it cannot (another device or dtype, or an
+    id outside the classes, which ``F.one_hot`` then reports)."""
+    if n <= 0:
+        return True
+    if not (numpy_ok(y) and numpy_ok(ids)):
+        return False
+    import numpy as np
+
+    lab = ids[:n].numpy()
+    if lab.min() < 0 or lab.max() >= y.shape[1]:
+        return False
+    y.numpy()[np.arange(n), lab] = 1
+    return True
 
 
 def _copy_rows(dst: Tensor, src: Tensor, n: int) -> None:

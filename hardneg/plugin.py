@@ -95,6 +95,8 @@ class _MixRecord:
     n_total: int
     n_real: int
     synthetic_pairs: list[tuple[int, int]] = field(default_factory=list)
+    y: Optional[Tensor] = None  # the y the mix returned
+    label_ids: Optional[Tensor] = None  # its class ids when the mix made soft targets from ids (else None)
 
 
 class HardNeg:
@@ -467,7 +469,8 @@ class HardNeg:
             n_syn = int(mixed.x.shape[0]) - mixed.n_real  # from shapes: no device read
             pairs = [(int(a), int(b)) for a, b in sample.pairs[:n_syn].tolist()] if sample is not None and n_syn else []
         n_syn = len(pairs)
-        self._last_mix = _MixRecord(n_in=n, n_total=mixed.x.shape[0], n_real=mixed.n_real, synthetic_pairs=pairs)
+        self._last_mix = _MixRecord(n_in=n, n_total=mixed.x.shape[0], n_real=mixed.n_real, synthetic_pairs=pairs,
+                                    y=mixed.y, label_ids=mixed.label_ids)
         self._counters["synthetic_used"] += n_syn
         # the next mix's rows are drawn while this step's forward and backward run (its step count is
         # this one's + 1: the observe of this batch comes first); a refresh or a hand-over undoes it
@@ -1239,7 +1242,8 @@ def _record_of(mixed: Any) -> Optional[_MixRecord]:
     """What ``observe`` needs from a :class:`~hardneg.step.MixedStep` (None for anything else)."""
     if not isinstance(mixed, MixedStep):
         return None
-    return _MixRecord(n_in=mixed.n_in, n_total=mixed.n_total, n_real=mixed.n_real, synthetic_pairs=mixed.pairs)
+    return _MixRecord(n_in=mixed.n_in, n_total=mixed.n_total, n_real=mixed.n_real, synthetic_pairs=mixed.pairs,
+                      y=mixed.y, label_ids=mixed.batch.label_ids)
 
 
 def _refresh_after(before: Optional[Future], confusion: ConfusionGraph, bank: EmbeddingBank, step: int) -> Any:

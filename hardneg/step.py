@@ -103,6 +103,8 @@ class MixedStep(tuple):
         y = self[1]
         if not (y.ndim == 2 and y.is_floating_point()):
             return y
+        if self.batch.label_ids is not None and y is self.batch.y:
+            return self.batch.label_ids  # kept by the mix: no argmax
         ids = y.detach().argmax(1)
         if self.n_synthetic:
             targets = torch.tensor([b for _, b in self.pairs], dtype=ids.dtype)

@@ -28,6 +28,10 @@ def labels_as_ids(labels: Any, emb: Any, last_mix: Any,
     ``last_mix`` is the record of the mix that made the batch. Stays on the labels' device (no host read)."""
     if isinstance(labels, Tensor) and labels.ndim != 2:
         return labels  # class ids already (the usual case: checked by check_observation)
+    m = last_mix
+    known = getattr(m, "label_ids", None)
+    if known is not None and synthetic_pairs is None and labels is m.y and getattr(emb, "shape", (None,))[0] == m.n_total:
+        return known  # the soft targets the mix made from class ids: their ids, kept by the mix (no argmax)
     try:
         y = torch.as_tensor(labels)
     except (TypeError, ValueError, RuntimeError):
@@ -35,7 +39,6 @@ def labels_as_ids(labels: Any, emb: Any, last_mix: Any,
     if y.ndim != 2 or not y.is_floating_point():
         return labels
     ids = y.detach().argmax(1)
-    m = last_mix
     if synthetic_pairs is not None:
         pairs, n_real = list(synthetic_pairs), ids.shape[0] - len(synthetic_pairs)
     elif m is not None and ids.shape[0] == m.n_total and getattr(emb, "shape", (None,))[0] == m.n_total:

@@ -212,3 +212,38 @@ def test_mix_takes_images_the_helper_thread_polled_and_never_polls_the_worker_it
         assert [r["request_id"] for r in engine.state_dict()["held"]] == [9]
     finally:
         engine.close()
+
+
+def test_soft_targets_made_from_class_ids_keep_those_ids_for_observe():
+    # a soft-labelled draw into a batch of class ids: y comes back (N, K); the mix keeps the rows'
+    # ids (real rows theirs, generated rows their target), so observe and MixedStep.labels need no argmax
+    from hardneg.validation import labels_as_ids
+
+    cfg = HardNegConfig(num_classes=4, refresh_every=10**6, buffer_size=64, synthetic_fraction=0.25, seed=0,
+                        embedding_dim=8, metric="l2")  # label_mode: soft-r (the default)
+    engine = HardNeg(cfg)
+    engine._accept([make_result(torch.rand(8, 1, 8, 8), (0, 1), 0.5)])
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):  # the first mix builds its batch on the step, the next ones take a prepared one
+        x, y = torch.rand(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
+        step = engine.mix(x, y)
+        ym = step.y
+        assert ym.ndim == 2 and step.n_synthetic == 2
+        want = torch.cat([y, torch.tensor([1, 1])])  # real rows their id, generated rows the target (1)
+        assert torch.equal(ym[:8], torch.nn.functional.one_hot(y, 4).float())
+        assert torch.equal(step.labels, want) and step.labels is step.batch.label_ids
+        assert labels_as_ids(ym, torch.zeros(10, 8), engine._last_mix, None) is step.batch.label_ids
+        assert torch.equal(labels_as_ids(ym.clone(), torch.zeros(10, 8), engine._last_mix, None), want)  # argmax
+        emb = torch.randn(10, 8, generator=g)
+        engine.observe(embeddings=emb, labels=ym, ids=torch.arange(8))
+        assert engine.bank.lookup(torch.arange(8))[2].tolist() == y.tolist()  # the real rows' labels in the bank
+    engine.close()
+
+
+def test_a_prepared_fill_rejects_class_ids_outside_the_soft_targets():
+    s = _sample(3, soft=True)
+    x = torch.rand(5, 1, 4, 4)
+    for bad in (torch.tensor([0, 1, 4, 2, 3]), torch.tensor([0, -1, 2, 2, 3])):
+        prepared = prepare_mix(s, 5, MixLayout.of(x, bad, "append", 0.5, num_classes=4))
+        with pytest.raises(RuntimeError, match="Class values"):
+            prepared.fill(x, bad)  # (F.one_hot's own error, as before the fill set the ones itself)
