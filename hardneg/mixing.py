@@ -191,7 +191,7 @@ class PreparedMix:
         if self.soft_from_ids:
             ids = self.label_ids
             assert ids is not None
-            ids[:n] = y[:n]
+            _copy_rows(ids, y, n)
             if not _one_hot_rows(self.y, ids, n):
                 self.y[:n] = F.one_hot(ids[:n], int(self.y.shape[1])).to(self.y.dtype)  # (raises on a bad id)
             return MixedBatch(self.x, self.y, self.weights, self.synthetic_mask, n, ids)

@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from hardneg.observer import any_bad, finite_array, finite_sum, numpy_ok
+
 __all__ = ["HardNegError", "as_tensor", "check_mix_shape", "check_observation", "check_observation_values",
            "labels_as_ids", "validate_mix_input", "validate_observation", "validate_synthetic_pairs"]
 
@@ -101,8 +103,6 @@ def check_observation_values(emb: Tensor, labels: Tensor, logits: Optional[Tenso
     on ``copies`` when given: private CPU copies of the same four tensors, just written and so in
     the cache (``observe`` checks the copies it hands to its background thread).
     """
-    from hardneg.observer import any_bad, finite_sum, numpy_ok
-
     k = num_classes
     src = (emb, labels, logits, ids)
     if copies is not None and all(t is None or t.device.type == "cpu" for t in src):
@@ -133,8 +133,6 @@ def check_observation_values(emb: Tensor, labels: Tensor, logits: Optional[Tenso
 def _cpu_values_bad(emb: Tensor, labels: Tensor, logits: Optional[Tensor], ids: Tensor, k: int) -> bool:
     """The value checks of :func:`validate_observation` for CPU tensors, by numpy: whether any
     embedding or logit sum is not finite, a label is outside ``[0, k)`` or an id is negative."""
-    from hardneg.observer import finite_array
-
     if not finite_array(emb.numpy()):
         return True
     if logits is not None and not finite_array(logits.numpy()):
