@@ -188,6 +188,18 @@ class SlotMap:
         self._table = _widen(self._table, int(slots.max()))
         self._table[ids] = slots
 
+    def assign(self, ids: np.ndarray, size: int, grow: Callable[[int], int]) -> tuple[np.ndarray, np.ndarray]:
+        """Slots for the (unique) ``ids`` of an upsert into a store of ``size`` slots in use: known
+        ids keep theirs, new ones take ``size, size + 1, ...``. ``grow(size + new)`` makes the store
+        that long first and returns its capacity. Returns ``(slots, new mask)``."""
+        slots = self.get(ids)
+        new = slots < 0
+        n_new = int(new.sum())
+        slots[new] = size + np.arange(n_new)
+        capacity = grow(size + n_new)
+        self.add(ids[new], slots[new], capacity=capacity)
+        return slots, new
+
     def reserve(self, n: int) -> None:
         """Make a dense table ``n`` entries long now (ids ``0 .. n-1``: no regrowth while they arrive)."""
         if self._dict is None and n > len(self._table):
@@ -494,12 +506,8 @@ class EmbeddingBank:
     def _upsert_valid(self, ids_np: np.ndarray, vec: np.ndarray, lab: np.ndarray, step: int) -> None:
         """:meth:`upsert` of validated, normalised rows with unique ids (a sharded bank's owned rows)."""
         with self._lock.write():
-            slots = self._slot_of.get(ids_np)
-            new_mask = slots < 0
+            slots, new_mask = self._slot_of.assign(ids_np, self._size, self._ensure_capacity)
             n_new = int(new_mask.sum())
-            slots[new_mask] = self._size + np.arange(n_new)
-            self._ensure_capacity(self._size + n_new)
-            self._slot_of.add(ids_np[new_mask], slots[new_mask], capacity=len(self._vectors))
             if len(ids_np):
                 self._ids = _widen(self._ids, int(ids_np.max()))
             self._steps = _widen(self._steps, int(step))
@@ -853,7 +861,8 @@ class EmbeddingBank:
         self._class_sums = sums.numpy()
         self._class_counts = np.bincount(self._labels[:n], minlength=self.num_classes).astype(np.int64)
 
-    def _ensure_capacity(self, n: int) -> None:
+    def _ensure_capacity(self, n: int) -> int:
+        """Make the slot array and metadata hold at least ``n`` rows (doubling); returns the slot count."""
         cap = len(self._vectors)
         if n > cap:
             cap = max(n, 2 * cap, 1024)
@@ -864,6 +873,7 @@ class EmbeddingBank:
                 arr = np.zeros(cap, dtype=old.dtype)
                 arr[: self._size] = old[: self._size]
                 setattr(self, name, arr)
+        return len(self._vectors)
 
     def _resize_slots(self, rows: int) -> None:
         """Make the slot array ``rows`` long, keeping what its first rows hold (in RAM: a copy; in a

@@ -168,12 +168,8 @@ class ShardedEmbeddingBank:
         every rank must upsert the same rows (the gathered batch)."""
         ids_np, vec, lab = _last_occurrence(*self.shard._validate(ids, embeddings, labels))
         with self._meta_lock:
-            slots = self._slot_of.get(ids_np)
-            new = slots < 0
+            slots, new = self._slot_of.assign(ids_np, self._size, self._grow)
             n_new = int(new.sum())
-            slots[new] = self._size + np.arange(n_new)
-            self._grow(self._size + n_new)
-            self._slot_of.add(ids_np[new], slots[new], capacity=len(self._ids))
             if len(ids_np):
                 self._ids = _widen(self._ids, int(ids_np.max()))
             self._steps = _widen(self._steps, int(step))
@@ -353,15 +349,17 @@ class ShardedEmbeddingBank:
             self._counts = np.bincount(labels, minlength=self.num_classes).astype(np.int64)
 
     # ------------------------------------------------------------------ internals
-    def _grow(self, n: int) -> None:
+    def _grow(self, n: int) -> int:
+        """Make the replicated metadata hold at least ``n`` rows (doubling); returns its length."""
         cap = len(self._ids)
         if n <= cap:
-            return
+            return cap
         new_cap = max(n, 2 * cap, 1024)
         for name in ("_ids", "_labels", "_steps"):
             arr = np.zeros(new_cap, dtype=getattr(self, name).dtype)
             arr[: self._size] = getattr(self, name)[: self._size]
             setattr(self, name, arr)
+        return new_cap
 
     def _all_reduce(self, t: Tensor, op: str) -> Tensor:
         import torch.distributed as dist
