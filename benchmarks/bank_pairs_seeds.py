@@ -1,9 +1,9 @@
 """The confusion refresh's top pairs on a compressed bank against an exact one, over several query draws.
 
-    PYTHONPATH=$PWD python -m benchmarks.bank_pairs_seeds 1M out.json 5 [QUERIES]
+    PYTHONPATH=$PWD python -m benchmarks.bank_pairs_seeds 1M out.json 5 [QUERIES] [--pq-bytes B] [--rerank R] [--refresh-rerank R]
 
 Builds ``bank_bench``'s recommended compressed bank (``index="ivfpq"``, ``storage="float16"``,
-file-backed, the default refresh settings) and an exact float16 bank over the same clustered
+file-backed, the default refresh settings, or the given code size and re-rank depths) and an exact float16 bank over the same clustered
 embeddings (d = 512, 10 classes), then refreshes a :class:`ConfusionGraph` (``QUERIES`` queries,
 500 by default) on both for each query seed ``0 .. SEEDS-1`` and writes, per seed, both top-5
 lists with their scores and whether they are the same set and the same order. Exact's own lists
@@ -29,10 +29,21 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     from hardneg.bank import EmbeddingBank
     from hardneg.confusion import ConfusionGraph
 
-    if len(argv) not in (3, 4):
-        raise SystemExit("usage: python -m benchmarks.bank_pairs_seeds N OUT.json SEEDS [QUERIES]")
-    n, out_path, seeds = C.parse_size(argv[0]), argv[1], int(argv[2])
-    queries = int(argv[3]) if len(argv) == 4 else 500
+    import argparse
+
+    from hardneg.bank import BankOptions
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bank_pairs_seeds")
+    p.add_argument("n", type=C.parse_size)
+    p.add_argument("out")
+    p.add_argument("seeds", type=int)
+    p.add_argument("queries", type=int, nargs="?", default=500)
+    defaults = BankOptions()
+    p.add_argument("--pq-bytes", type=int, default=defaults.bank_pq_bytes)
+    p.add_argument("--rerank", type=int, default=defaults.bank_rerank)
+    p.add_argument("--refresh-rerank", type=int, default=defaults.bank_refresh_rerank)
+    args = p.parse_args(argv)
+    n, out_path, seeds, queries = args.n, args.out, args.seeds, args.queries
     d, K = 512, 10
     vectors, labels = C.clustered_embeddings(n, d, K, seed=0)
     ids, threshold = np.arange(n), max(2, n // 5)
@@ -40,7 +51,8 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     try:
         comp = EmbeddingBank(d, K, index="ivfpq", ivf_threshold=threshold, use_gpu=False, storage="float16",
-                             storage_path=os.path.join(tmp, "vectors.f16"))
+                             storage_path=os.path.join(tmp, "vectors.f16"), pq_bytes=args.pq_bytes,
+                             rerank=args.rerank, refresh_rerank=args.refresh_rerank)
         comp.reserve(n)
         C.upsert_in_chunks(comp, ids, vectors, labels, cuts=[threshold])
         comp.flush()
@@ -49,7 +61,8 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
         C.upsert_in_chunks(exact, ids, vectors, labels)
         del vectors
         for seed in range(seeds):
-            row: dict[str, Any] = {"seed": seed, "queries": queries}
+            row: dict[str, Any] = {"seed": seed, "queries": queries, "pq_bytes": args.pq_bytes,
+                                   "refresh_rerank": args.refresh_rerank}
             for name, bank in (("exact", exact), ("ivfpq", comp)):
                 graph = ConfusionGraph(K, knn_k=10, max_queries=queries, seed=seed)
                 t = time.perf_counter()

@@ -454,3 +454,7 @@ def test_bank_pairs_seeds_compares_the_compressed_refresh_with_exact_per_query_d
         # at 20k the refresh's deep re-rank finds exact's neighbours: the same pairs, in order
         assert r["same_set"] and r["same_order"] and r["same_top3_set"]
     assert rows[0]["exact"] != rows[1]["exact"]  # another query draw, other scores
+    # the code size and re-rank depths are the bench's to set (the <= 64 B setting: 16-byte codes, x256)
+    small = bank_pairs_seeds.main(["20k", str(tmp_path / "pq16.json"), "1", "200", "--pq-bytes", "16",
+                                   "--rerank", "256", "--refresh-rerank", "256"])
+    assert small[0]["pq_bytes"] == 16 and small[0]["refresh_rerank"] == 256 and small[0]["same_top3_set"]
