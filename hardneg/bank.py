@@ -68,6 +68,12 @@ GPU_MAX_K = 2048  # GPU FAISS's largest k (and nprobe); a larger k searches on t
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
 Storage = Literal["float32", "float16"]
 _EXACT_BLOCK = 65_536  # rows of a float16 slot array widened to float32 per exact-search block
+# IVF-PQ inverted lists are std::vectors that grow by doubling: after a flush the bank copies them
+# into lists sized to what they hold plus this headroom (benchmarks/README.md, compressed storage),
+# and again whenever entries past the headroom exceed this share of all entries
+LIST_HEADROOM = 0.10
+_LIST_OVERFLOW_MAX = 0.10
+_LIST_COMPACT_MIN = 4096  # entries below which the slack is not worth a copy
 
 
 class BankError(ValueError):
@@ -251,6 +257,52 @@ def _pq_table_bytes(ivf: Any) -> int:
     return int(pq.M * pq.ksub * pq.dsub * 4) if pq is not None else 0
 
 
+def _list_sizes(invlists: Any) -> np.ndarray:
+    return np.fromiter((invlists.list_size(i) for i in range(invlists.nlist)), dtype=np.int64,
+                       count=invlists.nlist)
+
+
+def compact_inverted_lists(ivf: Any, headroom: float = LIST_HEADROOM) -> np.ndarray:
+    """Copy an IVF index's inverted lists into new ones, each allocated once for what it holds plus
+    ``headroom`` (``ceil(size * (1 + headroom))`` entries), then hand the old ones' memory back to
+    the OS (glibc ``malloc_trim``, where there is one). Search results are unchanged. Returns the
+    entries each new list can take before it grows again.
+
+    Why: FAISS's ``ArrayInvertedLists`` are ``std::vector``s that double when an add overflows
+    them, so a bank filled in chunks holds up to twice its codes and ids. Peak memory during the
+    copy is the old lists plus the new ones."""
+    old = ivf.invlists
+    nlist, code_size = old.nlist, old.code_size
+    new = faiss.ArrayInvertedLists(nlist, code_size)
+    capacity = np.zeros(nlist, dtype=np.int64)
+    for lst in range(nlist):
+        m = old.list_size(lst)
+        cap = int(math.ceil(m * (1.0 + headroom)))
+        capacity[lst] = cap
+        if m == 0:
+            continue
+        if cap > m:  # one allocation of cap entries: a vector grown from empty in one step is exact
+            new.resize(lst, cap)
+            new.resize(lst, 0)  # (shrinking keeps the allocation)
+        ids = faiss.rev_swig_ptr(old.get_ids(lst), m).copy()
+        codes = faiss.rev_swig_ptr(old.get_codes(lst), m * code_size).copy()
+        new.add_entries(lst, m, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+    ivf.replace_invlists(new, True)  # frees the old lists (the index owned them)
+    new.this.disown()  # the index owns the new ones now
+    _trim_malloc()
+    return capacity
+
+
+def _trim_malloc() -> None:
+    """Return freed heap pages to the OS (glibc); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _current_cuda_device() -> torch.device:
     """``cuda:{current_device()}`` read on the constructing (main) thread: a bare ``"cuda"`` means
     device 0 on other threads (the refresh thread), the wrong GPU on ranks > 0."""
@@ -401,6 +453,7 @@ class EmbeddingBank:
         self._hnsw_stale = False
         self._ivf_pending: set[int] = set()  # slots whose new vectors the IVF index has not seen yet
         self._ivf_count = 0  # slots [0, _ivf_count) have been added to the IVF index
+        self._list_capacity: Optional[np.ndarray] = None  # IVF-PQ: entries each list holds before it regrows
         self._gpu_res = self._make_gpu_resources() if use_gpu else None
         self._gpu_lock = threading.Lock()  # one StandardGpuResources must never serve two threads at once
         # The GPU-resident copy of the slot array (a torch tensor on the main thread's CUDA device),
@@ -476,7 +529,8 @@ class EmbeddingBank:
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this process holds for the bank: ``vectors`` (the slot array, the GPU copy not
         counted; 0 when they live in ``storage_path``, then given as ``vectors_on_disk``), ``index``
-        (an ANN index's own storage), ``metadata`` (ids, labels, steps, the
+        (an ANN index's own storage; IVF-PQ lists with their reserved headroom, a list that outgrew it
+        at its size), ``metadata`` (ids, labels, steps, the
         id -> slot map, class sums) and ``total`` (RAM: ``vectors_on_disk`` is not in it)."""
         with self._lock.read():
             on_disk = isinstance(self._vectors, np.memmap)
@@ -484,6 +538,9 @@ class EmbeddingBank:
             meta = int(self._labels.nbytes + self._steps.nbytes + self._ids.nbytes + self._class_sums.nbytes
                        + self._class_counts.nbytes + self._slot_of.nbytes)
             index = _index_bytes(self._ann) if self._ann is not None else 0
+            if self._ann_kind == "ivf" and self._list_capacity is not None:  # the lists' reserved headroom
+                spare = np.clip(self._list_capacity - _list_sizes(self._ann.invlists), 0, None)
+                index += int(spare.sum()) * (self._ann.invlists.code_size + 8)
             if self._ann_kind == "ivf" and self._opq_matrix is not None:
                 index += self.dim * self.dim * 4  # the OPQ rotation
         out = {"vectors": vectors, "index": index, "metadata": meta, "total": vectors + index + meta}
@@ -576,10 +633,12 @@ class EmbeddingBank:
         The write lock is released between chunks, so training-step upserts never wait for more
         than one chunk. Searches call this first; it is a no-op for flat banks.
         """
+        worked = False
         while self._ann_kind == "ivf" and (self._ivf_pending or self._ivf_count < self._size):
             with self._lock.write():
                 if self._ann_kind != "ivf":
                     return
+                worked = True
                 if self._ivf_pending:
                     take = sorted(self._ivf_pending)[:chunk]
                     self._ivf_pending.difference_update(take)
@@ -589,6 +648,24 @@ class EmbeddingBank:
                     end = min(self._size, self._ivf_count + chunk)
                     self._ann.add(self._ann_space(self._vectors[self._ivf_count : end]))
                     self._ivf_count = end
+        if worked:
+            with self._lock.write():
+                self._compact_lists_if_slack()
+
+    def _compact_lists_if_slack(self, force: bool = False) -> None:
+        """(write lock held) IVF-PQ: re-allocate the inverted lists once the entries past their
+        reserved size exceed ``_LIST_OVERFLOW_MAX`` of all (every such list has doubled); see
+        :func:`compact_inverted_lists`."""
+        if self._ann_kind != "ivf" or not self._ivf_pq:
+            return
+        sizes = _list_sizes(self._ann.invlists)
+        total = int(sizes.sum())
+        if total < _LIST_COMPACT_MIN and not force:
+            return
+        cap = self._list_capacity
+        over = int(sizes.sum()) if cap is None else int(sizes[sizes > cap].sum())
+        if force or over > _LIST_OVERFLOW_MAX * total:
+            self._list_capacity = compact_inverted_lists(self._ann)
 
     @property
     def pending_updates(self) -> int:
@@ -943,6 +1020,8 @@ class EmbeddingBank:
         self._ann, self._ann_kind = ivf, "ivf"
         self._ivf_quantizer = quantizer  # keep alive alongside the index
         self._ivf_pq = pq
+        self._list_capacity = None
+        self._compact_lists_if_slack()
         logger.info("embedding bank switched to IVF: %d vectors, %d lists, nprobe %d", n, nlist, self._nprobe)
 
     def _train_opq(self, train: np.ndarray) -> Any:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _toy_data import clustered_modes
-from hardneg.bank import BankError, EmbeddingBank
+from hardneg.bank import LIST_HEADROOM, BankError, EmbeddingBank
 
 
 def _random(n, d, seed=0):
@@ -283,7 +283,8 @@ def test_ivfpq_with_rerank_reaches_recall_and_updates_in_place():
     assert pq.active_index == "ivfpq"
     mem = pq.memory_bytes()
     assert pq.nlist == pq._ann.nlist and pq._ann.code_size == pq.pq_bytes  # the public view (bank_bench)
-    assert (mem["index"] - 4 * 32 * pq.nlist - 8 * 256 * 4 * 4) / n <= 8 + 16 + 1  # codes + id + map
+    # codes + id in the lists (with their reserved headroom) + direct map
+    assert (mem["index"] - 4 * 32 * pq.nlist - 8 * 256 * 4 * 4) / n <= (8 + 8) * (1 + LIST_HEADROOM) + 8 + 1
     q = x[:200] + 0.05
     _, want = exact.search(q, 10)
     recall = lambda got: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])  # noqa: E731

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _toy_data import clustered_modes
-from hardneg.bank import BankError, BankOptions, EmbeddingBank, SlotMap
+from hardneg.bank import LIST_HEADROOM, BankError, BankOptions, EmbeddingBank, SlotMap
 from hardneg.confusion import ConfusionGraph
 
 
@@ -198,7 +198,8 @@ def test_memory_bytes_split_index_metadata_and_vectors_in_ram_or_in_the_file(tmp
     # ids int32 + labels int16 + steps int32 + the id -> slot table int32: 14 B a sample, + class sums
     assert 14 * n <= m_disk["metadata"] <= 14 * n + 5 * d * 8 + 5 * 8
     per_vector_index = 8 + 8 + 8  # PQ code + list id + direct map entry
-    assert per_vector_index * n <= m_disk["index"] <= per_vector_index * n + 4 * d * ram.nlist + 256 * d * 4 + 64
+    headroom = (8 + 8) * (LIST_HEADROOM * n + ram.nlist)  # the lists' reserved room (rounded up per list)
+    assert per_vector_index * n <= m_disk["index"] <= per_vector_index * n + headroom + 4 * d * ram.nlist + 256 * d * 4 + 64
 
 
 # ---------------------------------------------------------------------- OPQ rotation of an IVF-PQ index
@@ -262,3 +263,58 @@ def test_a_file_backed_banks_state_goes_through_a_file_and_loads_memory_mapped(t
     # a checkpoint in torch's older (non-zip) format cannot be memory-mapped: it loads the usual way
     torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     assert np.array_equal(load_safe(tmp_path / "legacy.pt")["vectors"].numpy(), state["vectors"].numpy())
+
+
+# ---------------------------------------------------------------------- IVF-PQ lists allocated once
+def test_compacted_inverted_lists_hold_the_same_entries_with_headroom():
+    import faiss
+
+    from hardneg.bank import compact_inverted_lists
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5_000, 16)).astype(np.float32)
+    ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(16), 16, 20, 4, 8)
+    ivf.train(x)
+    for a in range(0, len(x), 700):  # filled in chunks, as flush does: the lists grew by doubling
+        ivf.add(x[a:a + 700])
+    il = ivf.invlists
+
+    def entries(invlists):
+        return [(faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).tolist(),
+                 faiss.rev_swig_ptr(invlists.get_codes(i), invlists.list_size(i) * invlists.code_size).tobytes())
+                for i in range(invlists.nlist)]
+
+    before, (d0, i0) = entries(il), ivf.search(x[:50], 5)
+    cap = compact_inverted_lists(ivf, headroom=0.25)
+    assert entries(ivf.invlists) == before  # same ids and codes, list by list
+    d1, i1 = ivf.search(x[:50], 5)
+    assert np.array_equal(i0, i1) and np.array_equal(d0, d1)
+    sizes = np.array([ivf.invlists.list_size(i) for i in range(20)])
+    assert np.array_equal(cap, np.ceil(sizes * 1.25).astype(np.int64))
+    ivf.add(x[:300])  # still an index that takes adds
+    assert ivf.ntotal == 5_300
+
+
+def test_an_ivfpq_bank_reallocates_its_lists_after_a_flush_and_again_once_they_overflow():
+    n, d = 24_000, 32
+    x, y = clustered_modes(n, d)
+    bank = EmbeddingBank(d, 5, index="ivfpq", ivf_threshold=6_000, use_gpu=False, pq_bytes=8, rerank=16)
+    bank.upsert(torch.arange(6_000), x[:6_000], y[:6_000])  # the IVF-PQ index is built here
+    first = bank._list_capacity
+    sizes = lambda: np.array([bank._ann.invlists.list_size(i) for i in range(bank.nlist)])  # noqa: E731
+    assert first is not None and (first >= sizes()).all()  # built, then allocated once with headroom
+    q = x[:40] + 0.05
+    before = bank.search(q, 10)
+    bank._compact_lists_if_slack(force=True)
+    after = bank.search(q, 10)
+    assert np.array_equal(before[1], after[1]) and np.allclose(before[0], after[0])
+    kept = bank._list_capacity
+    bank.upsert(torch.arange(6_000, 6_300), x[6_000:6_300], y[6_000:6_300])  # 5% more: within the headroom
+    bank.flush()
+    assert bank._list_capacity is kept  # no copy
+    bank.upsert(torch.arange(6_300, n), x[6_300:], y[6_300:])  # 4x the entries: the lists overflow
+    bank.flush()
+    assert bank._list_capacity is not kept and (bank._list_capacity >= sizes()).all()  # allocated anew
+    assert len(bank) == n and sizes().sum() == n
+    found = bank.search(x[20_000:20_050], 10)[1]
+    assert np.mean([i in row for i, row in zip(range(20_000, 20_050), found.tolist())]) >= 0.9  # still searchable
