@@ -663,7 +663,7 @@ class EmbeddingBank:
         if total < _LIST_COMPACT_MIN and not force:
             return
         cap = self._list_capacity
-        over = int(sizes.sum()) if cap is None else int(sizes[sizes > cap].sum())
+        over = total if cap is None else int(sizes[sizes > cap].sum())
         if force or over > _LIST_OVERFLOW_MAX * total:
             self._list_capacity = compact_inverted_lists(self._ann)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional, Union, overload
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -251,8 +252,6 @@ def _one_hot_rows(y: Tensor, ids: Tensor, n: int) -> bool:
         return True
     if not (numpy_ok(y) and numpy_ok(ids)):
         return False
-    import numpy as np
-
     lab = ids[:n].numpy()
     if lab.min() < 0 or lab.max() >= y.shape[1]:
         return False
@@ -266,8 +265,6 @@ def _copy_rows(dst: Tensor, src: Tensor, n: int) -> None:
     if n <= 0:
         return
     if dst.dtype == src.dtype and numpy_ok(src) and numpy_ok(dst):
-        import numpy as np
-
         np.copyto(dst[:n].numpy(), src[:n].numpy())
         return
     dst[:n].copy_(src[:n], non_blocking=True)
