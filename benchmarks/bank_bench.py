@@ -29,7 +29,9 @@ Two more sections (``--sections``, default ``main`` = the comparison above):
   RAM / in the file), recall@k with and without re-ranking, build, query, update (128 replaced
   vectors) and refresh time (also with the file's pages dropped from the page cache), the
   refresh's neighbour recall and its top pairs against exact (and against an exact search over
-  the same float16 vectors), with the refresh-only re-rank (``bank_refresh_rerank``) and without.
+  the same float16 vectors), with the refresh scanning its probed lists exactly
+  (``bank_refresh_search="lists"``), with the refresh-only re-rank (``bank_refresh_rerank``) and
+  with the training-time re-rank.
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reranks", default="0,4,16,32", help="IVF-PQ re-rank factors whose recall is measured")
     p.add_argument("--refresh-rerank", type=int, default=None,
                    help="IVF-PQ re-rank factor of the refresh's searches (default: HardNegConfig's bank_refresh_rerank)")
+    p.add_argument("--refresh-search", choices=("lists", "rerank"), default=None,
+                   help="the refresh's IVF-PQ search (default: HardNegConfig's bank_refresh_search); the "
+                        "other one is measured too, on the first variant")
     p.add_argument("--compressed-variants", default=None,
                    help="comma list: file (vectors memory-mapped, storage_path), ram (default: file,ram)")
     p.add_argument("--no-exact16", action="store_true",
@@ -119,6 +124,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "reranks": C.parse_list(args.reranks, int),
         "refresh_rerank": (args.refresh_rerank if args.refresh_rerank is not None
                            else HardNegConfig(num_classes=2).bank_refresh_rerank),
+        "refresh_search": args.refresh_search or HardNegConfig(num_classes=2).bank_refresh_search,
         "compressed_variants": C.parse_list(args.compressed_variants) or ["file", "ram"],
         "compressed_exact16": not args.no_exact16,
         "faiss_threads": args.faiss_threads,
@@ -462,7 +468,8 @@ def _compressed_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
     tag = f"[compressed N={C.human_size(n)}]"
     print(f"{tag} data {time.perf_counter() - t:.1f}s", flush=True)
     out: dict[str, Any] = {"n": n, "dim": d, "pq_bytes": s["pq_bytes"], "rerank": s["rerank"],
-                           "refresh_rerank": s["refresh_rerank"], "variants": s["compressed_variants"],
+                           "refresh_rerank": s["refresh_rerank"], "refresh_search": s["refresh_search"],
+                           "variants": s["compressed_variants"],
                            "build_s": {}, "query_s": {}, "update_ms": {}, "refresh_s": {}, "sources_s": {}, "refresh_recall": {},
                            "top_pairs": {}, "bytes_per_vector": {}}
     threshold = max(2, n // 5)
@@ -473,7 +480,7 @@ def _compressed_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
             path = os.path.join(tmp, "vectors.f16") if variant == "file" else None
             bank = EmbeddingBank(d, K, index="ivfpq", ivf_threshold=threshold, use_gpu=False, storage="float16",
                                  pq_bytes=s["pq_bytes"], rerank=s["rerank"], refresh_rerank=s["refresh_rerank"],
-                                 storage_path=path)
+                                 refresh_search=s["refresh_search"], storage_path=path)
             rss_before = C.resident_anon_bytes()
             bank.reserve(n)  # bank_reserve: the dataset's length known up front, no doubling slack
             t = time.perf_counter()
@@ -571,9 +578,13 @@ def _compressed_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
             del exact16
         for variant, bank in banks.items():
             refresh(f"ivfpq_{variant}", bank)
-        comp.refresh_rerank = None  # the refresh searching like training-time searches (rerank x k)
-        refresh(f"ivfpq_{next(iter(banks))}_rerank{s['rerank']}", comp)
-        comp.refresh_rerank = s["refresh_rerank"]
+        base = next(iter(banks))
+        other = "rerank" if s["refresh_search"] == "lists" else "lists"
+        comp.refresh_search = other  # the other refresh search, on the same bank
+        refresh(f"ivfpq_{base}_refresh_{other}" + (f"{s['refresh_rerank']}" if other == "rerank" else ""), comp)
+        comp.refresh_search, comp.refresh_rerank = "rerank", None  # searching like training-time searches
+        refresh(f"ivfpq_{base}_rerank{s['rerank']}", comp)
+        comp.refresh_search, comp.refresh_rerank = s["refresh_search"], s["refresh_rerank"]
         if "file" in banks:  # this file's pages dropped from the page cache: the re-rank reads the disk
             _drop_page_cache(banks["file"])
             refresh("ivfpq_file_cold", banks["file"])
@@ -663,6 +674,11 @@ def _compressed_table(rows: list[dict[str, Any]]) -> str:
                         C.fmt(r["refresh_s"][name], ".1f"), C.fmt(r["sources_s"].get(name), ".1f"),
                         C.fmt(r["refresh_recall"].get(name), ".4f"),
                         r["pairs_vs_exact"][name]])
+        for name in r["refresh_s"]:  # the same bank refreshed another way: the refresh's columns only
+            if name.startswith("ivfpq_") and name[6:] not in r["variants"]:
+                out.append([C.human_size(r["n"]), f"{name[6:]} (refresh only)"] + ["-"] * 10
+                           + [C.fmt(r["refresh_s"][name], ".1f"), C.fmt(r["sources_s"].get(name), ".1f"),
+                              C.fmt(r["refresh_recall"].get(name), ".4f"), r["pairs_vs_exact"][name]])
         out.append([C.human_size(r["n"]), "exact float32", "-", C.fmt(b["flat_float32"]["metadata"], ".1f"),
                     C.fmt(b["flat_float32"]["vectors"], ".0f"), "0", C.fmt(b["flat_float32"]["total"], ".1f"), "-", "1",
                     "1", C.fmt(r["build_s"]["flat"], ".1f"), C.fmt(r["update_ms"]["flat"], ".1f"),

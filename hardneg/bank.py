@@ -18,7 +18,8 @@ Why it is built this way:
 * **Compressed storage** for 10M+ samples: ``storage="float16"`` halves the slot array;
   ``index="ivfpq"`` searches an ``IndexIVFPQ`` (``pq_bytes`` a vector + 16 bytes of id and direct
   map) and re-scores ``rerank * k`` candidates exactly against the stored vectors (the refresh's
-  few queries ``refresh_rerank * k``: their neighbours are then exact's); ``storage_path`` keeps
+  few queries score every vector of the lists they probe exactly, ``refresh_search="lists"``: their
+  neighbours are then an IVF-flat search's, which PQ's coarse codes cannot change); ``storage_path`` keeps
   those in a memory-mapped file, so RAM holds the index and the metadata.
 * **Compact metadata**: the id -> slot map is a numpy table indexed by id (sample ids are dataset
   indices; a dict only for sparse, hash-like ids), ids and steps int32 and labels int16 while they
@@ -63,10 +64,15 @@ GPU_TEMP_MEMORY = 256 * 1024 * 1024  # bytes of FAISS GPU scratch memory (FAISS'
 DEFAULT_REFRESH_RERANK = 128  # an IVF-PQ refresh re-ranks 128 x k candidates (its neighbours: exact's)
 _OPQ_MAX_TRAIN = 16_384  # vectors an OPQ rotation is trained on
 _OPQ_ITERATIONS = 10
+# lists an IVF-PQ refresh's list scan probes when refresh_nprobe is None (at least nprobe): on the bench's
+# 1M clustered embeddings 64 gave exact's top-5 pairs, scores included, in 5 of 5 query draws (16: 3 of 5)
+LIST_SCAN_NPROBE = 64
+_PQ_MIN_TRAIN = 256  # vectors an IVF-PQ index needs before it is trained (FAISS: one per PQ centroid)
 RERANK_EXTRA_MAX = 2048  # re-ranked candidates past k, per query (a long-tail search asks for a large k)
 GPU_MAX_K = 2048  # GPU FAISS's largest k (and nprobe); a larger k searches on the CPU
 IndexKind = Literal["auto", "flat", "ivf", "ivfpq", "hnsw"]
 Storage = Literal["float32", "float16"]
+RefreshSearch = Literal["rerank", "lists"]
 _EXACT_BLOCK = 65_536  # rows of a float16 slot array widened to float32 per exact-search block
 # IVF-PQ inverted lists are std::vectors that grow by doubling: after a flush the bank copies them
 # into lists sized to what they hold plus this headroom (benchmarks/README.md, compressed storage),
@@ -373,7 +379,14 @@ class EmbeddingBank:
             a refresh asks few queries (e.g. 500), so it can afford a deeper re-rank than the
             training-time searches; 128 makes the refresh's neighbours those of an exact search
             (recall@11 0.996 at 1M; benchmarks/README.md). None: ``rerank``.
-        refresh_nprobe: ``nprobe`` of the refresh's searches only (None: ``nprobe``).
+        refresh_nprobe: ``nprobe`` of the refresh's searches only (None: ``nprobe``; an IVF-PQ
+            list scan probes at least :data:`LIST_SCAN_NPROBE`: see :attr:`refresh_probes`).
+        refresh_search: how an ``"ivfpq"`` bank answers the refresh's searches: ``"lists"`` scores
+            every vector of the ``refresh_nprobe`` lists each query probes exactly against the
+            stored vectors (an IVF-flat search's neighbours: a neighbour the PQ codes rank past any
+            re-rank depth is still found; each probed list is read once per refresh, one list at a
+            time under the read lock); ``"rerank"``: ``refresh_rerank * k`` PQ candidates
+            re-scored. Training-time searches always re-rank (``rerank``).
         opq: an ``"ivfpq"`` index first rotates the vectors by a trained OPQ matrix (FAISS
             ``OPQMatrix``: one ``dim x dim`` float32 matrix), which balances the PQ sub-vectors and
             lowers the codes' error when the embeddings' variance is concentrated in a few
@@ -398,6 +411,7 @@ class EmbeddingBank:
         refresh_rerank: Optional[int] = DEFAULT_REFRESH_RERANK,
         refresh_nprobe: Optional[int] = None,
         opq: bool = False,
+        refresh_search: RefreshSearch = "lists",
     ) -> None:
         if dim < 1 or num_classes < 1:
             raise BankError(f"dim and num_classes must be >= 1, got {dim}, {num_classes}")
@@ -414,6 +428,9 @@ class EmbeddingBank:
             raise BankError(f"rerank and refresh_rerank must be >= 0, got {rerank}, {refresh_rerank}")
         if refresh_nprobe is not None and refresh_nprobe < 1:
             raise BankError(f"refresh_nprobe must be >= 1 (or None: nprobe), got {refresh_nprobe}")
+        if refresh_search not in ("rerank", "lists"):
+            raise BankError(f"refresh_search must be 'rerank' or 'lists', got {refresh_search!r}")
+        self.refresh_search: RefreshSearch = refresh_search
         self.refresh_rerank = None if refresh_rerank is None else int(refresh_rerank)
         self.refresh_nprobe = None if refresh_nprobe is None else int(refresh_nprobe)
         self.storage: Storage = storage
@@ -487,6 +504,21 @@ class EmbeddingBank:
         if self._ann_kind == "ivf" and self._ivf_pq:
             return "ivfpq"
         return self._ann_kind or "flat"
+
+    @property
+    def refresh_scans_lists(self) -> bool:
+        """Whether the refresh's searches score the probed IVF-PQ lists exactly (``refresh_search="lists"``
+        and an IVF-PQ index built)."""
+        return self.refresh_search == "lists" and self._ann_kind == "ivf" and self._ivf_pq
+
+    @property
+    def refresh_probes(self) -> int:
+        """Lists each refresh query probes: ``refresh_nprobe``, or ``nprobe`` (a list scan: at least
+        :data:`LIST_SCAN_NPROBE`), at most the index's lists."""
+        probes = self.refresh_nprobe
+        if probes is None:
+            probes = max(self._nprobe, LIST_SCAN_NPROBE) if self.refresh_search == "lists" and self.index_kind == "ivfpq" else self._nprobe
+        return min(probes, self.nlist) if self.nlist is not None else probes
 
     @property
     def nlist(self) -> Optional[int]:
@@ -697,8 +729,12 @@ class EmbeddingBank:
     def _search_labelled(self, q: np.ndarray, k: int, refresh: bool = False
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`search_with_labels` of validated, normalised queries (``refresh``: with the
-        refresh-only ``refresh_rerank`` / ``refresh_nprobe``)."""
+        refresh-only ``refresh_rerank`` / ``refresh_nprobe`` / ``refresh_search``)."""
         self.flush()
+        if refresh and self.refresh_scans_lists and k >= 1:
+            scanned = self._scan_probed_lists(q, k)
+            if scanned is not None:
+                return scanned
         with self._lock.read():
             scores, slots = self._search_slots(q, k, refresh)
             valid = slots >= 0
@@ -770,6 +806,8 @@ class EmbeddingBank:
             chunk = max(1, len(q))
         if len(q) == 0:
             return (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int64))
+        if self.refresh_scans_lists:  # one scan of the probed lists for all queries, locked a list at a time
+            chunk = max(1, len(q))
         parts = [self._search_labelled(q[i : i + chunk], k, refresh=True) for i in range(0, len(q), chunk)]
         return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
 
@@ -840,6 +878,7 @@ class EmbeddingBank:
             "rerank": self.rerank,
             "refresh_rerank": self.refresh_rerank,
             "refresh_nprobe": self.refresh_nprobe,
+            "refresh_search": self.refresh_search,
             "opq": self.opq,
             "ids": torch.from_numpy(ids),
             "vectors": torch.from_numpy(vecs),
@@ -887,7 +926,8 @@ class EmbeddingBank:
                    storage=state.get("storage", "float32"), pq_bytes=int(state.get("pq_bytes", 32)),
                    rerank=int(state.get("rerank", 32)),
                    refresh_rerank=state.get("refresh_rerank", DEFAULT_REFRESH_RERANK),
-                   refresh_nprobe=state.get("refresh_nprobe"), opq=bool(state.get("opq", False)))
+                   refresh_nprobe=state.get("refresh_nprobe"), opq=bool(state.get("opq", False)),
+                   refresh_search=state.get("refresh_search", "lists"))
         bank.load_state_dict(state)
         return bank
 
@@ -987,7 +1027,8 @@ class EmbeddingBank:
             want = "ivf" if n >= self.ivf_threshold and self._gpu_res is None else "flat"
         if want == "flat" or n == 0:
             return
-        if want in ("ivf", "ivfpq") and (n >= self.ivf_threshold or force) and n >= 2:
+        # (an 8-bit PQ trains 256 centroids a sub-quantizer: with fewer vectors the bank stays exact)
+        if want in ("ivf", "ivfpq") and (n >= self.ivf_threshold or force) and n >= (_PQ_MIN_TRAIN if want == "ivfpq" else 2):
             self._build_ivf()
         elif want == "hnsw":
             self._build_hnsw()
@@ -1088,6 +1129,59 @@ class EmbeddingBank:
             scores = np.concatenate([scores, np.full((len(q), pad), np.nan, np.float32)], 1)
             slots = np.concatenate([slots, np.full((len(q), pad), -1, np.int64)], 1)
         return scores, slots
+
+    def _scan_probed_lists(self, q: np.ndarray, k: int, retries: int = 2
+                           ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The refresh's search on an IVF-PQ bank (``refresh_search="lists"``): every vector of the
+        ``refresh_nprobe`` lists each query probes, scored exactly against the stored vectors.
+
+        Its neighbours are an IVF-flat search's, so a neighbour the PQ codes rank too low for any
+        re-rank depth is still found. Lists are visited one at a time, each under the read lock with
+        all the queries that probe it (an upsert waits for one list at most), so a refresh reads
+        each probed list's vectors once. Returns ``(scores, ids, labels)``, or None when the bank has
+        no IVF-PQ index (the caller searches as usual). A rebuild during the scan (``remove``,
+        ``rebuild``, ``clear``) restarts it, at most ``retries`` times, then falls back to None.
+        """
+        with self._lock.read():
+            ann = self._ann
+            if self._ann_kind != "ivf" or not self._ivf_pq or self._size == 0:
+                return None
+            nprobe = self.refresh_probes
+            _, probes = ann.quantizer.search(self._ann_space(q), nprobe)
+        n_q, worst = len(q), (-np.inf if self.metric == "cosine" else np.inf)
+        scores = np.full((n_q, nprobe, k), worst, np.float32)
+        ids = np.full((n_q, nprobe, k), -1, np.int64)
+        labels = np.full((n_q, nprobe, k), -1, np.int64)
+        flat = probes.ravel()
+        order = np.argsort(flat, kind="stable")
+        lists, starts = np.unique(flat[order], return_index=True)
+        ends = np.append(starts[1:], len(order))
+        for lst, a, b in zip(lists.tolist(), starts.tolist(), ends.tolist()):
+            if lst < 0:
+                continue
+            rows = order[a:b]
+            qi, pos = rows // nprobe, rows % nprobe
+            with self._lock.read():
+                if self._ann is not ann:  # rebuilt under us: its lists and slots are new
+                    return self._scan_probed_lists(q, k, retries - 1) if retries > 0 else None
+                inv = ann.invlists
+                m = int(inv.list_size(lst))
+                if m == 0:
+                    continue
+                ptr = inv.get_ids(lst)
+                slots = np.sort(faiss.rev_swig_ptr(ptr, m))
+                inv.release_ids(lst, ptr)
+                s, j = faiss.knn(q[qi], _f32(self._vectors[slots]), min(k, m), metric=self._faiss_metric)
+                hit = slots[j]
+                scores[qi, pos, : s.shape[1]] = s
+                ids[qi, pos, : s.shape[1]] = self._ids[hit]
+                labels[qi, pos, : s.shape[1]] = self._labels[hit]
+        scores, ids, labels = (a.reshape(n_q, nprobe * k) for a in (scores, ids, labels))
+        key = np.where(ids >= 0, -scores if self.metric == "cosine" else scores, np.inf)
+        top = np.argsort(key, axis=1, kind="stable")[:, :k]
+        ids, labels = np.take_along_axis(ids, top, 1), np.take_along_axis(labels, top, 1)
+        scores = np.where(ids >= 0, np.take_along_axis(scores, top, 1), np.nan).astype(np.float32)
+        return scores, ids, labels
 
     def _exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = self._size
@@ -1203,6 +1297,10 @@ class BankOptions:
     # an exact search's (benchmarks/README.md). None: bank_rerank / nprobe.
     bank_refresh_rerank: Optional[int] = DEFAULT_REFRESH_RERANK
     bank_refresh_nprobe: Optional[int] = None
+    # The refresh's IVF-PQ search: "lists" scores every vector of the probed lists exactly (an
+    # IVF-flat search's neighbours; faster than a deep re-rank, and it finds neighbours whose PQ
+    # codes rank them past any re-rank depth); "rerank": bank_refresh_rerank x k PQ candidates.
+    bank_refresh_search: RefreshSearch = "lists"
     bank_opq: bool = False  # index="ivfpq": rotate the vectors by a trained OPQ matrix before PQ (see EmbeddingBank)
     # Slots allocated when the bank is made (e.g. the dataset's length): a bank grown by doubling
     # may hold up to 2x the slots, metadata and id -> slot table it needs; None: grow as samples come.
@@ -1219,6 +1317,7 @@ class BankOptions:
         int_at_least(self, "nprobe", 1)
         choice(self, "bank_sharding", ("off", "id-mod"))
         choice(self, "bank_storage", ("float32", "float16"))
+        choice(self, "bank_refresh_search", ("rerank", "lists"))
         int_at_least(self, "bank_pq_bytes", 1)
         int_at_least(self, "bank_rerank", 0)
         if self.bank_refresh_rerank is not None:
@@ -1236,7 +1335,8 @@ class BankOptions:
         of a torch.distributed run when ``bank_sharding`` is on)."""
         storage = {"storage": self.bank_storage, "pq_bytes": self.bank_pq_bytes, "rerank": self.bank_rerank,
                    "storage_path": self.bank_storage_path, "refresh_rerank": self.bank_refresh_rerank,
-                   "refresh_nprobe": self.bank_refresh_nprobe, "opq": self.bank_opq}
+                   "refresh_nprobe": self.bank_refresh_nprobe, "opq": self.bank_opq,
+                   "refresh_search": self.bank_refresh_search}
         if self.bank_sharding != "off":
             from hardneg.sharded_bank import ShardedEmbeddingBank
 

@@ -149,6 +149,8 @@ class HardNegConfig:
     # an exact search's (benchmarks/README.md). None: bank_rerank / nprobe.
     bank_refresh_rerank: Optional[int] = 128
     bank_refresh_nprobe: Optional[int] = None
+    # the refresh's IVF-PQ search: "lists" scores the probed lists' vectors exactly; "rerank": bank_refresh_rerank x k
+    bank_refresh_search: Literal["rerank", "lists"] = "lists"
     bank_opq: bool = False  # index="ivfpq": rotate the vectors by a trained OPQ matrix before PQ (see EmbeddingBank)
     # Slots allocated when the bank is made (e.g. the dataset's length): a bank grown by doubling
     # may hold up to 2x the slots, metadata and id -> slot table it needs; None: grow as samples come.

@@ -255,6 +255,8 @@ class ShardedEmbeddingBank:
         q = self.shard._validate_queries(queries)
         if self.shard.on_gpu and self.shard._ann is None:
             chunk = max(1, len(q))
+        if self.shard.refresh_search == "lists" and self.shard.index_kind == "ivfpq":
+            chunk = max(1, len(q))  # each shard scans its probed lists once for all queries
         rounds = int(self._all_reduce(torch.tensor([math.ceil(len(q) / chunk)], dtype=torch.int64), "max")[0])
         parts = [self._search(q[r * chunk : (r + 1) * chunk], k, refresh=True) for r in range(rounds)]
         if not parts:
@@ -326,7 +328,7 @@ class ShardedEmbeddingBank:
         return {"dim": self.dim, "num_classes": self.num_classes, "metric": s.metric, "index": s.index_kind,
                 "ivf_threshold": s.ivf_threshold, "nprobe": s.nprobe, "storage": s.storage, "pq_bytes": s.pq_bytes,
                 "rerank": s.rerank, "refresh_rerank": s.refresh_rerank, "refresh_nprobe": s.refresh_nprobe,
-                "opq": s.opq, "ids": torch.from_numpy(ids),
+                "refresh_search": s.refresh_search, "opq": s.opq, "ids": torch.from_numpy(ids),
                 "vectors": torch.from_numpy(vecs), "labels": torch.from_numpy(labels), "steps": torch.from_numpy(steps)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _toy_data import clustered_modes
-from hardneg.bank import LIST_HEADROOM, BankError, BankOptions, EmbeddingBank, SlotMap
+from hardneg.bank import LIST_HEADROOM, LIST_SCAN_NPROBE, BankError, BankOptions, EmbeddingBank, SlotMap
 from hardneg.confusion import ConfusionGraph
 
 
@@ -22,7 +22,8 @@ def test_refresh_searches_rerank_deeper_than_training_time_searches():
     y = torch.where(flip, (y + 1) % 5, y)
     exact = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16")
     pq = EmbeddingBank(32, 5, index="ivfpq", ivf_threshold=n, use_gpu=False, storage="float16", pq_bytes=4,
-                       rerank=1, refresh_rerank=128)  # (128: the config's default bank_refresh_rerank)
+                       rerank=1, refresh_rerank=128,  # (128: the config's default bank_refresh_rerank)
+                       refresh_search="rerank")
     for bank in (exact, pq):
         bank.upsert(torch.arange(n), x, y)
     q = x[:300] + 0.05
@@ -42,6 +43,79 @@ def test_refresh_searches_rerank_deeper_than_training_time_searches():
     # the deep re-rank is what brings the scores to exact's (at x64 they were 0.005 off with FAISS 1.15,
     # closer with earlier versions: x128 finds exact's neighbours, the scores agree to rounding)
     assert deep < 1e-4 and shallow > 0.01
+
+
+def _pq_and_exact(n=20_000, ivf_threshold=None, **pq_options):
+    x, y = clustered_modes(n)
+    flip = torch.rand(n, generator=torch.Generator().manual_seed(3)) < 0.2  # label noise: classes disagree
+    y = torch.where(flip, (y + 1) % 5, y)
+    exact = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage="float16")
+    pq = EmbeddingBank(32, 5, index="ivfpq", ivf_threshold=ivf_threshold or n, use_gpu=False, storage="float16",
+                       pq_bytes=4, rerank=1, **pq_options)
+    for bank in (exact, pq):
+        bank.upsert(torch.arange(n), x, y)
+    return x, exact, pq
+
+
+def test_a_refresh_scanning_the_probed_lists_finds_the_neighbours_pq_codes_rank_too_low():
+    # 4-byte codes and a x1 re-rank: PQ alone orders neighbours badly; the list scan scores every
+    # vector of the probed lists exactly, so with every list probed it is an exact search
+    x, exact, pq = _pq_and_exact(refresh_rerank=1, refresh_search="lists")
+    assert pq.refresh_scans_lists and pq.nlist > 16
+    q = x[:300] + 0.05
+    want_s, want_i, want_l = exact.search_many(q, 11)
+    pq.refresh_nprobe = pq.nlist
+    got_s, got_i, got_l = pq.search_many(q, 11)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_l, want_l)
+    np.testing.assert_allclose(got_s, want_s, atol=1e-5)
+    # by default it probes 64 lists (LIST_SCAN_NPROBE) and misses only what lies in lists it does not
+    # probe, while the x1 re-rank of the same refresh setting misses most; training-time searches are
+    # not affected
+    pq.refresh_nprobe = None
+    assert pq.refresh_probes == LIST_SCAN_NPROBE == 64 and pq.nprobe == 16
+    lists = _recall(pq.search_many(q, 11)[1], want_i)
+    pq.refresh_search = "rerank"
+    assert not pq.refresh_scans_lists and pq.refresh_probes == 16  # a re-rank probes nprobe lists
+    reranked = _recall(pq.search_many(q, 11)[1], want_i)
+    assert lists > 0.97 and reranked < 0.8
+    assert _recall(pq.search(q, 11)[1], want_i) == reranked  # search(): rerank=1 in both modes
+    # the confusion refresh on the list scan scores as the exact bank does
+    pq.refresh_search = "lists"
+    graph = lambda bank: ConfusionGraph(5, knn_k=10, max_queries=500, seed=0).refresh(bank)  # noqa: E731
+    assert np.abs(graph(pq) - graph(exact)).max() < 1e-4
+    with pytest.raises(BankError, match="refresh_search"):
+        EmbeddingBank(32, 5, refresh_search="exact")
+
+
+def test_a_list_scan_restarts_when_the_index_is_rebuilt_between_two_lists():
+    # the scan holds the read lock one list at a time: a remove() in a gap rebuilds the index and
+    # moves slots; the scan starts again on the new index and returns only samples still stored
+    x, exact, pq = _pq_and_exact(n=6_000, ivf_threshold=3_000, refresh_search="lists")
+    drop = torch.arange(0, 6_000, 3)
+    exact.remove(drop)
+    real_lock, reads = pq._lock, []
+
+    class RemoveOnThirdRead:
+        def write(self):
+            return real_lock.write()
+
+        def read(self):
+            reads.append(1)
+            if len(reads) == 3:
+                pq._lock = real_lock
+                assert pq.remove(drop) == len(drop)
+            return real_lock.read()
+
+    pq._lock = RemoveOnThirdRead()
+    q = x[1:300:3] + 0.01
+    pq.refresh_nprobe = 10_000  # every list: compare with the exact bank
+    got_s, got_i, got_l = pq.search_many(q, 11)
+    assert len(reads) >= 3 and pq._lock is real_lock and pq.refresh_scans_lists  # scanned the new index
+    want_s, want_i, want_l = exact.search_many(q, 11)
+    assert not np.isin(got_i, drop.numpy()).any()
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_l, want_l)
 
 
 def test_refresh_nprobe_applies_to_the_refresh_searches_of_an_ivf_bank_only():
@@ -67,10 +141,12 @@ def test_config_carries_the_refresh_settings_to_the_bank_and_its_state():
     cfg = HardNegConfig(num_classes=5, embedding_dim=32, index="ivfpq", bank_storage="float16", bank_pq_bytes=8,
                         bank_refresh_rerank=48, bank_refresh_nprobe=24)
     bank = cfg.bank_options.make_bank(32, 5)
-    assert (bank.refresh_rerank, bank.refresh_nprobe) == (48, 24)
+    assert (bank.refresh_rerank, bank.refresh_nprobe, bank.refresh_search) == (48, 24, "lists")
     assert BankOptions().bank_refresh_rerank == 128 and BankOptions().bank_refresh_nprobe is None
     restored = EmbeddingBank.from_state_dict(bank.state_dict(), use_gpu=False)
     assert (restored.refresh_rerank, restored.refresh_nprobe) == (48, 24)
+    reranking = cfg.replace(bank_refresh_search="rerank").bank_options.make_bank(32, 5)
+    assert EmbeddingBank.from_state_dict(reranking.state_dict(), use_gpu=False).refresh_search == "rerank"
     reserved = HardNegConfig(num_classes=5, embedding_dim=32, bank_reserve=5_000).bank_options.make_bank(32, 5)
     assert reserved.capacity == 5_000 and reserved._slot_of.nbytes == 4 * 5_000
     x, y = clustered_modes(5_000)
@@ -318,3 +394,13 @@ def test_an_ivfpq_bank_reallocates_its_lists_after_a_flush_and_again_once_they_o
     assert len(bank) == n and sizes().sum() == n
     found = bank.search(x[20_000:20_050], 10)[1]
     assert np.mean([i in row for i, row in zip(range(20_000, 20_050), found.tolist())]) >= 0.9  # still searchable
+
+
+def test_an_ivfpq_bank_with_fewer_vectors_than_pq_centroids_searches_exactly_instead_of_failing():
+    # FAISS's 8-bit PQ trains 256 centroids a sub-quantizer and refuses fewer training vectors
+    x, y = clustered_modes(300)
+    bank = EmbeddingBank(32, 5, index="ivfpq", ivf_threshold=40, use_gpu=False, pq_bytes=4)
+    bank.upsert(torch.arange(200), x[:200], y[:200])
+    assert bank.active_index == "flat" and bank.search(x[:3], 1)[1][:, 0].tolist() == [0, 1, 2]
+    bank.upsert(torch.arange(200, 300), x[200:], y[200:])
+    assert bank.active_index == "ivfpq"

@@ -82,7 +82,9 @@ def test_bank_sharded_and_compressed_sections_quick(tmp_path):
     assert 0.0 <= c["recall"]["rerank0"] <= c["recall"][f"rerank{c['rerank']}"] <= 1.0
     assert all(_positive(v) for v in c["refresh_s"].values()) and all(_positive(v) for v in c["update_ms"].values())
     assert c["bytes_per_vector"]["ivfpq_file"]["vectors"] == 0 and c["bytes_per_vector"]["ivfpq_file"]["total"] < 200
-    assert set(c["pairs_vs_exact"]) >= {"ivfpq_file", "ivfpq_ram", "exact_float16", "ivfpq_file_cold"}
+    assert set(c["pairs_vs_exact"]) >= {"ivfpq_file", "ivfpq_ram", "exact_float16", "ivfpq_file_cold",
+                                        "ivfpq_file_refresh_rerank128", "ivfpq_file_rerank32"}
+    assert c["refresh_search"] == "lists" and "file_refresh_rerank128 (refresh only)" in data["compressed_table_markdown"]
     assert "| N | bank |" in data["compressed_table_markdown"]
     # what the build really holds (Linux): at least a float16 vector a sample in RAM, none when file-backed
     resident = c.get("resident_bytes_per_vector")
@@ -458,3 +460,8 @@ def test_bank_pairs_seeds_compares_the_compressed_refresh_with_exact_per_query_d
     small = bank_pairs_seeds.main(["20k", str(tmp_path / "pq16.json"), "1", "200", "--pq-bytes", "16",
                                    "--rerank", "256", "--refresh-rerank", "256"])
     assert small[0]["pq_bytes"] == 16 and small[0]["refresh_rerank"] == 256 and small[0]["same_top3_set"]
+    # the refresh's search and its probed lists: several nprobes refresh the same bank, each judged
+    probes = bank_pairs_seeds.main(["20k", str(tmp_path / "np.json"), "1", "200", "--refresh-search", "lists",
+                                    "--refresh-nprobe", "4,64"])
+    assert probes[0]["refresh_search"] == "lists" and probes[0]["refresh_nprobe"] == 4
+    assert probes[0]["ivfpq_nprobe64_verdict"]["same_order"] and probes[0]["ivfpq_nprobe64"] == probes[0]["exact"]

@@ -92,6 +92,17 @@ def _bank_run(bank):
     }
 
 
+def _list_scan_refresh(bank):
+    """The confusion refresh on IVF-PQ shards whose refresh scans every list exactly."""
+    x, y = torch.cat([_data(s)[0] for s in range(4)]), torch.cat([_data(s)[1] for s in range(4)])
+    bank.upsert(torch.arange(len(x)), x, y)  # 1200: each of 4 shards holds the 256 vectors PQ trains on
+    shard = getattr(bank, "shard", bank)
+    graph = ConfusionGraph(K, knn_k=4, sources_per_pair=5, max_queries=50, seed=0)
+    graph.refresh(bank)
+    return {"scans_lists": shard.refresh_scans_lists, "matrix": graph.matrix(),
+            "pairs": [(p.a, p.b, p.score, p.source_ids) for p in graph.top_pairs(4)]}
+
+
 def _rank_main(rank, world, port, out_dir):
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -104,8 +115,13 @@ def _rank_main(rank, world, port, out_dir):
 
         sharded = ShardedEmbeddingBank(D, K, index="flat", use_gpu=False)
         sharded.reserve(N)  # allocated up front (bank_reserve): the same results as a bank grown by doubling
+        # 4-byte codes scored as they are (rerank 0) would rank neighbours badly: the list scan of
+        # every list (refresh_nprobe past nlist) makes each shard's refresh an exact one
+        pq = ShardedEmbeddingBank(D, K, index="ivfpq", ivf_threshold=40, use_gpu=False, pq_bytes=4, rerank=0,
+                                  refresh_rerank=0, refresh_nprobe=1_000)
         result = {"bank": _bank_run(sharded),
-                  "engine": _engine_run("id-mod")}
+                  "engine": _engine_run("id-mod"),
+                  "list_scan": _list_scan_refresh(pq)}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         torch.distributed.destroy_process_group()
     except BaseException:
@@ -122,7 +138,8 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def single():
-    return {"bank": _bank_run(EmbeddingBank(D, K, index="flat", use_gpu=False)), "engine": _engine_run("off")}
+    return {"bank": _bank_run(EmbeddingBank(D, K, index="flat", use_gpu=False)), "engine": _engine_run("off"),
+            "list_scan": _list_scan_refresh(EmbeddingBank(D, K, index="flat", use_gpu=False))}
 
 
 def _same(a, b, exact_scores=False):
@@ -176,6 +193,10 @@ def test_sharded_processes_find_what_one_exact_process_finds(tmp_path, single, w
         # the refresh: same pairs, sources and matrix as one exact process
         _same(bank["pairs"], one_bank["pairs"])
         _same(bank["matrix"], one_bank["matrix"])
+        # IVF-PQ shards, the refresh scanning their lists: one exact process's pairs, sources and matrix
+        assert res["list_scan"]["scans_lists"]
+        _same(res["list_scan"]["pairs"], single["list_scan"]["pairs"])
+        _same(res["list_scan"]["matrix"], single["list_scan"]["matrix"])
         # through the engine: pairs, sources, plan (requests), curriculum, history, checkpointed bank
         for key in ("pairs", "matrix", "history", "plan", "ratios", "known", "bank_state", "refreshes"):
             _same(engine[key], one_engine[key])
