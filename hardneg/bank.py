@@ -378,7 +378,8 @@ class EmbeddingBank:
         refresh_rerank: ``rerank`` of the confusion refresh's searches (:meth:`search_many`) only:
             a refresh asks few queries (e.g. 500), so it can afford a deeper re-rank than the
             training-time searches; 128 makes the refresh's neighbours those of an exact search
-            (recall@11 0.996 at 1M; benchmarks/README.md). None: ``rerank``.
+            (recall@11 0.996 at 1M; benchmarks/README.md). None: ``rerank``. Used by
+            ``refresh_search="rerank"`` only.
         refresh_nprobe: ``nprobe`` of the refresh's searches only (None: ``nprobe``; an IVF-PQ
             list scan probes at least :data:`LIST_SCAN_NPROBE`: see :attr:`refresh_probes`).
         refresh_search: how an ``"ivfpq"`` bank answers the refresh's searches: ``"lists"`` scores
@@ -1293,13 +1294,15 @@ class BankOptions:
     bank_rerank: int = 32
     bank_storage_path: Optional[str] = None  # keep the vectors in this file (memory-mapped), not in RAM
     # The confusion refresh's searches only (few queries: a deeper search is cheap there; training-time
-    # searches keep bank_rerank / nprobe): 128 x k re-ranked makes an IVF-PQ refresh's neighbours
-    # an exact search's (benchmarks/README.md). None: bank_rerank / nprobe.
+    # searches keep bank_rerank / nprobe): 128 x k re-ranked (bank_refresh_search="rerank") makes an
+    # IVF-PQ refresh's neighbours nearly an exact search's (benchmarks/README.md). None: bank_rerank /
+    # nprobe (a list scan: at least 64 lists, EmbeddingBank.refresh_probes).
     bank_refresh_rerank: Optional[int] = DEFAULT_REFRESH_RERANK
     bank_refresh_nprobe: Optional[int] = None
     # The refresh's IVF-PQ search: "lists" scores every vector of the probed lists exactly (an
     # IVF-flat search's neighbours; faster than a deep re-rank, and it finds neighbours whose PQ
-    # codes rank them past any re-rank depth); "rerank": bank_refresh_rerank x k PQ candidates.
+    # codes rank them past any re-rank depth); "rerank": bank_refresh_rerank x k PQ candidates
+    # (reads less of the vectors' file once N is past ~10M: benchmarks/README.md, seventh pass).
     bank_refresh_search: RefreshSearch = "lists"
     bank_opq: bool = False  # index="ivfpq": rotate the vectors by a trained OPQ matrix before PQ (see EmbeddingBank)
     # Slots allocated when the bank is made (e.g. the dataset's length): a bank grown by doubling

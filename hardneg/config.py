@@ -149,7 +149,8 @@ class HardNegConfig:
     # an exact search's (benchmarks/README.md). None: bank_rerank / nprobe.
     bank_refresh_rerank: Optional[int] = 128
     bank_refresh_nprobe: Optional[int] = None
-    # the refresh's IVF-PQ search: "lists" scores the probed lists' vectors exactly; "rerank": bank_refresh_rerank x k
+    # the refresh's IVF-PQ search: "lists" scores every vector of the probed lists exactly (bank_refresh_nprobe,
+    # None: 64 lists); "rerank": bank_refresh_rerank x k PQ candidates (reads less of the file past ~10M)
     bank_refresh_search: Literal["rerank", "lists"] = "lists"
     bank_opq: bool = False  # index="ivfpq": rotate the vectors by a trained OPQ matrix before PQ (see EmbeddingBank)
     # Slots allocated when the bank is made (e.g. the dataset's length): a bank grown by doubling
