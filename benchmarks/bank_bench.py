@@ -16,7 +16,13 @@ exact flat bank (the baseline, measured in the same run, repeats interleaved):
 
 Brute-force torch is ``queries @ bank.T`` + ``topk`` in 64k-row blocks (no index to build).
 
-Two more sections (``--sections``, default ``main`` = the comparison above):
+More sections (``--sections``, default ``main`` = the comparison above):
+
+* ``exact``: the confusion refresh and a 16-query training-time search over an exact flat bank at
+  ``--exact-sizes``, as hardneg runs them (chunks FAISS computes with BLAS, fewer queries by
+  torch's matrix product: :func:`hardneg.bank.exact_knn`) against FAISS called as before (the
+  refresh's 64-query chunks, which FAISS >= 1.15 answers with its sequential loop below
+  ``n_queries * d = 128,000``), repeats interleaved; the top pairs must agree.
 
 * ``sharded``: the bank sharded over W gloo processes (``bank_sharding="id-mod"``,
   :mod:`hardneg.sharded_bank`) at W = ``--shard-worlds`` on this machine's CPUs: per-rank bank
@@ -39,7 +45,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any, Optional
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Optional
 
 from benchmarks import _common as C
 
@@ -67,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest N whose exact refresh is measured rather than estimated (default: 100k)")
     p.add_argument("--sections", default="main",
                    help="comma list of main (index comparison), sharded (W processes), compressed (fp16 + IVF-PQ)")
+    p.add_argument("--exact-sizes", default=None, help="bank sizes of the exact section (default: 10k,50k,100k; "
+                   "quick 4k)")
     p.add_argument("--shard-worlds", default="1,2,4", help="process counts of the sharded section")
     p.add_argument("--shard-size", type=C.parse_size, default=None, help="bank size of the sharded section "
                    "(default: 100k; quick 4k)")
@@ -113,6 +122,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "update_batch": 128,
         "num_classes": 10,
         "sections": C.parse_list(args.sections) or ["main"],
+        "exact_sizes": [C.parse_size(x) for x in (C.parse_list(args.exact_sizes) or (["4k"] if q else ["10k", "50k", "100k"]))],
         "shard_worlds": C.parse_list(args.shard_worlds, int),
         "shard_size": args.shard_size or (4_000 if q else 100_000),
         "compressed_sizes": [C.parse_size(x) for x in (C.parse_list(args.compressed_sizes)
@@ -323,11 +333,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info["faiss_omp_threads"] = faiss.omp_get_max_threads()
     print(C.header("bank", info), flush=True)
     t_start = time.perf_counter()
-    unknown = set(s["sections"]) - {"main", "sharded", "compressed"}
+    unknown = set(s["sections"]) - {"main", "exact", "sharded", "compressed"}
     if unknown:
-        raise SystemExit(f"--sections: unknown {sorted(unknown)}; choose from main, sharded, compressed")
+        raise SystemExit(f"--sections: unknown {sorted(unknown)}; choose from main, exact, sharded, compressed")
     results: dict[str, Any] = {"benchmark": NAME, "command": C.command_line(NAME), "quick": bool(args.quick),
                                "settings": s, "machine": info}
+    if "exact" in s["sections"]:
+        results["exact"] = _exact_section(s, args.seed)
     if "sharded" in s["sections"]:
         results["sharded"] = _sharded_section(s, args.seed)
     if "compressed" in s["sections"]:
@@ -354,6 +366,83 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(results["table_markdown"], flush=True)
     print(f"target at N={C.human_size(biggest['n'])}: {results['target']}", flush=True)
     return C.finish(args.out, results, _plot(per_size, s, args.out))
+
+
+# ====================================================================== exact: FAISS's BLAS threshold
+@contextmanager
+def _faiss_as_called_before() -> Iterator[None]:
+    """The exact bank searching as it did before :func:`hardneg.bank.exact_knn`: ``faiss.knn`` on
+    whatever chunk the caller asks for (the refresh's 64 queries), whatever its size."""
+    import hardneg.bank as bank_mod
+
+    saved = bank_mod.blas_query_chunk, bank_mod._SEQUENTIAL_WORK
+    bank_mod.blas_query_chunk, bank_mod._SEQUENTIAL_WORK = (lambda dim: 1), float("inf")
+    try:
+        yield
+    finally:
+        bank_mod.blas_query_chunk, bank_mod._SEQUENTIAL_WORK = saved
+
+
+def _exact_section(s: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Refresh and training-time search over an exact bank: hardneg's calls against FAISS's as before."""
+    import faiss
+    import numpy as np
+    import torch
+
+    from hardneg.bank import EmbeddingBank, blas_query_chunk
+    from hardneg.confusion import ConfusionGraph
+
+    if s["faiss_threads"] > 0:
+        faiss.omp_set_num_threads(s["faiss_threads"])
+        torch.set_num_threads(s["faiss_threads"])
+    ways = {"before": _faiss_as_called_before, "hardneg": nullcontext}
+    rows = []
+    for n in s["exact_sizes"]:
+        vectors, labels = C.clustered_embeddings(n + 16, s["dim"], s["num_classes"], seed=seed)
+        bank = EmbeddingBank(s["dim"], s["num_classes"], index="flat", use_gpu=False)
+        C.upsert_in_chunks(bank, np.arange(n), vectors[:n], labels[:n])
+        queries = vectors[n:].copy()
+        del vectors
+        refresh_s: dict[str, list[float]] = {w: [] for w in ways}
+        search_s: dict[str, list[float]] = {w: [] for w in ways}
+        pairs: dict[str, list[list[Any]]] = {}
+        found: dict[str, Any] = {}
+        for rep in range(s["repeats"]):
+            for way in C.rotate(list(ways), rep):
+                with ways[way]():
+                    graph = ConfusionGraph(s["num_classes"], knn_k=10, max_queries=s["refresh_queries"], seed=seed)
+                    t = time.perf_counter()
+                    graph.refresh(bank)
+                    refresh_s[way].append(time.perf_counter() - t)
+                    pairs[way] = [[p.a, p.b, round(p.score, 4)] for p in graph.top_pairs(3)]
+                    t = time.perf_counter()
+                    found[way] = bank.search(queries, s["k"])[1]
+                    search_s[way].append(time.perf_counter() - t)
+        row = {"n": n, "refresh_s": {w: C.summary(v) for w, v in refresh_s.items()},
+               "search16_s": {w: C.summary(v) for w, v in search_s.items()}, "top_pairs": pairs,
+               "pairs_agree": [p[:2] for p in pairs["before"]] == [p[:2] for p in pairs["hardneg"]],
+               "search_ids_agree": float(np.mean(found["before"] == found["hardneg"])),
+               "blas_query_chunk": blas_query_chunk(s["dim"])}
+        row["refresh_speedup"] = C.ratio(row["refresh_s"]["before"]["median"], row["refresh_s"]["hardneg"]["median"])
+        row["search16_speedup"] = C.ratio(row["search16_s"]["before"]["median"], row["search16_s"]["hardneg"]["median"])
+        rows.append(row)
+        print(f"[exact N={C.human_size(n)}] refresh {row['refresh_s']['before']['median']:.2f}s before, "
+              f"{row['refresh_s']['hardneg']['median']:.2f}s now ({row['refresh_speedup']:.1f}x); 16-query search "
+              f"{row['search16_s']['before']['median'] * 1e3:.1f} / {row['search16_s']['hardneg']['median'] * 1e3:.1f} ms; "
+              f"pairs agree {row['pairs_agree']}", flush=True)
+        del bank
+    table = C.markdown_table(
+        ["N", "refresh s, before", "refresh s, now", "x", "16-query search ms, before", "now", "x", "top pairs agree",
+         "search ids agree"],
+        [[C.human_size(r["n"]), C.fmt(r["refresh_s"]["before"]["median"], ".2f"),
+          C.fmt(r["refresh_s"]["hardneg"]["median"], ".2f"), C.fmt(r["refresh_speedup"], ".1f"),
+          C.fmt(r["search16_s"]["before"]["median"] * 1e3, ".1f"), C.fmt(r["search16_s"]["hardneg"]["median"] * 1e3, ".1f"),
+          C.fmt(r["search16_speedup"], ".1f"), "yes" if r["pairs_agree"] else "NO", C.fmt(r["search_ids_agree"], ".3f")]
+         for r in rows])
+    print(table, flush=True)
+    return {"refresh_queries": s["refresh_queries"], "faiss_threads": s["faiss_threads"],
+            "faiss_blas_threshold": int(getattr(faiss.cvar, "distance_compute_blas_threshold", 0)),
+            "sizes": rows, "table_markdown": table}
 
 
 # ====================================================================== sharded: W processes

@@ -330,6 +330,64 @@ def _null_context() -> Iterator[None]:
     yield
 
 
+_SEQUENTIAL_WORK = 1 << 25  # multiply-adds below which FAISS's sequential kNN loop is as quick (a few ms)
+
+
+def _blas_threshold() -> int:
+    return int(getattr(getattr(faiss, "cvar", None), "distance_compute_blas_threshold", 0) or 0)
+
+
+def blas_query_chunk(dim: int) -> int:
+    """The fewest queries one exact CPU search (``faiss.knn``, ``IndexFlat``) must hold for FAISS
+    to compute it with BLAS at dimension ``dim``.
+
+    FAISS takes BLAS only when ``n_queries * dim >= distance_compute_blas_threshold`` (128,000 in
+    faiss-cpu 1.15, so 250 queries at d = 512); below it a sequential loop runs 8-17x slower on
+    this machine's CPUs (benchmarks/README.md, "The refresh's exact search"). Read at call time:
+    FAISS versions whose threshold counts queries (20 in older releases) give a chunk of 1."""
+    return max(1, math.ceil(_blas_threshold() / max(1, int(dim))))
+
+
+def exact_knn(q: np.ndarray, xb: np.ndarray, k: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+    """``faiss.knn(q, xb, k, metric)`` (inner product or squared L2) computed by a matrix product at
+    any number of queries; ``xb`` float32 or float16, ``k <= len(xb)``.
+
+    Enough queries for FAISS's BLAS path (:func:`blas_query_chunk`) go to ``faiss.knn`` as they
+    are; fewer (a training-time search, the few queries of one inverted list) are scored a block
+    of ``xb`` at a time by torch's matrix product (its OpenMP team: the calling thread's, which
+    the engine's threads bound) and the ``k`` best kept, instead of FAISS's sequential loop; a
+    search of a few milliseconds' work stays with FAISS.
+    """
+    q = _f32(q)
+    if xb.dtype == np.float32 and (len(q) * q.shape[1] >= _blas_threshold() or len(q) * xb.size <= _SEQUENTIAL_WORK):
+        return faiss.knn(q, xb, k, metric=metric)
+    inner = metric == faiss.METRIC_INNER_PRODUCT
+    q_norms = None if inner else np.einsum("qd,qd->q", q, q)[:, None]
+    best_s = best_i = None
+    for start in range(0, len(xb), _EXACT_BLOCK):
+        block = _f32(xb[start : start + _EXACT_BLOCK])
+        kb = min(k, len(block))
+        if len(q) * q.shape[1] >= _blas_threshold():
+            s, i = faiss.knn(q, block, kb, metric=metric)
+        else:
+            s = torch.mm(torch.from_numpy(q), torch.from_numpy(block).T).numpy()  # torch's BLAS: the caller's OpenMP cap
+            if not inner:  # squared L2 by the expansion, clipped at 0 (as FAISS's BLAS path computes it)
+                s = np.maximum(q_norms - 2.0 * s + np.einsum("nd,nd->n", block, block)[None, :], 0.0)
+            key = -s if inner else s
+            i = np.argpartition(key, kb - 1, axis=1)[:, :kb] if kb < len(block) else \
+                np.broadcast_to(np.arange(len(block)), key.shape)
+            i = np.take_along_axis(i, np.argsort(np.take_along_axis(key, i, 1), axis=1, kind="stable"), 1)
+            s = np.take_along_axis(s, i, 1).astype(np.float32, copy=False)
+        i = i.astype(np.int64, copy=False) + start
+        if best_s is None:
+            best_s, best_i = s, i
+            continue
+        s, i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
+        order = np.argsort(-s if inner else s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    return best_s, best_i
+
+
 def _f32(a: np.ndarray) -> np.ndarray:
     """A C-contiguous float32 view or copy (what FAISS takes) of a float32 / float16 array."""
     return np.ascontiguousarray(a, dtype=np.float32)
@@ -800,8 +858,10 @@ class EmbeddingBank:
     def search_many(self, queries: Tensor | np.ndarray, k: int, chunk: int = 64
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`search_with_labels` of many queries, ``chunk`` per search so an upsert waits for
-        one chunk at most; on the GPU all queries go in one call (one short GPU search). The
-        refresh's search: an IVF / IVF-PQ index answers with ``refresh_nprobe`` / ``refresh_rerank``."""
+        one chunk at most; on the GPU all queries go in one call (one short GPU search). An exact
+        CPU search takes at least :func:`blas_query_chunk` queries a chunk (fewer run FAISS's slow
+        sequential loop). The refresh's search: an IVF / IVF-PQ index answers with
+        ``refresh_nprobe`` / ``refresh_rerank``."""
         q = self._validate_queries(queries)
         if self.on_gpu and self._ann is None and k <= GPU_MAX_K:
             chunk = max(1, len(q))
@@ -809,6 +869,8 @@ class EmbeddingBank:
             return (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int64))
         if self.refresh_scans_lists:  # one scan of the probed lists for all queries, locked a list at a time
             chunk = max(1, len(q))
+        elif self._ann is None:  # exact on the CPU: chunks large enough for FAISS's BLAS path
+            chunk = max(chunk, blas_query_chunk(self.dim))
         parts = [self._search_labelled(q[i : i + chunk], k, refresh=True) for i in range(0, len(q), chunk)]
         return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
 
@@ -1172,7 +1234,7 @@ class EmbeddingBank:
                 ptr = inv.get_ids(lst)
                 slots = np.sort(faiss.rev_swig_ptr(ptr, m))
                 inv.release_ids(lst, ptr)
-                s, j = faiss.knn(q[qi], _f32(self._vectors[slots]), min(k, m), metric=self._faiss_metric)
+                s, j = exact_knn(q[qi], self._vectors[slots], min(k, m), self._faiss_metric)
                 hit = slots[j]
                 scores[qi, pos, : s.shape[1]] = s
                 ids[qi, pos, : s.shape[1]] = self._ids[hit]
@@ -1202,22 +1264,8 @@ class EmbeddingBank:
         return scores, slots
 
     def _knn_cpu(self, q: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``faiss.knn``; a float16 slot array is widened to float32 a block at a time and merged."""
-        if xb.dtype == np.float32:
-            return faiss.knn(q, xb, k, metric=self._faiss_metric)
-        best_s = best_i = None
-        for start in range(0, len(xb), _EXACT_BLOCK):
-            block = _f32(xb[start : start + _EXACT_BLOCK])
-            s, i = faiss.knn(q, block, min(k, len(block)), metric=self._faiss_metric)
-            i = i + start
-            if best_s is None:
-                best_s, best_i = s, i
-                continue
-            s, i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
-            key = -s if self.metric == "cosine" else s
-            order = np.argsort(key, axis=1, kind="stable")[:, :k]
-            best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
-        return best_s, best_i
+        """:func:`exact_knn` over the stored vectors (float16 ones widened a block at a time)."""
+        return exact_knn(q, xb, k, self._faiss_metric)
 
     def _knn_gpu(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """One ``faiss.knn_gpu`` call over the GPU-resident copy (caller holds the read lock)."""

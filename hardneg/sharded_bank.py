@@ -41,6 +41,7 @@ from hardneg.bank import (
     IndexKind,
     Metric,
     SlotMap,
+    blas_query_chunk,
     _last_occurrence,
     _to_numpy_i64,
     _widen,
@@ -250,13 +251,16 @@ class ShardedEmbeddingBank:
     def search_many(self, queries: Tensor | np.ndarray, k: int, chunk: int = 64
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Collective search of many queries, ``chunk`` per rank per round (as many rounds on every
-        rank). First checks that every rank holds the same samples."""
+        rank; exact shards: enough that a round's gathered queries take FAISS's BLAS path, see
+        :func:`hardneg.bank.blas_query_chunk`). First checks that every rank holds the same samples."""
         self._check_same_samples()
         q = self.shard._validate_queries(queries)
         if self.shard.on_gpu and self.shard._ann is None:
             chunk = max(1, len(q))
         if self.shard.refresh_search == "lists" and self.shard.index_kind == "ivfpq":
             chunk = max(1, len(q))  # each shard scans its probed lists once for all queries
+        elif self.shard._ann is None:  # exact: every round's gathered queries enough for FAISS's BLAS path
+            chunk = max(chunk, math.ceil(blas_query_chunk(self.dim) / self.world))
         rounds = int(self._all_reduce(torch.tensor([math.ceil(len(q) / chunk)], dtype=torch.int64), "max")[0])
         parts = [self._search(q[r * chunk : (r + 1) * chunk], k, refresh=True) for r in range(rounds)]
         if not parts:

@@ -67,6 +67,19 @@ def test_bank_quick(tmp_path):
     assert "| N | index |" in data["table_markdown"]
 
 
+def test_bank_exact_section_times_the_refresh_both_ways_and_they_agree(tmp_path):
+    data = _run_cli(["bench", "bank", "--quick", "--out", str(tmp_path), "--sections", "exact",
+                     "--exact-sizes", "3k", "--refresh-queries", "300"])
+    (row,) = data["exact"]["sizes"]
+    assert row["n"] == 3000
+    for key in ("refresh_s", "search16_s"):
+        assert set(row[key]) == {"before", "hardneg"} and all(_positive(v["median"]) for v in row[key].values())
+    assert _positive(row["refresh_speedup"]) and _positive(row["search16_speedup"])
+    # the two ways compute the same neighbours: the same top pairs, the same search results
+    assert row["pairs_agree"] and row["search_ids_agree"] == 1.0
+    assert row["blas_query_chunk"] >= 1 and "| N | refresh s, before |" in data["exact"]["table_markdown"]
+
+
 @pytest.mark.slow
 def test_bank_sharded_and_compressed_sections_quick(tmp_path):
     data = _run_cli(["bench", "bank", "--quick", "--out", str(tmp_path), "--sections", "sharded,compressed",
