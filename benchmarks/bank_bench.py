@@ -22,7 +22,8 @@ More sections (``--sections``, default ``main`` = the comparison above):
   ``--exact-sizes``, as hardneg runs them (chunks FAISS computes with BLAS, fewer queries by
   torch's matrix product: :func:`hardneg.bank.exact_knn`) against FAISS called as before (the
   refresh's 64-query chunks, which FAISS >= 1.15 answers with its sequential loop below
-  ``n_queries * d = 128,000``), repeats interleaved; the top pairs must agree.
+  ``n_queries * d = 128,000``), repeats interleaved; the confusion scores must agree to within one
+  neighbour of one query (float32 rounding may swap a 10th and 11th neighbour).
 
 * ``sharded``: the bank sharded over W gloo processes (``bank_sharding="id-mod"``,
   :mod:`hardneg.sharded_bank`) at W = ``--shard-worlds`` on this machine's CPUs: per-rank bank
@@ -406,6 +407,7 @@ def _exact_section(s: dict[str, Any], seed: int) -> dict[str, Any]:
         refresh_s: dict[str, list[float]] = {w: [] for w in ways}
         search_s: dict[str, list[float]] = {w: [] for w in ways}
         pairs: dict[str, list[list[Any]]] = {}
+        matrix: dict[str, Any] = {}
         found: dict[str, Any] = {}
         for rep in range(s["repeats"]):
             for way in C.rotate(list(ways), rep):
@@ -415,29 +417,38 @@ def _exact_section(s: dict[str, Any], seed: int) -> dict[str, Any]:
                     graph.refresh(bank)
                     refresh_s[way].append(time.perf_counter() - t)
                     pairs[way] = [[p.a, p.b, round(p.score, 4)] for p in graph.top_pairs(3)]
+                    matrix[way] = graph.matrix()
                     t = time.perf_counter()
                     found[way] = bank.search(queries, s["k"])[1]
                     search_s[way].append(time.perf_counter() - t)
+        tol = 1.0 / (10 * max(1, s["refresh_queries"] // s["num_classes"]))  # one neighbour of one query
         row = {"n": n, "refresh_s": {w: C.summary(v) for w, v in refresh_s.items()},
                "search16_s": {w: C.summary(v) for w, v in search_s.items()}, "top_pairs": pairs,
-               "pairs_agree": [p[:2] for p in pairs["before"]] == [p[:2] for p in pairs["hardneg"]],
+               "pairs_verdict": _pairs_verdict(pairs["hardneg"], pairs["before"], tol),
+               # float32 rounding (BLAS or not) may swap a query's 10th and 11th neighbours: one such swap
+               # moves a score by `tol`; the matrices must differ by no more than that
+               "matrix_max_diff": float(np.abs(matrix["hardneg"] - matrix["before"]).max()), "tie_tolerance": tol,
                "search_ids_agree": float(np.mean(found["before"] == found["hardneg"])),
                "blas_query_chunk": blas_query_chunk(s["dim"])}
+        row["pairs_agree"] = row["matrix_max_diff"] <= tol * 1.001
         row["refresh_speedup"] = C.ratio(row["refresh_s"]["before"]["median"], row["refresh_s"]["hardneg"]["median"])
         row["search16_speedup"] = C.ratio(row["search16_s"]["before"]["median"], row["search16_s"]["hardneg"]["median"])
         rows.append(row)
         print(f"[exact N={C.human_size(n)}] refresh {row['refresh_s']['before']['median']:.2f}s before, "
               f"{row['refresh_s']['hardneg']['median']:.2f}s now ({row['refresh_speedup']:.1f}x); 16-query search "
               f"{row['search16_s']['before']['median'] * 1e3:.1f} / {row['search16_s']['hardneg']['median'] * 1e3:.1f} ms; "
-              f"pairs agree {row['pairs_agree']}", flush=True)
+              f"top pairs {row['pairs_verdict']}, matrix differs by {row['matrix_max_diff']:.2g} (one neighbour: "
+              f"{tol:.2g})", flush=True)
         del bank
     table = C.markdown_table(
-        ["N", "refresh s, before", "refresh s, now", "x", "16-query search ms, before", "now", "x", "top pairs agree",
-         "search ids agree"],
+        ["N", "refresh s, before", "refresh s, now", "x", "16-query search ms, before", "now", "x", "top-3 pairs",
+         "scores differ by (one neighbour)", "search ids agree"],
         [[C.human_size(r["n"]), C.fmt(r["refresh_s"]["before"]["median"], ".2f"),
           C.fmt(r["refresh_s"]["hardneg"]["median"], ".2f"), C.fmt(r["refresh_speedup"], ".1f"),
           C.fmt(r["search16_s"]["before"]["median"] * 1e3, ".1f"), C.fmt(r["search16_s"]["hardneg"]["median"] * 1e3, ".1f"),
-          C.fmt(r["search16_speedup"], ".1f"), "yes" if r["pairs_agree"] else "NO", C.fmt(r["search_ids_agree"], ".3f")]
+          C.fmt(r["search16_speedup"], ".1f"), r["pairs_verdict"],
+          f"{r['matrix_max_diff']:.2g} ({r['tie_tolerance']:.2g})" + ("" if r["pairs_agree"] else " MORE"),
+          C.fmt(r["search_ids_agree"], ".3f")]
          for r in rows])
     print(table, flush=True)
     return {"refresh_queries": s["refresh_queries"], "faiss_threads": s["faiss_threads"],
