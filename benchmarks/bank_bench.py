@@ -280,6 +280,24 @@ def _one_size(n: int, s: dict[str, Any], seed: int) -> dict[str, Any]:
         out["refresh_estimated"][m] = False
         print(f"[N={C.human_size(n)}] refresh {m}: {dt:.1f}s top pairs {top}", flush=True)
     out["refresh_ivf_nprobe"] = ivf.nprobe if ivf.active_index == "ivf" else None
+    # The IVF refresh scans its probed lists by one matrix product a list (refresh_search="lists", the
+    # default) against FAISS's own IVF search of the same lists (a vector at a time): interleaved, same bank
+    if ivf.active_index == "ivf" and ivf.refresh_scans_lists:
+        ways: dict[str, list[float]] = {"lists": [], "faiss": []}
+        tops: dict[str, Any] = {}
+        for rep in range(2):
+            for way in C.rotate(list(ways), rep):
+                ivf.refresh_search = "lists" if way == "lists" else "rerank"
+                dt, tops[way] = refresh(ivf)
+                ways[way].append(dt)
+        ivf.refresh_search = "lists"
+        out["refresh_ivf_lists_s"], out["refresh_ivf_faiss_search_s"] = C.median(ways["lists"]), C.median(ways["faiss"])
+        out["refresh_ivf_faiss_search_top_pairs"] = tops["faiss"]
+        out["refresh_ivf_lists_speedup"] = C.ratio(out["refresh_ivf_faiss_search_s"], out["refresh_ivf_lists_s"])
+        out["refresh_ivf_lists_pairs_equal"] = [p[:2] for p in tops["lists"]] == [p[:2] for p in tops["faiss"]]
+        print(f"[N={C.human_size(n)}] ivf refresh: list scan {out['refresh_ivf_lists_s']:.2f}s, FAISS's IVF search "
+              f"{out['refresh_ivf_faiss_search_s']:.2f}s ({out['refresh_ivf_lists_speedup']:.1f}x), same top pairs "
+              f"{out['refresh_ivf_lists_pairs_equal']}", flush=True)
     # Queries per bank search in a refresh: smaller chunks hold the read lock for less time (shorter
     # training-step stalls); does the refresh itself get slower? Interleaved, same bank.
     if ivf.active_index == "ivf" and not s["quick"] and s["search_chunks"]:

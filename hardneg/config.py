@@ -149,8 +149,9 @@ class HardNegConfig:
     # an exact search's (benchmarks/README.md). None: bank_rerank / nprobe.
     bank_refresh_rerank: Optional[int] = 128
     bank_refresh_nprobe: Optional[int] = None
-    # the refresh's IVF-PQ search: "lists" scores every vector of the probed lists exactly (bank_refresh_nprobe,
-    # None: 64 lists); "rerank": bank_refresh_rerank x k PQ candidates (reads less of the file past ~10M)
+    # the refresh's IVF search: "lists" scores every vector of the probed lists by one matrix product a list
+    # (IVF: FAISS's neighbours, faster; IVF-PQ: exactly, bank_refresh_nprobe, None: 64 lists); "rerank":
+    # FAISS's IVF search (IVF-PQ: bank_refresh_rerank x k PQ candidates; reads less of the file past ~10M)
     bank_refresh_search: Literal["rerank", "lists"] = "lists"
     bank_opq: bool = False  # index="ivfpq": rotate the vectors by a trained OPQ matrix before PQ (see EmbeddingBank)
     # Slots allocated when the bank is made (e.g. the dataset's length): a bank grown by doubling

@@ -257,7 +257,7 @@ class ShardedEmbeddingBank:
         q = self.shard._validate_queries(queries)
         if self.shard.on_gpu and self.shard._ann is None:
             chunk = max(1, len(q))
-        if self.shard.refresh_search == "lists" and self.shard.index_kind == "ivfpq":
+        if self.shard.refresh_scans_lists:
             chunk = max(1, len(q))  # each shard scans its probed lists once for all queries
         elif self.shard._ann is None:  # exact: every round's gathered queries enough for FAISS's BLAS path
             chunk = max(chunk, math.ceil(blas_query_chunk(self.dim) / self.world))

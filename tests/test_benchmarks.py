@@ -63,6 +63,10 @@ def test_bank_quick(tmp_path):
         assert all(_positive(v["median"]) for v in r["update_s"].values())
         # the synthetic data has confusable pairs and the refresh finds them
         assert {tuple(sorted(p[:2])) for p in r["refresh_top_pairs"]["flat"]} & {(3, 8), (4, 9), (1, 7)}
+    # the IVF refresh's list scan timed against FAISS's own IVF search of the same lists: the same pairs
+    ivf_rows = [r for r in data["sizes"] if "refresh_ivf_lists_s" in r]
+    assert ivf_rows and all(_positive(r["refresh_ivf_lists_speedup"]) and r["refresh_ivf_lists_pairs_equal"]
+                            for r in ivf_rows)
     assert isinstance(data["target"]["met"], bool)
     assert "| N | index |" in data["table_markdown"]
 
