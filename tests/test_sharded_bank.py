@@ -77,7 +77,15 @@ def _bank_run(bank):
     world = getattr(bank, "world", 1)
     queries = torch.randn(7 + rank, D, generator=torch.Generator().manual_seed(100))  # different counts
     wanted = np.array([5, 17, 42, 1, 299])
+    # an exact refresh searches in rounds FAISS computes by BLAS (hardneg.bank.blas_query_chunk): 64
+    # queries a rank per round would run FAISS's sequential loop; these 600 fit in one round
+    shard = getattr(bank, "shard", bank)
+    rounds, search_labelled = [], shard._search_labelled
+    shard._search_labelled = lambda q, k, refresh=False: rounds.append(len(q)) or search_labelled(q, k, refresh)
+    bank.search_many(torch.randn(600 // world, D, generator=torch.Generator().manual_seed(7 + rank)), 5, chunk=64)
+    del shard._search_labelled
     return {
+        "search_many_rounds": rounds,
         "matrix": graph.matrix(),
         "pairs": [(p.a, p.b, p.score, p.source_ids) for p in graph.top_pairs(4)],
         "search": bank.search_with_labels(queries, 6),
@@ -190,6 +198,7 @@ def test_sharded_processes_find_what_one_exact_process_finds(tmp_path, single, w
         assert bank["search"][1].shape == (len(queries_here), 6)
         _same(bank["big_k"][1], one_bank["big_k"][1])
         assert np.isnan(bank["big_k"][0][:, N:]).all()
+        assert bank["search_many_rounds"] == one_bank["search_many_rounds"] == [600]
         # the refresh: same pairs, sources and matrix as one exact process
         _same(bank["pairs"], one_bank["pairs"])
         _same(bank["matrix"], one_bank["matrix"])
