@@ -29,8 +29,6 @@ from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 from hardneg._checks import ConfigError
-from hardneg._checks import choice as _choice
-from hardneg._checks import in_range as _in_range
 from hardneg._checks import int_at_least as _int_at_least
 
 if TYPE_CHECKING:  # pragma: no cover - the options live in their components' modules (loaded on use)
