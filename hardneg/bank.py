@@ -359,33 +359,29 @@ def exact_knn(q: np.ndarray, xb: np.ndarray, k: int, metric: int) -> tuple[np.nd
     search of a few milliseconds' work stays with FAISS.
     """
     q = _f32(q)
-    if xb.dtype == np.float32 and (len(q) * q.shape[1] >= _blas_threshold() or len(q) * xb.size <= _SEQUENTIAL_WORK):
+    blas = len(q) * q.shape[1] >= _blas_threshold()
+    if xb.dtype == np.float32 and (blas or len(q) * xb.size <= _SEQUENTIAL_WORK):
         return faiss.knn(q, xb, k, metric=metric)
     inner = metric == faiss.METRIC_INNER_PRODUCT
     q_norms = None if inner else np.einsum("qd,qd->q", q, q)[:, None]
-    best_s = best_i = None
+    cand_s, cand_i = [], []  # each block's k best (unordered), then one sort over them all
     for start in range(0, len(xb), _EXACT_BLOCK):
         block = _f32(xb[start : start + _EXACT_BLOCK])
         kb = min(k, len(block))
-        if len(q) * q.shape[1] >= _blas_threshold():
+        if blas:
             s, i = faiss.knn(q, block, kb, metric=metric)
         else:
             s = torch.mm(torch.from_numpy(q), torch.from_numpy(block).T).numpy()  # torch's BLAS: the caller's OpenMP cap
             if not inner:  # squared L2 by the expansion, clipped at 0 (as FAISS's BLAS path computes it)
                 s = np.maximum(q_norms - 2.0 * s + np.einsum("nd,nd->n", block, block)[None, :], 0.0)
-            key = -s if inner else s
-            i = np.argpartition(key, kb - 1, axis=1)[:, :kb] if kb < len(block) else \
-                np.broadcast_to(np.arange(len(block)), key.shape)
-            i = np.take_along_axis(i, np.argsort(np.take_along_axis(key, i, 1), axis=1, kind="stable"), 1)
+            i = np.argpartition(-s if inner else s, kb - 1, axis=1)[:, :kb] if kb < len(block) else \
+                np.broadcast_to(np.arange(len(block)), s.shape)
             s = np.take_along_axis(s, i, 1).astype(np.float32, copy=False)
-        i = i.astype(np.int64, copy=False) + start
-        if best_s is None:
-            best_s, best_i = s, i
-            continue
-        s, i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
-        order = np.argsort(-s if inner else s, axis=1, kind="stable")[:, :k]
-        best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
-    return best_s, best_i
+        cand_s.append(s)
+        cand_i.append(i.astype(np.int64, copy=False) + start)
+    s, i = np.concatenate(cand_s, 1), np.concatenate(cand_i, 1)
+    order = np.argsort(-s if inner else s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
