@@ -27,7 +27,7 @@ from torch import Tensor
 
 from hardneg.buffer import SyntheticSample
 from hardneg.labels import soft_targets
-from hardneg.observer import numpy_ok
+from hardneg.observer import labels_outside, numpy_ok
 
 MixMode = Literal["append", "substitute"]
 
@@ -150,9 +150,20 @@ class MixLayout:
 
     def fits(self, x: Tensor, y: Tensor) -> bool:
         """Whether a batch ``(x, y)`` has this layout (metadata only: no values read)."""
-        return (x.device == self.device and x.dtype == self.dtype and tuple(x.shape[1:]) == self.sample_shape
+        return (x.device == self.device and x.dtype == self.dtype and x.shape[1:] == self.sample_shape
                 and y.ndim == self.y_ndim and y.dtype == self.y_dtype
                 and (y.ndim == 1 or int(y.shape[1]) == self.y_classes))
+
+
+class HostViews(NamedTuple):
+    """numpy views of a CPU :class:`PreparedMix`, made with it on the helper thread, so the fill on
+    the training thread is one ``np.copyto`` (and, for soft targets made from class ids, one indexed
+    store) without converting a tensor first."""
+
+    x: np.ndarray
+    label_ids: Optional[np.ndarray] = None  # with soft_from_ids
+    y_flat: Optional[np.ndarray] = None  # with soft_from_ids: y as one flat (N * K,) array
+    row_starts: Optional[np.ndarray] = None  # with soft_from_ids: i * K, the flat index of row i's class 0
 
 
 @dataclass
@@ -176,6 +187,7 @@ class PreparedMix:
     pairs: list[tuple[int, int]]
     label_ids: Optional[Tensor] = None  # with soft_from_ids: the rows' class ids, generated rows' in place
     filled: bool = False
+    views: Optional[HostViews] = None  # on a CPU: numpy views of the tensors the fill writes
 
     def fits(self, x: Tensor, y: Tensor) -> bool:
         """Whether this can become the mixed batch of ``(x, y)`` (same rows, layout; not filled yet)."""
@@ -186,13 +198,29 @@ class PreparedMix:
         if not self.fits(x, y):
             raise ValueError("this prepared mix does not fit the batch (rows, device, dtype, shape or label "
                              "format changed, or it was filled already): call mix_batch instead")
+        return self.fill_fitting(x, y)
+
+    def fill_fitting(self, x: Tensor, y: Tensor) -> MixedBatch:
+        """:meth:`fill` for a batch the caller has already found to fit (the engine's ``mix``, which
+        checked the batch against this layout and the row count itself): the copies only."""
         self.filled = True
         n = self.n_real
-        _copy_rows(self.x, x, n)
+        views = self.views
+        if views is not None and not x.requires_grad:
+            np.copyto(views.x[:n], x.numpy()[:n])  # (the layout fits: a CPU tensor of this dtype)
+        else:
+            _copy_rows(self.x, x, n)
         if self.soft_from_ids:
             ids = self.label_ids
             assert ids is not None
-            _copy_rows(ids, y, n)
+            if views is not None and y.dtype == torch.int64 and y.device.type == "cpu":
+                lab = views.label_ids[:n]
+                np.copyto(lab, y.numpy()[:n])
+                if not labels_outside(lab, int(self.y.shape[1])):
+                    views.y_flat[views.row_starts[:n] + lab] = 1  # (rows zeroed by prepare_mix)
+                    return MixedBatch(self.x, self.y, self.weights, self.synthetic_mask, n, ids)
+            else:
+                _copy_rows(ids, y, n)
             if not _one_hot_rows(self.y, ids, n):
                 self.y[:n] = F.one_hot(ids[:n], int(self.y.shape[1])).to(self.y.dtype)  # (raises on a bad id)
             return MixedBatch(self.x, self.y, self.weights, self.synthetic_mask, n, ids)
@@ -241,7 +269,14 @@ def prepare_mix(synthetic: SyntheticSample, n: int, layout: MixLayout) -> Prepar
     mask = torch.zeros(total, dtype=torch.bool, device=device)
     mask[n_real:] = True
     pairs = [(int(a), int(b)) for a, b in synthetic.pairs[:k].tolist()]
-    return PreparedMix(x, y, weights, mask, int(n), n_real, layout, soft_from_ids, pairs, label_ids)
+    views = None
+    if numpy_ok(x):
+        if not soft_from_ids:
+            views = HostViews(x.numpy())
+        elif numpy_ok(y):
+            assert label_ids is not None
+            views = HostViews(x.numpy(), label_ids.numpy(), y.numpy().reshape(-1), np.arange(n_real) * int(y.shape[1]))
+    return PreparedMix(x, y, weights, mask, int(n), n_real, layout, soft_from_ids, pairs, label_ids, views=views)
 
 
 def _one_hot_rows(y: Tensor, ids: Tensor, n: int) -> bool:
@@ -253,7 +288,7 @@ def _one_hot_rows(y: Tensor, ids: Tensor, n: int) -> bool:
     if not (numpy_ok(y) and numpy_ok(ids)):
         return False
     lab = ids[:n].numpy()
-    if lab.min() < 0 or lab.max() >= y.shape[1]:
+    if labels_outside(lab, int(y.shape[1])):
         return False
     y.numpy()[np.arange(n), lab] = 1
     return True

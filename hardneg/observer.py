@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from collections import deque
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Background", "Staged", "any_bad", "finite_array", "finite_sum", "numpy_ok", "stage"]
+__all__ = ["Background", "Staged", "Task", "any_bad", "finite_array", "finite_sum", "labels_outside", "numpy_ok",
+           "stage"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +63,16 @@ def finite_sum(t: Tensor) -> Tensor:
 
 
 class Staged:
-    """Tensors copied off the step; :meth:`ready` waits for a non-blocking device copy to land."""
+    """Tensors copied off the step; :meth:`ready` waits for a non-blocking device copy to land.
 
-    def __init__(self, tensors: dict[str, Optional[Tensor]], event: Any = None) -> None:
+    ``arrays`` holds numpy views of the CPU ones (the private copies, or the owned tensors), by
+    name: what the value checks read, without a second ``.numpy()`` per tensor.
+    """
+
+    def __init__(self, tensors: dict[str, Optional[Tensor]], event: Any = None,
+                 arrays: Optional[dict[str, np.ndarray]] = None) -> None:
         self.tensors = tensors
+        self.arrays = arrays if arrays is not None else {}
         self._event = event
 
     def ready(self) -> dict[str, Optional[Tensor]]:
@@ -84,26 +92,46 @@ def stage(owned: tuple[str, ...] = (), **tensors: Optional[Tensor]) -> Staged:
     (shape-only dry runs) are kept as they are: they hold no values.
     """
     out: dict[str, Optional[Tensor]] = {}
+    arrays: dict[str, np.ndarray] = {}
     event = None
     for name, t in tensors.items():
         if t is None:
             out[name] = None
-        elif name in owned and t.device.type == "cpu":
+            continue
+        t = t.detach()
+        kind = t.device.type
+        if kind == "cpu":
+            if t.dtype in _NUMPY_DTYPES:  # (detached: numpy can read it)
+                a = t.numpy()
+                if name not in owned:
+                    a = a.copy()  # one memcpy on this thread
+                    t = torch.from_numpy(a)
+                arrays[name] = a
+            elif name not in owned:
+                t = t.clone()
             out[name] = t
-        elif t.is_cuda:
+        elif kind == "cuda":
             host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-            host.copy_(t.detach(), non_blocking=True)
+            host.copy_(t, non_blocking=True)
             out[name] = host
             if event is None:
                 event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(t.device))  # the last record covers every copy before it
-        elif t.is_meta:
+        elif kind == "meta":
             out[name] = t
-        elif numpy_ok(t.detach()):
-            out[name] = torch.from_numpy(t.detach().numpy().copy())  # one memcpy on this thread
         else:
-            out[name] = t.detach().clone()
-    return Staged(out, event)
+            out[name] = t.clone()
+    return Staged(out, event, arrays)
+
+
+def labels_outside(a: np.ndarray, k: int) -> bool:
+    """Whether any of the integer class ids ``a`` lies outside ``[0, k)``: for int64 one pass (as
+    unsigned, a negative id is huge), else a min and a max."""
+    if a.size == 0:
+        return False
+    if a.dtype == np.int64:
+        return bool(a.view(np.uint64).max() >= k)
+    return bool(a.min() < 0 or a.max() >= k)
 
 
 def any_bad(flags: list[Tensor]) -> bool:
@@ -121,6 +149,51 @@ def any_bad(flags: list[Tensor]) -> bool:
         if bool(torch.stack(fs).any()):  # the one host read per device
             return True
     return False
+
+
+class Task:
+    """The outcome of one call queued on a :class:`Background`: what a reader of a
+    ``concurrent.futures.Future`` uses (:meth:`done`, :meth:`result`, :meth:`exception`), at the cost
+    of one small object. A ``Future`` builds a condition variable of its own, and the training thread
+    queues two tasks a step; readers of a task wait on its Background's one condition instead."""
+
+    __slots__ = ("_finished", "_state", "_value")
+
+    def __init__(self, finished: threading.Condition) -> None:
+        self._finished = finished
+        self._state = 0  # 0: queued or running, 1: returned, 2: raised
+        self._value: Any = None
+
+    def done(self) -> bool:
+        return self._state != 0
+
+    def _wait(self, timeout: Optional[float]) -> None:
+        if self._state:
+            return
+        with self._finished:
+            if not self._finished.wait_for(self.done, timeout):
+                raise FutureTimeout()
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        """What the call returned (waits for it; re-raises what it raised)."""
+        self._wait(timeout)
+        if self._state == 2:
+            raise self._value
+        return self._value
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        """What the call raised, or None (waits for it)."""
+        self._wait(timeout)
+        return self._value if self._state == 2 else None
+
+    def _run(self, fn: Callable[..., Any], args: tuple) -> None:
+        """(background thread) Call ``fn(*args)``, keep its outcome and wake this task's readers."""
+        try:
+            self._value, self._state = fn(*args), 1
+        except BaseException as exc:  # noqa: BLE001 - handed to the task's reader
+            self._value, self._state = exc, 2
+        with self._finished:
+            self._finished.notify_all()
 
 
 class Background:
@@ -151,11 +224,12 @@ class Background:
         self._name = name
         self._initializer = initializer
         self._thread: Optional[threading.Thread] = None
-        self._pending: list[Future] = []
+        self._pending: deque[Task] = deque()  # tracked tasks, oldest first (they finish in this order)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        self._finished = threading.Condition()  # notified each time a task finishes (its readers wait on it)
         self._thread_id: Optional[int] = None
-        self._queued: list[tuple[Future, Callable[..., Any], tuple]] = []  # not yet taken by the thread
+        self._queued: list[tuple[Task, Callable[..., Any], tuple]] = []  # not yet taken by the thread
         self._asleep = True  # the thread waits without a timeout: the next submission must wake it
         self._closing = False
         self._last_submit = 0.0
@@ -185,7 +259,8 @@ class Background:
                 if not self._queued:
                     return  # closing, nothing left
                 batch, self._queued = self._queued, []
-            _run_batch(batch)
+            for task, fn, args in batch:
+                task._run(fn, args)
             last_work = time.monotonic()
             with self._lock:
                 if not self._queued:
@@ -216,7 +291,7 @@ class Background:
         """Whether the caller is this background thread (which must never wait for itself)."""
         return self._thread_id is not None and threading.get_ident() == self._thread_id
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Task:
         """Queue ``fn(*args)`` after everything queued before it; returns its future. Its failure
         surfaces at the next :meth:`check` or :meth:`drain`. Runs after the next :meth:`wake`."""
         self.check()
@@ -229,14 +304,14 @@ class Background:
             oldest.exception()  # waits; its error surfaces at the next check()
         return fut
 
-    def run_later(self, fn: Callable[..., Any], *args: Any) -> Future:
+    def run_later(self, fn: Callable[..., Any], *args: Any) -> Task:
         """Queue ``fn(*args)`` like :meth:`submit`, but untracked: its error stays in the returned
         future (for its own reader), :meth:`check` and :meth:`drain` ignore it. The reader calls
         :meth:`wake` before waiting on it."""
         return self._queue(fn, args)
 
-    def _queue(self, fn: Callable[..., Any], args: tuple) -> Future:
-        fut: Future = Future()
+    def _queue(self, fn: Callable[..., Any], args: tuple) -> Task:
+        fut = Task(self._finished)
         now = time.perf_counter()
         with self._lock:
             self._queued.append((fut, fn, args))
@@ -258,7 +333,7 @@ class Background:
                 self._forced = True
                 self._cond.notify()
 
-    def wake_for(self, fut: Future) -> None:
+    def wake_for(self, fut: Task) -> None:
         """Wake the thread only when ``fut`` is still queued here (a reader about to wait on it; one
         handed over already needs no wake-up, and the work queued after it keeps waiting)."""
         with self._lock:
@@ -267,7 +342,7 @@ class Background:
             self.wake()
 
     @property
-    def last(self) -> Optional[Future]:
+    def last(self) -> Optional[Task]:
         """The most recently queued task still tracked (what a later reader has to wait for; handed
         to the thread now, so waiting for it ends)."""
         self.wake()
@@ -281,9 +356,13 @@ class Background:
 
     def check(self) -> None:
         """Forget finished tasks; re-raise the first failure among them."""
+        pending = self._pending
+        if not pending or not pending[0].done():  # (tasks finish oldest first)
+            return
         with self._lock:
-            done = [f for f in self._pending if f.done()]
-            self._pending = [f for f in self._pending if not f.done()]
+            done = []
+            while pending and pending[0].done():
+                done.append(pending.popleft())
         for f in done:
             exc = f.exception()
             if exc is not None:
@@ -295,7 +374,7 @@ class Background:
             return
         self.wake()
         with self._lock:
-            pending, self._pending = self._pending, []
+            pending, self._pending = self._pending, deque()
         error: Optional[BaseException] = None
         for f in pending:
             exc = f.exception()  # waits
@@ -317,15 +396,3 @@ class Background:
         if thread is not None:
             thread.join()
 
-
-def _run_batch(batch: list[tuple[Future, Callable[..., Any], tuple]]) -> None:
-    """Run queued tasks in order on the background thread, each result or error into its future."""
-    for fut, fn, args in batch:
-        if not fut.set_running_or_notify_cancel():
-            continue
-        try:
-            result = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the future's reader
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)

@@ -87,7 +87,7 @@ logger = logging.getLogger(__name__)
 GeneratorLike = Union[Generator, Callable[[], Generator], None]
 
 
-@dataclass
+@dataclass(slots=True)
 class _MixRecord:
     """What the last ``mix`` did, so ``observe`` can tell real rows from synthetic ones."""
 
@@ -303,15 +303,16 @@ class HardNeg:
         if logits is None:
             logits = self._captured_logits
         from_step = _record_of(mixed) if mixed is not None and synthetic_pairs is None else None
+        given_labels = labels
         labels = labels_as_ids(labels, emb, from_step if from_step is not None else self._last_mix, synthetic_pairs)
+        labels_ours = labels is not given_labels  # ids the mix kept, or an argmax: made by the engine, for it alone
         emb, labels, logits, ids_t = check_observation(emb, labels, logits, ids, self.config.num_classes)
-        # (embeddings the forward hook captured are the engine's alone: not copied on a CPU)
-        staged = stage(emb=emb, labels=labels, logits=logits, ids=ids_t,
-                       owned=("emb",) if embeddings is None else ())
+        # (embeddings the forward hook captured and the mix's class ids are the engine's alone: not
+        # copied on a CPU)
+        owned = ("emb",) * (embeddings is None) + ("labels",) * labels_ours
+        staged = stage(emb=emb, labels=labels, logits=logits, ids=ids_t, owned=owned)
         # the values: read from the copies just made (in cache) on a CPU; on a GPU one flag read back
-        copies = staged.tensors
-        check_observation_values(emb, labels, logits, ids_t, self.config.num_classes,
-                                 copies=(copies["emb"], copies["labels"], copies["logits"], copies["ids"]))
+        check_observation_values(emb, labels, logits, ids_t, self.config.num_classes, arrays=staged.arrays)
         record = from_step
         if synthetic_pairs is not None:
             pairs = validate_synthetic_pairs(synthetic_pairs, emb.shape[0], self.config.num_classes)
@@ -331,7 +332,8 @@ class HardNeg:
         self._background.submit(self._record_observation, staged, n_real, synth, self.step)
         if self.teacher is not None and self.model is not None:
             self.teacher.update(self.model)
-        self._captured_embeddings = self._captured_logits = None
+        if self.capture is not None:
+            self.capture.embeddings = self.capture.logits = None
         self._last_mix = None
         self.step += 1
         if self._refresh_due(n_real):
@@ -436,32 +438,41 @@ class HardNeg:
         t0 = time.perf_counter()
         if self._wall_start is None:
             self._wall_start = t0
-        validate_mix_input(x, y, self.config.num_classes)
+        cfg = self.config
+        layout = self._mix_layout
+        # a batch laid out like the last one passes what validate_mix_input checks (the layout was made
+        # from a checked batch): the check then reads metadata only once
+        same_layout = (layout is not None and isinstance(x, Tensor) and isinstance(y, Tensor) and x.ndim > 0
+                       and layout.fits(x, y) and x.shape[0] == y.shape[0] and layout.mode == cfg.mix_mode
+                       and layout.synthetic_weight == cfg.synthetic_weight and layout.num_classes == cfg.num_classes)
+        if not same_layout:
+            validate_mix_input(x, y, cfg.num_classes)
         self._finish_background_refresh()
-        if not self.config.deterministic:
+        if not cfg.deterministic:
             if self._poll_off_step:
                 self._accept_polled()
             else:
                 self.collect()
-        cfg = self.config
         n = x.shape[0]
         k = int(round(cfg.synthetic_fraction * n))
         sample = prepared = None
-        layout = self._mix_layout
-        if layout is None or not layout.fits(x, y) or layout.mode != cfg.mix_mode \
-                or layout.synthetic_weight != cfg.synthetic_weight:
+        if not same_layout:
             layout = self._mix_layout = MixLayout.of(x, y, cfg.mix_mode, cfg.synthetic_weight, cfg.num_classes)
+        assert layout is not None
         if k > 0 and len(self._buffer) > 0:
             # before the draw: a rejected mix leaves use counts and the RNG alone
-            check_mix_shape(x, self._buffer.image_shape)
+            image_shape = self._buffer.image_shape
+            if image_shape != layout.sample_shape:  # (the layout's sample shape is the batch's)
+                check_mix_shape(x, image_shape)
             hit, sample, prepared = self._prefetch.take(n, k, self.step, self._pair_weights, exact=cfg.deterministic)
             if not hit:
                 with self._buffer_lock:
                     sample = self._buffer.sample(k, step=self.step, pair_weights=self._pair_weights or None)
         elif self._prefetch.pending:
             self._prefetch.cancel()
-        if prepared is not None and prepared.layout == layout and prepared.fits(x, y):  # drawn and built ahead: copy the real rows in
-            mixed = prepared.fill(x, y)
+        if prepared is not None and not prepared.filled and prepared.n_in == n \
+                and (prepared.layout is layout or prepared.layout == layout):
+            mixed = prepared.fill_fitting(x, y)  # drawn and built ahead, for a batch of this layout: copy the real rows in
             pairs = prepared.pairs
         else:
             mixed = mix_batch(x, y, sample, mode=cfg.mix_mode, synthetic_weight=cfg.synthetic_weight,
@@ -697,7 +708,7 @@ class HardNeg:
     def _accept_polled(self) -> int:
         """(in mix, after its refresh check) Accept what the helper thread polled, and queue its next
         poll: the step path pays for the worker only when images arrive."""
-        held = self._take_held()
+        held = self._take_held() if self._held or self._polled else []  # (no lock to see that nothing came)
         added = self._accept(held) if held else 0
         if self.worker is not None and not self._poll_queued:
             self._poll_queued = True

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -30,7 +30,7 @@ from hardneg.threads import helper_thread_init
 __all__ = ["MixPrefetcher"]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Draw:
     n: int
     k: int
@@ -39,7 +39,7 @@ class _Draw:
     device: Optional[torch.device]
     dtype: Optional[torch.dtype]
     layout: Optional[MixLayout] = None  # the batch the rows go into, when known: the mix is prepared too
-    future: Optional[Future] = None
+    future: Any = None  # a Future of the prefetch pool, or a Task of the runner
     sample: Optional[SyntheticSample] = None
     prepared: Optional[PreparedMix] = None
     rng_state: Optional[Tensor] = None
@@ -150,7 +150,8 @@ class MixPrefetcher:
 
     def _wake(self, draw: _Draw) -> None:
         """Make sure the runner will run ``draw`` (queued there until its next wake-up)."""
-        if self.runner is not None and draw.future is not None and not self.runner.on_thread():
+        if self.runner is not None and draw.future is not None and not draw.future.done() \
+                and not self.runner.on_thread():
             self.runner.wake_for(draw.future)
 
     @property

@@ -8,12 +8,14 @@ nothing recorded (docs/reliability.md lists every case).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
 
 import torch
 from torch import Tensor
 
-from hardneg.observer import any_bad, finite_array, finite_sum, numpy_ok
+from hardneg.observer import any_bad, finite_array, finite_sum, labels_outside, numpy_ok
 
 __all__ = ["HardNegError", "as_tensor", "check_mix_shape", "check_observation", "check_observation_values",
            "labels_as_ids", "validate_mix_input", "validate_observation", "validate_synthetic_pairs"]
@@ -74,41 +76,52 @@ def check_observation(
         raise HardNegError(f"embeddings must be a (N, D) tensor, got {getattr(emb, 'shape', type(emb))}")
     if not emb.is_floating_point():
         raise HardNegError(f"embeddings must be floating point, got dtype {emb.dtype}")
-    labels = as_tensor(labels, "labels", "integer class ids (N,)")
+    if not isinstance(labels, Tensor):
+        labels = as_tensor(labels, "labels", "integer class ids (N,)")
     if labels.dtype == torch.bool:
         raise HardNegError("labels are bool: pass integer class ids (e.g. y.long() for a 0/1 target), so a "
                            "mask or a True/False target is never taken for classes 0 and 1 by accident")
     if labels.is_floating_point() or labels.ndim != 1 or labels.shape[0] != emb.shape[0]:
         raise HardNegError(f"labels must be integer (N,) with N={emb.shape[0]}, got {labels.dtype} {tuple(labels.shape)}")
-    labels = labels.detach().long()
-    emb = emb.detach()
+    labels = _detached_long(labels)
+    if emb.requires_grad:
+        emb = emb.detach()
     if logits is not None:
-        logits = logits.detach()
+        if logits.requires_grad:
+            logits = logits.detach()
         if logits.ndim != 2 or logits.shape != (emb.shape[0], k):
             raise HardNegError(f"logits must have shape ({emb.shape[0]}, {k}), got {tuple(logits.shape)}")
-    ids_t = as_tensor(ids, "ids", "integer dataset indices (N,)").detach()
+    ids_t = ids if isinstance(ids, Tensor) else as_tensor(ids, "ids", "integer dataset indices (N,)")
     if ids_t.is_floating_point() or ids_t.dtype == torch.bool or ids_t.ndim != 1:
         raise HardNegError(f"ids must be an integer (N,) tensor of sample ids, got {ids_t.dtype} {tuple(ids_t.shape)}")
-    return emb, labels, logits, ids_t.long()
+    return emb, labels, logits, _detached_long(ids_t)
+
+
+def _detached_long(t: Tensor) -> Tensor:
+    """``t.detach().long()``, skipping either step where it changes nothing (an int64 tensor outside
+    any graph is returned as it is)."""
+    if t.requires_grad:
+        t = t.detach()
+    return t if t.dtype == torch.int64 else t.long()
 
 
 def check_observation_values(emb: Tensor, labels: Tensor, logits: Optional[Tensor], ids: Tensor, num_classes: int,
-                             copies: Optional[Sequence[Optional[Tensor]]] = None) -> None:
+                             arrays: Optional[Mapping[str, np.ndarray]] = None) -> None:
     """The value half of :func:`validate_observation` on tensors :func:`check_observation` passed:
     embeddings and logits finite, labels in ``[0, num_classes)``, ids >= 0; raises
     :class:`HardNegError` saying which.
 
     One fused flag per device, read back once; the exact checks (and their messages) run only when
     it is set. CPU tensors are checked by numpy on the calling thread (no torch op, no OpenMP team),
-    on ``copies`` when given: private CPU copies of the same four tensors, just written and so in
-    the cache (``observe`` checks the copies it hands to its background thread).
+    on ``arrays`` when it holds all four (by name: ``emb``, ``labels``, ``logits`` unless None,
+    ``ids``): numpy views of private copies of the same tensors, just written and so in the cache
+    (``observe`` checks the copies it hands to its background thread, :attr:`Staged.arrays`).
     """
     k = num_classes
-    src = (emb, labels, logits, ids)
-    if copies is not None and all(t is None or t.device.type == "cpu" for t in src):
-        src = tuple(copies)  # (a copy of a GPU tensor may not have landed yet: those are read on the device)
-    if all(t is None or numpy_ok(t) for t in src):
-        bad = _cpu_values_bad(src[0], src[1], src[2], src[3], k)  # type: ignore[arg-type]
+    if arrays is not None and len(arrays) == 3 + (logits is not None):
+        bad = _cpu_values_bad(arrays["emb"], arrays["labels"], arrays.get("logits"), arrays["ids"], k)
+    elif numpy_ok(emb) and numpy_ok(labels) and (logits is None or numpy_ok(logits)) and numpy_ok(ids):
+        bad = _cpu_values_bad(emb.numpy(), labels.numpy(), None if logits is None else logits.numpy(), ids.numpy(), k)
     else:
         flags = [finite_sum(emb)] + ([finite_sum(logits)] if logits is not None else [])
         if labels.numel():
@@ -130,18 +143,17 @@ def check_observation_values(emb: Tensor, labels: Tensor, logits: Optional[Tenso
             raise HardNegError(f"ids must be dataset indices >= 0, got min {int(ids.min())}")
 
 
-def _cpu_values_bad(emb: Tensor, labels: Tensor, logits: Optional[Tensor], ids: Tensor, k: int) -> bool:
-    """The value checks of :func:`validate_observation` for CPU tensors, by numpy: whether any
+def _cpu_values_bad(emb: np.ndarray, labels: np.ndarray, logits: Optional[np.ndarray], ids: np.ndarray,
+                    k: int) -> bool:
+    """The value checks of :func:`validate_observation` on numpy views of CPU tensors: whether an
     embedding or logit sum is not finite, a label is outside ``[0, k)`` or an id is negative."""
-    if not finite_array(emb.numpy()):
+    if not finite_array(emb):
         return True
-    if logits is not None and not finite_array(logits.numpy()):
+    if logits is not None and not finite_array(logits):
         return True
-    lab = labels.numpy()
-    if lab.size and (lab.min() < 0 or lab.max() >= k):
+    if labels_outside(labels, k):
         return True
-    i = ids.numpy()
-    return bool(i.size and i.min() < 0)
+    return bool(ids.size and ids.min() < 0)
 
 
 def validate_synthetic_pairs(synthetic_pairs: Any, n_rows: int, num_classes: int) -> list[tuple[int, int]]:

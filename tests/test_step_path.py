@@ -243,3 +243,73 @@ def test_background_finds_submitted_work_without_being_woken():
     with pytest.raises(ZeroDivisionError):
         bg.check()
     bg.close()
+
+
+def test_a_background_task_gives_its_result_its_error_and_times_out():
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    from hardneg.observer import Background
+
+    bg = Background("hardneg-test-task")
+    gate = threading.Event()
+    slow = bg.submit(lambda: gate.wait(60) and 7)
+    bg.wake()
+    with pytest.raises(FutureTimeout):
+        slow.result(timeout=0.05)  # (it waits for the gate, which nothing has set)
+    assert not slow.done()
+    gate.set()
+    assert slow.result(timeout=60) == 7 and slow.done() and slow.exception() is None
+    failed = bg.run_later(lambda: [][1])
+    bg.wake()
+    assert isinstance(failed.exception(timeout=60), IndexError)
+    with pytest.raises(IndexError):
+        failed.result()
+    bg.check()  # an untracked task's error stays with its reader
+    bg.close()
+
+
+def test_observe_records_the_values_passed_even_when_the_loop_reuses_its_tensors():
+    engine = HardNeg(_cfg(metric="l2"))
+    release = _hold(engine)  # the upsert runs after the loop has overwritten its tensors
+    _, y, emb, ids = _batch(0)
+    logits = torch.randn(8, 4)
+    want_emb, want_y, want_ids = emb.clone(), y.clone(), ids.clone()
+    engine.observe(embeddings=emb, labels=y, logits=logits, ids=ids)
+    emb.fill_(float("nan"))
+    y.fill_(0)
+    ids.fill_(0)
+    logits.fill_(float("nan"))
+    release.set()
+    got_ids, got_emb, got_y = engine.bank.lookup(want_ids)
+    assert got_ids.tolist() == want_ids.tolist()
+    assert torch.equal(torch.from_numpy(got_emb), want_emb) and got_y.tolist() == want_y.tolist()
+    engine.close()
+
+
+def test_a_mix_checks_a_batch_that_no_longer_looks_like_the_last_one():
+    engine = _filled(HardNeg(_cfg()))
+    for step in range(2):  # the second mix takes a prepared batch (the layout of the first)
+        x, y, _, _ = _batch(step)
+        engine.mix(x, y)
+    x, y, _, _ = _batch(2)
+    with pytest.raises(HardNegError, match="floating-point"):
+        engine.mix((x * 255).to(torch.uint8), y)
+    with pytest.raises(HardNegError, match="x \\(N, ...\\) and y \\(N,\\)"):
+        engine.mix(x, y[:5])
+    with pytest.raises(HardNegError, match="per-sample shape"):
+        engine.mix(torch.rand(8, 1, 4, 4), y)
+    xm, ym, _ = engine.mix(x, y)  # and a good batch still mixes
+    assert xm.shape == (10, 1, 8, 8) and torch.equal(xm[:8], x)  # (append: two generated rows after the real ones)
+    engine.close()
+
+
+def test_labels_outside_the_classes_are_found_by_one_unsigned_maximum():
+    import numpy as np
+
+    from hardneg.observer import labels_outside
+
+    assert not labels_outside(np.array([0, 3, 2], dtype=np.int64), 4)
+    assert labels_outside(np.array([0, 4], dtype=np.int64), 4)
+    assert labels_outside(np.array([1, -1], dtype=np.int64), 4)  # huge as unsigned
+    assert labels_outside(np.array([1, -1], dtype=np.int32), 4) and not labels_outside(np.array([3], np.int32), 4)
+    assert not labels_outside(np.array([], dtype=np.int64), 4)
