@@ -213,16 +213,18 @@ class PreparedMix:
         if self.soft_from_ids:
             ids = self.label_ids
             assert ids is not None
+            k = int(self.y.shape[1])
             if views is not None and y.dtype == torch.int64 and y.device.type == "cpu":
                 lab = views.label_ids[:n]
                 np.copyto(lab, y.numpy()[:n])
-                if not labels_outside(lab, int(self.y.shape[1])):
+                ones_set = not labels_outside(lab, k)
+                if ones_set:
                     views.y_flat[views.row_starts[:n] + lab] = 1  # (rows zeroed by prepare_mix)
-                    return MixedBatch(self.x, self.y, self.weights, self.synthetic_mask, n, ids)
             else:
                 _copy_rows(ids, y, n)
-            if not _one_hot_rows(self.y, ids, n):
-                self.y[:n] = F.one_hot(ids[:n], int(self.y.shape[1])).to(self.y.dtype)  # (raises on a bad id)
+                ones_set = _one_hot_rows(self.y, ids, n)
+            if not ones_set:
+                self.y[:n] = F.one_hot(ids[:n], k).to(self.y.dtype)  # (raises on a bad id)
             return MixedBatch(self.x, self.y, self.weights, self.synthetic_mask, n, ids)
         _copy_rows(self.y, y, n)
         return MixedBatch(self.x, self.y, self.weights, self.synthetic_mask, n)

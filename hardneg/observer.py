@@ -155,7 +155,7 @@ class Task:
     """The outcome of one call queued on a :class:`Background`: what a reader of a
     ``concurrent.futures.Future`` uses (:meth:`done`, :meth:`result`, :meth:`exception`), at the cost
     of one small object. A ``Future`` builds a condition variable of its own, and the training thread
-    queues two tasks a step; readers of a task wait on its Background's one condition instead."""
+    queues two or three tasks a step; readers of a task wait on its Background's one condition instead."""
 
     __slots__ = ("_finished", "_state", "_value")
 
@@ -292,7 +292,7 @@ class Background:
         return self._thread_id is not None and threading.get_ident() == self._thread_id
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Task:
-        """Queue ``fn(*args)`` after everything queued before it; returns its future. Its failure
+        """Queue ``fn(*args)`` after everything queued before it; returns its :class:`Task`. Its failure
         surfaces at the next :meth:`check` or :meth:`drain`. Runs after the next :meth:`wake`."""
         self.check()
         fut = self._queue(fn, args)
@@ -306,7 +306,7 @@ class Background:
 
     def run_later(self, fn: Callable[..., Any], *args: Any) -> Task:
         """Queue ``fn(*args)`` like :meth:`submit`, but untracked: its error stays in the returned
-        future (for its own reader), :meth:`check` and :meth:`drain` ignore it. The reader calls
+        task (for its own reader), :meth:`check` and :meth:`drain` ignore it. The reader calls
         :meth:`wake` before waiting on it."""
         return self._queue(fn, args)
 
