@@ -1,4 +1,5 @@
-"""Paired-seed statistics for the accuracy benchmark: mean +- std and t-intervals of differences.
+"""Paired statistics of the benchmarks: t-intervals of per-seed differences (accuracy) and of
+per-repeat ratios (step times).
 
 Every method of a comparison is run with the same seeds (same initial weights, data order and
 split), so the right question is "how much does method X change seed i's result", not "do the
@@ -77,3 +78,56 @@ def format_difference(diff: PairedDifference, scale: float = 100.0) -> str:
     if diff.low is None:
         return f"{scale * diff.mean:+.1f}"
     return f"{scale * diff.mean:+.1f} [{scale * diff.low:+.1f}, {scale * diff.high:+.1f}] {verdict(diff)}"
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """Geometric mean of paired ratios ``x_i / base_i`` with its two-sided t-interval (of the log ratios)."""
+
+    ratio: Optional[float]
+    low: Optional[float]
+    high: Optional[float]
+    n: int
+    confidence: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def paired_ratio(values: Sequence[Optional[float]], base: Sequence[Optional[float]],
+                 confidence: float = 0.95) -> PairedRatio:
+    """How many times ``base`` the ``values`` are, pair by pair (e.g. the mean engine step of one
+    repeat over the mean plain step of the same repeat, blocks run next to each other): the
+    t-interval of the mean log ratio, exponentiated. Pairs with a missing or non-positive value
+    are left out; with one pair the interval is undefined (``low``/``high`` None)."""
+    if len(values) != len(base):
+        raise ValueError(f"paired values need the same repeats: got {len(values)} and {len(base)}")
+    pairs = [(float(v), float(b)) for v, b in zip(values, base)
+             if v is not None and b is not None and v > 0 and b > 0]
+    diff = paired_difference([math.log(v) for v, _ in pairs], [math.log(b) for _, b in pairs], confidence)
+    if diff.mean is None:
+        return PairedRatio(None, None, None, 0, confidence)
+    low = math.exp(diff.low) if diff.low is not None else None
+    high = math.exp(diff.high) if diff.high is not None else None
+    return PairedRatio(math.exp(diff.mean), low, high, diff.n, confidence)
+
+
+def against_limit(ratio: PairedRatio, limit: float) -> str:
+    """``"met"`` when the whole interval lies at or below ``limit``, ``"not met"`` when it lies above
+    it, ``"undecided"`` when it straddles it (the run is too noisy to tell), ``"-"`` without one."""
+    if ratio.low is None or ratio.high is None:
+        return "-"
+    if ratio.high <= limit:
+        return "met"
+    if ratio.low > limit:
+        return "not met"
+    return "undecided"
+
+
+def format_ratio(ratio: PairedRatio) -> str:
+    """``1.032x [0.981, 1.086]`` (or the ratio alone without an interval)."""
+    if ratio.ratio is None:
+        return "-"
+    if ratio.low is None or ratio.high is None:
+        return f"{ratio.ratio:.3f}x"
+    return f"{ratio.ratio:.3f}x [{ratio.low:.3f}, {ratio.high:.3f}]"

@@ -142,6 +142,13 @@ def test_overhead_quick(tmp_path):
     assert run["worker"]["failures"] == 0
     assert run["profile_mix_observe"] and run["profile_refresh"]
     assert data["targets"]["sync_fraction_at"] == 2000
+    # per-repeat ratios with intervals: two repeats, each kind's blocks next to each other
+    paired = run["paired"]
+    for key in ("end_to_end", "end_to_end_during_refresh", "engine_vs_plain_worker_running", "sync_vs_floor"):
+        iv = paired[key]
+        assert iv["n"] == 2 and iv["low"] <= iv["ratio"] <= iv["high"], key
+    assert len(paired["sync_ms_per_repeat"]) == 2 and len(paired["floor_ms_per_repeat"]) == 2
+    assert data["targets"]["sync_ms_verdict"]["2k"] in ("met", "not met", "undecided")
 
 
 @pytest.mark.slow
@@ -151,6 +158,9 @@ def test_overhead_quick_with_own_core_placement(tmp_path):
     own = data["runs"][1]
     assert own["train_threads"] == 1 and _positive(own["end_to_end_ratio"])
     assert isinstance(data["targets"]["end_to_end_own_core_met"], bool)
+    verdicts = ("met", "not met", "undecided")
+    assert data["targets"]["end_to_end_own_core_verdict_1.01"] in verdicts
+    assert data["targets"]["end_to_end_own_core_during_refresh_verdict_1.10"] in verdicts
 
 
 def _check_accuracy(data: dict, regimes: list[str], methods: list[str]) -> None:
@@ -269,6 +279,26 @@ def test_paired_difference_is_a_t_interval_over_seeds():
     assert paired_difference([None, 0.5, 0.7], [0.4, None, 0.6]).n == 1  # only seeds with both results count
     with pytest.raises(ValueError):
         paired_difference([1.0], [1.0, 2.0])
+
+
+def test_paired_ratio_is_a_t_interval_of_log_ratios_and_judges_a_limit_only_when_clear():
+    from benchmarks._stats import against_limit, format_ratio, paired_ratio
+
+    r = paired_ratio([2.0, 4.0, 8.0], [1.0, 2.0, 4.0])  # every repeat exactly 2x: no spread
+    assert r.n == 3 and r.ratio == pytest.approx(2.0) and r.low == pytest.approx(2.0) and r.high == pytest.approx(2.0)
+    # log ratios 0, log 1.1, log 1.21: geometric mean 1.1, interval exp(mean +- t(0.975, 2) * sd / sqrt 3)
+    r = paired_ratio([100.0, 110.0, 121.0], [100.0, 100.0, 100.0])
+    half = 4.302653 * math.log(1.1) / math.sqrt(3)
+    assert r.ratio == pytest.approx(1.1) and r.low == pytest.approx(1.1 * math.exp(-half), rel=1e-5)
+    assert r.high == pytest.approx(1.1 * math.exp(half), rel=1e-5)
+    assert against_limit(r, 1.01) == "undecided"  # the interval straddles the limit: this run cannot tell
+    assert against_limit(paired_ratio([1.0, 1.002, 0.999], [1.0, 1.0, 1.0]), 1.01) == "met"
+    assert against_limit(paired_ratio([1.3, 1.31, 1.29], [1.0, 1.0, 1.0]), 1.10) == "not met"
+    one = paired_ratio([1.5], [1.0])
+    assert one.low is None and against_limit(one, 2.0) == "-" and format_ratio(one) == "1.500x"
+    assert paired_ratio([None, 0.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0]).n == 2  # missing and non-positive left out
+    with pytest.raises(ValueError):
+        paired_ratio([1.0], [1.0, 2.0])
 
 
 def test_base_augmentations_keep_shape_range_and_labels():
