@@ -161,6 +161,7 @@ def test_overhead_quick_with_own_core_placement(tmp_path):
     verdicts = ("met", "not met", "undecided")
     assert data["targets"]["end_to_end_own_core_verdict_1.01"] in verdicts
     assert data["targets"]["end_to_end_own_core_during_refresh_verdict_1.10"] in verdicts
+    assert data["targets"]["engine_own_core_vs_plain_worker_verdict_1.01"] in verdicts
 
 
 def _check_accuracy(data: dict, regimes: list[str], methods: list[str]) -> None:
