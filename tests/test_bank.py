@@ -411,5 +411,9 @@ def test_a_refresh_searches_an_exact_bank_in_chunks_faiss_computes_by_blas(monke
     monkeypatch.setattr(bank, "_search_labelled", lambda qq, k, refresh=False: sizes.append(len(qq)) or real(qq, k, refresh))
     chunked = bank.search_many(q, 11, chunk=64)  # the refresh's default chunk
     assert min(sizes[:-1]) >= blas_query_chunk(d) and sum(sizes) == len(q)
-    for a, b in zip(whole, chunked):
-        np.testing.assert_array_equal(a, b)
+    (ws, wi, wl), (cs, ci, cl) = whole, chunked
+    np.testing.assert_array_equal(wi, ci)  # the same neighbours and labels
+    np.testing.assert_array_equal(wl, cl)
+    # scores to float32 rounding: a BLAS product's summation order depends on the matrix's shape
+    # and on the CPU's kernels (bit-equal on an Intel VM, 2.4e-7 apart on an AMD one)
+    np.testing.assert_allclose(ws, cs, rtol=0, atol=1e-6)

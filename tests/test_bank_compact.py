@@ -109,7 +109,7 @@ def test_an_ivf_refresh_scanning_its_lists_finds_faiss_ivf_neighbours(storage):
     faiss_s, faiss_i, faiss_l = ivf.search_many(q, 11)
     assert _recall(scanned[1], faiss_i) > 0.999  # (float32 rounding may swap an 11th and 12th neighbour)
     np.testing.assert_allclose(np.sort(scanned[0], 1), np.sort(faiss_s, 1), atol=1e-5)
-    assert np.abs(graph(ivf) - scanned_scores).max() < 1e-9
+    assert np.abs(graph(ivf) - scanned_scores).max() < 1e-7  # (float32 rounding: 1.4e-9 seen on an AMD VM)
     # and a probe of every list is an exact search
     exact = EmbeddingBank(32, 5, index="flat", use_gpu=False, storage=storage)
     exact.upsert(torch.arange(n), x, y)
