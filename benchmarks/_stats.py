@@ -112,7 +112,7 @@ def paired_ratio(values: Sequence[Optional[float]], base: Sequence[Optional[floa
     return PairedRatio(math.exp(diff.mean), low, high, diff.n, confidence)
 
 
-def against_limit(ratio: PairedRatio, limit: float) -> str:
+def against_limit(ratio: "PairedRatio | PairedDifference", limit: float) -> str:
     """``"met"`` when the whole interval lies at or below ``limit``, ``"not met"`` when it lies above
     it, ``"undecided"`` when it straddles it (the run is too noisy to tell), ``"-"`` without one."""
     if ratio.low is None or ratio.high is None:

@@ -542,8 +542,7 @@ def _interval_ms(values_ms: list[float]) -> dict[str, Any]:
 
 def _verdict_ms(interval: dict[str, Any], limit: float) -> str:
     """:func:`benchmarks._stats.against_limit` for an interval of milliseconds."""
-    return S.against_limit(S.PairedRatio(interval["mean"], interval["low"], interval["high"], interval["n"],
-                                         interval["confidence"]), limit)
+    return S.against_limit(S.PairedDifference(**interval), limit)
 
 
 def _paired_ratios(by_rep: list[dict[str, Optional[float]]]) -> dict[str, Any]:
